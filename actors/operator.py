@@ -1,0 +1,255 @@
+"""The operator protocol that a :class:`~actors.task.StreamTask` drives, and operator chains.
+
+Lifecycle of an operator in one subtask, each step called by the task's actor only::
+
+    setup(context, output)                 once, when the task is built
+    initialize_state(restored)             once; restored state or None
+    open()                                 once
+    process_batch(values, timestamps, i)   per buffer of input i (never per record)
+    process_watermark(watermark)           when the combined input watermark advances
+    fire_processing_timers(now_ms)         when a processing-time timer is due
+    snapshot_state(checkpoint_id)          when the task takes a checkpoint
+    notify_checkpoint_complete(id)         after checkpoint ``id`` completed everywhere
+    notify_checkpoint_aborted(id)          after checkpoint ``id`` was given up
+    end_input(i)                           input i ended (EndOfData with drain)
+    finish()                               graceful end only: emit the last results
+    close()                                always, also on failure and cancel: release resources
+
+``finish()`` runs only when all inputs ended or on stop-with-savepoint ``--drain``; ``close()``
+runs after it on a graceful end, and alone on failure or cancel. Records leave an operator through
+its :class:`Output` (also in ``finish()``), never after ``close()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from actors.events import Watermark
+from actors.timers import Clock
+from actors.writer import RecordWriter
+from state.keygroups import KeyGroupRange
+
+
+class OperatorMetrics:
+    """Records in and out of one operator in one subtask (read by the progress reporter)."""
+
+    __slots__ = ("records_in", "records_out")
+
+    def __init__(self) -> None:
+        self.records_in = 0
+        self.records_out = 0
+
+
+@dataclass
+class OperatorContext:
+    """What an operator knows about where it runs."""
+
+    operator_name: str
+    operator_uid: str
+    task_name: str
+    subtask_index: int
+    parallelism: int
+    max_parallelism: int
+    attempt: int
+    params: dict[str, str]
+    clock: Clock
+    key_groups: KeyGroupRange
+    scheduler: Any = None
+    """Schedules processing-time timer mail on the owning task (a ``ProcessingTimeScheduler``)."""
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    source_position: Any = None
+    """Set by the task: returns a description of the source position of the current buffer."""
+
+    @property
+    def subtask_label(self) -> str:
+        return f"{self.operator_name!r} (subtask {self.subtask_index + 1}/{self.parallelism})"
+
+
+class Output(Protocol):
+    async def emit(self, values: list[Any], timestamps: list[int] | None) -> None: ...
+
+    async def emit_watermark(self, watermark: Watermark) -> None: ...
+
+
+class UserFunctionError(RuntimeError):
+    """User code raised inside an operator; names the operator, subtask and record."""
+
+    def __init__(
+        self,
+        message: str,
+        operator_name: str,
+        subtask_index: int,
+        cause: BaseException,
+    ) -> None:
+        super().__init__(message)
+        self.operator_name = operator_name
+        self.subtask_index = subtask_index
+        self.cause = cause
+
+
+def failing_record(exc: BaseException, values: list[Any]) -> tuple[int, Any] | None:
+    """Find which element of ``values`` the user function was processing when ``exc`` was raised.
+
+    Operators run user functions in comprehensions for speed; the comprehension's frame still holds
+    its loop variable, so the record can be named without slowing the happy path.
+    """
+    tb = exc.__traceback__
+    candidate: Any = _MISSING
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in {"<listcomp>", "<genexpr>", "process_batch"}:
+            for name in ("value", "v", "record"):
+                if name in frame.f_locals:
+                    candidate = frame.f_locals[name]
+        tb = tb.tb_next
+    if candidate is _MISSING:
+        return None
+    for index, value in enumerate(values):
+        if value is candidate:
+            return index, value
+    return None
+
+
+_MISSING: Any = object()
+
+
+class StreamOperator:
+    """Base class of every operator; subclasses override the hooks they need."""
+
+    chaining_allowed = True
+
+    def __init__(self, name: str, uid: str) -> None:
+        self.name = name
+        self.uid = uid
+        self.context: OperatorContext
+        self.output: Output
+        self.metrics = OperatorMetrics()
+
+    def setup(self, context: OperatorContext, output: Output) -> None:
+        self.context = context
+        self.output = output
+        context.metrics = self.metrics
+
+    async def initialize_state(self, restored: dict[str, Any] | None) -> None:
+        """Create state, restoring from ``restored`` (this subtask's share) when given."""
+
+    async def open(self) -> None:
+        """Acquire resources; called once before the first record."""
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        raise NotImplementedError
+
+    async def process_watermark(self, watermark: Watermark) -> None:
+        await self.output.emit_watermark(watermark)
+
+    async def fire_processing_timers(self, now_ms: int) -> None:
+        """Fire processing-time timers that are due; only keyed operators have any."""
+
+    async def end_input(self, input_index: int) -> None:
+        """Input ``input_index`` delivered EndOfData with drain: no more records will come on it."""
+
+    async def finish(self) -> None:
+        """Graceful end: emit any last results. Not called on failure, cancel or stop without drain."""
+
+    async def close(self) -> None:
+        """Release resources. Always called once, after ``finish()`` if that ran."""
+
+    async def snapshot_state(self, checkpoint_id: int) -> dict[str, Any] | None:
+        """This subtask's state for checkpoint ``checkpoint_id``; ``None`` if stateless."""
+        return None
+
+    async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        """Checkpoint ``checkpoint_id`` completed; two-phase-commit operators commit here."""
+
+    async def notify_checkpoint_aborted(self, checkpoint_id: int) -> None:
+        """Checkpoint ``checkpoint_id`` was aborted."""
+
+    def user_error(self, exc: BaseException, values: list[Any] | None = None) -> UserFunctionError:
+        """Wrap an exception from user code with the operator, subtask and record it failed on."""
+        ctx = self.context
+        where = f"operator {ctx.subtask_label}"
+        detail = ""
+        if values is not None:
+            found = failing_record(exc, values)
+            if found is not None:
+                index, record = found
+                detail = f" on record {_short_repr(record)} (record {index + 1} of its buffer"
+                position = ctx.source_position() if ctx.source_position else None
+                detail += f"; source position {position})" if position else ")"
+        msg = f"{where} failed{detail}: {type(exc).__name__}: {exc}"
+        return UserFunctionError(msg, ctx.operator_name, ctx.subtask_index, exc)
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ChainedOutput:
+    """Hands records to the next operator of the same chain, in the same task."""
+
+    __slots__ = ("_next", "_owner")
+
+    def __init__(self, owner: StreamOperator, next_operator: StreamOperator) -> None:
+        self._owner = owner
+        self._next = next_operator
+
+    async def emit(self, values: list[Any], timestamps: list[int] | None) -> None:
+        if values:
+            n = len(values)
+            self._owner.metrics.records_out += n
+            self._next.metrics.records_in += n
+            await self._next.process_batch(values, timestamps, 0)
+
+    async def emit_watermark(self, watermark: Watermark) -> None:
+        await self._next.process_watermark(watermark)
+
+
+class WriterOutput:
+    """Sends records over the network edge(s) leaving the task."""
+
+    __slots__ = ("_owner", "_writers")
+
+    def __init__(self, owner: StreamOperator, writers: list[RecordWriter]) -> None:
+        self._owner = owner
+        self._writers = writers
+
+    async def emit(self, values: list[Any], timestamps: list[int] | None) -> None:
+        if values:
+            self._owner.metrics.records_out += len(values)
+            for writer in self._writers:
+                await writer.emit(values, timestamps)
+
+    async def emit_watermark(self, watermark: Watermark) -> None:
+        for writer in self._writers:
+            await writer.broadcast_event(watermark)
+
+
+class FanOutOutput:
+    """Several consumers of one operator: chained ones and/or network edges."""
+
+    __slots__ = ("_outputs",)
+
+    def __init__(self, outputs: list[Output]) -> None:
+        self._outputs = outputs
+
+    async def emit(self, values: list[Any], timestamps: list[int] | None) -> None:
+        for output in self._outputs:
+            await output.emit(values, timestamps)
+
+    async def emit_watermark(self, watermark: Watermark) -> None:
+        for output in self._outputs:
+            await output.emit_watermark(watermark)
+
+
+class DiscardingOutput:
+    """The output of a sink: it has no consumers."""
+
+    async def emit(self, values: list[Any], timestamps: list[int] | None) -> None:
+        return None
+
+    async def emit_watermark(self, watermark: Watermark) -> None:
+        return None

@@ -1,0 +1,593 @@
+"""The task actor: one parallel instance (subtask) of an operator chain.
+
+A :class:`StreamTask` owns its operators, its input gate and its record writers; it is the only
+coroutine that touches them. It serves control mail (checkpoint triggers and notices, timers) with
+priority between buffers, and otherwise reads its input gate (or, for a source task, polls its
+source) and pushes buffers through the chain.
+
+Lifecycle (``TaskState``)::
+
+    CREATED → INITIALIZING → RUNNING → FINISHING → FINISHED
+                    │            │          │
+                    └────────────┴──────────┴──→ FAILED | CANCELED
+
+The end of a task follows FLIP-147:
+
+1. Input ends: a source runs out of data, every input channel delivered ``EndOfData``, or a stop
+   with savepoint reaches the source.
+2. With drain (``EndOfData(drain=True)``): ``MAX_WATERMARK`` through the chain (fires event-time
+   timers), ``end_input()`` and ``finish()`` on every operator, head to tail. Without drain: none.
+3. Flush and send ``EndOfData`` downstream; state FINISHING. The task keeps serving checkpoints.
+4. Wait until a checkpoint that this task took *after* step 3 completes (or, on a stop, that very
+   savepoint), and, for a task with inputs, until every input channel delivered ``EndOfPartition``.
+5. ``close()`` every operator, send ``EndOfPartition``, state FINISHED.
+
+On failure or cancel only ``close()`` runs (never ``finish()``), and the exception propagates to the
+job master, which fails over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from actors.barriers import (
+    AbortCheckpoint,
+    Action,
+    CheckpointBarrierHandler,
+    CheckpointingMode,
+    TriggerCheckpoint,
+)
+from actors.events import (
+    END_OF_PARTITION,
+    MAX_TIMESTAMP,
+    MAX_WATERMARK,
+    MIN_TIMESTAMP,
+    CancelCheckpointMarker,
+    CheckpointBarrier,
+    EndOfData,
+    EndOfPartition,
+    Event,
+    Watermark,
+)
+from actors.mailbox import Mailbox, Wakeup
+from actors.network import Buffer, InputChannel, InputGate
+from actors.operator import StreamOperator, UserFunctionError
+from actors.writer import RecordWriter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUFFER_TIMEOUT_S = 0.005
+
+
+class TaskState(enum.Enum):
+    CREATED = "created"
+    INITIALIZING = "initializing"
+    RUNNING = "running"
+    FINISHING = "finishing"
+    """Data ended and EndOfData was sent; waiting for the final checkpoint (FLIP-147)."""
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELED)
+
+
+class InputStatus(enum.Enum):
+    MORE_AVAILABLE = "more-available"
+    NOTHING_AVAILABLE = "nothing-available"
+    END_OF_INPUT = "end-of-input"
+
+
+class SourceOperatorBase(StreamOperator):
+    """The head of a source task: the task calls :meth:`emit_next` instead of reading a gate.
+
+    ``emit_next`` emits at most one buffer through ``self.output`` and must not block on I/O: when
+    nothing is available it returns ``NOTHING_AVAILABLE`` and arranges for ``context.wakeup`` to be
+    set when there is (or returns a wake-up time from :meth:`next_poll_delay`).
+    """
+
+    async def emit_next(self) -> InputStatus:
+        raise NotImplementedError
+
+    def next_poll_delay(self) -> float | None:
+        """Seconds until polling again makes sense (e.g. a rate limit), or None to wait for wakeup."""
+        return None
+
+    def describe_position(self) -> str | None:
+        return None
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        msg = "a source has no input"
+        raise TypeError(msg)
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """Stop with savepoint: end the sources (draining or not) before taking the savepoint."""
+
+    drain: bool
+
+
+@dataclass(frozen=True)
+class TriggerCheckpointMail:
+    barrier: CheckpointBarrier
+    stop: StopRequest | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointCompleteMail:
+    checkpoint_id: int
+
+
+@dataclass(frozen=True)
+class CheckpointAbortedMail:
+    checkpoint_id: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ProcessingTimerMail:
+    timestamp_ms: int
+
+
+@dataclass(frozen=True)
+class AddSplitsMail:
+    splits: list[Any]
+
+
+class TaskListener(Protocol):
+    """What a task reports to its job master. Called on the task's actor; must not block."""
+
+    def task_state_changed(self, task: StreamTask, state: TaskState) -> None: ...
+
+    def acknowledge_checkpoint(
+        self,
+        task: StreamTask,
+        checkpoint_id: int,
+        snapshots: dict[str, Any],
+        finished: bool,
+        alignment_ms: float,
+    ) -> None: ...
+
+    def decline_checkpoint(self, task: StreamTask, checkpoint_id: int, reason: str) -> None: ...
+
+
+class StreamTask:
+    """An actor running one subtask of a job vertex. See the module docstring for the lifecycle."""
+
+    def __init__(
+        self,
+        name: str,
+        vertex_id: str,
+        subtask_index: int,
+        parallelism: int,
+        operators: list[StreamOperator],
+        gate: InputGate | None,
+        writers: list[RecordWriter],
+        listener: TaskListener,
+        wakeup: Wakeup,
+        *,
+        restored: dict[str, Any] | None = None,
+        restored_finished: bool = False,
+        checkpointing_mode: CheckpointingMode = CheckpointingMode.EXACTLY_ONCE,
+        buffer_timeout_s: float = DEFAULT_BUFFER_TIMEOUT_S,
+        num_inputs: int = 1,
+    ) -> None:
+        self.name = name
+        self.task_id = f"{vertex_id}/{subtask_index}"
+        self.vertex_id = vertex_id
+        self.subtask_index = subtask_index
+        self.parallelism = parallelism
+        self.operators = operators
+        self.head = operators[0]
+        self.gate = gate
+        self.writers = writers
+        self.listener = listener
+        self.wakeup = wakeup
+        self.mailbox = Mailbox(name, wakeup)
+        self.state = TaskState.CREATED
+        self._restored = restored or {}
+        self._restored_finished = restored_finished
+        self._buffer_timeout_s = buffer_timeout_s
+        self._last_flush = time.monotonic()
+        self._num_inputs = num_inputs
+        self._operators_finished = False
+        self._finishing_snapshots: list[int] = []
+        self._final_checkpoint_done = False
+        self._stop_savepoint_id: int | None = None
+        self._rpc_trigger: TriggerCheckpointMail | None = None
+        self._timer_handles: list[asyncio.TimerHandle] = []
+        self._closed = False
+        self.is_source = isinstance(self.head, SourceOperatorBase)
+        self.source_ended = False
+        if gate is not None:
+            n = len(gate.channels)
+            self._channel_watermark = [MIN_TIMESTAMP] * n
+            self._channel_end_of_data: list[bool | None] = [None] * n
+            self._current_watermark = MIN_TIMESTAMP
+            self.barrier_handler = CheckpointBarrierHandler(
+                n, checkpointing_mode, gate.block, gate.unblock_all, _now_ms
+            )
+
+    def __repr__(self) -> str:
+        return f"<StreamTask {self.name} {self.state.value}>"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        """Run the task to its end. Raises on failure; ``CancelledError`` on cancel."""
+        try:
+            self._set_state(TaskState.INITIALIZING)
+            if self._restored_finished:
+                await self._run_restored_finished()
+            else:
+                await self._initialize()
+                self._set_state(TaskState.RUNNING)
+                if self.is_source:
+                    await self._run_source()
+                else:
+                    await self._run_input()
+                await self._close_operators()
+            await self._broadcast(END_OF_PARTITION)
+            self.mailbox.close()
+            self._set_state(TaskState.FINISHED)
+        except asyncio.CancelledError:
+            await self._close_after_error()
+            self._set_state(TaskState.CANCELED)
+            raise
+        except UserFunctionError:
+            await self._close_after_error()
+            self._set_state(TaskState.FAILED)
+            raise
+        except Exception as exc:
+            await self._close_after_error()
+            self._set_state(TaskState.FAILED)
+            msg = f"task {self.name} failed: {type(exc).__name__}: {exc}"
+            raise TaskFailure(msg, self.name) from exc
+
+    async def _initialize(self) -> None:
+        for op in self.operators:
+            op.context.source_position = self._source_position
+            await op.initialize_state(self._restored.get(op.uid))
+        # Open tail first, so that no operator emits into one that is not open yet.
+        for op in reversed(self.operators):
+            await op.open()
+
+    async def _run_restored_finished(self) -> None:
+        """Every operator of this task had finished in the restored checkpoint (FLIP-147).
+
+        They are not run again: their state is handed to ``initialize_state`` (so a two-phase
+        sink can commit what the checkpoint says was pending), then they are closed, and the
+        consumers get ``MAX_WATERMARK`` and ``EndOfData`` at once.
+        """
+        for op in self.operators:
+            await op.initialize_state(self._restored.get(op.uid))
+        await self._close_operators()
+        self._operators_finished = True
+        await self._broadcast(MAX_WATERMARK)
+        await self._broadcast(EndOfData(drain=True))
+
+    async def _close_operators(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._timer_handles:
+            handle.cancel()
+        for op in self.operators:
+            await op.close()
+
+    async def _close_after_error(self) -> None:
+        self.mailbox.close()
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._timer_handles:
+            handle.cancel()
+        for op in self.operators:
+            try:
+                await op.close()
+            except Exception:
+                log.exception("%s: close() of operator %r failed", self.name, op.name)
+        for writer in self.writers:
+            writer.release()
+
+    def _set_state(self, state: TaskState) -> None:
+        self.state = state
+        self.listener.task_state_changed(self, state)
+
+    def _source_position(self) -> str | None:
+        if self.is_source:
+            head = self.head
+            assert isinstance(head, SourceOperatorBase)
+            return head.describe_position()
+        return None
+
+    # ---------------------------------------------------------------- main loops
+
+    def _waiting_for_end(self) -> bool:
+        """Step 4 of the end: true while the task must stay alive."""
+        if self.state is not TaskState.FINISHING:
+            return True
+        if not self._final_checkpoint_done:
+            return True
+        return self.gate is not None and not all(c.ended for c in self.gate.channels)
+
+    async def _run_source(self) -> None:
+        head = self.head
+        assert isinstance(head, SourceOperatorBase)
+        while self._waiting_for_end():
+            self.wakeup.clear()
+            await self._drain_mail()
+            if not self._waiting_for_end():
+                break
+            if self.state is TaskState.FINISHING or self.source_ended:
+                await self._idle()
+                continue
+            status = await head.emit_next()
+            if status is InputStatus.MORE_AVAILABLE:
+                await self._flush_if_timed_out()
+            elif status is InputStatus.NOTHING_AVAILABLE:
+                await self._idle(head.next_poll_delay())
+            else:
+                self.source_ended = True
+                await self._end_of_data(drain=True)
+
+    async def _run_input(self) -> None:
+        gate = self.gate
+        assert gate is not None
+        gate.open()
+        head = self.head
+        while self._waiting_for_end():
+            self.wakeup.clear()
+            await self._drain_mail()
+            if not self._waiting_for_end():
+                break
+            polled = gate.poll_next()
+            if polled is None:
+                if self._rpc_trigger is not None and all(c.ended for c in gate.channels):
+                    mail, self._rpc_trigger = self._rpc_trigger, None
+                    await self._perform_checkpoint(mail.barrier, 0.0)
+                    continue
+                await self._idle()
+                continue
+            channel, item = polled
+            if type(item) is Buffer:
+                head.metrics.records_in += len(item.values)
+                await head.process_batch(item.values, item.timestamps, channel.input_index)
+                channel.recycle()
+                await self._flush_if_timed_out()
+            else:
+                await self._on_event(channel, item)  # type: ignore[arg-type]
+
+    async def _idle(self, delay: float | None = None) -> None:
+        """Sleep until mail or input arrives, flushing partial buffers after the buffer timeout."""
+        if any(w.has_pending for w in self.writers):
+            remaining = self._buffer_timeout_s - (time.monotonic() - self._last_flush)
+            timeout = remaining if delay is None else min(remaining, delay)
+            if timeout <= 0 or not await self.wakeup.wait(timeout):
+                await self._flush_writers()
+            return
+        await self.wakeup.wait(delay)
+
+    async def _flush_if_timed_out(self) -> None:
+        if time.monotonic() - self._last_flush >= self._buffer_timeout_s:
+            await self._flush_writers()
+
+    async def _flush_writers(self) -> None:
+        self._last_flush = time.monotonic()
+        for writer in self.writers:
+            await writer.flush()
+
+    async def _broadcast(self, event: Event) -> None:
+        self._last_flush = time.monotonic()
+        for writer in self.writers:
+            await writer.broadcast_event(event)
+
+    # ---------------------------------------------------------------- events
+
+    async def _on_event(self, channel: InputChannel, event: Event) -> None:
+        kind = type(event)
+        if kind is Watermark:
+            assert isinstance(event, Watermark)
+            index = channel.index
+            if event.timestamp > self._channel_watermark[index]:
+                self._channel_watermark[index] = event.timestamp
+                await self._advance_watermark()
+        elif kind is CheckpointBarrier:
+            assert isinstance(event, CheckpointBarrier)
+            await self._run_actions(self.barrier_handler.on_barrier(channel.index, event))
+        elif kind is CancelCheckpointMarker:
+            assert isinstance(event, CancelCheckpointMarker)
+            await self._run_actions(self.barrier_handler.on_cancel_marker(event.checkpoint_id))
+        elif kind is EndOfData:
+            assert isinstance(event, EndOfData)
+            await self._on_end_of_data(channel, event.drain)
+        elif kind is EndOfPartition:
+            if self._channel_end_of_data[channel.index] is None:
+                await self._on_end_of_data(channel, True)
+            await self._run_actions(self.barrier_handler.on_end_of_partition(channel.index))
+
+    async def _advance_watermark(self) -> None:
+        live = [
+            wm
+            for wm, ended in zip(self._channel_watermark, self._channel_end_of_data, strict=True)
+            if ended is None
+        ]
+        combined = min(live) if live else max(self._channel_watermark, default=MIN_TIMESTAMP)
+        if combined > self._current_watermark:
+            self._current_watermark = combined
+            await self.head.process_watermark(Watermark(combined))
+
+    async def _on_end_of_data(self, channel: InputChannel, drain: bool) -> None:
+        assert self.gate is not None
+        self._channel_end_of_data[channel.index] = drain
+        channels = self.gate.channels
+        same_input = [c for c in channels if c.input_index == channel.input_index]
+        if all(self._channel_end_of_data[c.index] is not None for c in same_input):
+            if all(self._channel_end_of_data[c.index] for c in same_input):
+                await self.head.end_input(channel.input_index)
+        if all(flag is not None for flag in self._channel_end_of_data):
+            await self._end_of_data(drain=all(self._channel_end_of_data))  # type: ignore[arg-type]
+        elif self._channel_watermark[channel.index] < MAX_TIMESTAMP:
+            await self._advance_watermark()
+
+    async def _end_of_data(self, drain: bool) -> None:
+        """Steps 2 and 3 of the end of a task (see the module docstring)."""
+        if self.state is not TaskState.RUNNING:
+            return
+        if drain:
+            if self.is_source or self._current_watermark < MAX_TIMESTAMP:
+                if not self.is_source:
+                    self._current_watermark = MAX_TIMESTAMP
+                await self.head.process_watermark(MAX_WATERMARK)
+            for index, op in enumerate(self.operators):
+                if index > 0 or self.is_source:
+                    await op.end_input(0)
+                await op.finish()
+            self._operators_finished = True
+        await self._flush_writers()
+        await self._broadcast(EndOfData(drain=drain))
+        self._set_state(TaskState.FINISHING)
+
+    # ---------------------------------------------------------------- mail
+
+    async def _drain_mail(self) -> None:
+        mailbox = self.mailbox
+        while mailbox.has_mail():
+            mail = mailbox.take_nowait()
+            if mail is None:
+                return
+            await self._handle_mail(mail)
+
+    async def _handle_mail(self, mail: Any) -> None:
+        kind = type(mail)
+        if kind is TriggerCheckpointMail:
+            await self._on_trigger(mail)
+        elif kind is CheckpointCompleteMail:
+            await self._on_checkpoint_complete(mail.checkpoint_id)
+        elif kind is CheckpointAbortedMail:
+            await self._on_checkpoint_aborted(mail.checkpoint_id, mail.reason)
+        elif kind is ProcessingTimerMail:
+            if not self._closed:
+                for op in self.operators:
+                    await op.fire_processing_timers(mail.timestamp_ms)
+        elif kind is AddSplitsMail:
+            add = getattr(self.head, "add_splits", None)
+            if add is None:
+                msg = f"{self.name}: head operator {self.head.name!r} takes no splits"
+                raise TypeError(msg)
+            add(mail.splits)
+        else:
+            msg = f"{self.name}: unknown mail {mail!r}"
+            raise TypeError(msg)
+
+    async def _on_trigger(self, mail: TriggerCheckpointMail) -> None:
+        if mail.stop is not None:
+            self._stop_savepoint_id = mail.barrier.checkpoint_id
+            if self.state is TaskState.RUNNING and self.is_source:
+                self.source_ended = True
+                await self._end_of_data(drain=mail.stop.drain)
+        if self.gate is not None and not all(c.ended for c in self.gate.channels):
+            # Triggered because every upstream task finished: the barrier goes behind the data
+            # still queued in the channels, so that no record is left out of the snapshot.
+            self._rpc_trigger = mail
+            return
+        await self._perform_checkpoint(mail.barrier, 0.0)
+
+    async def _run_actions(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, TriggerCheckpoint):
+                await self._perform_checkpoint(action.barrier, action.alignment_ms)
+            elif isinstance(action, AbortCheckpoint):
+                await self._broadcast(CancelCheckpointMarker(action.checkpoint_id))
+
+    async def _perform_checkpoint(self, barrier: CheckpointBarrier, alignment_ms: float) -> None:
+        checkpoint_id = barrier.checkpoint_id
+        snapshots: dict[str, Any] = {}
+        try:
+            for op in self.operators:
+                snapshot = await op.snapshot_state(checkpoint_id)
+                if snapshot is not None:
+                    snapshots[op.uid] = snapshot
+        except (UserFunctionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            reason = f"{self.name}: snapshot for checkpoint {checkpoint_id} failed: {exc}"
+            log.warning("%s", reason)
+            await self._broadcast(CancelCheckpointMarker(checkpoint_id))
+            self.listener.decline_checkpoint(self, checkpoint_id, reason)
+            return
+        await self._broadcast(barrier)
+        if self.state is TaskState.FINISHING:
+            self._finishing_snapshots.append(checkpoint_id)
+        self.listener.acknowledge_checkpoint(
+            self, checkpoint_id, snapshots, self._operators_finished, alignment_ms
+        )
+
+    async def _on_checkpoint_complete(self, checkpoint_id: int) -> None:
+        if self._closed:
+            return
+        for op in self.operators:
+            await op.notify_checkpoint_complete(checkpoint_id)
+        if self.state is not TaskState.FINISHING:
+            return
+        if self._stop_savepoint_id is not None:
+            if checkpoint_id >= self._stop_savepoint_id:
+                self._final_checkpoint_done = True
+        elif self._finishing_snapshots and checkpoint_id >= self._finishing_snapshots[0]:
+            self._final_checkpoint_done = True
+
+    async def _on_checkpoint_aborted(self, checkpoint_id: int, reason: str) -> None:
+        if self.gate is not None:
+            await self._run_actions(self.barrier_handler.abort_pending(reason))
+        if self._closed:
+            return
+        for op in self.operators:
+            await op.notify_checkpoint_aborted(checkpoint_id)
+        if self._stop_savepoint_id == checkpoint_id:
+            msg = (
+                f"{self.name}: the stop-with-savepoint {checkpoint_id} failed ({reason}); "
+                "the job fails over to its latest checkpoint"
+            )
+            raise StopWithSavepointFailed(msg)
+
+    # ---------------------------------------------------------------- timers
+
+    def schedule_processing_timer(self, timestamp_ms: int) -> None:
+        """Deliver ``ProcessingTimerMail`` when the wall clock reaches ``timestamp_ms``."""
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, (timestamp_ms - time.time() * 1000.0) / 1000.0)
+        mailbox = self.mailbox
+        handle = loop.call_later(delay, lambda: mailbox.try_put(ProcessingTimerMail(timestamp_ms)))
+        now = loop.time()
+        self._timer_handles = [h for h in self._timer_handles if h.when() > now]
+        self._timer_handles.append(handle)
+
+
+class TaskFailure(RuntimeError):
+    """A task failed for a reason other than user code (which raises ``UserFunctionError``)."""
+
+    def __init__(self, message: str, task_name: str) -> None:
+        super().__init__(message)
+        self.task_name = task_name
+
+
+class StopWithSavepointFailed(RuntimeError):
+    """The savepoint of a stop-with-savepoint was aborted after the sources stopped."""
+
+
+def _now_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+Notify = Callable[[], None]

@@ -1,0 +1,14 @@
+"""Sources and sinks: collections, files, print (and Kafka, see ``connectors.kafka``)."""
+
+from connectors.collection import CollectionSource, CollectSink
+from connectors.files import FileSource, JsonLinesFileSink, RecordFormatError
+from runtime.sinks import PrintSink
+
+__all__ = [
+    "CollectSink",
+    "CollectionSource",
+    "FileSource",
+    "JsonLinesFileSink",
+    "PrintSink",
+    "RecordFormatError",
+]

@@ -1,0 +1,50 @@
+"""A stream-processing runtime for Python on asyncio (the public API).
+
+Write a job file with ``build(job)`` and run it with ``python -m runtime run job.py``, or run a
+build function from Python with :func:`run_job`.
+"""
+
+from runtime.api import DataStream, Job, JobDefinitionError, JobParameters, KeyedStream
+from runtime.executor import ExecutionConfig, JobFailedError, JobResult
+from runtime.functions import (
+    Collector,
+    FilterFunction,
+    FlatMapFunction,
+    KeyedProcessContext,
+    KeyedProcessFunction,
+    MapFunction,
+    ReduceFunction,
+    RichFunction,
+    RuntimeContext,
+)
+from runtime.runner import load_job_file, run_job, run_job_async
+from runtime.sinks import PrintSink, Sink, SinkWriter
+from runtime.sources import Source, SourceReader
+
+__all__ = [
+    "Collector",
+    "DataStream",
+    "ExecutionConfig",
+    "FilterFunction",
+    "FlatMapFunction",
+    "Job",
+    "JobDefinitionError",
+    "JobFailedError",
+    "JobParameters",
+    "JobResult",
+    "KeyedProcessContext",
+    "KeyedProcessFunction",
+    "KeyedStream",
+    "MapFunction",
+    "PrintSink",
+    "ReduceFunction",
+    "RichFunction",
+    "RuntimeContext",
+    "Sink",
+    "SinkWriter",
+    "Source",
+    "SourceReader",
+    "load_job_file",
+    "run_job",
+    "run_job_async",
+]

@@ -1,0 +1,355 @@
+"""The job API: a job file defines ``build(job)`` and describes its dataflow on ``job``.
+
+Example::
+
+    def build(job):
+        lines = job.from_source(FileSource(job.params.get("input", "words.txt")))
+        counts = (lines.flat_map(str.split).name("split")
+                       .key_by(lambda w: w)
+                       .map(lambda w: (w, 1))
+                       ...)
+
+Each method returns a new :class:`DataStream`; ``name``, ``uid``, ``set_parallelism`` and
+``disable_chaining`` configure the operator that produced the stream they are called on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.partitioner import (
+    BroadcastPartitioner,
+    ForwardPartitioner,
+    KeyGroupPartitioner,
+    Partitioner,
+    RebalancePartitioner,
+)
+from runtime.functions import KeyedProcessFunction
+from runtime.sinks import PrintSink, Sink
+from runtime.sources import Source
+from state.keygroups import DEFAULT_MAX_PARALLELISM
+
+
+class JobDefinitionError(ValueError):
+    """The job's dataflow is invalid (names the operator and what to change)."""
+
+
+class JobParameters(dict[str, str]):
+    """Job parameters from ``--set key=value``, with typed getters."""
+
+    def get_int(self, key: str, default: int) -> int:
+        return int(self[key]) if key in self else default
+
+    def get_float(self, key: str, default: float) -> float:
+        return float(self[key]) if key in self else default
+
+    def get_bool(self, key: str, default: bool) -> bool:
+        if key not in self:
+            return default
+        value = self[key].strip().lower()
+        if value in {"1", "true", "yes", "on"}:
+            return True
+        if value in {"0", "false", "no", "off"}:
+            return False
+        msg = f"job parameter {key}={self[key]!r} is not a boolean (use true or false)"
+        raise JobDefinitionError(msg)
+
+    def require(self, key: str) -> str:
+        if key not in self:
+            msg = f"job parameter {key!r} is required: pass --set {key}=..."
+            raise JobDefinitionError(msg)
+        return self[key]
+
+
+@dataclass(eq=False)
+class Transformation:
+    """One node of the logical dataflow (Flink's ``Transformation``)."""
+
+    id: int
+    kind: str
+    """``source``, ``operator``, ``sink``, or the virtual ``partition`` and ``union``."""
+    name: str
+    inputs: list[Transformation] = field(default_factory=list)
+    operator_factory: Callable[[str, str], Any] | None = None
+    """Called with (name, uid) once per subtask to create the operator."""
+    source: Source[Any] | None = None
+    partitioner_factory: Callable[[], Partitioner] | None = None
+    key_selector: Callable[[Any], Any] | None = None
+    """Set on operators that consume a keyed stream (they get a keyed state backend)."""
+    parallelism: int | None = None
+    max_parallelism: int | None = None
+    uid: str | None = None
+    chaining: bool = True
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.name!r}>"
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug or "operator"
+
+
+def _function_name(fn: Any) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return "" if name == "<lambda>" else name
+
+
+class Job:
+    """The dataflow being built; handed to ``build(job)`` by the runner."""
+
+    def __init__(
+        self,
+        params: dict[str, str] | None = None,
+        parallelism: int = 1,
+        max_parallelism: int = DEFAULT_MAX_PARALLELISM,
+        name: str = "job",
+    ) -> None:
+        self.params = JobParameters(params or {})
+        self.parallelism = parallelism
+        self.max_parallelism = max_parallelism
+        self.name = name
+        self.transformations: list[Transformation] = []
+        self._ids = itertools.count(1)
+
+    def _add(self, kind: str, name: str, inputs: list[Transformation], **kw: Any) -> Transformation:
+        t = Transformation(next(self._ids), kind, name, inputs, **kw)
+        self.transformations.append(t)
+        return t
+
+    def from_source(self, source: Source[Any], name: str | None = None) -> DataStream:
+        """A stream read from ``source`` (see ``connectors/`` for files, collections, Kafka)."""
+        if not isinstance(source, Source):
+            msg = f"from_source() needs a runtime.Source, got {type(source).__name__}"
+            raise JobDefinitionError(msg)
+        t = self._add("source", name or f"Source: {source.name()}", [], source=source)
+        return DataStream(self, t)
+
+    def sinks(self) -> list[Transformation]:
+        return [t for t in self.transformations if t.kind == "sink"]
+
+
+class DataStream:
+    """A stream of records produced by one transformation."""
+
+    def __init__(self, job: Job, transformation: Transformation) -> None:
+        self.job = job
+        self.transformation = transformation
+
+    # ---- configuration of the producing operator
+
+    def name(self, name: str) -> DataStream:
+        self.transformation.name = name
+        return self
+
+    def uid(self, uid: str) -> DataStream:
+        """A stable id for this operator's state in checkpoints and savepoints."""
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", uid):
+            msg = f"uid {uid!r} may only hold letters, digits and _ . : -"
+            raise JobDefinitionError(msg)
+        self.transformation.uid = uid
+        return self
+
+    def set_parallelism(self, parallelism: int) -> DataStream:
+        if parallelism < 1:
+            msg = f"operator {self.transformation.name!r}: parallelism must be >= 1"
+            raise JobDefinitionError(msg)
+        self.transformation.parallelism = parallelism
+        return self
+
+    def set_max_parallelism(self, max_parallelism: int) -> DataStream:
+        self.transformation.max_parallelism = max_parallelism
+        return self
+
+    def disable_chaining(self) -> DataStream:
+        """Run this operator in its own task, connected to its neighbours by channels."""
+        self.transformation.chaining = False
+        return self
+
+    # ---- transformations
+
+    def _operator(
+        self,
+        op_class: type,
+        default_name: str,
+        function: Any,
+        name: str | None,
+        key_selector: Callable[[Any], Any] | None = None,
+    ) -> DataStream:
+        fn_name = _function_name(function)
+        label = name or (f"{default_name}({fn_name})" if fn_name else default_name)
+
+        def factory(op_name: str, uid: str) -> Any:
+            return op_class(op_name, uid, function, key_selector)
+
+        t = self.job._add(
+            "operator",
+            label,
+            [self.transformation],
+            operator_factory=factory,
+            key_selector=key_selector,
+        )
+        return DataStream(self.job, t)
+
+    def map(self, fn: Callable[[Any], Any], name: str | None = None) -> DataStream:
+        from runtime.operators import MapOperator
+
+        return self._operator(MapOperator, "Map", fn, name, self._key_selector())
+
+    def filter(self, fn: Callable[[Any], bool], name: str | None = None) -> DataStream:
+        from runtime.operators import FilterOperator
+
+        return self._operator(FilterOperator, "Filter", fn, name, self._key_selector())
+
+    def flat_map(self, fn: Callable[[Any], Iterable[Any]], name: str | None = None) -> DataStream:
+        from runtime.operators import FlatMapOperator
+
+        return self._operator(FlatMapOperator, "FlatMap", fn, name, self._key_selector())
+
+    def assign_timestamps_and_watermarks(
+        self,
+        timestamp_fn: Callable[[Any], int],
+        max_out_of_orderness_ms: int = 0,
+        name: str | None = None,
+    ) -> DataStream:
+        """Event time: each record's timestamp (ms) from ``timestamp_fn``, and watermarks that
+        trail the highest timestamp seen by ``max_out_of_orderness_ms``."""
+        from runtime.operators import TimestampsAndWatermarksOperator
+
+        def factory(op_name: str, uid: str) -> Any:
+            return TimestampsAndWatermarksOperator(
+                op_name, uid, timestamp_fn, max_out_of_orderness_ms
+            )
+
+        t = self.job._add(
+            "operator",
+            name or "Timestamps/Watermarks",
+            [self.transformation],
+            operator_factory=factory,
+        )
+        return DataStream(self.job, t)
+
+    def _key_selector(self) -> Callable[[Any], Any] | None:
+        return None
+
+    def key_by(self, key_selector: Callable[[Any], Any]) -> KeyedStream:
+        """Partition by key: records with equal keys go to the same subtask and share state."""
+        job = self.job
+        maxp = job.max_parallelism
+
+        def partitioner() -> Partitioner:
+            return KeyGroupPartitioner(key_selector, maxp)
+
+        t = job._add(
+            "partition",
+            "hash",
+            [self.transformation],
+            partitioner_factory=partitioner,
+            key_selector=key_selector,
+        )
+        return KeyedStream(job, t, key_selector)
+
+    def rebalance(self) -> DataStream:
+        return self._partition("rebalance", RebalancePartitioner)
+
+    def broadcast(self) -> DataStream:
+        return self._partition("broadcast", BroadcastPartitioner)
+
+    def forward(self) -> DataStream:
+        return self._partition("forward", ForwardPartitioner)
+
+    def _partition(self, name: str, factory: Callable[[], Partitioner]) -> DataStream:
+        t = self.job._add("partition", name, [self.transformation], partitioner_factory=factory)
+        return DataStream(self.job, t)
+
+    def union(self, *others: DataStream) -> DataStream:
+        """All records of this stream and ``others``, in no particular order across them."""
+        for other in others:
+            if other.job is not self.job:
+                msg = "union() of streams from different jobs"
+                raise JobDefinitionError(msg)
+        t = self.job._add(
+            "union", "union", [self.transformation, *(o.transformation for o in others)]
+        )
+        return DataStream(self.job, t)
+
+    def sink_to(self, sink: Sink, name: str | None = None) -> DataStream:
+        from runtime.sinks import SinkOperator
+
+        if not isinstance(sink, Sink):
+            msg = f"sink_to() needs a runtime.Sink, got {type(sink).__name__}"
+            raise JobDefinitionError(msg)
+
+        def factory(op_name: str, uid: str) -> Any:
+            return SinkOperator(op_name, uid, sink)
+
+        t = self.job._add(
+            "sink", name or f"Sink: {sink.name()}", [self.transformation], operator_factory=factory
+        )
+        return DataStream(self.job, t)
+
+    def print(self, prefix: str = "") -> DataStream:
+        """Print every record (``str()`` of it) to stdout."""
+        return self.sink_to(PrintSink(prefix), name="Sink: Print")
+
+
+class KeyedStream(DataStream):
+    """A stream partitioned by key; operators on it get keyed state and timers."""
+
+    def __init__(
+        self, job: Job, transformation: Transformation, key_selector: Callable[[Any], Any]
+    ) -> None:
+        super().__init__(job, transformation)
+        self.key_selector = key_selector
+
+    def _key_selector(self) -> Callable[[Any], Any] | None:
+        return self.key_selector
+
+    def reduce(self, fn: Callable[[Any, Any], Any], name: str | None = None) -> DataStream:
+        """The running reduction per key, emitted after every record."""
+        from runtime.operators import KeyedReduceOperator
+
+        return self._operator(KeyedReduceOperator, "Reduce", fn, name, self.key_selector)
+
+    def process(
+        self, fn: KeyedProcessFunction[Any, Any, Any], name: str | None = None
+    ) -> DataStream:
+        """Run a :class:`KeyedProcessFunction` with keyed state, timers and a collector."""
+        from runtime.operators import KeyedProcessOperator
+
+        if not isinstance(fn, KeyedProcessFunction):
+            msg = f"process() needs a KeyedProcessFunction, got {type(fn).__name__}"
+            raise JobDefinitionError(msg)
+        return self._operator(KeyedProcessOperator, "KeyedProcess", fn, name, self.key_selector)
+
+
+def default_uids(job: Job) -> dict[int, str]:
+    """Stable operator ids: the user's ``uid()``, else the slug of the name, numbered if repeated.
+
+    Deterministic for the same job file, so checkpoints match without explicit uids as long as
+    operator names and order stay the same. Set ``uid()`` on stateful operators to rename freely.
+    """
+    taken = {t.uid for t in job.transformations if t.uid}
+    counts: dict[str, int] = {}
+    result: dict[int, str] = {}
+    for t in job.transformations:
+        if t.kind in ("partition", "union"):
+            continue
+        if t.uid:
+            result[t.id] = t.uid
+            continue
+        base = _slug(t.name)
+        n = counts.get(base, 0) + 1
+        counts[base] = n
+        uid = base if n == 1 else f"{base}-{n}"
+        while uid in taken:
+            n += 1
+            counts[base] = n
+            uid = f"{base}-{n}"
+        taken.add(uid)
+        result[t.id] = uid
+    return result

@@ -1,0 +1,17 @@
+"""Durations as users write them: ``500ms``, ``5s``, ``1min``, ``2h`` (a bare number is seconds)."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|min|m|h)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``; raises ValueError naming the text otherwise."""
+    match = _PATTERN.match(text)
+    if not match:
+        msg = f"invalid duration {text!r}: use e.g. 500ms, 5s, 1min, 2h"
+        raise ValueError(msg)
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]

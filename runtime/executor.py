@@ -1,0 +1,417 @@
+"""Local execution: the job master deploys every subtask of a job as an actor on one event loop.
+
+The :class:`JobMaster` turns the :class:`~runtime.graph.JobGraph` into tasks, channels and writers
+(the execution graph), runs them under one ``asyncio.TaskGroup`` together with the checkpoint
+coordinator, and on a task failure cancels the attempt (``close()`` runs, ``finish()`` does not),
+asks the restart strategy, and restarts from the latest completed checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.mailbox import Wakeup
+from actors.network import (
+    DEFAULT_EXCLUSIVE_CREDITS,
+    DEFAULT_FLOATING_BUFFERS,
+    InputGate,
+    ResultSubpartition,
+)
+from actors.operator import (
+    ChainedOutput,
+    DiscardingOutput,
+    FanOutOutput,
+    OperatorContext,
+    Output,
+    StreamOperator,
+    UserFunctionError,
+    WriterOutput,
+)
+from actors.task import DEFAULT_BUFFER_TIMEOUT_S, StreamTask, TaskFailure, TaskState
+from actors.timers import Clock, SystemClock
+from actors.writer import DEFAULT_BUFFER_SIZE, RecordWriter
+from runtime.coordinator import CheckpointConfig, CheckpointCoordinator, CompletedCheckpoint
+from runtime.graph import JobGraph, JobVertex
+from runtime.restart import NoRestart, RestartStrategy
+from runtime.restore import assign_restored_state
+from runtime.sources import SourceOperator, assign_splits
+from state.keygroups import key_group_range_for_subtask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExecutionConfig:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    restart_strategy: RestartStrategy = field(default_factory=NoRestart)
+    buffer_size: int = DEFAULT_BUFFER_SIZE
+    buffer_timeout_s: float = DEFAULT_BUFFER_TIMEOUT_S
+    exclusive_credits: int = DEFAULT_EXCLUSIVE_CREDITS
+    floating_buffers: int = DEFAULT_FLOATING_BUFFERS
+    clock: Clock = field(default_factory=SystemClock)
+
+
+@dataclass
+class OperatorSummary:
+    uid: str
+    name: str
+    parallelism: int
+    records_in: int
+    records_out: int
+
+
+@dataclass
+class JobResult:
+    job_name: str
+    duration_s: float
+    operators: list[OperatorSummary]
+    attempts: int
+    checkpoints_completed: int
+
+
+class JobFailedError(RuntimeError):
+    """The job failed and the restart strategy gave up; ``cause`` is the root failure."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class JobMaster:
+    """Runs one job in this process until it finishes, fails for good, or is cancelled."""
+
+    def __init__(
+        self,
+        graph: JobGraph,
+        config: ExecutionConfig | None = None,
+        storage: Any = None,
+        restored: CompletedCheckpoint | None = None,
+        coordinator: CheckpointCoordinator | None = None,
+    ) -> None:
+        self.graph = graph
+        self.config = config or ExecutionConfig()
+        self.storage = storage
+        self.restore_point = restored
+        self.coordinator = coordinator or CheckpointCoordinator(
+            self.config.checkpoint,
+            storage,
+            self._describe_operators,
+            first_checkpoint_id=(restored.checkpoint_id + 1) if restored else 1,
+        )
+        self.tasks: list[StreamTask] = []
+        self.attempt = 0
+        self.started = time.monotonic()
+        self._all_finished = asyncio.Event()
+        self._metric_totals: dict[str, list[int]] = {}
+        self.on_attempt_started: Callable[[JobMaster], None] | None = None
+        self.status = "created"
+
+    # ---------------------------------------------------------------- TaskListener
+
+    def task_state_changed(self, task: StreamTask, state: TaskState) -> None:
+        self.coordinator.on_task_state(task, state)
+        if state is TaskState.FINISHED and all(t.state is TaskState.FINISHED for t in self.tasks):
+            self._all_finished.set()
+
+    def acknowledge_checkpoint(
+        self,
+        task: StreamTask,
+        checkpoint_id: int,
+        snapshots: dict[str, Any],
+        finished: bool,
+        alignment_ms: float,
+    ) -> None:
+        self.coordinator.on_ack(task, checkpoint_id, snapshots, finished, alignment_ms)
+
+    def decline_checkpoint(self, task: StreamTask, checkpoint_id: int, reason: str) -> None:
+        self.coordinator.on_decline(task, checkpoint_id, reason)
+
+    # ---------------------------------------------------------------- running
+
+    async def run(self) -> JobResult:
+        """Run attempts until the job ends; raises :class:`JobFailedError` when it fails for good."""
+        self.started = time.monotonic()
+        strategy = self.config.restart_strategy
+        while True:
+            self.attempt += 1
+            self._all_finished = asyncio.Event()
+            self.tasks = self._deploy(self.restore_point)
+            self.coordinator.attach(self.tasks, self._upstream_map())
+            self.status = "running"
+            if self.on_attempt_started is not None:
+                self.on_attempt_started(self)
+            failure: BaseException
+            try:
+                await self._run_attempt()
+            except asyncio.CancelledError:
+                self.status = "canceled"
+                raise
+            except BaseExceptionGroup as group:
+                failure = root_cause(group)
+            except Exception as exc:
+                failure = exc
+            else:
+                break
+            self._accumulate_metrics()
+            delay = strategy.next_delay(failure, time.monotonic())
+            if delay is None:
+                self.status = "failed"
+                raise JobFailedError(describe_failure(failure), failure) from failure
+            latest = self.coordinator.latest_completed
+            log.warning(
+                "job attempt %d failed (%s); restarting in %.2fs from %s",
+                self.attempt,
+                describe_failure(failure),
+                delay,
+                f"checkpoint {latest.checkpoint_id}" if latest else "the beginning",
+            )
+            self.status = "restarting"
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.restore_point = latest or self.restore_point
+        self._accumulate_metrics()
+        self.status = "finished"
+        return JobResult(
+            self.graph.name,
+            time.monotonic() - self.started,
+            self.operator_summaries(),
+            self.attempt,
+            len(self.coordinator.completed_ids),
+        )
+
+    async def _run_attempt(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for task in self.tasks:
+                group.create_task(task.run(), name=task.name)
+            coordinator = group.create_task(self.coordinator.run(), name="checkpoint-coordinator")
+            await self._all_finished.wait()
+            coordinator.cancel()
+
+    # ---------------------------------------------------------------- metrics
+
+    def _accumulate_metrics(self) -> None:
+        for uid, (records_in, records_out) in self._live_metrics().items():
+            totals = self._metric_totals.setdefault(uid, [0, 0])
+            totals[0] += records_in
+            totals[1] += records_out
+
+    def _live_metrics(self) -> dict[str, tuple[int, int]]:
+        result: dict[str, tuple[int, int]] = {}
+        for task in self.tasks:
+            for op in task.operators:
+                prev = result.get(op.uid, (0, 0))
+                result[op.uid] = (prev[0] + op.metrics.records_in, prev[1] + op.metrics.records_out)
+        return result
+
+    def operator_summaries(self, include_live: bool = False) -> list[OperatorSummary]:
+        """Records in/out per operator over all attempts so far."""
+        live = self._live_metrics() if include_live else {}
+        result = []
+        for vertex in self.graph.vertices:
+            for node in vertex.operators:
+                done = self._metric_totals.get(node.uid, [0, 0])
+                cur = live.get(node.uid, (0, 0))
+                result.append(
+                    OperatorSummary(
+                        node.uid, node.name, node.parallelism, done[0] + cur[0], done[1] + cur[1]
+                    )
+                )
+        return result
+
+    # ---------------------------------------------------------------- deployment
+
+    def _describe_operators(self) -> dict[str, tuple[str, int, int, bool]]:
+        result: dict[str, tuple[str, int, int, bool]] = {}
+        union_uids = set()
+        for task in self.tasks:
+            for op in task.operators:
+                store = getattr(op, "operator_state", None) or getattr(op, "_state", None)
+                if store is not None and getattr(store, "uses_union_state", False):
+                    union_uids.add(op.uid)
+        for node in self.graph.operators.values():
+            result[node.uid] = (
+                node.name,
+                node.parallelism,
+                node.max_parallelism,
+                node.uid in union_uids,
+            )
+        return result
+
+    def _upstream_map(self) -> dict[str, list[StreamTask]]:
+        by_vertex: dict[str, list[StreamTask]] = {}
+        for task in self.tasks:
+            by_vertex.setdefault(task.vertex_id, []).append(task)
+        result: dict[str, list[StreamTask]] = {}
+        for task in self.tasks:
+            upstream: list[StreamTask] = []
+            for edge in self.graph.edges:
+                if edge.target_vertex.id != task.vertex_id:
+                    continue
+                senders = by_vertex[edge.source_vertex.id]
+                if edge.pointwise:
+                    upstream.append(senders[task.subtask_index])
+                else:
+                    upstream.extend(senders)
+            result[task.task_id] = upstream
+        return result
+
+    def _deploy(self, restore_point: CompletedCheckpoint | None) -> list[StreamTask]:
+        graph = self.graph
+        restored_state = assign_restored_state(graph, restore_point)
+        subpartitions: dict[int, list[list[ResultSubpartition]]] = {}
+        for edge in graph.edges:
+            sender_p = edge.source_vertex.parallelism
+            receiver_p = edge.target_vertex.parallelism
+            per_sender = []
+            for u in range(sender_p):
+                count = 1 if edge.pointwise else receiver_p
+                per_sender.append(
+                    [
+                        ResultSubpartition(f"{edge.source_vertex.name} ({u + 1}/{sender_p})")
+                        for _ in range(count)
+                    ]
+                )
+            subpartitions[id(edge)] = per_sender
+        splits: dict[str, list[Any]] = {}
+        tasks: list[StreamTask] = []
+        for vertex in graph.vertices:
+            for index in range(vertex.parallelism):
+                tasks.append(
+                    self._deploy_subtask(vertex, index, subpartitions, splits, restored_state)
+                )
+        return tasks
+
+    def _deploy_subtask(
+        self,
+        vertex: JobVertex,
+        index: int,
+        subpartitions: dict[int, list[list[ResultSubpartition]]],
+        splits: dict[str, list[Any]],
+        restored_state: dict[tuple[str, int], tuple[dict[str, Any], bool]],
+    ) -> StreamTask:
+        graph = self.graph
+        config = self.config
+        p = vertex.parallelism
+        name = f"{vertex.name} ({index + 1}/{p})"
+        wakeup = Wakeup()
+        inputs = graph.inputs_of(vertex)
+        gate: InputGate | None = None
+        if inputs:
+            gate = InputGate(name, wakeup, config.floating_buffers)
+            for edge in inputs:
+                senders = subpartitions[id(edge)]
+                for u, subs in enumerate(senders):
+                    if edge.pointwise:
+                        if u == index:
+                            gate.add_channel(
+                                subs[0], config.exclusive_credits, edge.input_index, subs[0].name
+                            )
+                    else:
+                        gate.add_channel(
+                            subs[index],
+                            config.exclusive_credits,
+                            edge.input_index,
+                            subs[index].name,
+                        )
+        operators: dict[int, StreamOperator] = {}
+        for node in vertex.operators:
+            t = node.transformation
+            if t.kind == "source":
+                assert t.source is not None
+                if node.uid not in splits:
+                    splits[node.uid] = t.source.create_splits(p)
+                operators[t.id] = SourceOperator(
+                    node.name, node.uid, t.source, assign_splits(splits[node.uid], p, index)
+                )
+            else:
+                assert t.operator_factory is not None
+                operators[t.id] = t.operator_factory(node.name, node.uid)
+        writers_by_op: dict[int, list[RecordWriter]] = {}
+        all_writers: list[RecordWriter] = []
+        for edge in graph.outputs_of(vertex):
+            writer = RecordWriter(
+                subpartitions[id(edge)][index], edge.partitioner_factory(), config.buffer_size
+            )
+            writers_by_op.setdefault(edge.source_operator.transformation.id, []).append(writer)
+            all_writers.append(writer)
+        restored, finished = restored_state.get((vertex.id, index), ({}, False))
+        task = StreamTask(
+            name,
+            vertex.id,
+            index,
+            p,
+            [operators[n.transformation.id] for n in vertex.operators],
+            gate,
+            all_writers,
+            self,
+            wakeup,
+            restored=restored,
+            restored_finished=finished,
+            checkpointing_mode=config.checkpoint.mode,
+            buffer_timeout_s=config.buffer_timeout_s,
+        )
+        for node in vertex.operators:
+            op = operators[node.transformation.id]
+            outputs: list[Output] = [
+                ChainedOutput(op, operators[c.transformation.id])
+                for c in vertex.chained.get(node.transformation.id, [])
+            ]
+            writers = writers_by_op.get(node.transformation.id)
+            if writers:
+                outputs.append(WriterOutput(op, writers))
+            output: Output
+            if not outputs:
+                output = DiscardingOutput()
+            elif len(outputs) == 1:
+                output = outputs[0]
+            else:
+                output = FanOutOutput(outputs)
+            op.setup(
+                OperatorContext(
+                    operator_name=node.name,
+                    operator_uid=node.uid,
+                    task_name=name,
+                    subtask_index=index,
+                    parallelism=p,
+                    max_parallelism=node.max_parallelism,
+                    attempt=self.attempt,
+                    params=graph.params,
+                    clock=config.clock,
+                    key_groups=key_group_range_for_subtask(node.max_parallelism, p, index),
+                    scheduler=task,
+                ),
+                output,
+            )
+        return task
+
+
+def root_cause(group: BaseException) -> BaseException:
+    """The failure that started it all: user code first, then task failures, then anything."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, asyncio.CancelledError):
+            leaves.append(exc)
+
+    walk(group)
+    if not leaves:
+        return group
+    for kind in (UserFunctionError, TaskFailure):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]
+
+
+def describe_failure(failure: BaseException) -> str:
+    if isinstance(failure, UserFunctionError | TaskFailure):
+        return str(failure)
+    return f"{type(failure).__name__}: {failure}"

@@ -1,0 +1,167 @@
+"""User function classes.
+
+Plain callables work everywhere a function is expected. A *rich* function (a subclass of
+:class:`RichFunction`) also gets lifecycle hooks, called on its subtask's actor:
+
+- ``open(ctx)`` once before the first record, with a :class:`RuntimeContext`;
+- ``finish()`` only on a graceful end (all input ended, or stop ``--drain``), may emit last results
+  where the function has a collector;
+- ``close()`` always, also on failure and cancel: release resources here.
+
+Every subtask gets its own deep copy of the function object, so attributes are per subtask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from actors.timers import TimerService
+
+IN = TypeVar("IN")
+OUT = TypeVar("OUT")
+KEY = TypeVar("KEY")
+
+
+class RuntimeContext:
+    """Where a function runs, its job parameters and (on keyed streams) its keyed state."""
+
+    def __init__(
+        self,
+        operator_name: str,
+        subtask_index: int,
+        parallelism: int,
+        params: dict[str, str],
+        keyed_backend: Any = None,
+        operator_state: Any = None,
+    ) -> None:
+        self.operator_name = operator_name
+        self.subtask_index = subtask_index
+        self.parallelism = parallelism
+        self.params = params
+        self._keyed = keyed_backend
+        self._operator_state = operator_state
+
+    def get_state(self, descriptor: Any) -> Any:
+        """Keyed state for ``descriptor`` (value, list, map or reducing). Keyed streams only."""
+        if self._keyed is None:
+            msg = (
+                f"operator {self.operator_name!r}: keyed state is only available after key_by(); "
+                "use operator state (get_list_state) on non-keyed streams"
+            )
+            raise RuntimeError(msg)
+        return self._keyed.get_state(descriptor)
+
+    def get_list_state(self, name: str) -> Any:
+        """Operator list state, split evenly over subtasks on restore."""
+        return self._operator_state.get_list_state(name)
+
+    def get_union_list_state(self, name: str) -> Any:
+        return self._operator_state.get_union_list_state(name)
+
+    def get_broadcast_state(self, name: str) -> Any:
+        return self._operator_state.get_broadcast_state(name)
+
+
+class RichFunction:
+    def open(self, ctx: RuntimeContext) -> None:
+        """Called once before the first record."""
+
+    def finish(self) -> None:
+        """Called on a graceful end only."""
+
+    def close(self) -> None:
+        """Called always, last."""
+
+
+class MapFunction(RichFunction, Generic[IN, OUT]):
+    def map(self, value: IN) -> OUT:
+        raise NotImplementedError
+
+    def __call__(self, value: IN) -> OUT:
+        return self.map(value)
+
+
+class FilterFunction(RichFunction, Generic[IN]):
+    def filter(self, value: IN) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, value: IN) -> bool:
+        return self.filter(value)
+
+
+class FlatMapFunction(RichFunction, Generic[IN, OUT]):
+    def flat_map(self, value: IN) -> Iterable[OUT]:
+        raise NotImplementedError
+
+    def __call__(self, value: IN) -> Iterable[OUT]:
+        return self.flat_map(value)
+
+
+class ReduceFunction(RichFunction, Generic[IN]):
+    def reduce(self, accumulator: IN, value: IN) -> IN:
+        raise NotImplementedError
+
+    def __call__(self, accumulator: IN, value: IN) -> IN:
+        return self.reduce(accumulator, value)
+
+
+class Collector(Generic[OUT]):
+    """Where a process function emits records; ``timestamp`` defaults to the input's."""
+
+    __slots__ = ("_default_ts", "timestamps", "values")
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.timestamps: list[int] | None = None
+        self._default_ts: int | None = None
+
+    def collect(self, value: OUT, timestamp: int | None = None) -> None:
+        ts = timestamp if timestamp is not None else self._default_ts
+        if ts is not None or self.timestamps is not None:
+            if self.timestamps is None:
+                self.timestamps = [_NO_TS] * len(self.values)
+            self.timestamps.append(ts if ts is not None else _NO_TS)
+        self.values.append(value)
+
+    def _take(self) -> tuple[list[Any], list[int] | None]:
+        values, timestamps = self.values, self.timestamps
+        self.values, self.timestamps = [], None
+        return values, timestamps
+
+
+_NO_TS = -(1 << 63)
+
+
+class KeyedProcessContext(Generic[KEY]):
+    """Passed to ``process_element`` and ``on_timer``: the current key, timestamp and timers."""
+
+    __slots__ = ("_timers", "current_key", "timestamp")
+
+    def __init__(self, timers: TimerService) -> None:
+        self._timers = timers
+        self.current_key: Any = None
+        self.timestamp: int | None = None
+        """The current record's (or firing timer's) event timestamp, if the stream has one."""
+
+    def timer_service(self) -> TimerService:
+        return self._timers
+
+    def current_watermark(self) -> int:
+        return self._timers.current_watermark
+
+    def current_processing_time(self) -> int:
+        return self._timers.current_processing_time()
+
+
+class KeyedProcessFunction(RichFunction, Generic[KEY, IN, OUT]):
+    """Processes each record of a keyed stream with keyed state, timers and a collector."""
+
+    def process_element(
+        self, value: IN, ctx: KeyedProcessContext[KEY], out: Collector[OUT]
+    ) -> None:
+        raise NotImplementedError
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessContext[KEY], out: Collector[OUT]) -> None:
+        """A timer registered for ``ctx.current_key`` fired."""

@@ -1,0 +1,314 @@
+"""Built-in operators: map, filter, flat_map, keyed reduce, keyed process, timestamps/watermarks.
+
+Each operator calls its user function over a whole buffer in one comprehension or tight loop.
+User exceptions are wrapped in :class:`~actors.operator.UserFunctionError` naming the operator,
+subtask and record.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from actors.events import MAX_TIMESTAMP, Watermark
+from actors.operator import StreamOperator, UserFunctionError
+from actors.timers import TimerService
+from runtime.functions import Collector, KeyedProcessContext, RichFunction, RuntimeContext
+from state.keyed import KeyedStateBackend, ValueStateDescriptor
+from state.operator import OperatorStateStore
+
+
+class UserFunctionOperator(StreamOperator):
+    """An operator around one user function, with its rich-function hooks and state."""
+
+    keyed = False
+
+    def __init__(
+        self,
+        name: str,
+        uid: str,
+        function: Any,
+        key_selector: Callable[[Any], Any] | None = None,
+    ) -> None:
+        super().__init__(name, uid)
+        # Each subtask gets its own copy, so attributes of a rich function are per subtask.
+        self.function = copy.deepcopy(function) if isinstance(function, RichFunction) else function
+        self.key_selector = key_selector
+        self.keyed_backend: KeyedStateBackend | None = None
+        self.operator_state: OperatorStateStore
+        self.timers: TimerService | None = None
+        self.runtime_context: RuntimeContext
+
+    async def initialize_state(self, restored: dict[str, Any] | None) -> None:
+        ctx = self.context
+        self.operator_state = OperatorStateStore(ctx.subtask_label)
+        if self.keyed:
+            self.keyed_backend = KeyedStateBackend(
+                f"operator {ctx.subtask_label}", ctx.key_groups, ctx.max_parallelism
+            )
+            backend = self.keyed_backend
+            self.timers = TimerService(lambda: backend.current_key, ctx.clock, ctx.scheduler)
+        if restored is not None:
+            if "operator" in restored:
+                self.operator_state.restore(restored["operator"])
+            if self.keyed_backend is not None and "keyed" in restored:
+                self.keyed_backend.restore(restored["keyed"])
+            if self.timers is not None and "timers" in restored:
+                key_groups = ctx.key_groups
+                self.timers.restore(restored["timers"], lambda kg: kg in key_groups)
+        self.runtime_context = RuntimeContext(
+            ctx.operator_name,
+            ctx.subtask_index,
+            ctx.parallelism,
+            ctx.params,
+            self.keyed_backend,
+            self.operator_state,
+        )
+
+    async def open(self) -> None:
+        if isinstance(self.function, RichFunction):
+            try:
+                self.function.open(self.runtime_context)
+            except Exception as exc:
+                raise self.user_error(exc) from exc
+
+    async def finish(self) -> None:
+        if isinstance(self.function, RichFunction):
+            try:
+                self.function.finish()
+            except Exception as exc:
+                raise self.user_error(exc) from exc
+
+    async def close(self) -> None:
+        if isinstance(self.function, RichFunction):
+            self.function.close()
+
+    async def snapshot_state(self, checkpoint_id: int) -> dict[str, Any] | None:
+        result: dict[str, Any] = {}
+        operator_snapshot = self.operator_state.snapshot()
+        if operator_snapshot:
+            result["operator"] = operator_snapshot
+        if self.keyed_backend is not None:
+            result["keyed"] = self.keyed_backend.snapshot()
+        if self.timers is not None:
+            result["timers"] = self.timers.snapshot(self.context.max_parallelism)
+        return result or None
+
+    async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        hook = getattr(self.function, "notify_checkpoint_complete", None)
+        if hook is not None:
+            hook(checkpoint_id)
+
+
+class MapOperator(UserFunctionOperator):
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        fn = self.function
+        try:
+            out = [fn(value) for value in values]
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        await self.output.emit(out, timestamps)
+
+
+class FilterOperator(UserFunctionOperator):
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        fn = self.function
+        try:
+            if timestamps is None:
+                await self.output.emit([value for value in values if fn(value)], None)
+                return
+            keep = [fn(value) for value in values]
+        except UserFunctionError:
+            raise
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        await self.output.emit(
+            [v for v, k in zip(values, keep, strict=True) if k],
+            [t for t, k in zip(timestamps, keep, strict=True) if k],
+        )
+
+
+class FlatMapOperator(UserFunctionOperator):
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        fn = self.function
+        try:
+            if timestamps is None:
+                out = [result for value in values for result in fn(value)]
+                await self.output.emit(out, None)
+                return
+            out_ts: list[int] = []
+            out = []
+            for value, ts in zip(values, timestamps, strict=True):
+                results = list(fn(value))
+                out.extend(results)
+                out_ts.extend([ts] * len(results))
+        except UserFunctionError:
+            raise
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        await self.output.emit(out, out_ts)
+
+
+class KeyedReduceOperator(UserFunctionOperator):
+    """Keeps the running reduction per key and emits it after every record (like Flink)."""
+
+    keyed = True
+    _STATE = ValueStateDescriptor[Any]("reduce")
+
+    async def open(self) -> None:
+        await super().open()
+        assert self.keyed_backend is not None
+        self._state = self.keyed_backend.get_state(self._STATE)
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        fn = self.function
+        key_of = self.key_selector
+        assert key_of is not None
+        # The reduce state's dict, used directly: one lookup and one store per record.
+        table: dict[Any, Any] = self._state._values
+        missing = _MISSING
+        out: list[Any] = []
+        append = out.append
+        try:
+            for value in values:
+                key = key_of(value)
+                current = table.get(key, missing)
+                if current is not missing:
+                    value = fn(current, value)
+                table[key] = value
+                append(value)
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        await self.output.emit(out, timestamps)
+
+
+_MISSING: Any = object()
+
+
+class KeyedProcessOperator(UserFunctionOperator):
+    """Runs a ``KeyedProcessFunction``: keyed state, event/processing-time timers, a collector."""
+
+    keyed = True
+
+    async def open(self) -> None:
+        assert self.timers is not None
+        self._ctx: KeyedProcessContext[Any] = KeyedProcessContext(self.timers)
+        self._out: Collector[Any] = Collector()
+        await super().open()
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        fn = self.function
+        process = fn.process_element
+        key_of = self.key_selector
+        assert key_of is not None and self.keyed_backend is not None
+        backend = self.keyed_backend
+        ctx = self._ctx
+        out = self._out
+        try:
+            if timestamps is None:
+                ctx.timestamp = None
+                out._default_ts = None
+                for value in values:
+                    key = key_of(value)
+                    backend.current_key = key
+                    ctx.current_key = key
+                    process(value, ctx, out)
+            else:
+                for value, ts in zip(values, timestamps, strict=True):
+                    key = key_of(value)
+                    backend.current_key = key
+                    ctx.current_key = key
+                    ctx.timestamp = ts
+                    out._default_ts = ts
+                    process(value, ctx, out)
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        emitted, emitted_ts = out._take()
+        await self.output.emit(emitted, emitted_ts)
+
+    async def _fire(self, due: list[tuple[int, Any]], event_time: bool) -> None:
+        if not due:
+            return
+        assert self.keyed_backend is not None
+        backend = self.keyed_backend
+        ctx = self._ctx
+        out = self._out
+        on_timer = self.function.on_timer
+        try:
+            for timestamp, key in due:
+                backend.current_key = key
+                ctx.current_key = key
+                ctx.timestamp = timestamp if event_time else None
+                out._default_ts = timestamp if event_time else None
+                on_timer(timestamp, ctx, out)
+        except Exception as exc:
+            raise self.user_error(exc) from exc
+        emitted, emitted_ts = out._take()
+        await self.output.emit(emitted, emitted_ts)
+
+    async def process_watermark(self, watermark: Watermark) -> None:
+        assert self.timers is not None
+        # Timers may register new timers that are already due (e.g. at MAX_WATERMARK): loop.
+        while True:
+            due = self.timers.due_event_timers(watermark.timestamp)
+            if not due:
+                break
+            await self._fire(due, event_time=True)
+        await self.output.emit_watermark(watermark)
+
+    async def fire_processing_timers(self, now_ms: int) -> None:
+        assert self.timers is not None
+        await self._fire(self.timers.due_processing_timers(now_ms), event_time=False)
+
+
+class TimestampsAndWatermarksOperator(StreamOperator):
+    """Assigns event timestamps and emits bounded-out-of-orderness watermarks.
+
+    The watermark after a buffer is ``max timestamp seen - max_out_of_orderness_ms - 1``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        uid: str,
+        timestamp_fn: Callable[[Any], int],
+        max_out_of_orderness_ms: int,
+    ) -> None:
+        super().__init__(name, uid)
+        self.timestamp_fn = timestamp_fn
+        self.max_out_of_orderness_ms = max_out_of_orderness_ms
+        self._max_ts = -(1 << 63)
+        self._emitted = -(1 << 63)
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        fn = self.timestamp_fn
+        try:
+            stamps = [int(fn(value)) for value in values]
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        await self.output.emit(values, stamps)
+        if stamps:
+            self._max_ts = max(self._max_ts, max(stamps))
+            watermark = self._max_ts - self.max_out_of_orderness_ms - 1
+            if watermark > self._emitted:
+                self._emitted = watermark
+                await self.output.emit_watermark(Watermark(watermark))
+
+    async def process_watermark(self, watermark: Watermark) -> None:
+        # Upstream watermarks are replaced by this operator's own, except the end of input.
+        if watermark.timestamp == MAX_TIMESTAMP:
+            self._emitted = MAX_TIMESTAMP
+            await self.output.emit_watermark(watermark)

@@ -1,0 +1,199 @@
+"""The source API that connectors implement, and the operator that runs a source in a task.
+
+A :class:`Source` is split into *splits* (a file, a Kafka partition, a slice of a collection), listed
+on the coordinator when the job starts and assigned deterministically and evenly to the source's
+subtasks. Each subtask runs a :class:`SourceReader` over its splits. A split is plain data
+(msgpack-encodable) that carries its own read position; readers report their splits, positions
+included, at every checkpoint, and the runtime keeps them as the source operator's list state, so a
+restore (at any parallelism) resumes every split exactly where the checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Generic, TypeVar
+
+from actors.events import Watermark
+from actors.task import InputStatus, SourceOperatorBase
+from state.operator import OperatorStateStore
+
+T = TypeVar("T")
+
+SPLITS_STATE = "splits"
+DEFAULT_SOURCE_BATCH = 1024
+
+
+class SourceReaderContext:
+    """What a reader gets: its subtask, job parameters, and a way to say data is available."""
+
+    def __init__(
+        self,
+        source_name: str,
+        subtask_index: int,
+        parallelism: int,
+        params: dict[str, str],
+        notify_available: Any,
+    ) -> None:
+        self.source_name = source_name
+        self.subtask_index = subtask_index
+        self.parallelism = parallelism
+        self.params = params
+        self.notify_available = notify_available
+        """Call (from the event loop) when ``poll`` would now return data after returning None."""
+
+
+class EndOfInput:
+    """Returned by :meth:`SourceReader.poll` when every split is exhausted (bounded sources)."""
+
+
+END_OF_INPUT = EndOfInput()
+
+
+class SourceReader(Generic[T]):
+    """Reads the splits of one subtask. All methods run on the subtask's actor and must not block."""
+
+    def add_splits(self, splits: list[Any]) -> None:
+        raise NotImplementedError
+
+    def poll(self, max_records: int) -> list[T] | tuple[list[T], list[int]] | EndOfInput | None:
+        """Up to ``max_records`` records (optionally with their timestamps), ``None`` if nothing
+        is available right now, or ``END_OF_INPUT`` when this reader will never produce more."""
+        raise NotImplementedError
+
+    def snapshot_splits(self) -> list[Any]:
+        """The assigned splits with their current positions (just after the last polled record)."""
+        raise NotImplementedError
+
+    def describe_position(self) -> str | None:
+        """Where the last polled batch came from, for error messages (e.g. ``file.txt:120-180``)."""
+        return None
+
+    def current_watermark(self) -> int | None:
+        """A watermark the reader can vouch for after the last poll, or None."""
+        return None
+
+    async def close(self) -> None:
+        """Release resources; always called."""
+
+    def notify_checkpoint_complete(self, checkpoint_id: int, splits: list[Any]) -> None:
+        """``splits`` as snapshotted for ``checkpoint_id`` are now durable (e.g. commit offsets)."""
+
+
+class Source(Generic[T]):
+    """Base class of sources. Subclasses list their splits and create readers."""
+
+    bounded = True
+    rate: float = 0.0
+    """Records per second per subtask, 0 for unlimited (for demos and watched runs)."""
+
+    def name(self) -> str:
+        return type(self).__name__
+
+    def create_splits(self, parallelism: int) -> list[Any]:
+        """Called once on the coordinator when the job starts; ``parallelism`` is the source's."""
+        raise NotImplementedError
+
+    def create_reader(self, context: SourceReaderContext) -> SourceReader[T]:
+        raise NotImplementedError
+
+
+def assign_splits(splits: list[Any], parallelism: int, subtask_index: int) -> list[Any]:
+    """Split *i* goes to subtask ``i % parallelism``: deterministic and even."""
+    return [split for i, split in enumerate(splits) if i % parallelism == subtask_index]
+
+
+class SourceOperator(SourceOperatorBase):
+    """Runs a :class:`SourceReader` as the head of a source task."""
+
+    def __init__(self, name: str, uid: str, source: Source[Any], initial_splits: list[Any]) -> None:
+        super().__init__(name, uid)
+        self.source = source
+        self.initial_splits = initial_splits
+        self.reader: SourceReader[Any]
+        self._operator_state: OperatorStateStore
+        self._rate = float(source.rate or 0.0)
+        self._tokens = 0.0
+        self._last_refill = 0.0
+        self._last_snapshot: dict[int, list[Any]] = {}
+
+    async def initialize_state(self, restored: dict[str, Any] | None) -> None:
+        ctx = self.context
+        self._operator_state = OperatorStateStore(ctx.subtask_label)
+        if restored is not None and "operator" in restored:
+            self._operator_state.restore(restored["operator"])
+            splits = self._operator_state.get_list_state(SPLITS_STATE).get()
+        else:
+            splits = list(self.initial_splits)
+        wakeup = ctx.scheduler.wakeup if ctx.scheduler is not None else None
+        self.reader = self.source.create_reader(
+            SourceReaderContext(
+                self.name,
+                ctx.subtask_index,
+                ctx.parallelism,
+                ctx.params,
+                wakeup.set if wakeup is not None else (lambda: None),
+            )
+        )
+        self.reader.add_splits(splits)
+        self._last_refill = time.monotonic()
+
+    def add_splits(self, splits: list[Any]) -> None:
+        self.reader.add_splits(splits)
+
+    async def emit_next(self) -> InputStatus:
+        limit = DEFAULT_SOURCE_BATCH
+        if self._rate > 0:
+            now = time.monotonic()
+            self._tokens = min(
+                self._tokens + (now - self._last_refill) * self._rate, max(1.0, self._rate / 10)
+            )
+            self._last_refill = now
+            limit = min(limit, int(self._tokens))
+            if limit <= 0:
+                return InputStatus.NOTHING_AVAILABLE
+        polled = self.reader.poll(limit)
+        if polled is None:
+            return InputStatus.NOTHING_AVAILABLE
+        if isinstance(polled, EndOfInput):
+            return InputStatus.END_OF_INPUT
+        if isinstance(polled, tuple):
+            values, timestamps = polled
+        else:
+            values, timestamps = polled, None
+        if self._rate > 0:
+            self._tokens -= len(values)
+        if values:
+            await self.output.emit(values, timestamps)
+        watermark = self.reader.current_watermark()
+        if watermark is not None:
+            await self.output.emit_watermark(Watermark(watermark))
+        return InputStatus.MORE_AVAILABLE
+
+    def next_poll_delay(self) -> float | None:
+        if self._rate > 0 and self._tokens < 1:
+            return max(0.001, (1 - self._tokens) / self._rate)
+        return None
+
+    def describe_position(self) -> str | None:
+        return self.reader.describe_position()
+
+    async def snapshot_state(self, checkpoint_id: int) -> dict[str, Any] | None:
+        splits = self.reader.snapshot_splits()
+        self._operator_state.get_list_state(SPLITS_STATE).update(splits)
+        self._last_snapshot[checkpoint_id] = splits
+        return {"operator": self._operator_state.snapshot()}
+
+    async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        splits = self._last_snapshot.pop(checkpoint_id, None)
+        for old in [c for c in self._last_snapshot if c < checkpoint_id]:
+            del self._last_snapshot[old]
+        if splits is not None:
+            self.reader.notify_checkpoint_complete(checkpoint_id, splits)
+
+    async def notify_checkpoint_aborted(self, checkpoint_id: int) -> None:
+        self._last_snapshot.pop(checkpoint_id, None)
+
+    async def close(self) -> None:
+        reader = getattr(self, "reader", None)
+        if reader is not None:
+            await reader.close()

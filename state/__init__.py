@@ -1,0 +1,47 @@
+"""Keyed and operator state, their snapshot encoding and key groups."""
+
+from state.keyed import (
+    KeyedStateBackend,
+    ListState,
+    ListStateDescriptor,
+    MapState,
+    MapStateDescriptor,
+    ReducingState,
+    ReducingStateDescriptor,
+    ValueState,
+    ValueStateDescriptor,
+)
+from state.keygroups import (
+    DEFAULT_MAX_PARALLELISM,
+    KeyGroupRange,
+    key_group_for_key,
+    key_group_range_for_subtask,
+    stable_hash,
+    subtask_for_key_group,
+)
+from state.operator import BroadcastState, OperatorListState, OperatorStateStore, Redistribution
+from state.serde import StateSerializationError, StateSerializer
+
+__all__ = [
+    "DEFAULT_MAX_PARALLELISM",
+    "BroadcastState",
+    "KeyGroupRange",
+    "KeyedStateBackend",
+    "ListState",
+    "ListStateDescriptor",
+    "MapState",
+    "MapStateDescriptor",
+    "OperatorListState",
+    "OperatorStateStore",
+    "Redistribution",
+    "ReducingState",
+    "ReducingStateDescriptor",
+    "StateSerializationError",
+    "StateSerializer",
+    "ValueState",
+    "ValueStateDescriptor",
+    "key_group_for_key",
+    "key_group_range_for_subtask",
+    "stable_hash",
+    "subtask_for_key_group",
+]

@@ -1,0 +1,157 @@
+"""Operator (non-keyed) state: list state with even-split or union redistribution, broadcast state.
+
+A subtask's operator state is a set of named lists. On restore at another parallelism the lists of
+all old subtasks are concatenated and then either split evenly in order (``EVEN_SPLIT``) or given
+whole to every new subtask (``UNION``). Broadcast state is one dict that every subtask holds the same
+copy of; on restore every new subtask gets the copy of one old subtask that was still running.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class Redistribution(enum.StrEnum):
+    EVEN_SPLIT = "even-split"
+    UNION = "union"
+    BROADCAST = "broadcast"
+
+
+class OperatorListState:
+    """A named list owned by one subtask, redistributed on restore by its mode."""
+
+    def __init__(self, name: str, mode: Redistribution) -> None:
+        self.name = name
+        self.mode = mode
+        self.items: list[Any] = []
+
+    def get(self) -> list[Any]:
+        return list(self.items)
+
+    def add(self, item: Any) -> None:
+        self.items.append(item)
+
+    def update(self, items: list[Any]) -> None:
+        self.items = list(items)
+
+    def clear(self) -> None:
+        self.items = []
+
+
+class BroadcastState:
+    """A dict that every subtask of the operator holds identically."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.entries: dict[Any, Any] = {}
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self.entries.get(key, default)
+
+    def put(self, key: Any, value: Any) -> None:
+        self.entries[key] = value
+
+    def remove(self, key: Any) -> None:
+        self.entries.pop(key, None)
+
+    def contains(self, key: Any) -> bool:
+        return key in self.entries
+
+    def items(self) -> list[tuple[Any, Any]]:
+        return list(self.entries.items())
+
+
+class OperatorStateStore:
+    """The operator state of one operator in one subtask."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._lists: dict[str, OperatorListState] = {}
+        self._broadcast: dict[str, BroadcastState] = {}
+        self._restored: dict[str, Any] = {}
+
+    def get_list_state(
+        self, name: str, mode: Redistribution = Redistribution.EVEN_SPLIT
+    ) -> OperatorListState:
+        state = self._lists.get(name)
+        if state is None:
+            state = OperatorListState(name, mode)
+            restored = self._restored.pop(name, None)
+            if restored is not None:
+                if restored["mode"] != mode.value:
+                    msg = (
+                        f"{self.owner}: operator state {name!r} was written with "
+                        f"{restored['mode']} redistribution, now asked for as {mode.value}"
+                    )
+                    raise ValueError(msg)
+                state.items = list(restored["items"])
+            self._lists[name] = state
+        return state
+
+    def get_union_list_state(self, name: str) -> OperatorListState:
+        return self.get_list_state(name, Redistribution.UNION)
+
+    def get_broadcast_state(self, name: str) -> BroadcastState:
+        state = self._broadcast.get(name)
+        if state is None:
+            state = BroadcastState(name)
+            restored = self._restored.pop(name, None)
+            if restored is not None:
+                state.entries = dict(restored["entries"])
+            self._broadcast[name] = state
+        return state
+
+    @property
+    def uses_union_state(self) -> bool:
+        return any(s.mode is Redistribution.UNION for s in self._lists.values()) or any(
+            r.get("mode") == Redistribution.UNION.value for r in self._restored.values()
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        result: dict[str, Any] = dict(self._restored)
+        for name, lst in self._lists.items():
+            result[name] = {"mode": lst.mode.value, "items": list(lst.items)}
+        for name, bcast in self._broadcast.items():
+            result[name] = {"mode": Redistribution.BROADCAST.value, "entries": dict(bcast.entries)}
+        return result
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self._restored = dict(snapshot)
+
+
+def redistribute_operator_state(
+    old: list[dict[str, Any]], new_parallelism: int
+) -> list[dict[str, Any]]:
+    """Split the operator state of the old subtasks over ``new_parallelism`` new subtasks.
+
+    ``old`` holds one snapshot per old subtask that was still running (finished subtasks are left
+    out by the caller, see FLIP-147). Even-split lists are concatenated in subtask order and cut into
+    contiguous, near-equal parts; union lists are concatenated and given whole to everyone;
+    broadcast state is taken from the first given subtask.
+    """
+    result: list[dict[str, Any]] = [{} for _ in range(new_parallelism)]
+    names: list[str] = []
+    for snapshot in old:
+        for name in snapshot:
+            if name not in names:
+                names.append(name)
+    for name in names:
+        entries = [s[name] for s in old if name in s]
+        mode = entries[0]["mode"]
+        if mode == Redistribution.BROADCAST.value:
+            for target in result:
+                target[name] = {"mode": mode, "entries": dict(entries[0]["entries"])}
+            continue
+        items = [item for e in entries for item in e["items"]]
+        if mode == Redistribution.UNION.value:
+            for target in result:
+                target[name] = {"mode": mode, "items": list(items)}
+            continue
+        base, extra = divmod(len(items), new_parallelism)
+        start = 0
+        for index, target in enumerate(result):
+            size = base + (1 if index < extra else 0)
+            target[name] = {"mode": mode, "items": items[start : start + size]}
+            start += size
+    return result

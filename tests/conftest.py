@@ -1,0 +1,1 @@
+"""Shared fixtures. Kafka fixtures live in ``kafka_fixtures.py``."""
