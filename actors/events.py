@@ -7,8 +7,9 @@ sender put before and after it.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
+
+from state.storage import CheckpointKind
 
 MAX_TIMESTAMP = (1 << 63) - 1
 MIN_TIMESTAMP = -(1 << 63)
@@ -26,11 +27,6 @@ class Watermark:
 
 MAX_WATERMARK = Watermark(MAX_TIMESTAMP)
 """Emitted at the end of input: it fires every pending event-time timer."""
-
-
-class CheckpointKind(enum.StrEnum):
-    CHECKPOINT = "checkpoint"
-    SAVEPOINT = "savepoint"
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ from actors.events import (
     Event,
     Watermark,
 )
+from actors.faults import InjectedCrash, crash_point
 from actors.mailbox import Mailbox, Wakeup
 from actors.network import Buffer, InputChannel, InputGate
 from actors.operator import StreamOperator, UserFunctionError
@@ -513,13 +514,14 @@ class StreamTask:
 
     async def _perform_checkpoint(self, barrier: CheckpointBarrier, alignment_ms: float) -> None:
         checkpoint_id = barrier.checkpoint_id
+        crash_point("before-snapshot", f"{self.name}, checkpoint {checkpoint_id}")
         snapshots: dict[str, Any] = {}
         try:
             for op in self.operators:
                 snapshot = await op.snapshot_state(checkpoint_id)
                 if snapshot is not None:
                     snapshots[op.uid] = snapshot
-        except (UserFunctionError, asyncio.CancelledError):
+        except (UserFunctionError, InjectedCrash, asyncio.CancelledError):
             raise
         except Exception as exc:
             reason = f"{self.name}: snapshot for checkpoint {checkpoint_id} failed: {exc}"

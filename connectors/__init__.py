@@ -1,7 +1,13 @@
 """Sources and sinks: collections, files, print (and Kafka, see ``connectors.kafka``)."""
 
 from connectors.collection import CollectionSource, CollectSink
-from connectors.files import FileSource, JsonLinesFileSink, RecordFormatError
+from connectors.files import (
+    FileSource,
+    JsonLinesFileSink,
+    RecordFormatError,
+    TwoPhaseCommitFileSink,
+    committed_files,
+)
 from runtime.sinks import PrintSink
 
 __all__ = [
@@ -11,4 +17,6 @@ __all__ = [
     "JsonLinesFileSink",
     "PrintSink",
     "RecordFormatError",
+    "TwoPhaseCommitFileSink",
+    "committed_files",
 ]

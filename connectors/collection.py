@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from typing import Any
 
-from runtime.functions import RuntimeContext
-from runtime.sinks import Sink, SinkWriter
 from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.testing import TestingSink
 
 
 class CollectionSource(Source[Any]):
@@ -58,41 +56,6 @@ class _CollectionReader(SourceReader[Any]):
         return [dict(s) for s in self.splits]
 
 
-class CollectSink(Sink):
-    """Appends every record to ``results`` (shared by all subtasks), for tests.
-
-    Exactly-once-aware use: ``committed`` holds only records whose checkpoint completed (or that
-    were written before the end of a finished job), so tests can compare it with the expected output
-    after failures; ``results`` holds everything written, including what a failed attempt wrote.
-    """
-
-    def __init__(self) -> None:
-        self.results: list[Any] = []
-        self.committed: list[Any] = []
-        self._lock = threading.Lock()
-
-    def name(self) -> str:
-        return "Collect"
-
-    def create_writer(self, context: RuntimeContext) -> SinkWriter:
-        return _CollectWriter(self)
-
-
-class _CollectWriter(SinkWriter):
-    def __init__(self, sink: CollectSink) -> None:
-        self.sink = sink
-        self.staged: list[Any] = []
-        self.pending: dict[int, list[Any]] = {}
-
-    async def write(self, values: list[Any]) -> None:
-        self.sink.results.extend(values)
-        self.staged.extend(values)
-
-    async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
-        self.pending[checkpoint_id] = self.staged
-        self.staged = []
-        return []
-
-    async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
-        for cid in sorted(c for c in self.pending if c <= checkpoint_id):
-            self.sink.committed.extend(self.pending.pop(cid))
+CollectSink = TestingSink
+"""A list-backed sink for tests: ``results`` (everything written) and ``committed`` (what
+completed checkpoints committed). The same class as :class:`runtime.testing.TestingSink`."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiofiles
+import aiofiles.os
 import orjson
 
 from runtime.functions import RuntimeContext
@@ -183,6 +184,130 @@ class _JsonLinesWriter(SinkWriter):
 
     async def finish(self) -> None:
         await self._file.flush()
+
+    async def close(self) -> None:
+        if self._file is not None:
+            await self._file.close()
+            self._file = None
+
+
+class TwoPhaseCommitFileSink(Sink):
+    """Exactly-once JSON-lines output into a directory: only committed files are visible.
+
+    Per subtask, records go to an in-progress part file ``.part-<subtask>-<token>-<n>.inprogress``.
+
+    1. Snapshot (pre-commit): the in-progress file is flushed, fsynced and renamed to
+       ``.part-….pending``; the pending file and its final name go into operator state.
+    2. ``notify_checkpoint_complete(n)``: every pending file of checkpoints ``<= n`` is renamed to
+       its final name ``part-<subtask>-<token>-<n>.jsonl``.
+    3. Restore: pending files named in the restored state are committed (idempotently: a file
+       already renamed is left alone), and this subtask's orphaned in-progress files are deleted.
+
+    Names that start with a dot are never output: readers should ignore them (most tools do).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def name(self) -> str:
+        return f"TwoPhaseCommitFiles({self.directory.name})"
+
+    def create_writer(self, context: RuntimeContext) -> SinkWriter:
+        return _TwoPhaseCommitWriter(self.directory, context.subtask_index, context.parallelism)
+
+
+def committed_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The committed (visible) part files of a two-phase-commit file sink, sorted by name."""
+    return sorted(p for p in Path(directory).glob("part-*.jsonl"))
+
+
+class _TwoPhaseCommitWriter(SinkWriter):
+    def __init__(self, directory: Path, subtask: int, parallelism: int) -> None:
+        self.directory = directory
+        self.subtask = subtask
+        self.parallelism = parallelism
+        self.token = os.urandom(4).hex()
+        self.counter = 0
+        self._file: Any = None
+        self._current: Path | None = None
+        self.pending: list[dict[str, Any]] = []
+        """``{"checkpoint": id, "pending": name, "final": name}`` for files not yet committed."""
+
+    async def restore(self, state: list[Any]) -> None:
+        from actors.faults import crash_point
+
+        crash_point("during-restore", f"two-phase file sink subtask {self.subtask}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for entry in state:
+            await self._commit(entry)
+
+    async def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # In-progress files of earlier attempts were never pre-committed: their records will be
+        # replayed from the checkpoint's source positions, so they are garbage.
+        mine = f".part-{self.subtask}-"
+        for path in self.directory.glob(".part-*.inprogress"):
+            index = path.name.split("-")[1]
+            orphan_of_removed_subtask = self.subtask == 0 and int(index) >= self.parallelism
+            if (
+                path.name.startswith(mine) or orphan_of_removed_subtask
+            ) and self.token not in path.name:
+                path.unlink(missing_ok=True)
+
+    async def write(self, values: list[Any]) -> None:
+        if self._file is None:
+            self.counter += 1
+            self._current = self.directory / (
+                f".part-{self.subtask}-{self.token}-{self.counter:05d}.inprogress"
+            )
+            self._file = await aiofiles.open(self._current, "wb")
+        dumps = orjson.dumps
+        await self._file.write(b"".join([dumps(v) + b"\n" for v in values]))
+
+    async def _seal(self) -> Path | None:
+        if self._file is None:
+            return None
+        await self._file.flush()
+        await aiofiles.os.wrap(os.fsync)(self._file.fileno())  # type: ignore[attr-defined]
+        await self._file.close()
+        self._file = None
+        current = self._current
+        self._current = None
+        return current
+
+    async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
+        sealed = await self._seal()
+        if sealed is not None:
+            stem = sealed.name[1 : -len(".inprogress")]
+            pending = sealed.with_name(f".{stem}.pending")
+            await aiofiles.os.replace(sealed, pending)
+            self.pending.append(
+                {"checkpoint": checkpoint_id, "pending": pending.name, "final": f"{stem}.jsonl"}
+            )
+        return [dict(p) for p in self.pending]
+
+    async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        from actors.faults import crash_point
+
+        due = [p for p in self.pending if p["checkpoint"] <= checkpoint_id]
+        if not due:
+            return
+        crash_point("before-commit", f"two-phase file sink subtask {self.subtask}")
+        for entry in due:
+            await self._commit(entry)
+        self.pending = [p for p in self.pending if p["checkpoint"] > checkpoint_id]
+
+    async def _commit(self, entry: dict[str, Any]) -> None:
+        pending = self.directory / entry["pending"]
+        final = self.directory / entry["final"]
+        if pending.exists():
+            await aiofiles.os.replace(pending, final)
+        elif not final.exists():
+            msg = (
+                f"two-phase file sink: pending file {pending} of checkpoint "
+                f"{entry['checkpoint']} is missing and was never committed; output was lost"
+            )
+            raise FileNotFoundError(msg)
 
     async def close(self) -> None:
         if self._file is not None:

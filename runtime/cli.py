@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from actors.barriers import CheckpointingMode
@@ -20,8 +22,20 @@ from runtime.coordinator import CheckpointConfig
 from runtime.durations import parse_duration
 from runtime.executor import ExecutionConfig, JobFailedError, JobMaster
 from runtime.progress import ProgressReporter
+from runtime.rest import ControlClientError, ControlServer, call
 from runtime.restart import parse_restart_strategy
+from runtime.restore import RestoreMismatchError, RestoreReport
 from runtime.runner import JobFileError, build_graph, load_job_file, run_coroutine
+from runtime.testing import arm_from_params
+from state.storage import (
+    CheckpointKind,
+    CheckpointStorage,
+    InvalidCheckpointError,
+    find_snapshot_folders,
+    list_checkpoint_folders,
+    load_checkpoint,
+    load_latest_valid,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -87,9 +101,69 @@ def make_parser() -> argparse.ArgumentParser:
         help="none | fixed-delay[:ATTEMPTS[:DELAY]] | failure-rate[:MAX:INTERVAL[:DELAY]] | "
         "exponential-delay[:INITIAL[:MAX]] (default none)",
     )
+    run.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        metavar="DIR",
+        help="where checkpoints are written (default: kept in memory only)",
+    )
+    run.add_argument("--retained-checkpoints", type=_positive_int, default=1, metavar="N")
+    run.add_argument(
+        "--on-cancel",
+        choices=["retain", "delete"],
+        default="retain",
+        help="keep or delete this run's checkpoints when the job is cancelled",
+    )
+    run.add_argument(
+        "--restore",
+        default=None,
+        metavar="latest|PATH",
+        help="restore from the latest valid checkpoint in --checkpoint-dir, or from "
+        "a checkpoint or savepoint folder",
+    )
+    run.add_argument(
+        "--allow-non-restored-state",
+        action="store_true",
+        help="drop state of operators that are no longer in the job",
+    )
+    run.add_argument(
+        "--rest-port",
+        type=int,
+        default=0,
+        help="port of the control endpoint (0: a free one; -1: none)",
+    )
+    run.add_argument("--rest-host", default="127.0.0.1")
     run.add_argument("--buffer-timeout", type=_duration, default=0.005, metavar="DURATION")
     run.add_argument("--no-progress", action="store_true", help="do not show progress")
     run.add_argument("--log-level", default="WARNING")
+
+    savepoint = sub.add_parser("savepoint", help="take a savepoint of a running job")
+    savepoint.add_argument("--address", required=True, metavar="HOST:PORT")
+    savepoint.add_argument("--dir", required=True, help="directory to write the savepoint into")
+
+    stop = sub.add_parser("stop", help="stop a running job with a savepoint")
+    stop.add_argument("--address", required=True, metavar="HOST:PORT")
+    stop.add_argument("--dir", required=True, help="directory to write the savepoint into")
+    stop.add_argument(
+        "--drain",
+        action="store_true",
+        help="end the input for good: fire timers, finish() everywhere, commit all",
+    )
+
+    cancel = sub.add_parser("cancel", help="cancel a running job")
+    cancel.add_argument("--address", required=True, metavar="HOST:PORT")
+
+    checkpoints = sub.add_parser("checkpoints", help="list checkpoints and savepoints under DIR")
+    checkpoints.add_argument("dir")
+    checkpoints.add_argument(
+        "--against",
+        metavar="FILE",
+        help="dry run: how each snapshot would restore into this job file",
+    )
+    checkpoints.add_argument("-p", "--parallelism", type=_positive_int, default=1)
+    checkpoints.add_argument(
+        "--set", dest="params", type=_key_value, action="append", default=[], metavar="KEY=VALUE"
+    )
 
     broker = sub.add_parser("broker", help="start the local Kafka-protocol broker for the dev loop")
     broker.add_argument("--port", type=int, default=9092)
@@ -101,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command in ("savepoint", "stop", "cancel"):
+        return _control(args)
+    if args.command == "checkpoints":
+        return _checkpoints(args)
     if args.command == "broker":
         from runtime.devbroker import run_broker_forever
 
@@ -146,35 +224,174 @@ def _run(args: Any) -> int:
             min_pause_s=args.min_pause,
             max_concurrent=args.max_concurrent_checkpoints,
             tolerable_failures=args.tolerable_checkpoint_failures,
+            retained=args.retained_checkpoints,
+            retain_on_cancel=args.on_cancel == "retain",
         ),
         restart_strategy=restart,
         buffer_timeout_s=args.buffer_timeout,
     )
-    master = JobMaster(graph, config)
+    try:
+        restored = _load_restore_point(args, graph)
+    except (InvalidCheckpointError, RestoreMismatchError, ValueError) as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    try:
+        arm_from_params(params)
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    storage = CheckpointStorage(args.checkpoint_dir, graph.name)
+    master = JobMaster(graph, config, storage=storage, restored=restored)
     reporter = None if args.no_progress else ProgressReporter(master)
     try:
-        result = run_coroutine(_supervise(master, reporter))
+        outcome = run_coroutine(_supervise(master, reporter, args))
     except KeyboardInterrupt:
         _error("cancelled (Ctrl-C): every task was closed")
+        _cleanup_on_cancel(master, args)
         return EXIT_INTERRUPTED
     except JobFailedError as exc:
         _report_failure(exc)
         return EXIT_FAILED
+    if outcome is None:
+        _error("cancelled through the control endpoint: every task was closed")
+        _cleanup_on_cancel(master, args)
+        return EXIT_INTERRUPTED
     if reporter is not None:
-        reporter.summary(result)
+        reporter.summary(outcome)
+    if outcome.stopped_with_savepoint:
+        sys.stderr.write(f"stopped with savepoint {outcome.stopped_with_savepoint}\n")
     return EXIT_OK
 
 
-async def _supervise(master: JobMaster, reporter: ProgressReporter | None) -> Any:
-    if reporter is None:
-        return await master.run()
-    progress = asyncio.create_task(reporter.run())
+def _load_restore_point(args: Any, graph: Any) -> Any:
+    if args.restore is None:
+        return None
+    if args.restore == "latest":
+        if not args.checkpoint_dir:
+            msg = "--restore latest needs --checkpoint-dir"
+            raise ValueError(msg)
+        restored = load_latest_valid(args.checkpoint_dir)
+        if restored is None:
+            sys.stderr.write(
+                f"no valid checkpoint in {args.checkpoint_dir}: starting from the beginning\n"
+            )
+            return None
+    else:
+        restored = load_checkpoint(args.restore)
+    report = RestoreReport(graph, restored)
+    report.check(args.allow_non_restored_state)
+    sys.stderr.write(
+        f"restoring {restored.kind.value} {restored.checkpoint_id} from {restored.path}\n"
+    )
+    return restored
+
+
+def _cleanup_on_cancel(master: JobMaster, args: Any) -> None:
+    if args.checkpoint_dir and args.on_cancel == "delete":
+        import shutil
+
+        for checkpoint in master.coordinator.completed:
+            if checkpoint.path and checkpoint.kind is CheckpointKind.CHECKPOINT:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+async def _supervise(master: JobMaster, reporter: ProgressReporter | None, args: Any) -> Any:
+    """Run the job with its progress reporter and control endpoint; None if cancelled by request."""
+    job = asyncio.create_task(master.run())
+    cancel_requested = False
+
+    def cancel() -> None:
+        nonlocal cancel_requested
+        cancel_requested = True
+        job.cancel()
+
+    server = None
+    if args.rest_port >= 0:
+        server = ControlServer(master, cancel, args.rest_host, args.rest_port)
+        address = await server.start()
+        sys.stderr.write(f"control endpoint: http://{address}\n")
+        sys.stderr.flush()
+        if args.checkpoint_dir:
+            _write_address_file(args.checkpoint_dir, address)
+    progress = asyncio.create_task(reporter.run()) if reporter is not None else None
     try:
-        return await master.run()
+        return await job
+    except asyncio.CancelledError:
+        if cancel_requested and job.cancelled():
+            return None
+        raise
     finally:
-        progress.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await progress
+        if progress is not None:
+            progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await progress
+        if server is not None:
+            await server.stop()
+
+
+def _write_address_file(checkpoint_dir: str, address: str) -> None:
+    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    (Path(checkpoint_dir) / "rest-address").write_text(address + "\n")
+
+
+def _control(args: Any) -> int:
+    try:
+        if args.command == "savepoint":
+            answer = call(args.address, "POST", "/savepoints", {"dir": args.dir})
+            print(f"savepoint {answer['id']} written to {answer['path']}")
+        elif args.command == "stop":
+            answer = call(args.address, "POST", "/stop", {"dir": args.dir, "drain": args.drain})
+            print(f"stopped with savepoint {answer['id']} at {answer['path']}")
+        else:
+            call(args.address, "POST", "/cancel")
+            print("cancel requested")
+    except ControlClientError as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _checkpoints(args: Any) -> int:
+    base = Path(args.dir)
+    if not base.exists():
+        _error(f"{args.dir} does not exist")
+        return EXIT_USAGE
+    graph = None
+    if args.against:
+        try:
+            graph = build_graph(
+                load_job_file(args.against),
+                dict(args.params),
+                args.parallelism,
+                name=_job_name(args.against),
+            )
+        except (JobFileError, JobDefinitionError) as exc:
+            _error(str(exc))
+            return EXIT_USAGE
+    folders = sorted(set(find_snapshot_folders(base)) | set(list_checkpoint_folders(base)))
+    if not folders:
+        print(f"no checkpoints or savepoints under {base}")
+        return EXIT_OK
+    for folder in folders:
+        try:
+            checkpoint = load_checkpoint(folder)
+        except InvalidCheckpointError as exc:
+            print(f"{folder}: INVALID ({exc})")
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(checkpoint.timestamp_ms / 1000))
+        ops = ", ".join(
+            f"{uid}{' (finished)' if e.fully_finished else ''}"
+            for uid, e in checkpoint.operators.items()
+        )
+        print(
+            f"{folder}: {checkpoint.kind.value} {checkpoint.checkpoint_id}, {when}, "
+            f"{checkpoint.state_size:,} bytes, valid; operators: {ops}"
+        )
+        if graph is not None:
+            report = RestoreReport(graph, checkpoint)
+            for line in report.describe(graph).splitlines():
+                print(f"    {line}")
+    return EXIT_OK
 
 
 def _report_failure(exc: JobFailedError) -> None:
@@ -185,6 +402,4 @@ def _report_failure(exc: JobFailedError) -> None:
 
 
 def _job_name(path: str) -> str:
-    from pathlib import Path
-
     return Path(path).stem

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from actors.barriers import CheckpointingMode
-from actors.events import CheckpointBarrier, CheckpointKind
+from actors.events import CheckpointBarrier
 from actors.mailbox import Mailbox
 from actors.task import (
     CheckpointAbortedMail,
@@ -40,9 +40,10 @@ from actors.task import (
     TriggerCheckpointMail,
 )
 from state.operator import Redistribution
+from state.storage import CheckpointKind, CompletedCheckpoint, OperatorCheckpoint
 
 if TYPE_CHECKING:
-    from runtime.storage import CheckpointStorage
+    from state.storage import CheckpointStorage
 
 log = logging.getLogger(__name__)
 
@@ -103,33 +104,6 @@ class CheckpointStats:
 
 
 @dataclass
-class OperatorCheckpoint:
-    """The state of one operator in a completed checkpoint (FLIP-147's extended format)."""
-
-    uid: str
-    name: str
-    parallelism: int
-    max_parallelism: int
-    subtask_states: dict[int, Any]
-    """Subtask index → that subtask's snapshot (only subtasks that had state)."""
-    finished_subtasks: set[int]
-
-    @property
-    def fully_finished(self) -> bool:
-        return len(self.finished_subtasks) == self.parallelism
-
-
-@dataclass
-class CompletedCheckpoint:
-    checkpoint_id: int
-    kind: CheckpointKind
-    timestamp_ms: int
-    operators: dict[str, OperatorCheckpoint]
-    path: str | None = None
-    state_size: int = 0
-
-
-@dataclass
 class PendingCheckpoint:
     checkpoint_id: int
     kind: CheckpointKind
@@ -180,6 +154,7 @@ class CheckpointCoordinator:
         self._finishing_since: dict[str, int] = {}
         """Task name → the first checkpoint id that could cover it after it became FINISHING."""
         self.completed_ids: list[int] = []
+        self.stop_savepoint_path: str | None = None
 
     # ---------------------------------------------------------------- attempt wiring
 
@@ -424,23 +399,26 @@ class CheckpointCoordinator:
         stats.state_size = checkpoint.state_size
         stats.path = checkpoint.path
         stats.alignment_ms = {name: a.alignment_ms for name, a in pending.acks.items()}
-        self.completed_ids.append(pending.checkpoint_id)
-        del self.completed_ids[:-10]
         if pending.kind is CheckpointKind.CHECKPOINT:
             self.completed.append(checkpoint)
+            subsumed = self.completed[: -self.config.retained]
+            del self.completed[: -self.config.retained]
             if self.storage is not None:
-                subsumed = self.completed[: -self.config.retained]
-                del self.completed[: -self.config.retained]
                 for old in subsumed:
                     await self.storage.discard(old)
-            else:
-                del self.completed[:-1]
         for older in [p for p in self.pending.values() if p.checkpoint_id < pending.checkpoint_id]:
             if older.kind is CheckpointKind.CHECKPOINT:
                 self._abort(older, f"subsumed by checkpoint {pending.checkpoint_id}", counts=False)
-        for task in self.tasks:
-            if task.state is not TaskState.FINISHED:
-                task.mailbox.try_put(CheckpointCompleteMail(pending.checkpoint_id))
+        # An intermediate savepoint commits no side effects and is not used for failover (as in
+        # Flink 1.15+): a later failover restores the latest checkpoint, which must not find
+        # output committed beyond it. A stop-with-savepoint does commit: the job ends on it.
+        if pending.stop is not None:
+            self.stop_savepoint_path = checkpoint.path
+        if pending.kind is CheckpointKind.CHECKPOINT or pending.stop is not None:
+            self.completed_ids.append(pending.checkpoint_id)
+            for task in self.tasks:
+                if task.state is not TaskState.FINISHED:
+                    task.mailbox.try_put(CheckpointCompleteMail(pending.checkpoint_id))
         log.info(
             "%s %d completed in %.0f ms (%d bytes)",
             pending.kind.value,

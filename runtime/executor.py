@@ -35,12 +35,13 @@ from actors.operator import (
 from actors.task import DEFAULT_BUFFER_TIMEOUT_S, StreamTask, TaskFailure, TaskState
 from actors.timers import Clock, SystemClock
 from actors.writer import DEFAULT_BUFFER_SIZE, RecordWriter
-from runtime.coordinator import CheckpointConfig, CheckpointCoordinator, CompletedCheckpoint
+from runtime.coordinator import CheckpointConfig, CheckpointCoordinator
 from runtime.graph import JobGraph, JobVertex
 from runtime.restart import NoRestart, RestartStrategy
 from runtime.restore import assign_restored_state
 from runtime.sources import SourceOperator, assign_splits
 from state.keygroups import key_group_range_for_subtask
+from state.storage import CheckpointStorage, CompletedCheckpoint, highest_checkpoint_id
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class JobResult:
     operators: list[OperatorSummary]
     attempts: int
     checkpoints_completed: int
+    stopped_with_savepoint: str | None = None
 
 
 class JobFailedError(RuntimeError):
@@ -95,13 +97,17 @@ class JobMaster:
     ) -> None:
         self.graph = graph
         self.config = config or ExecutionConfig()
-        self.storage = storage
+        self.storage = storage if storage is not None else CheckpointStorage(None, graph.name)
         self.restore_point = restored
+        first_id = max(
+            restored.checkpoint_id if restored else 0,
+            highest_checkpoint_id(self.storage.directory) if self.storage.directory else 0,
+        )
         self.coordinator = coordinator or CheckpointCoordinator(
             self.config.checkpoint,
-            storage,
+            self.storage,
             self._describe_operators,
-            first_checkpoint_id=(restored.checkpoint_id + 1) if restored else 1,
+            first_checkpoint_id=first_id + 1,
         )
         self.tasks: list[StreamTask] = []
         self.attempt = 0
@@ -182,6 +188,7 @@ class JobMaster:
             self.operator_summaries(),
             self.attempt,
             len(self.coordinator.completed_ids),
+            self.coordinator.stop_savepoint_path,
         )
 
     async def _run_attempt(self) -> None:

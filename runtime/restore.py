@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from state.operator import redistribute_operator_state
 
 if TYPE_CHECKING:
-    from runtime.coordinator import CompletedCheckpoint, OperatorCheckpoint
     from runtime.graph import JobGraph
+    from state.storage import CompletedCheckpoint, OperatorCheckpoint
 
 
 def operator_state_for(entry: OperatorCheckpoint, new_parallelism: int) -> list[dict[str, Any]]:
@@ -67,3 +67,83 @@ def assign_restored_state(
         for index in range(vertex.parallelism):
             result[(vertex.id, index)] = (per_subtask[index], finished)
     return result
+
+
+class RestoreMismatchError(RuntimeError):
+    """A checkpoint or savepoint does not fit the job; the message names the operators."""
+
+
+class RestoreReport:
+    """How a checkpoint maps onto a job: which operators restore, start empty, or are dropped."""
+
+    def __init__(self, graph: JobGraph, checkpoint: CompletedCheckpoint) -> None:
+        job_uids = list(graph.operators)
+        self.restored = [uid for uid in job_uids if uid in checkpoint.operators]
+        self.empty = [uid for uid in job_uids if uid not in checkpoint.operators]
+        self.dropped = [
+            uid
+            for uid, entry in checkpoint.operators.items()
+            if uid not in graph.operators and entry.subtask_states
+        ]
+        self.finished = [uid for uid in self.restored if checkpoint.operators[uid].fully_finished]
+        self.errors: list[str] = []
+        for uid in self.restored:
+            entry = checkpoint.operators[uid]
+            node = graph.operators[uid]
+            has_keyed = any("keyed" in s for s in entry.subtask_states.values())
+            if has_keyed and entry.max_parallelism != node.max_parallelism:
+                self.errors.append(
+                    f"operator {node.name!r} (uid {uid}) has keyed state for max parallelism "
+                    f"{entry.max_parallelism}, but the job now uses {node.max_parallelism}"
+                )
+        # FLIP-147: a fully finished operator may only have fully finished predecessors.
+        upstream: dict[str, set[str]] = {uid: set() for uid in graph.operators}
+        for vertex in graph.vertices:
+            for node in vertex.operators:
+                for chained in vertex.chained.get(node.transformation.id, []):
+                    upstream[chained.uid].add(node.uid)
+        for edge in graph.edges:
+            upstream[edge.target_vertex.head.uid].add(edge.source_operator.uid)
+        for uid in self.finished:
+            bad = sorted(
+                u
+                for u in upstream[uid]
+                if u not in checkpoint.operators or not checkpoint.operators[u].fully_finished
+            )
+            if bad:
+                names = ", ".join(f"{graph.operators[u].name!r} (uid {u})" for u in bad)
+                self.errors.append(
+                    f"operator {graph.operators[uid].name!r} (uid {uid}) had finished in the "
+                    f"checkpoint, but now has the unfinished or new upstream operator(s) {names}; "
+                    "operators cannot be added in front of a finished operator"
+                )
+
+    def check(self, allow_non_restored_state: bool) -> None:
+        problems = list(self.errors)
+        if self.dropped and not allow_non_restored_state:
+            problems.append(
+                "the checkpoint has state for operators that are not in the job: "
+                + ", ".join(self.dropped)
+                + " (give them the same uid() as before, or pass --allow-non-restored-state to "
+                "drop that state)"
+            )
+        if problems:
+            raise RestoreMismatchError("; ".join(problems))
+
+    def describe(self, graph: JobGraph) -> str:
+        def names(uids: list[str]) -> str:
+            if not uids:
+                return "none"
+            return ", ".join(
+                f"{graph.operators[u].name} ({u})" if u in graph.operators else u for u in uids
+            )
+
+        lines = [
+            f"restores state: {names(self.restored)}",
+            f"starts empty:   {names(self.empty)}",
+            f"state dropped:  {names(self.dropped)}",
+        ]
+        if self.finished:
+            lines.append(f"finished (not run again): {names(self.finished)}")
+        lines.extend(f"error: {e}" for e in self.errors)
+        return "\n".join(lines)

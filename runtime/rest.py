@@ -1,0 +1,164 @@
+"""The control endpoint of a running job: HTTP + JSON on localhost, served by aiohttp.
+
+Routes:
+
+- ``GET /status``: job status, attempt, tasks and their states, records in/out per operator.
+- ``GET /checkpoints``: counts, the latest completed checkpoint, and the history (id, kind,
+  status, trigger time, duration, alignment per task, state size, failure).
+- ``POST /savepoints`` with ``{"dir": DIR}``: take a savepoint into DIR; answers with its path.
+- ``POST /stop`` with ``{"dir": DIR, "drain": bool}``: stop with a savepoint; answers with its path.
+- ``POST /cancel``: cancel the job (``close()`` runs, ``finish()`` does not).
+
+It binds to 127.0.0.1 unless told otherwise; it has no authentication, so do not expose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from actors.task import StopRequest
+from runtime.coordinator import CheckpointFailedError, CheckpointStatus
+from state.storage import CheckpointKind
+
+
+class ControlServer:
+    def __init__(
+        self,
+        master: Any,
+        cancel: Callable[[], None],
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.master = master
+        self._cancel = cancel
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        """Start serving; returns ``host:port`` (the real port when 0 was asked for)."""
+        app = web.Application()
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/checkpoints", self._checkpoints)
+        app.router.add_post("/savepoints", self._savepoint)
+        app.router.add_post("/stop", self._stop)
+        app.router.add_post("/cancel", self._cancel_job)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"{self.host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _status(self, request: web.Request) -> web.Response:
+        master = self.master
+        return web.json_response(
+            {
+                "job": master.graph.name,
+                "status": master.status,
+                "attempt": master.attempt,
+                "tasks": [{"name": t.name, "state": t.state.value} for t in master.tasks],
+                "operators": [
+                    {
+                        "uid": s.uid,
+                        "name": s.name,
+                        "parallelism": s.parallelism,
+                        "records_in": s.records_in,
+                        "records_out": s.records_out,
+                    }
+                    for s in master.operator_summaries(include_live=True)
+                ],
+            }
+        )
+
+    async def _checkpoints(self, request: web.Request) -> web.Response:
+        coordinator = self.master.coordinator
+        history = [s.to_json() for s in coordinator.history]
+        counts = {
+            status.value: sum(1 for s in coordinator.history if s.status is status)
+            for status in CheckpointStatus
+        }
+        latest = coordinator.latest_completed
+        return web.json_response(
+            {
+                "counts": counts,
+                "latest_completed": None
+                if latest is None
+                else {
+                    "id": latest.checkpoint_id,
+                    "path": latest.path,
+                    "state_size": latest.state_size,
+                },
+                "history": history,
+            }
+        )
+
+    async def _take_savepoint(self, request: web.Request, stop: StopRequest | None) -> web.Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            body = {}
+        target = body.get("dir")
+        if not target:
+            return web.json_response({"error": 'the request needs {"dir": DIR}'}, status=400)
+        future = self.master.coordinator.request_trigger(CheckpointKind.SAVEPOINT, target, stop)
+        try:
+            checkpoint = await future
+        except CheckpointFailedError as exc:
+            return web.json_response({"error": str(exc)}, status=500)
+        return web.json_response({"id": checkpoint.checkpoint_id, "path": checkpoint.path})
+
+    async def _savepoint(self, request: web.Request) -> web.Response:
+        return await self._take_savepoint(request, None)
+
+    async def _stop(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            body = {}
+        return await self._take_savepoint(request, StopRequest(bool(body.get("drain", False))))
+
+    async def _cancel_job(self, request: web.Request) -> web.Response:
+        asyncio.get_running_loop().call_soon(self._cancel)
+        return web.json_response({"status": "cancelling"})
+
+
+class ControlClientError(RuntimeError):
+    pass
+
+
+def call(
+    address: str, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 600.0
+) -> Any:
+    """A blocking JSON request to a job's control endpoint, for the CLI."""
+    url = f"http://{address}{path}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("error", "")
+        except (ValueError, AttributeError):
+            detail = ""
+        msg = f"{method} {url} failed: HTTP {exc.code} {detail}".strip()
+        raise ControlClientError(msg) from None
+    except (urllib.error.URLError, OSError) as exc:
+        msg = f"cannot reach the job at {address}: {exc}; is it running with that --rest-port?"
+        raise ControlClientError(msg) from None

@@ -1,0 +1,160 @@
+"""Fault injection for users' own exactly-once tests (and ours).
+
+- :class:`TestingSource`: a bounded source over a list whose elements may include control markers:
+  ``TestingSource.CRASH`` (the first time it is reached, the task raises ``InjectedCrash``, so the
+  restart strategy restarts from the latest checkpoint) and ``TestingSource.END`` (end of input;
+  later elements are never read).
+- :class:`TestingSink`: list-backed; ``written`` is every record written by any attempt,
+  ``committed`` only what the checkpoints committed, which is what an exactly-once run promises.
+- Named crash points: ``--set testing.crash-at=POINT[:N]`` and ``--set testing.crash-mode=raise|exit``
+  crash at the N-th pass of ``before-snapshot``, ``before-commit`` or ``during-restore``.
+
+A test then reads: run, crash, restore, and assert ``committed`` equals the expected output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.faults import POINTS, InjectedCrash, arm, crash_point, disarm_all
+from runtime.functions import RuntimeContext
+from runtime.sinks import Sink, SinkWriter
+from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+
+__all__ = [
+    "POINTS",
+    "InjectedCrash",
+    "TestingSink",
+    "TestingSource",
+    "arm",
+    "arm_from_params",
+    "crash_point",
+    "disarm_all",
+]
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"TestingSource.{self.name}"
+
+
+class TestingSource(Source[Any]):
+    """Elements split into one contiguous slice per subtask; markers are positions too."""
+
+    CRASH = _Marker("CRASH")
+    END = _Marker("END")
+
+    def __init__(self, elements: list[Any], rate: float = 0.0) -> None:
+        self.elements = list(elements)
+        self.rate = rate
+        self.crashed: set[int] = set()
+        """Positions of CRASH markers that already fired (shared by all attempts in-process)."""
+
+    def name(self) -> str:
+        return "Testing"
+
+    def create_splits(self, parallelism: int) -> list[Any]:
+        n = len(self.elements)
+        bounds = [n * i // parallelism for i in range(parallelism + 1)]
+        return [
+            {"split": i, "start": bounds[i], "end": bounds[i + 1], "next": bounds[i]}
+            for i in range(parallelism)
+        ]
+
+    def create_reader(self, context: SourceReaderContext) -> SourceReader[Any]:
+        return _TestingReader(self)
+
+
+class _TestingReader(SourceReader[Any]):
+    def __init__(self, source: TestingSource) -> None:
+        self.source = source
+        self.splits: list[dict[str, Any]] = []
+
+    def add_splits(self, splits: list[Any]) -> None:
+        self.splits.extend(dict(s) for s in splits)
+
+    def poll(self, max_records: int) -> list[Any] | EndOfInput | None:
+        elements = self.source.elements
+        for split in self.splits:
+            out: list[Any] = []
+            while split["next"] < split["end"] and len(out) < max_records:
+                position = split["next"]
+                element = elements[position]
+                if element is TestingSource.CRASH:
+                    if out:
+                        return out  # emit what precedes the marker first
+                    split["next"] += 1
+                    if position not in self.source.crashed:
+                        self.source.crashed.add(position)
+                        msg = f"TestingSource.CRASH at element {position}"
+                        raise InjectedCrash(msg)
+                    continue
+                if element is TestingSource.END:
+                    split["end"] = position
+                    break
+                out.append(element)
+                split["next"] += 1
+            if out:
+                return out
+        return END_OF_INPUT
+
+    def snapshot_splits(self) -> list[Any]:
+        return [dict(s) for s in self.splits]
+
+    def describe_position(self) -> str | None:
+        return ", ".join(f"split {s['split']} at element {s['next']}" for s in self.splits) or None
+
+
+class TestingSink(Sink):
+    """Shared lists of what was written (``written``) and what checkpoints committed (``committed``).
+
+    Records become committed when a checkpoint taken after them completes, as with a two-phase
+    commit sink; on restore nothing is re-committed (the lists live in this process).
+    """
+
+    def __init__(self) -> None:
+        self.written: list[Any] = []
+        self.committed: list[Any] = []
+
+    @property
+    def results(self) -> list[Any]:
+        return self.written
+
+    def name(self) -> str:
+        return "Testing"
+
+    def create_writer(self, context: RuntimeContext) -> SinkWriter:
+        return _TestingWriter(self)
+
+
+class _TestingWriter(SinkWriter):
+    def __init__(self, sink: TestingSink) -> None:
+        self.sink = sink
+        self.staged: list[Any] = []
+        self.pending: dict[int, list[Any]] = {}
+
+    async def write(self, values: list[Any]) -> None:
+        self.sink.written.extend(values)
+        self.staged.extend(values)
+
+    async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
+        self.pending[checkpoint_id] = self.staged
+        self.staged = []
+        return []
+
+    async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        crash_point("before-commit", f"TestingSink, checkpoint {checkpoint_id}")
+        for cid in sorted(c for c in self.pending if c <= checkpoint_id):
+            self.sink.committed.extend(self.pending.pop(cid))
+
+
+def arm_from_params(params: dict[str, str]) -> None:
+    """Arm the crash point named by ``testing.crash-at=POINT[:N]`` (mode ``testing.crash-mode``)."""
+    spec = params.get("testing.crash-at")
+    if not spec:
+        return
+    point, _, hit = spec.partition(":")
+    arm(point, int(hit) if hit else 1, params.get("testing.crash-mode", "raise"))
