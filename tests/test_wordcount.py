@@ -41,10 +41,22 @@ def test_wordcount_matches_counter(tmp_path: Path, parallelism: int) -> None:
     output = tmp_path / "counts.jsonl"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "runtime", "run", str(EXAMPLE),
-            "--parallelism", str(parallelism), "--set", f"output={output}", "--no-progress",
+            sys.executable,
+            "-m",
+            "runtime",
+            "run",
+            str(EXAMPLE),
+            "--parallelism",
+            str(parallelism),
+            "--set",
+            f"output={output}",
+            "--no-progress",
         ],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert final_counts(output) == expected_counts(TEXT)
