@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from actors.mailbox import Wakeup
@@ -41,7 +42,12 @@ from runtime.restart import NoRestart, RestartStrategy
 from runtime.restore import assign_restored_state
 from runtime.sources import SourceOperator, assign_splits
 from state.keygroups import key_group_range_for_subtask
-from state.storage import CheckpointStorage, CompletedCheckpoint, highest_checkpoint_id
+from state.storage import (
+    CheckpointKind,
+    CheckpointStorage,
+    CompletedCheckpoint,
+    highest_checkpoint_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +115,15 @@ class JobMaster:
             self._describe_operators,
             first_checkpoint_id=first_id + 1,
         )
+        if (
+            restored is not None
+            and restored.path
+            and self.storage.directory is not None
+            and Path(restored.path).parent.resolve() == self.storage.directory.resolve()
+            and restored.kind is CheckpointKind.CHECKPOINT
+        ):
+            # Restored from this checkpoint directory: it is ours to retain and later subsume.
+            self.coordinator.completed.append(restored)
         self.tasks: list[StreamTask] = []
         self.attempt = 0
         self.started = time.monotonic()
