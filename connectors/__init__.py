@@ -1,6 +1,6 @@
 """Sources and sinks: collections, files, print (and Kafka, see ``connectors.kafka``)."""
 
-from connectors.collection import CollectionSource, CollectSink
+from connectors.collection import CollectionSource, CollectSink, GeneratorSource
 from connectors.files import (
     FileSource,
     JsonLinesFileSink,
@@ -14,6 +14,7 @@ __all__ = [
     "CollectSink",
     "CollectionSource",
     "FileSource",
+    "GeneratorSource",
     "JsonLinesFileSink",
     "PrintSink",
     "RecordFormatError",

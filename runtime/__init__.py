@@ -4,12 +4,20 @@ Write a job file with ``build(job)`` and run it with ``python -m runtime run job
 build function from Python with :func:`run_job`.
 """
 
-from runtime.api import DataStream, Job, JobDefinitionError, JobParameters, KeyedStream
+from runtime.api import (
+    ConnectedStreams,
+    DataStream,
+    Job,
+    JobDefinitionError,
+    JobParameters,
+    KeyedStream,
+)
 from runtime.executor import ExecutionConfig, JobFailedError, JobResult
 from runtime.functions import (
     Collector,
     FilterFunction,
     FlatMapFunction,
+    KeyedCoProcessFunction,
     KeyedProcessContext,
     KeyedProcessFunction,
     MapFunction,
@@ -23,6 +31,7 @@ from runtime.sources import Source, SourceReader
 
 __all__ = [
     "Collector",
+    "ConnectedStreams",
     "DataStream",
     "ExecutionConfig",
     "FilterFunction",
@@ -32,6 +41,7 @@ __all__ = [
     "JobFailedError",
     "JobParameters",
     "JobResult",
+    "KeyedCoProcessFunction",
     "KeyedProcessContext",
     "KeyedProcessFunction",
     "KeyedStream",

@@ -28,7 +28,7 @@ from actors.partitioner import (
     Partitioner,
     RebalancePartitioner,
 )
-from runtime.functions import KeyedProcessFunction
+from runtime.functions import KeyedCoProcessFunction, KeyedProcessFunction
 from runtime.sinks import PrintSink, Sink
 from runtime.sources import Source
 from state.keygroups import DEFAULT_MAX_PARALLELISM
@@ -84,6 +84,8 @@ class Transformation:
     max_parallelism: int | None = None
     uid: str | None = None
     chaining: bool = True
+    two_input: bool = False
+    """Inputs are two logical inputs (input 1, input 2), not a union."""
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.name!r}>"
@@ -277,6 +279,13 @@ class DataStream:
         )
         return DataStream(self.job, t)
 
+    def connect(self, other: DataStream) -> ConnectedStreams:
+        """Two streams processed together by one two-input function (see ``KeyedCoProcessFunction``)."""
+        if other.job is not self.job:
+            msg = "connect() of streams from different jobs"
+            raise JobDefinitionError(msg)
+        return ConnectedStreams(self, other)
+
     def sink_to(self, sink: Sink, name: str | None = None) -> DataStream:
         from runtime.sinks import SinkOperator
 
@@ -353,3 +362,47 @@ def default_uids(job: Job) -> dict[int, str]:
         taken.add(uid)
         result[t.id] = uid
     return result
+
+
+class ConnectedStreams:
+    """Two streams to be processed by one two-input operator."""
+
+    def __init__(self, first: DataStream, second: DataStream) -> None:
+        self.first = first
+        self.second = second
+
+    def key_by(
+        self, first_key: Callable[[Any], Any], second_key: Callable[[Any], Any]
+    ) -> ConnectedStreams:
+        """Partition both streams by key so that equal keys meet in the same subtask and state."""
+        return ConnectedStreams(self.first.key_by(first_key), self.second.key_by(second_key))
+
+    def process(
+        self, fn: KeyedCoProcessFunction[Any, Any, Any], name: str | None = None
+    ) -> DataStream:
+        from runtime.operators import KeyedCoProcessOperator
+
+        first, second = self.first, self.second
+        if not (isinstance(first, KeyedStream) and isinstance(second, KeyedStream)):
+            msg = "process() on connected streams needs key_by(first_key, second_key) first"
+            raise JobDefinitionError(msg)
+        if not isinstance(fn, KeyedCoProcessFunction):
+            msg = f"process() needs a KeyedCoProcessFunction, got {type(fn).__name__}"
+            raise JobDefinitionError(msg)
+        keys = (first.key_selector, second.key_selector)
+        fn_name = _function_name(fn)
+        label = name or (f"KeyedCoProcess({fn_name})" if fn_name else "KeyedCoProcess")
+
+        def factory(op_name: str, uid: str) -> Any:
+            return KeyedCoProcessOperator(op_name, uid, fn, keys[0], keys[1])
+
+        job = first.job
+        t = job._add(
+            "operator",
+            label,
+            [first.transformation, second.transformation],
+            operator_factory=factory,
+            key_selector=keys[0],
+            two_input=True,
+        )
+        return DataStream(job, t)

@@ -165,3 +165,25 @@ class KeyedProcessFunction(RichFunction, Generic[KEY, IN, OUT]):
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessContext[KEY], out: Collector[OUT]) -> None:
         """A timer registered for ``ctx.current_key`` fired."""
+
+
+class KeyedCoProcessFunction(RichFunction, Generic[KEY, IN, OUT]):
+    """Processes two connected keyed streams that share keyed state and timers (e.g. a join of an
+    unbounded stream with a bounded side input). Input 1 and input 2 may end at different times:
+    ``end_input(i)`` says which ended."""
+
+    def process_element1(
+        self, value: Any, ctx: KeyedProcessContext[KEY], out: Collector[OUT]
+    ) -> None:
+        raise NotImplementedError
+
+    def process_element2(
+        self, value: Any, ctx: KeyedProcessContext[KEY], out: Collector[OUT]
+    ) -> None:
+        raise NotImplementedError
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessContext[KEY], out: Collector[OUT]) -> None:
+        """A timer registered for ``ctx.current_key`` fired."""
+
+    def end_input(self, input_number: int, out: Collector[OUT]) -> None:
+        """Input ``input_number`` (1 or 2) delivered its last record."""

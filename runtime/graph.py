@@ -148,7 +148,8 @@ def build_job_graph(job: Job) -> JobGraph:
             continue
         target = nodes[t.id]
         inputs: list[InputEdge] = []
-        for upstream in t.inputs:
+        for position, upstream in enumerate(t.inputs):
+            input_index = position if t.two_input else 0
             for source_t, partitioner in physical_inputs(upstream, None):
                 source = nodes[source_t.id]
                 explicit = partitioner is not None
@@ -165,7 +166,7 @@ def build_job_graph(job: Job) -> JobGraph:
                         "parallelism; use rebalance()"
                     )
                     raise JobDefinitionError(msg)
-                inputs.append(InputEdge(source, target, partitioner, explicit, 0))
+                inputs.append(InputEdge(source, target, partitioner, explicit, input_index))
         edges_in[t.id] = inputs
 
     # Step 3: chaining.

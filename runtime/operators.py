@@ -272,6 +272,53 @@ class KeyedProcessOperator(UserFunctionOperator):
         await self._fire(self.timers.due_processing_timers(now_ms), event_time=False)
 
 
+class KeyedCoProcessOperator(KeyedProcessOperator):
+    """Runs a ``KeyedCoProcessFunction`` on two keyed inputs sharing state and timers."""
+
+    def __init__(
+        self,
+        name: str,
+        uid: str,
+        function: Any,
+        key_selector: Callable[[Any], Any] | None = None,
+        second_key_selector: Callable[[Any], Any] | None = None,
+    ) -> None:
+        super().__init__(name, uid, function, key_selector)
+        self._selectors = (key_selector, second_key_selector)
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        fn = self.function
+        process = fn.process_element1 if input_index == 0 else fn.process_element2
+        key_of = self._selectors[input_index]
+        assert key_of is not None and self.keyed_backend is not None
+        backend = self.keyed_backend
+        ctx = self._ctx
+        out = self._out
+        try:
+            for position, value in enumerate(values):
+                key = key_of(value)
+                backend.current_key = key
+                ctx.current_key = key
+                ts = None if timestamps is None else timestamps[position]
+                ctx.timestamp = ts
+                out._default_ts = ts
+                process(value, ctx, out)
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        emitted, emitted_ts = out._take()
+        await self.output.emit(emitted, emitted_ts)
+
+    async def end_input(self, input_index: int) -> None:
+        try:
+            self.function.end_input(input_index + 1, self._out)
+        except Exception as exc:
+            raise self.user_error(exc) from exc
+        emitted, emitted_ts = self._out._take()
+        await self.output.emit(emitted, emitted_ts)
+
+
 class TimestampsAndWatermarksOperator(StreamOperator):
     """Assigns event timestamps and emits bounded-out-of-orderness watermarks.
 
