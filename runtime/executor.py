@@ -33,7 +33,13 @@ from actors.operator import (
     UserFunctionError,
     WriterOutput,
 )
-from actors.task import DEFAULT_BUFFER_TIMEOUT_S, StreamTask, TaskFailure, TaskState
+from actors.task import (
+    DEFAULT_BUFFER_TIMEOUT_S,
+    AddSplitsMail,
+    StreamTask,
+    TaskFailure,
+    TaskState,
+)
 from actors.timers import Clock, SystemClock
 from actors.writer import DEFAULT_BUFFER_SIZE, RecordWriter
 from runtime.coordinator import CheckpointConfig, CheckpointCoordinator
@@ -130,6 +136,7 @@ class JobMaster:
         self._all_finished = asyncio.Event()
         self._metric_totals: dict[str, list[int]] = {}
         self.on_attempt_started: Callable[[JobMaster], None] | None = None
+        self._splits: dict[str, list[Any]] = {}
         self.status = "created"
 
     # ---------------------------------------------------------------- TaskListener
@@ -158,6 +165,7 @@ class JobMaster:
         """Run attempts until the job ends; raises :class:`JobFailedError` when it fails for good."""
         self.started = time.monotonic()
         strategy = self.config.restart_strategy
+        await self._discover_splits()
         while True:
             self.attempt += 1
             self._all_finished = asyncio.Event()
@@ -210,9 +218,44 @@ class JobMaster:
         async with asyncio.TaskGroup() as group:
             for task in self.tasks:
                 group.create_task(task.run(), name=task.name)
-            coordinator = group.create_task(self.coordinator.run(), name="checkpoint-coordinator")
+            helpers = [group.create_task(self.coordinator.run(), name="checkpoint-coordinator")]
+            for vertex in self.graph.vertices:
+                source = vertex.head.transformation.source
+                if source is not None and source.discovery_interval_s and not source.bounded:
+                    helpers.append(
+                        group.create_task(self._watch_new_splits(vertex), name="split-discovery")
+                    )
             await self._all_finished.wait()
-            coordinator.cancel()
+            for helper in helpers:
+                helper.cancel()
+
+    async def _discover_splits(self) -> None:
+        """List every source's splits once, on the coordinator, before the first attempt."""
+        for vertex in self.graph.vertices:
+            node = vertex.head
+            source = node.transformation.source
+            if source is not None and node.uid not in self._splits:
+                self._splits[node.uid] = await source.discover_splits(vertex.parallelism)
+
+    async def _watch_new_splits(self, vertex: JobVertex) -> None:
+        """Periodically hand splits that appeared while running (new partitions) to readers."""
+        node = vertex.head
+        source = node.transformation.source
+        assert source is not None and source.discovery_interval_s
+        known = list(self._splits.get(node.uid, []))
+        if self.restore_point is not None and node.uid in self.restore_point.operators:
+            entry = self.restore_point.operators[node.uid]
+            for state in entry.subtask_states.values():
+                known.extend((state.get("operator") or {}).get("splits", {}).get("items", []))
+        tasks = [t for t in self.tasks if t.vertex_id == vertex.id]
+        while True:
+            await asyncio.sleep(source.discovery_interval_s)
+            new = await source.discover_new_splits(known)
+            for split in new:
+                index = len(known)
+                known.append(split)
+                target = source.assign_split(split, index, vertex.parallelism)
+                tasks[target].mailbox.try_put(AddSplitsMail([split]))
 
     # ---------------------------------------------------------------- metrics
 
@@ -299,7 +342,7 @@ class JobMaster:
                     ]
                 )
             subpartitions[id(edge)] = per_sender
-        splits: dict[str, list[Any]] = {}
+        splits = self._splits
         tasks: list[StreamTask] = []
         for vertex in graph.vertices:
             for index in range(vertex.parallelism):
@@ -345,10 +388,11 @@ class JobMaster:
             t = node.transformation
             if t.kind == "source":
                 assert t.source is not None
-                if node.uid not in splits:
-                    splits[node.uid] = t.source.create_splits(p)
                 operators[t.id] = SourceOperator(
-                    node.name, node.uid, t.source, assign_splits(splits[node.uid], p, index)
+                    node.name,
+                    node.uid,
+                    t.source,
+                    assign_splits(t.source, splits.get(node.uid, []), p, index),
                 )
             else:
                 assert t.operator_factory is not None

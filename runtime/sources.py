@@ -78,6 +78,9 @@ class SourceReader(Generic[T]):
     def notify_checkpoint_complete(self, checkpoint_id: int, splits: list[Any]) -> None:
         """``splits`` as snapshotted for ``checkpoint_id`` are now durable (e.g. commit offsets)."""
 
+    async def start(self) -> None:
+        """Start background I/O (e.g. fetching); called once after the splits were added."""
+
 
 class Source(Generic[T]):
     """Base class of sources. Subclasses list their splits and create readers."""
@@ -96,10 +99,35 @@ class Source(Generic[T]):
     def create_reader(self, context: SourceReaderContext) -> SourceReader[T]:
         raise NotImplementedError
 
+    async def discover_splits(self, parallelism: int) -> list[Any]:
+        """The splits at job start, on the coordinator; sources that need I/O override this."""
+        return self.create_splits(parallelism)
 
-def assign_splits(splits: list[Any], parallelism: int, subtask_index: int) -> list[Any]:
-    """Split *i* goes to subtask ``i % parallelism``: deterministic and even."""
-    return [split for i, split in enumerate(splits) if i % parallelism == subtask_index]
+    discovery_interval_s: float | None = None
+    """How often to look for new splits while running (None: never)."""
+
+    async def discover_new_splits(self, known: list[Any]) -> list[Any]:
+        """Splits that appeared since ``known`` was listed (e.g. new Kafka partitions)."""
+        return []
+
+    def assign_split(self, split: Any, index: int, parallelism: int) -> int:
+        """The subtask that reads ``split`` (the ``index``-th split listed); must be deterministic."""
+        return index % parallelism
+
+    def split_id(self, split: Any) -> Any:
+        """What identifies a split regardless of its position (to tell new splits from known)."""
+        return split.get("split") if isinstance(split, dict) else split
+
+
+def assign_splits(
+    source: Source[Any], splits: list[Any], parallelism: int, subtask_index: int
+) -> list[Any]:
+    """The splits that ``subtask_index`` reads, by the source's deterministic assignment."""
+    return [
+        split
+        for i, split in enumerate(splits)
+        if source.assign_split(split, i, parallelism) == subtask_index
+    ]
 
 
 class SourceOperator(SourceOperatorBase):
@@ -136,6 +164,9 @@ class SourceOperator(SourceOperatorBase):
         )
         self.reader.add_splits(splits)
         self._last_refill = time.monotonic()
+
+    async def open(self) -> None:
+        await self.reader.start()
 
     def add_splits(self, splits: list[Any]) -> None:
         self.reader.add_splits(splits)
