@@ -438,7 +438,7 @@ class StreamTask:
             if all(self._channel_end_of_data[c.index] for c in same_input):
                 await self.head.end_input(channel.input_index)
         if all(flag is not None for flag in self._channel_end_of_data):
-            await self._end_of_data(drain=all(self._channel_end_of_data))  # type: ignore[arg-type]
+            await self._end_of_data(drain=all(self._channel_end_of_data))
         elif self._channel_watermark[channel.index] < MAX_TIMESTAMP:
             await self._advance_watermark()
 

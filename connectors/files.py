@@ -268,7 +268,7 @@ class _TwoPhaseCommitWriter(SinkWriter):
         if self._file is None:
             return None
         await self._file.flush()
-        await aiofiles.os.wrap(os.fsync)(self._file.fileno())  # type: ignore[attr-defined]
+        await aiofiles.os.wrap(os.fsync)(self._file.fileno())
         await self._file.close()
         self._file = None
         current = self._current

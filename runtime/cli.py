@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "broker":
         from runtime.devbroker import run_broker_forever
 
-        return run_broker_forever(args.port)
+        code: int = run_broker_forever(args.port)
+        return code
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 

@@ -33,7 +33,9 @@ class UserFunctionOperator(StreamOperator):
     ) -> None:
         super().__init__(name, uid)
         # Each subtask gets its own copy, so attributes of a rich function are per subtask.
-        self.function = copy.deepcopy(function) if isinstance(function, RichFunction) else function
+        self.function: Any = (
+            copy.deepcopy(function) if isinstance(function, RichFunction) else function
+        )
         self.key_selector = key_selector
         self.keyed_backend: KeyedStateBackend | None = None
         self.operator_state: OperatorStateStore

@@ -86,10 +86,12 @@ def run_job(
     name: str = "job",
 ) -> JobResult:
     """Run a job to its end on a fresh event loop (uvloop when installed)."""
-    return run_coroutine(run_job_async(build, params, parallelism, config, name))
+    result: JobResult = run_coroutine(run_job_async(build, params, parallelism, config, name))
+    return result
 
 
 def run_coroutine(coro: Any) -> Any:
+    """Run ``coro`` to completion on uvloop (or asyncio's loop when uvloop is missing)."""
     try:
         import uvloop
     except ImportError:

@@ -75,8 +75,11 @@ class SourceReader(Generic[T]):
     async def close(self) -> None:
         """Release resources; always called."""
 
-    def notify_checkpoint_complete(self, checkpoint_id: int, splits: list[Any]) -> None:
+    async def notify_checkpoint_complete(self, checkpoint_id: int, splits: list[Any]) -> None:
         """``splits`` as snapshotted for ``checkpoint_id`` are now durable (e.g. commit offsets)."""
+
+    async def prepare_snapshot(self) -> None:
+        """Called before ``snapshot_splits``: finish anything the snapshot must cover."""
 
     async def start(self) -> None:
         """Start background I/O (e.g. fetching); called once after the splits were added."""
@@ -209,6 +212,7 @@ class SourceOperator(SourceOperatorBase):
         return self.reader.describe_position()
 
     async def snapshot_state(self, checkpoint_id: int) -> dict[str, Any] | None:
+        await self.reader.prepare_snapshot()
         splits = self.reader.snapshot_splits()
         self._operator_state.get_list_state(SPLITS_STATE).update(splits)
         self._last_snapshot[checkpoint_id] = splits
@@ -219,7 +223,7 @@ class SourceOperator(SourceOperatorBase):
         for old in [c for c in self._last_snapshot if c < checkpoint_id]:
             del self._last_snapshot[old]
         if splits is not None:
-            self.reader.notify_checkpoint_complete(checkpoint_id, splits)
+            await self.reader.notify_checkpoint_complete(checkpoint_id, splits)
 
     async def notify_checkpoint_aborted(self, checkpoint_id: int) -> None:
         self._last_snapshot.pop(checkpoint_id, None)

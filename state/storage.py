@@ -90,7 +90,7 @@ async def _write_file(path: Path, data: bytes) -> None:
     async with aiofiles.open(path, "wb") as f:
         await f.write(data)
         await f.flush()
-        await aiofiles.os.wrap(os.fsync)(f.fileno())  # type: ignore[attr-defined]
+        await aiofiles.os.wrap(os.fsync)(f.fileno())
 
 
 async def _fsync_dir(path: Path) -> None:
@@ -101,7 +101,7 @@ async def _fsync_dir(path: Path) -> None:
         finally:
             os.close(fd)
 
-    await aiofiles.os.wrap(sync)()  # type: ignore[attr-defined]
+    await aiofiles.os.wrap(sync)()
 
 
 class CheckpointStorage:
@@ -184,7 +184,7 @@ class CheckpointStorage:
             return
         path = Path(checkpoint.path)
         if _CHECKPOINT_DIR.match(path.name):
-            await aiofiles.os.wrap(shutil.rmtree)(path, ignore_errors=True)  # type: ignore[attr-defined]
+            await aiofiles.os.wrap(shutil.rmtree)(path, ignore_errors=True)
 
 
 def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:

@@ -1,0 +1,721 @@
+"""Kafka source and sink on aiokafka: partitions as splits, offsets in operator state.
+
+Each topic partition is a split ``{"topic", "partition", "offset", "stop"}``: ``offset`` is the next
+offset to read (``None`` until the start position is resolved), ``stop`` the offset at which a
+bounded read ends (``None`` when unbounded). Splits live in the source operator's list state, so a
+restore seeks every partition to exactly where the checkpoint was taken, at any parallelism. Offsets
+are also committed to the consumer group after a checkpoint completes, for lag tools only.
+
+Reading: one consumer per subtask, with manually assigned partitions. A background fetch loop fills
+a small bounded queue of fetched batches; the task polls it. When the task cannot emit (no credit
+downstream) it stops polling, the queue fills and the fetch loop stops fetching: memory stays bounded
+whatever the lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from runtime.functions import RuntimeContext
+from runtime.sinks import Sink, SinkWriter
+from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from state.keygroups import stable_hash
+
+log = logging.getLogger(__name__)
+
+# Generous fetch limits: a fetch cut in the middle of a record batch can stall some brokers.
+FETCH_MAX_BYTES = 64 * 1024 * 1024
+PARTITION_FETCH_MAX_BYTES = 16 * 1024 * 1024
+MAX_QUEUED_BATCHES = 4
+
+
+class DeserializationError(ValueError):
+    """A record could not be deserialised; names topic, partition and offset."""
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    """A Kafka record with its metadata (``record_format="record"``)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: Any
+    value: Any
+    headers: tuple[tuple[str, bytes], ...]
+
+
+def _deserializer(kind: str | Callable[[bytes], Any]) -> Callable[[bytes | None], Any]:
+    if callable(kind):
+        return kind  # type: ignore[return-value]
+    if kind == "json":
+        return lambda b: None if b is None else orjson.loads(b)
+    if kind == "text":
+        return lambda b: None if b is None else b.decode("utf-8")
+    if kind == "bytes":
+        return lambda b: b
+    if kind == "msgpack":
+        return lambda b: None if b is None else msgpack.unpackb(b, raw=False)
+    msg = f"unknown deserializer {kind!r}: use json, text, bytes, msgpack or a function"
+    raise ValueError(msg)
+
+
+class KafkaSource(Source[Any]):
+    """Reads topics (by name or regex ``pattern``) in parallel, exactly once with checkpoints.
+
+    - ``start``: where partitions without restored state begin: ``"earliest"``, ``"latest"``,
+      ``"committed"`` (the group's offsets, falling back to ``reset``), or ``("timestamp", ms)``.
+    - ``bounded``: stop at the end offsets seen at start (or ``stop_offsets``), then end the job's
+      input through the FLIP-147 protocol.
+    - ``deserializer``: ``"json"``, ``"text"``, ``"bytes"``, ``"msgpack"`` or a function of the value
+      bytes. ``record_format="record"`` emits :class:`KafkaRecord` with key, headers, timestamp,
+      topic, partition and offset; ``"value"`` (default) just the value.
+    - ``on_error``: a record that fails to deserialise ``"fail"``s the job with an error naming
+      topic, partition and offset (default), is ``"skip"``ped and counted, or is sent raw to
+      ``dead_letter_topic`` (``"dead-letter"``).
+    - ``out_of_orderness_ms``: per-partition watermarks trail the highest record timestamp by that
+      much; partitions idle for ``idle_timeout_ms`` do not hold the watermark back.
+    - ``discovery_interval_s``: look for new partitions this often while running (unbounded only).
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topics: list[str] | str | None = None,
+        *,
+        pattern: str | None = None,
+        group_id: str | None = None,
+        start: str | tuple[str, int] = "earliest",
+        reset: str = "earliest",
+        bounded: bool = False,
+        stop_offsets: dict[tuple[str, int], int] | None = None,
+        deserializer: str | Callable[[bytes], Any] = "json",
+        key_deserializer: str | Callable[[bytes], Any] = "bytes",
+        record_format: str = "value",
+        on_error: str = "fail",
+        dead_letter_topic: str | None = None,
+        out_of_orderness_ms: int | None = None,
+        idle_timeout_ms: int = 30_000,
+        discovery_interval_s: float | None = 10.0,
+        rate: float = 0.0,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        if topics is None and pattern is None:
+            msg = "KafkaSource needs topics or a pattern"
+            raise ValueError(msg)
+        if on_error not in ("fail", "skip", "dead-letter"):
+            msg = f"on_error must be fail, skip or dead-letter, got {on_error!r}"
+            raise ValueError(msg)
+        if on_error == "dead-letter" and not dead_letter_topic:
+            msg = "on_error='dead-letter' needs dead_letter_topic"
+            raise ValueError(msg)
+        if record_format not in ("value", "record"):
+            msg = f"record_format must be value or record, got {record_format!r}"
+            raise ValueError(msg)
+        self.bootstrap_servers = bootstrap_servers
+        self.topics = [topics] if isinstance(topics, str) else topics
+        self.pattern = re.compile(pattern) if pattern else None
+        self.group_id = group_id
+        self.start = start
+        self.reset = reset
+        self.bounded = bounded
+        self.stop_offsets = stop_offsets
+        self.deserializer = deserializer
+        self.key_deserializer = key_deserializer
+        self.record_format = record_format
+        self.on_error = on_error
+        self.dead_letter_topic = dead_letter_topic
+        self.out_of_orderness_ms = out_of_orderness_ms
+        self.idle_timeout_ms = idle_timeout_ms
+        self.discovery_interval_s = None if bounded else discovery_interval_s
+        self.rate = rate
+        self.client_options = client_options or {}
+        self.skipped = 0
+        """Records skipped by ``on_error="skip"`` across all subtasks of this process."""
+
+    def name(self) -> str:
+        return f"Kafka({','.join(self.topics or [self.pattern.pattern if self.pattern else '?'])})"
+
+    def consumer(self, **extra: Any) -> AIOKafkaConsumer:
+        options = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "enable_auto_commit": False,
+            "fetch_max_bytes": FETCH_MAX_BYTES,
+            "max_partition_fetch_bytes": PARTITION_FETCH_MAX_BYTES,
+            "auto_offset_reset": self.reset if self.reset in ("earliest", "latest") else "earliest",
+            **self.client_options,
+            **extra,
+        }
+        return AIOKafkaConsumer(**options)
+
+    # ---------------------------------------------------------------- split discovery
+
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        topics = await consumer.topics()
+        if self.topics is not None:
+            wanted = [t for t in self.topics if t in topics]
+            missing = [t for t in self.topics if t not in topics]
+            if missing:
+                msg = f"KafkaSource: topic(s) {', '.join(missing)} do not exist on {self.bootstrap_servers}"
+                raise LookupError(msg)
+        else:
+            assert self.pattern is not None
+            wanted = sorted(t for t in topics if self.pattern.fullmatch(t))
+        result = []
+        for topic in sorted(wanted):
+            for partition in sorted(consumer.partitions_for_topic(topic) or ()):
+                result.append(TopicPartition(topic, partition))
+        return result
+
+    async def discover_splits(self, parallelism: int) -> list[Any]:
+        consumer = self.consumer()
+        await consumer.start()
+        try:
+            partitions = await self._partitions(consumer)
+            return await self._new_splits(consumer, partitions)
+        finally:
+            await consumer.stop()
+
+    async def discover_new_splits(self, known: list[Any]) -> list[Any]:
+        known_ids = {self.split_id(s) for s in known}
+        consumer = self.consumer()
+        await consumer.start()
+        try:
+            partitions = [
+                tp
+                for tp in await self._partitions(consumer)
+                if (tp.topic, tp.partition) not in known_ids
+            ]
+            # A partition created while the job runs is read from its beginning.
+            return [
+                {"topic": tp.topic, "partition": tp.partition, "offset": 0, "stop": None}
+                for tp in partitions
+            ]
+        finally:
+            await consumer.stop()
+
+    async def _new_splits(
+        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
+    ) -> list[Any]:
+        stops: dict[TopicPartition, int | None] = dict.fromkeys(partitions)
+        if self.bounded:
+            if self.stop_offsets is not None:
+                for tp in partitions:
+                    stops[tp] = self.stop_offsets.get((tp.topic, tp.partition), 0)
+            else:
+                ends = await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+                stops.update(ends)
+        starts = await self._start_offsets(consumer, partitions)
+        return [
+            {
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "offset": starts[tp],
+                "stop": stops[tp],
+            }
+            for tp in partitions
+        ]
+
+    async def _start_offsets(
+        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        if not partitions:
+            return {}
+        beginning = await consumer.beginning_offsets(partitions)
+        if self.start == "earliest":
+            return dict(beginning)
+        if self.start == "latest":
+            return await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+        if isinstance(self.start, tuple) and self.start[0] == "timestamp":
+            found = await consumer.offsets_for_times({tp: int(self.start[1]) for tp in partitions})
+            ends = await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+            return {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in partitions}
+        if self.start == "committed":
+            if not self.group_id:
+                msg = "KafkaSource start='committed' needs a group_id"
+                raise ValueError(msg)
+            grouped = self.consumer(group_id=self.group_id)
+            await grouped.start()
+            try:
+                result = {}
+                fallback = (
+                    beginning
+                    if self.reset == "earliest"
+                    else await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+                )
+                for tp in partitions:
+                    committed = await grouped.committed(tp)
+                    result[tp] = committed if committed is not None else fallback[tp]
+                return result
+            finally:
+                await grouped.stop()
+        msg = f"unknown start position {self.start!r}: earliest, latest, committed or ('timestamp', ms)"
+        raise ValueError(msg)
+
+    def split_id(self, split: Any) -> Any:
+        return (split["topic"], split["partition"])
+
+    def assign_split(self, split: Any, index: int, parallelism: int) -> int:
+        """Deterministic and even: partitions of a topic go round robin from a topic-dependent
+        starting subtask (as Flink's Kafka enumerator does)."""
+        start = stable_hash(split["topic"]) % parallelism
+        return int((start + split["partition"]) % parallelism)
+
+    def create_reader(self, context: SourceReaderContext) -> SourceReader[Any]:
+        return KafkaSourceReader(self, context)
+
+
+async def confirmed_end_offsets(
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], bootstrap_servers: str
+) -> dict[TopicPartition, int]:
+    """End offsets, confirmed by reading: some brokers answer "latest" with the start of the last
+    record batch + 1, which is short of the real log end. Read from there until nothing more comes."""
+    if not partitions:
+        return {}
+    reported = await consumer.end_offsets(partitions)
+    result = dict(reported)
+    probe = None
+    try:
+        for tp in partitions:
+            if reported[tp] == 0:
+                continue
+            if probe is None:
+                probe = AIOKafkaConsumer(
+                    bootstrap_servers=bootstrap_servers,
+                    enable_auto_commit=False,
+                    fetch_max_bytes=FETCH_MAX_BYTES,
+                    max_partition_fetch_bytes=PARTITION_FETCH_MAX_BYTES,
+                )
+                await probe.start()
+            probe.assign([tp])
+            probe.seek(tp, reported[tp] - 1)
+            end = reported[tp]
+            while True:
+                batch = await probe.getmany(tp, timeout_ms=300)
+                records = batch.get(tp, [])
+                if not records:
+                    break
+                end = max(end, records[-1].offset + 1)
+                probe.seek(tp, end)
+            result[tp] = end
+    finally:
+        if probe is not None:
+            await probe.stop()
+    return result
+
+
+class KafkaSourceReader(SourceReader[Any]):
+    """Reads the partitions assigned to one subtask (see the module docstring)."""
+
+    def __init__(self, source: KafkaSource, context: SourceReaderContext) -> None:
+        self.source = source
+        self.context = context
+        self.splits: dict[tuple[str, int], dict[str, Any]] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._dead_letters: AIOKafkaProducer | None = None
+        self._committer: AIOKafkaConsumer | None = None
+        self._queue: deque[tuple[TopicPartition, list[Any]]] = deque()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._fetch_error: BaseException | None = None
+        self._assignment_changed = asyncio.Event()
+        self._value = _deserializer(source.deserializer)
+        self._key = _deserializer(source.key_deserializer)
+        self._max_ts: dict[tuple[str, int], int] = {}
+        self._last_seen: dict[tuple[str, int], float] = {}
+        self._position = ""
+        self.highwater: dict[tuple[str, int], int] = {}
+        self.skipped = 0
+
+    # ---- splits
+
+    def add_splits(self, splits: list[Any]) -> None:
+        for split in splits:
+            split = dict(split)
+            self.splits[(split["topic"], split["partition"])] = split
+            self._last_seen[(split["topic"], split["partition"])] = time.monotonic()
+        if self._consumer is not None:
+            self._assign()
+            self._assignment_changed.set()
+
+    def _active(self) -> list[dict[str, Any]]:
+        return [s for s in self.splits.values() if s["stop"] is None or s["offset"] < s["stop"]]
+
+    def _assign(self) -> None:
+        assert self._consumer is not None
+        active = self._active()
+        self._consumer.assign([TopicPartition(s["topic"], s["partition"]) for s in active])
+        for split in active:
+            self._consumer.seek(TopicPartition(split["topic"], split["partition"]), split["offset"])
+
+    async def start(self) -> None:
+        if not self.splits:
+            return
+        self._consumer = self.source.consumer(isolation_level="read_committed")
+        await self._consumer.start()
+        if self.source.group_id:
+            self._committer = self.source.consumer(group_id=self.source.group_id)
+            await self._committer.start()
+        if self.source.on_error == "dead-letter":
+            self._dead_letters = AIOKafkaProducer(
+                bootstrap_servers=self.source.bootstrap_servers, acks="all"
+            )
+            await self._dead_letters.start()
+        for split in self.splits.values():
+            if split["offset"] is None:
+                split["offset"] = 0
+        self._assign()
+        self._fetch_task = asyncio.get_running_loop().create_task(
+            self._fetch_loop(), name=f"kafka-fetch {self.context.source_name}"
+        )
+
+    async def _fetch_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            while True:
+                if not consumer.assignment():
+                    self._assignment_changed.clear()
+                    await self._assignment_changed.wait()
+                    continue
+                while len(self._queue) >= MAX_QUEUED_BATCHES:
+                    self._room.clear()
+                    await self._room.wait()
+                fetched = await consumer.getmany(timeout_ms=200, max_records=2048)
+                for tp, records in fetched.items():
+                    if records:
+                        self._queue.append((tp, records))
+                for tp in consumer.assignment():
+                    high = consumer.highwater(tp)
+                    if high is not None:
+                        self.highwater[(tp.topic, tp.partition)] = high
+                if fetched:
+                    self.context.notify_available()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fetch_error = exc
+            self.context.notify_available()
+
+    # ---- polling
+
+    def poll(self, max_records: int) -> list[Any] | tuple[list[Any], list[int]] | EndOfInput | None:
+        if self._fetch_error is not None:
+            error, self._fetch_error = self._fetch_error, None
+            msg = f"{self.context.source_name}: fetching from Kafka failed: {error}"
+            raise ConnectionError(msg) from error
+        if not self._active():
+            return END_OF_INPUT if self.source.bounded or not self.splits else None
+        while self._queue:
+            tp, records = self._queue.popleft()
+            if len(self._queue) < MAX_QUEUED_BATCHES:
+                self._room.set()
+            split = self.splits.get((tp.topic, tp.partition))
+            if split is None:
+                continue
+            if len(records) > max_records:
+                self._queue.appendleft((tp, records[max_records:]))
+                records = records[:max_records]
+            result = self._convert(split, records)
+            if result is not None:
+                return result
+        return None
+
+    def _convert(
+        self, split: dict[str, Any], records: list[Any]
+    ) -> tuple[list[Any], list[int]] | None:
+        stop = split["stop"]
+        values: list[Any] = []
+        stamps: list[int] = []
+        value_of = self._value
+        as_record = self.source.record_format == "record"
+        key = (split["topic"], split["partition"])
+        for record in records:
+            if record.offset < split["offset"]:
+                continue  # re-delivered after a seek: already emitted
+            if stop is not None and record.offset >= stop:
+                break
+            try:
+                value = value_of(record.value)
+            except Exception as exc:
+                self._bad_record(split, record, exc)
+                split["offset"] = record.offset + 1
+                continue
+            if as_record:
+                value = KafkaRecord(
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    record.timestamp,
+                    self._key(record.key) if record.key is not None else None,
+                    value,
+                    tuple(record.headers or ()),
+                )
+            values.append(value)
+            stamps.append(record.timestamp)
+            split["offset"] = record.offset + 1
+        if stop is not None and split["offset"] >= stop:
+            self._assign()
+        if not values:
+            return None
+        self._max_ts[key] = max(self._max_ts.get(key, stamps[0]), max(stamps))
+        self._last_seen[key] = time.monotonic()
+        self._position = f"{split['topic']}[{split['partition']}] offsets {records[0].offset}-{split['offset'] - 1}"
+        return values, stamps
+
+    def _bad_record(self, split: dict[str, Any], record: Any, exc: Exception) -> None:
+        where = f"topic {record.topic} partition {record.partition} offset {record.offset}"
+        mode = self.source.on_error
+        if mode == "fail":
+            msg = f"cannot deserialise the record at {where}: {type(exc).__name__}: {exc}"
+            raise DeserializationError(msg) from exc
+        self.skipped += 1
+        self.source.skipped += 1
+        if mode == "dead-letter":
+            assert self._dead_letters is not None and self.source.dead_letter_topic
+            headers = [
+                ("source.topic", record.topic.encode()),
+                ("source.partition", str(record.partition).encode()),
+                ("source.offset", str(record.offset).encode()),
+                ("error", f"{type(exc).__name__}: {exc}".encode()[:1000]),
+            ]
+            # The send is awaited at the next snapshot (flush), so a checkpoint never completes
+            # with a dead letter unacknowledged.
+            self._dead_letters.send(
+                self.source.dead_letter_topic, record.value, key=record.key, headers=headers
+            )
+        else:
+            log.warning(
+                "%s: skipped undeserialisable record at %s: %s",
+                self.context.source_name,
+                where,
+                exc,
+            )
+
+    def current_watermark(self) -> int | None:
+        ooo = self.source.out_of_orderness_ms
+        if ooo is None or not self.splits:
+            return None
+        now = time.monotonic()
+        idle = self.source.idle_timeout_ms / 1000.0
+        live = [
+            self._max_ts[k] - ooo - 1
+            for k, split in self.splits.items()
+            if k in self._max_ts and now - self._last_seen.get(k, now) < idle
+        ]
+        waiting = [
+            k
+            for k in self.splits
+            if k not in self._max_ts and now - self._last_seen.get(k, now) < idle
+        ]
+        if waiting or not live:
+            return None
+        return min(live)
+
+    def snapshot_splits(self) -> list[Any]:
+        return [dict(s) for s in self.splits.values()]
+
+    async def prepare_snapshot(self) -> None:
+        # Dead letters are acknowledged before the checkpoint that moves past them.
+        if self._dead_letters is not None:
+            await self._dead_letters.flush()
+
+    def lag(self) -> dict[str, int]:
+        """Records behind the partition's high watermark, per ``topic[partition]``."""
+        return {
+            f"{t}[{p}]": max(0, self.highwater.get((t, p), s["offset"]) - s["offset"])
+            for (t, p), s in self.splits.items()
+        }
+
+    def describe_position(self) -> str | None:
+        return self._position or None
+
+    async def notify_checkpoint_complete(self, checkpoint_id: int, splits: list[Any]) -> None:
+        """Commit the checkpoint's offsets to the consumer group, for lag tools only: the
+        checkpoint is the source of truth, so a failed commit is logged, never fatal."""
+        if self._committer is None:
+            return
+        offsets = {
+            TopicPartition(s["topic"], s["partition"]): s["offset"]
+            for s in splits
+            if s["offset"] is not None
+        }
+        if not offsets:
+            return
+        try:
+            await self._committer.commit(offsets)
+        except Exception as exc:
+            log.warning("committing offsets to group %s failed: %s", self.source.group_id, exc)
+
+    async def close(self) -> None:
+        if self._fetch_task is not None:
+            self._fetch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._fetch_task
+        if self._dead_letters is not None:
+            with contextlib.suppress(Exception):
+                await self._dead_letters.stop()
+        for client in (self._committer, self._consumer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+
+
+def _serializer(kind: str | Callable[[Any], bytes]) -> Callable[[Any], bytes | None]:
+    if callable(kind):
+        return kind
+    if kind == "json":
+        return lambda v: None if v is None else orjson.dumps(v)
+    if kind == "text":
+        return lambda v: None if v is None else str(v).encode("utf-8")
+    if kind == "bytes":
+        return lambda v: v
+    if kind == "msgpack":
+        return lambda v: None if v is None else msgpack.packb(v, use_bin_type=True)
+    msg = f"unknown serializer {kind!r}: use json, text, bytes, msgpack or a function"
+    raise ValueError(msg)
+
+
+class DeliveryGuarantee:
+    NONE = "none"
+    AT_LEAST_ONCE = "at-least-once"
+    EXACTLY_ONCE = "exactly-once"
+
+
+class KafkaSink(Sink):
+    """Writes records to Kafka.
+
+    - ``topic``: a topic name, or a function of the record giving its topic.
+    - ``key``: a function of the record giving its key (records with equal keys go to the same
+      partition), or None.
+    - ``serializer`` / ``key_serializer``: ``"json"``, ``"text"``, ``"bytes"``, ``"msgpack"`` or a
+      function returning bytes.
+    - ``guarantee``: ``"none"`` (fire and forget), ``"at-least-once"`` (every send is acknowledged
+      before a checkpoint's barrier passes) or ``"exactly-once"`` (a Kafka transaction per
+      checkpoint, see :class:`connectors.kafka_sink_eos.ExactlyOnceWriter`).
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str | Callable[[Any], str],
+        *,
+        key: Callable[[Any], Any] | None = None,
+        serializer: str | Callable[[Any], bytes] = "json",
+        key_serializer: str | Callable[[Any], bytes] = "text",
+        guarantee: str = DeliveryGuarantee.AT_LEAST_ONCE,
+        transactional_id_prefix: str | None = None,
+        transaction_timeout_ms: int = 900_000,
+        transactional_id_pool: int = 3,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        if guarantee not in ("none", "at-least-once", "exactly-once"):
+            msg = f"guarantee must be none, at-least-once or exactly-once, got {guarantee!r}"
+            raise ValueError(msg)
+        if guarantee == DeliveryGuarantee.EXACTLY_ONCE and not transactional_id_prefix:
+            msg = (
+                "an exactly-once KafkaSink needs transactional_id_prefix, unique to this job: two "
+                "jobs sharing a prefix fence each other's transactions"
+            )
+            raise ValueError(msg)
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.key = key
+        self.serialize = _serializer(serializer)
+        self.serialize_key = _serializer(key_serializer)
+        self.guarantee = guarantee
+        self.transactional_id_prefix = transactional_id_prefix
+        self.transaction_timeout_ms = transaction_timeout_ms
+        self.transactional_id_pool = transactional_id_pool
+        self.client_options = client_options or {}
+
+    def name(self) -> str:
+        topic = self.topic if isinstance(self.topic, str) else "by record"
+        return f"Kafka({topic})"
+
+    def create_writer(self, context: RuntimeContext) -> SinkWriter:
+        if self.guarantee == DeliveryGuarantee.EXACTLY_ONCE:
+            from connectors.kafka_sink_eos import ExactlyOnceWriter
+
+            writer: SinkWriter = ExactlyOnceWriter(self, context)
+            return writer
+        return _KafkaWriter(self, context)
+
+    def records(self, values: list[Any]) -> list[tuple[str, bytes | None, bytes | None]]:
+        """(topic, key bytes, value bytes) per record."""
+        topic = self.topic
+        key_of = self.key
+        serialize = self.serialize
+        serialize_key = self.serialize_key
+        return [
+            (
+                topic if isinstance(topic, str) else topic(v),
+                serialize_key(key_of(v)) if key_of is not None else None,
+                serialize(v),
+            )
+            for v in values
+        ]
+
+
+class _KafkaWriter(SinkWriter):
+    """Guarantee none or at-least-once."""
+
+    def __init__(self, sink: KafkaSink, context: RuntimeContext) -> None:
+        self.sink = sink
+        self.context = context
+        self.producer: AIOKafkaProducer | None = None
+        self._inflight: list[asyncio.Future[Any]] = []
+
+    async def open(self) -> None:
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.sink.bootstrap_servers,
+            acks="all" if self.sink.guarantee != DeliveryGuarantee.NONE else 1,
+            enable_idempotence=self.sink.guarantee != DeliveryGuarantee.NONE,
+            **self.sink.client_options,
+        )
+        await self.producer.start()
+
+    async def write(self, values: list[Any]) -> None:
+        assert self.producer is not None
+        send = self.producer.send
+        for topic, key, value in self.sink.records(values):
+            self._inflight.append(await send(topic, value, key=key))
+        if len(self._inflight) > 10_000:
+            await self._await_acks()
+
+    async def _await_acks(self) -> None:
+        inflight, self._inflight = self._inflight, []
+        for future in inflight:
+            await future  # raises the broker's error: nothing acknowledged is lost silently
+
+    async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
+        if self.sink.guarantee == DeliveryGuarantee.AT_LEAST_ONCE:
+            assert self.producer is not None
+            await self.producer.flush()
+            await self._await_acks()
+        return []
+
+    async def finish(self) -> None:
+        assert self.producer is not None
+        await self.producer.flush()
+        await self._await_acks()
+
+    async def close(self) -> None:
+        if self.producer is not None:
+            with contextlib.suppress(Exception):
+                await self.producer.stop()
+            self.producer = None
