@@ -60,6 +60,7 @@ from actors.mailbox import Mailbox, Wakeup
 from actors.network import Buffer, InputChannel, InputGate
 from actors.operator import StreamOperator, UserFunctionError
 from actors.writer import RecordWriter
+from state.serde import check_encodable, packb
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,8 @@ class StreamTask:
             status = await head.emit_next()
             if status is InputStatus.MORE_AVAILABLE:
                 await self._flush_if_timed_out()
+                # Awaiting work that never blocks does not yield: let the other actors run.
+                await asyncio.sleep(0)
             elif status is InputStatus.NOTHING_AVAILABLE:
                 await self._idle(head.next_poll_delay())
             else:
@@ -367,6 +370,7 @@ class StreamTask:
                 await head.process_batch(item.values, item.timestamps, channel.input_index)
                 channel.recycle()
                 await self._flush_if_timed_out()
+                await asyncio.sleep(0)
             else:
                 await self._on_event(channel, item)  # type: ignore[arg-type]
 
@@ -520,7 +524,7 @@ class StreamTask:
             for op in self.operators:
                 snapshot = await op.snapshot_state(checkpoint_id)
                 if snapshot is not None:
-                    snapshots[op.uid] = snapshot
+                    snapshots[op.uid] = encode_snapshot(op.name, self.subtask_index, snapshot)
         except (UserFunctionError, InjectedCrash, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -574,6 +578,21 @@ class StreamTask:
         now = loop.time()
         self._timer_handles = [h for h in self._timer_handles if h.when() > now]
         self._timer_handles.append(handle)
+
+
+def encode_snapshot(operator_name: str, subtask_index: int, snapshot: dict[str, Any]) -> bytes:
+    """msgpack-encode an operator snapshot now, so that later changes of state objects cannot
+    reach the checkpoint; a value msgpack cannot encode is named by state and type."""
+    try:
+        return packb(snapshot)
+    except (TypeError, ValueError, OverflowError):
+        for part in ("keyed", "operator", "timers"):
+            for name, entry in (snapshot.get(part) or {}).items():
+                check_encodable(
+                    entry,
+                    f"operator {operator_name!r} subtask {subtask_index}: {part} state {name!r}",
+                )
+        raise
 
 
 class TaskFailure(RuntimeError):

@@ -40,7 +40,7 @@ from actors.task import (
     TriggerCheckpointMail,
 )
 from state.operator import Redistribution
-from state.storage import CheckpointKind, CompletedCheckpoint, OperatorCheckpoint
+from state.storage import CheckpointKind, CompletedCheckpoint, OperatorCheckpoint, SnapshotMap
 
 if TYPE_CHECKING:
     from state.storage import CheckpointStorage
@@ -356,7 +356,9 @@ class CheckpointCoordinator:
         """Step 5."""
         operators: dict[str, OperatorCheckpoint] = {}
         for uid, (name, parallelism, max_parallelism, _) in self._describe_operators().items():
-            operators[uid] = OperatorCheckpoint(uid, name, parallelism, max_parallelism, {}, set())
+            operators[uid] = OperatorCheckpoint(
+                uid, name, parallelism, max_parallelism, SnapshotMap(), set()
+            )
         for task in self.tasks:
             ack = pending.acks.get(task.task_id)
             finished = task.task_id in pending.finished_at_trigger or (
@@ -367,7 +369,7 @@ class CheckpointCoordinator:
                 if finished:
                     entry.finished_subtasks.add(task.subtask_index)
                 if ack is not None and op.uid in ack.snapshots:
-                    entry.subtask_states[task.subtask_index] = ack.snapshots[op.uid]
+                    entry.subtask_states.set_encoded(task.subtask_index, ack.snapshots[op.uid])
         # FLIP-147: union state of a partially finished operator cannot be redistributed safely.
         for uid, (_, _, _, uses_union) in self._describe_operators().items():
             entry = operators[uid]

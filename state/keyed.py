@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from state.keygroups import KeyGroupRange, key_group_for_key
-from state.serde import StateSerializationError, StateSerializer, check_encodable
+from state.serde import StateSerializer
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -188,6 +188,7 @@ class KeyedStateBackend:
         self.current_key: Any = None
         self._states: dict[str, _KeyedState] = {}
         self._restored: dict[str, dict[Any, Any]] = {}
+        self._key_groups: dict[Any, int] = {}
 
     def set_current_key(self, key: Any) -> None:
         self.current_key = key
@@ -220,14 +221,17 @@ class KeyedStateBackend:
         return iter(list(state._values)) if state is not None else iter(())
 
     def snapshot(self) -> dict[str, Any]:
-        """``{state name: {"kind": kind, "groups": {key group: [[key, value], ...]}}}``.
+        """``{state name: {"kind", "keys", "values", "key_groups"}}``: three parallel columns.
 
-        Values are checked for msgpack encodability here, so that a bad value fails the snapshot
-        with the state's name rather than an anonymous encoder error later.
+        Every entry carries its key group, so a restore at any parallelism keeps exactly the
+        entries of the key groups it owns. Columns (not one small list per entry) keep encoding and
+        decoding fast; key groups are cached per key, so only keys new since the last snapshot are
+        hashed.
         """
         result: dict[str, Any] = {}
-        names = set(self._states) | set(self._restored)
-        for name in sorted(names):
+        cache = self._key_groups
+        maxp = self.max_parallelism
+        for name in sorted(set(self._states) | set(self._restored)):
             state = self._states.get(name)
             if state is None:
                 # Restored state that this run has not asked for yet: carry it forward unchanged.
@@ -236,30 +240,30 @@ class KeyedStateBackend:
                 values = state._values
                 kind = state._descriptor.kind
                 serializer = state._descriptor.serializer
-            groups: dict[int, list[list[Any]]] = {}
-            maxp = self.max_parallelism
-            for key, value in values.items():
-                data = serializer.to_data(value) if serializer is not None else value
-                groups.setdefault(key_group_for_key(key, maxp), []).append([key, data])
-            result[name] = {"kind": kind, "groups": groups}
-        for name, entry in result.items():
-            for pairs in entry["groups"].values():
-                for key, data in pairs:
-                    try:
-                        check_encodable(key, "")
-                        check_encodable(data, "")
-                    except StateSerializationError as exc:
-                        msg = f"{self.owner}: keyed state {name!r} (key {key!r}){exc}"
-                        raise StateSerializationError(msg) from None
-                break  # one entry per group proves the types; the encoder checks the rest
+            keys = list(values)
+            for key in values.keys() - cache.keys():
+                cache[key] = key_group_for_key(key, maxp)
+            column = list(values.values())
+            if serializer is not None:
+                column = [serializer.to_data(v) for v in column]
+            result[name] = {
+                "kind": kind,
+                "keys": keys,
+                "values": column,
+                "key_groups": list(map(cache.__getitem__, keys)),
+            }
         return result
 
     def restore(self, snapshots: list[dict[str, Any]]) -> None:
         """Take the entries of this backend's key groups from every given snapshot."""
+        first, last = self.key_groups.start, self.key_groups.end
+        cache = self._key_groups
         for snapshot in snapshots:
             for name, entry in snapshot.items():
                 target = self._restored.setdefault(name, {})
-                for key_group, pairs in entry["groups"].items():
-                    if int(key_group) in self.key_groups:
-                        for key, value in pairs:
-                            target[key] = value
+                for key, value, key_group in zip(
+                    entry["keys"], entry["values"], entry["key_groups"], strict=True
+                ):
+                    if first <= key_group <= last:
+                        target[key] = value
+                        cache[key] = key_group

@@ -60,8 +60,8 @@ def check_encodable(value: Any, what: str) -> None:
         packb(value)
     except (TypeError, ValueError, OverflowError) as exc:
         msg = (
-            f"{what}: a value of type {type(value).__name__} cannot be stored in a snapshot "
-            f"({exc}); use msgpack-encodable values (None, bool, int, float, str, bytes, list, "
-            "tuple, dict) or declare a StateSerializer on the state descriptor"
+            f"{what}: {exc}: it cannot be stored in a snapshot; use msgpack-encodable values "
+            "(None, bool, int, float, str, bytes, list, tuple, dict) or declare a "
+            "StateSerializer on the state descriptor"
         )
         raise StateSerializationError(msg) from exc

@@ -1,0 +1,182 @@
+"""Checkpointing cost: throughput with checkpoints every second versus none, checkpoint duration and
+alignment time with 100,000 keys, and restore time from a checkpoint of that size.
+
+    python bench/checkpoints.py [--records 1000000] [--keys 100000] [--parallelism 2]
+
+The pipeline: pre-generated JSON events → parse → keep purchases → key by user → running total and
+count per user in keyed state → a counting sink. Parallelism 2 so that the keyed operator has
+several input channels and barriers are really aligned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from connectors import CollectionSource
+from runtime import (
+    Collector,
+    ExecutionConfig,
+    Job,
+    KeyedProcessContext,
+    KeyedProcessFunction,
+    RuntimeContext,
+    Sink,
+    SinkWriter,
+)
+from runtime.coordinator import CheckpointConfig, CheckpointStatus
+from runtime.executor import JobMaster
+from runtime.runner import build_graph, run_coroutine
+from state import ValueStateDescriptor
+from state.storage import CheckpointStorage, load_checkpoint, load_latest_valid
+
+
+class Totals(KeyedProcessFunction[str, dict[str, Any], tuple[str, float, int]]):
+    def open(self, ctx: RuntimeContext) -> None:
+        self.total = ctx.get_state(ValueStateDescriptor("total", default=0.0))
+        self.count = ctx.get_state(ValueStateDescriptor("count", default=0))
+
+    def process_element(
+        self, value: dict[str, Any], ctx: KeyedProcessContext[str], out: Collector[Any]
+    ) -> None:
+        total = self.total.value() + value["amount"]
+        n = self.count.value() + 1
+        self.total.update(total)
+        self.count.update(n)
+        out.collect((value["user"], total, n))
+
+
+class CountingSink(Sink):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def create_writer(self, context: RuntimeContext) -> SinkWriter:
+        sink = self
+
+        class Writer(SinkWriter):
+            async def write(self, values: list[Any]) -> None:
+                sink.count += len(values)
+
+        return Writer()
+
+
+def make_events(n: int, keys: int) -> list[bytes]:
+    rng = random.Random(42)
+    kinds = ["purchase"] * 6 + ["view"] * 4
+    # Every key appears at least once, so the state really holds `keys` entries.
+    return [
+        orjson.dumps(
+            {
+                "user": f"u{(i if i < keys else rng.randrange(keys)):06d}",
+                "kind": "purchase" if i < keys else rng.choice(kinds),
+                "amount": round(rng.uniform(1, 100), 2),
+            }
+        )
+        for i in range(n)
+    ]
+
+
+def build_for(events: list[bytes], sink: CountingSink) -> Any:
+    def build(job: Job) -> None:
+        (
+            job.from_source(CollectionSource(events))
+            .uid("events")
+            .map(orjson.loads)
+            .filter(lambda e: e["kind"] == "purchase")
+            .key_by(lambda e: e["user"])
+            .process(Totals())
+            .uid("totals")
+            .sink_to(sink)
+            .uid("sink")
+        )
+
+    return build
+
+
+def run(
+    events: list[bytes],
+    parallelism: int,
+    interval: float | None,
+    directory: str | None,
+    restore: Any = None,
+) -> tuple[float, JobMaster, int]:
+    sink = CountingSink()
+    graph = build_graph(build_for(events, sink), parallelism=parallelism, name="bench")
+    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=interval, retained=2))
+    master = JobMaster(
+        graph, config, storage=CheckpointStorage(directory, "bench"), restored=restore
+    )
+    started = time.perf_counter()
+    run_coroutine(master.run())
+    return time.perf_counter() - started, master, sink.count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--keys", type=int, default=100_000)
+    parser.add_argument("--parallelism", type=int, default=2)
+    args = parser.parse_args()
+    events = make_events(args.records, args.keys)
+    p = args.parallelism
+
+    plain_s, _, plain_out = run(events, p, None, None)
+    with tempfile.TemporaryDirectory() as directory:
+        chk_s, master, chk_out = run(events, p, 1.0, directory)
+        assert chk_out == plain_out, (chk_out, plain_out)
+        periodic = [
+            s
+            for s in master.coordinator.history
+            if s.status is CheckpointStatus.COMPLETED and s.kind == "checkpoint"
+        ]
+        durations = [s.duration_ms or 0.0 for s in periodic]
+        alignments = [max(s.alignment_ms.values(), default=0.0) for s in periodic]
+        sizes = [s.state_size for s in periodic]
+
+        # A checkpoint holding every key: the last one of the run.
+        latest = load_latest_valid(directory)
+        assert latest is not None
+        started = time.perf_counter()
+        load_checkpoint(latest.path or "")
+        load_s = time.perf_counter() - started
+        keys_in_state = sum(
+            len(state["keyed"]["count"]["keys"])
+            for state in latest.operators["totals"].subtask_states.values()
+        )
+        # Restore into a job with no new input: the time it takes is the restore.
+        empty_s, _, _ = run([], p, None, None)
+        restored_s, _, _ = run([], p, None, None, restore=latest)
+        restore_s = restored_s - empty_s
+
+    rate_plain = args.records / plain_s
+    rate_chk = args.records / chk_s
+    print(f"records: {args.records:,}   keys: {args.keys:,}   parallelism: {p}")
+    print(f"{'no checkpoints':<34}{rate_plain:>14,.0f} records/s")
+    print(f"{'checkpoint every 1s':<34}{rate_chk:>14,.0f} records/s")
+    print(f"{'throughput lost to checkpoints':<34}{(1 - rate_chk / rate_plain) * 100:>13.1f} %")
+    if periodic:
+        print(f"{'checkpoints completed':<34}{len(periodic):>14}")
+        print(
+            f"{'checkpoint duration (median/max)':<34}{statistics.median(durations):>10.1f} / {max(durations):.1f} ms"
+        )
+        print(
+            f"{'alignment time (median/max)':<34}{statistics.median(alignments):>10.1f} / {max(alignments):.1f} ms"
+        )
+        print(f"{'state size (last periodic)':<34}{sizes[-1]:>14,} bytes")
+    print(f"{'final checkpoint keys':<34}{keys_in_state:>14,} ({latest.state_size:,} bytes)")
+    print(f"{'load + verify checkpoint':<34}{load_s * 1000:>14.1f} ms")
+    print(f"{'restore into a job (load+init)':<34}{restore_s * 1000:>14.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
