@@ -557,6 +557,8 @@ class KafkaSourceReader(SourceReader[Any]):
         if not offsets:
             return
         try:
+            if set(self._committer.assignment()) != set(offsets):
+                self._committer.assign(list(offsets))
             await self._committer.commit(offsets)
         except Exception as exc:
             log.warning("committing offsets to group %s failed: %s", self.source.group_id, exc)
@@ -683,8 +685,9 @@ class _KafkaWriter(SinkWriter):
     async def open(self) -> None:
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.sink.bootstrap_servers,
+            # Duplicates are allowed at least once; the idempotent producer is not needed (and
+            # some Kafka-protocol brokers reject its InitProducerId v0).
             acks="all" if self.sink.guarantee != DeliveryGuarantee.NONE else 1,
-            enable_idempotence=self.sink.guarantee != DeliveryGuarantee.NONE,
             **self.sink.client_options,
         )
         await self.producer.start()
