@@ -269,12 +269,13 @@ class StreamTask:
         """Every operator of this task had finished in the restored checkpoint (FLIP-147).
 
         They are not run again: their state is handed to ``initialize_state`` (so a two-phase
-        sink can commit what the checkpoint says was pending), then they are closed, and the
-        consumers get ``MAX_WATERMARK`` and ``EndOfData`` at once.
+        sink can commit what the checkpoint says was pending), and nothing else is called: no
+        ``open()``, so no ``close()`` either (``initialize_state`` releases what it acquires).
+        The consumers get ``MAX_WATERMARK`` and ``EndOfData`` at once.
         """
         for op in self.operators:
             await op.initialize_state(self._restored.get(op.uid))
-        await self._close_operators()
+        self._closed = True
         self._operators_finished = True
         await self._broadcast(MAX_WATERMARK)
         await self._broadcast(EndOfData(drain=True))

@@ -331,7 +331,9 @@ class CheckpointCoordinator:
         for task in targets:
             if not task.mailbox.try_put(TriggerCheckpointMail(barrier, stop)):
                 self._abort(
-                    pending, f"task {task.name} finished while being triggered", counts=False
+                    pending,
+                    f"task {task.name} finished while being triggered (state {task.state.value})",
+                    counts=False,
                 )
                 break
         return future

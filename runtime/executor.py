@@ -231,10 +231,17 @@ class JobMaster:
 
     async def _discover_splits(self) -> None:
         """List every source's splits once, on the coordinator, before the first attempt."""
+        restored = self.restore_point.operators if self.restore_point is not None else {}
         for vertex in self.graph.vertices:
             node = vertex.head
             source = node.transformation.source
-            if source is not None and node.uid not in self._splits:
+            if source is None or node.uid in self._splits:
+                continue
+            if node.uid in restored:
+                # Its splits, positions included, come from the restored state; a finished
+                # source is not even run, so its input need not exist any more.
+                self._splits[node.uid] = []
+            else:
                 self._splits[node.uid] = await source.discover_splits(vertex.parallelism)
 
     async def _watch_new_splits(self, vertex: JobVertex) -> None:

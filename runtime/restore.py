@@ -96,6 +96,21 @@ class RestoreReport:
                     f"operator {node.name!r} (uid {uid}) has keyed state for max parallelism "
                     f"{entry.max_parallelism}, but the job now uses {node.max_parallelism}"
                 )
+        # A task runs its chain as a whole: it cannot skip some operators and run others.
+        for vertex in graph.vertices:
+            uids = [node.uid for node in vertex.operators]
+            done = [u for u in uids if u in self.finished]
+            if done and len(done) != len(uids):
+                running = ", ".join(
+                    f"{graph.operators[u].name!r} (uid {u})" for u in uids if u not in done
+                )
+                finished = ", ".join(f"{graph.operators[u].name!r} (uid {u})" for u in done)
+                self.errors.append(
+                    f"task {vertex.name!r} chains the finished operator(s) {finished} with the "
+                    f"unfinished or new operator(s) {running}; a finished operator is not run "
+                    "again, so give the new operators their own task (disable_chaining()) or "
+                    "restore without the finished checkpoint"
+                )
         # FLIP-147: a fully finished operator may only have fully finished predecessors.
         upstream: dict[str, set[str]] = {uid: set() for uid in graph.operators}
         for vertex in graph.vertices:

@@ -14,6 +14,7 @@ A test then reads: run, crash, restore, and assert ``committed`` equals the expe
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from actors.faults import POINTS, InjectedCrash, arm, crash_point, disarm_all
@@ -111,13 +112,16 @@ class _TestingReader(SourceReader[Any]):
 class TestingSink(Sink):
     """Shared lists of what was written (``written``) and what checkpoints committed (``committed``).
 
-    Records become committed when a checkpoint taken after them completes, as with a two-phase
-    commit sink; on restore nothing is re-committed (the lists live in this process).
+    It behaves like a two-phase-commit sink: records written before a checkpoint are pre-committed
+    in its state and become committed when it completes, or on restore from it (a crash between
+    the two loses nothing). Each pre-committed batch has an id, so committing it again is a no-op.
+    Records must be msgpack-encodable, since they travel in the checkpoint.
     """
 
     def __init__(self) -> None:
         self.written: list[Any] = []
         self.committed: list[Any] = []
+        self._committed_batches: set[str] = set()
 
     @property
     def results(self) -> list[Any]:
@@ -129,26 +133,44 @@ class TestingSink(Sink):
     def create_writer(self, context: RuntimeContext) -> SinkWriter:
         return _TestingWriter(self)
 
+    def _commit(self, batch: dict[str, Any]) -> None:
+        if batch["id"] not in self._committed_batches:
+            self._committed_batches.add(batch["id"])
+            self.committed.extend(batch["records"])
+
 
 class _TestingWriter(SinkWriter):
     def __init__(self, sink: TestingSink) -> None:
         self.sink = sink
         self.staged: list[Any] = []
-        self.pending: dict[int, list[Any]] = {}
+        self.pending: list[dict[str, Any]] = []
+
+    async def restore(self, state: list[Any]) -> None:
+        crash_point("during-restore", "TestingSink")
+        for batch in state:
+            self.sink._commit(batch)
 
     async def write(self, values: list[Any]) -> None:
         self.sink.written.extend(values)
         self.staged.extend(values)
 
     async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
-        self.pending[checkpoint_id] = self.staged
-        self.staged = []
-        return []
+        if self.staged:
+            batch_id = f"{id(self):x}-{checkpoint_id}-{os.urandom(4).hex()}"
+            self.pending.append(
+                {"id": batch_id, "checkpoint": checkpoint_id, "records": self.staged}
+            )
+            self.staged = []
+        return [dict(b) for b in self.pending]
 
     async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        due = [b for b in self.pending if b["checkpoint"] <= checkpoint_id]
+        if not due:
+            return
         crash_point("before-commit", f"TestingSink, checkpoint {checkpoint_id}")
-        for cid in sorted(c for c in self.pending if c <= checkpoint_id):
-            self.sink.committed.extend(self.pending.pop(cid))
+        for batch in due:
+            self.sink._commit(batch)
+        self.pending = [b for b in self.pending if b["checkpoint"] > checkpoint_id]
 
 
 def arm_from_params(params: dict[str, str]) -> None:
