@@ -201,12 +201,21 @@ class CheckpointCoordinator:
     # ---------------------------------------------------------------- the actor loop
 
     async def run(self) -> None:
-        """Serve mail and timers until cancelled (when the attempt ends)."""
+        """Serve mail and timers until a ``("stop",)`` mail (every task finished) or cancel.
+
+        Mail is served in order, so acknowledgements sent before the tasks finished complete
+        their checkpoint (metadata written, retention applied) before the coordinator stops.
+        """
         mailbox = self.mailbox
         while True:
             mailbox.wakeup.clear()
             while mailbox.has_mail():
-                await self._handle(mailbox.take_nowait())
+                mail = mailbox.take_nowait()
+                if mail == ("stop",):
+                    for pending in list(self.pending.values()):
+                        self._abort(pending, "every task finished", counts=False)
+                    return
+                await self._handle(mail)
             if self._failure is not None:
                 raise self._failure
             now = time.monotonic()

@@ -226,8 +226,9 @@ class JobMaster:
                         group.create_task(self._watch_new_splits(vertex), name="split-discovery")
                     )
             await self._all_finished.wait()
-            for helper in helpers:
+            for helper in helpers[1:]:
                 helper.cancel()
+            self.coordinator.mailbox.put(("stop",))
 
     async def _discover_splits(self) -> None:
         """List every source's splits once, on the coordinator, before the first attempt."""

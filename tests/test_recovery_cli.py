@@ -1,0 +1,302 @@
+"""Crash recovery through the CLI: SIGKILL the job process (or let an armed crash point end it with
+status 137), restart with ``--restore latest``, and the committed output of ``examples/file_etl.py``
+is exactly right: per user every purchase number n = 1..k once, with the running totals.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from connectors.files import committed_files
+from state.storage import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "file_etl.py"
+EVENTS = ROOT / "examples" / "data" / "events.jsonl"
+RUN_TIMEOUT_S = 90.0
+
+
+def expected_output() -> dict[str, list[tuple[int, float]]]:
+    """Per user, [(n, total)] for n = 1..k, as examples/file_etl.py computes them."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    result: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
+    for line in EVENTS.read_bytes().splitlines():
+        if not line.strip():
+            continue
+        event = orjson.loads(line)
+        if event.get("kind") != "purchase":
+            continue
+        user = event["user"]
+        totals[user] = round(totals[user] + float(event["amount"]), 2)
+        result[user].append((len(result[user]) + 1, totals[user]))
+    return dict(result)
+
+
+def committed_records(out: Path) -> list[dict[str, Any]]:
+    return [
+        orjson.loads(line)
+        for path in committed_files(out)
+        for line in path.read_bytes().splitlines()
+        if line.strip()
+    ]
+
+
+def assert_exact_output(out: Path) -> None:
+    records = committed_records(out)
+    expected = expected_output()
+    by_user: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
+    for record in records:
+        assert set(record) == {"user", "total", "n"}, record
+        by_user[record["user"]].append((record["n"], record["total"]))
+    assert set(by_user) == set(expected)
+    for user, rows in by_user.items():
+        numbers = sorted(n for n, _ in rows)
+        assert numbers == list(range(1, len(expected[user]) + 1)), (
+            f"user {user}: purchase numbers {numbers[:10]}... (expected 1..{len(expected[user])},"
+            " each once)"
+        )
+        assert sorted(rows) == expected[user], f"user {user}: wrong running totals"
+    assert len(records) == sum(len(v) for v in expected.values())
+
+
+def completed_checkpoint_ids(chk: Path) -> list[int]:
+    """Ids of the chk-N folders that have their _metadata (completed checkpoints)."""
+    if not chk.is_dir():
+        return []
+    ids = []
+    for child in chk.iterdir():
+        match = re.fullmatch(r"chk-(\d+)", child.name)
+        if match and (child / "_metadata").exists():
+            ids.append(int(match.group(1)))
+    return sorted(ids)
+
+
+def max_completed(chk: Path) -> int:
+    return max(completed_checkpoint_ids(chk), default=0)
+
+
+def etl_command(out: Path, chk: Path, parallelism: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "runtime",
+        "run",
+        str(EXAMPLE),
+        "-p",
+        str(parallelism),
+        "--set",
+        "rate=2000",
+        "--set",
+        f"output={out}",
+        "--checkpoint-dir",
+        str(chk),
+        "--checkpoint-interval",
+        "100ms",
+        "--restore",
+        "latest",
+        "--no-progress",
+        "--rest-port",
+        "-1",
+        *extra,
+    ]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+    )
+
+
+def pending_entries(snapshot: Any) -> list[dict[str, Any]]:
+    """The two-phase sink's pending-file entries anywhere in an operator snapshot."""
+    found: list[dict[str, Any]] = []
+    if isinstance(snapshot, dict):
+        if {"checkpoint", "pending", "final"} <= set(snapshot):
+            found.append(snapshot)
+        else:
+            for value in snapshot.values():
+                found.extend(pending_entries(value))
+    elif isinstance(snapshot, list | tuple):
+        for value in snapshot:
+            found.extend(pending_entries(value))
+    return found
+
+
+def test_expected_output_is_not_trivial() -> None:
+    expected = expected_output()
+    assert len(expected) > 10
+    assert sum(len(v) for v in expected.values()) > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", [1, 3])
+def test_sigkill_at_checkpoints_then_restore_latest_is_exact(
+    tmp_path: Path, parallelism: int
+) -> None:
+    out, chk = tmp_path / "out", tmp_path / "chk"
+    command = etl_command(out, chk, parallelism)
+    kills = 0
+    killed_at: list[int] = []
+    for round_ in range(4):
+        start = max_completed(chk)
+        with open(tmp_path / f"stderr-{round_}.txt", "w") as stderr:
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+            try:
+                deadline = time.monotonic() + RUN_TIMEOUT_S
+                # A different kill point each round: after 2, 3, 4, 5 new completed checkpoints.
+                while proc.poll() is None and max_completed(chk) < start + 2 + round_:
+                    assert time.monotonic() < deadline, "no checkpoint progress"
+                    time.sleep(0.01)
+                if proc.poll() is not None:
+                    break  # the job ended before this kill point
+                proc.kill()
+                proc.wait()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        assert proc.returncode == -9, (tmp_path / f"stderr-{round_}.txt").read_text()
+        kills += 1
+        killed_at.append(max_completed(chk))
+        assert killed_at[-1] >= start + 2 + round_
+    assert kills >= 2, f"the job ended before being killed twice (kills at {killed_at})"
+
+    final = run(command)
+    assert final.returncode == 0, final.stderr
+    assert re.search(r"restoring checkpoint \d+ from ", final.stderr), final.stderr
+    assert_exact_output(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", [1, 3])
+def test_exit_before_commit_then_restore_commits_the_pending_files(
+    tmp_path: Path, parallelism: int
+) -> None:
+    out, chk = tmp_path / "out", tmp_path / "chk"
+    crashed = run(
+        etl_command(
+            out,
+            chk,
+            parallelism,
+            "--set",
+            "testing.crash-at=before-commit",
+            "--set",
+            "testing.crash-mode=exit",
+        )
+    )
+    assert crashed.returncode == 137, crashed.stderr
+    assert "injected crash at before-commit" in crashed.stderr
+    # The checkpoint completed (its metadata is on disk), but nothing was committed yet.
+    completed = completed_checkpoint_ids(chk)
+    assert completed, "no checkpoint completed before the crash"
+    assert committed_files(out) == []
+    checkpoint = load_checkpoint(chk / f"chk-{completed[-1]}")
+    sink_state = checkpoint.operators["output"]
+    entries = [
+        entry
+        for subtask in sorted(sink_state.subtask_states)
+        for entry in pending_entries(sink_state.subtask_states[subtask])
+    ]
+    assert entries, "the completed checkpoint names no pending files"
+    for entry in entries:
+        assert (out / entry["pending"]).exists(), entry
+
+    restored = run(etl_command(out, chk, parallelism))
+    assert restored.returncode == 0, restored.stderr
+    assert f"restoring checkpoint {completed[-1]} from " in restored.stderr
+    committed_names = {p.name for p in committed_files(out)}
+    for entry in entries:
+        assert entry["final"] in committed_names, entry
+        assert not (out / entry["pending"]).exists(), entry
+    assert_exact_output(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", [1, 3])
+def test_exit_during_restore_then_clean_restore_is_exact(tmp_path: Path, parallelism: int) -> None:
+    out, chk = tmp_path / "out", tmp_path / "chk"
+    # First a crash that leaves a completed checkpoint with pending files to restore.
+    first = run(
+        etl_command(
+            out,
+            chk,
+            parallelism,
+            "--set",
+            "testing.crash-at=before-commit",
+            "--set",
+            "testing.crash-mode=exit",
+        )
+    )
+    assert first.returncode == 137, first.stderr
+    before = completed_checkpoint_ids(chk)
+    assert before
+
+    during = run(
+        etl_command(
+            out,
+            chk,
+            parallelism,
+            "--set",
+            "testing.crash-at=during-restore",
+            "--set",
+            "testing.crash-mode=exit",
+        )
+    )
+    assert during.returncode == 137, during.stderr
+    assert "injected crash at during-restore" in during.stderr
+    assert f"restoring checkpoint {before[-1]} from " in during.stderr
+    assert completed_checkpoint_ids(chk) == before  # died before taking any checkpoint
+    assert committed_files(out) == []  # and before committing anything
+
+    clean = run(etl_command(out, chk, parallelism))
+    assert clean.returncode == 0, clean.stderr
+    assert f"restoring checkpoint {before[-1]} from " in clean.stderr
+    assert_exact_output(out)
+
+
+@pytest.mark.slow
+def test_sigkill_then_restore_at_a_different_parallelism_is_exact(tmp_path: Path) -> None:
+    """Killed at parallelism 1, restored from the latest checkpoint at parallelism 3."""
+    out, chk = tmp_path / "out", tmp_path / "chk"
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(
+            etl_command(out, chk, 1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while proc.poll() is None and max_completed(chk) < 3:
+                assert time.monotonic() < deadline, "no checkpoint progress"
+                time.sleep(0.01)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -9, (tmp_path / "stderr.txt").read_text()
+    restored = run(etl_command(out, chk, 3))
+    assert restored.returncode == 0, restored.stderr
+    assert "restoring checkpoint" in restored.stderr
+    assert_exact_output(out)
+
+
+def test_restore_latest_with_an_empty_checkpoint_dir_starts_from_the_beginning(
+    tmp_path: Path,
+) -> None:
+    out, chk = tmp_path / "out", tmp_path / "chk"
+    command = etl_command(out, chk, 1)
+    command[command.index("rate=2000")] = "rate=0"
+    result = run(command)
+    assert result.returncode == 0, result.stderr
+    assert "no valid checkpoint in" in result.stderr
+    assert "starting from the beginning" in result.stderr
+    assert_exact_output(out)
+    assert os.listdir(chk)  # the final checkpoint was written
