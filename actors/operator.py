@@ -58,6 +58,7 @@ class OperatorContext:
     scheduler: Any = None
     """Schedules processing-time timer mail on the owning task (a ``ProcessingTimeScheduler``)."""
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    checkpoint_interval_s: float | None = None
     source_position: Any = None
     """Set by the task: returns a description of the source position of the current buffer."""
 

@@ -623,6 +623,7 @@ class KafkaSink(Sink):
         transactional_id_prefix: str | None = None,
         transaction_timeout_ms: int = 900_000,
         transactional_id_pool: int = 3,
+        broker_max_transaction_timeout_ms: int | None = None,
         client_options: dict[str, Any] | None = None,
     ) -> None:
         if guarantee not in ("none", "at-least-once", "exactly-once"):
@@ -643,6 +644,8 @@ class KafkaSink(Sink):
         self.transactional_id_prefix = transactional_id_prefix
         self.transaction_timeout_ms = transaction_timeout_ms
         self.transactional_id_pool = transactional_id_pool
+        self.broker_max_transaction_timeout_ms = broker_max_transaction_timeout_ms
+        """The broker's transaction.max.timeout.ms if known (Kafka's default, 15 min, otherwise)."""
         self.client_options = client_options or {}
 
     def name(self) -> str:

@@ -458,6 +458,7 @@ class JobMaster:
                     clock=config.clock,
                     key_groups=key_group_range_for_subtask(node.max_parallelism, p, index),
                     scheduler=task,
+                    checkpoint_interval_s=self.config.checkpoint.interval_s,
                 ),
                 output,
             )

@@ -35,8 +35,11 @@ class RuntimeContext:
         params: dict[str, str],
         keyed_backend: Any = None,
         operator_state: Any = None,
+        checkpoint_interval_s: float | None = None,
     ) -> None:
         self.operator_name = operator_name
+        self.checkpoint_interval_s = checkpoint_interval_s
+        """The job's periodic checkpoint interval (None when only final checkpoints are taken)."""
         self.subtask_index = subtask_index
         self.parallelism = parallelism
         self.params = params

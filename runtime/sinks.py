@@ -68,7 +68,13 @@ class SinkOperator(StreamOperator):
         ctx = self.context
         self._state = OperatorStateStore(ctx.subtask_label)
         runtime_ctx = RuntimeContext(
-            ctx.operator_name, ctx.subtask_index, ctx.parallelism, ctx.params, None, self._state
+            ctx.operator_name,
+            ctx.subtask_index,
+            ctx.parallelism,
+            ctx.params,
+            None,
+            self._state,
+            ctx.checkpoint_interval_s,
         )
         self.writer = self.sink.create_writer(runtime_ctx)
         if restored is not None and "operator" in restored:

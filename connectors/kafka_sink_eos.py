@@ -1,0 +1,249 @@
+"""The exactly-once Kafka sink writer: one Kafka transaction per checkpoint and subtask.
+
+Protocol (two-phase commit):
+
+1. Records of a checkpoint period go into one transaction, begun at the period's first record.
+2. Snapshot (pre-commit): flush, await every acknowledgement, and record the transaction
+   (transactional id, producer id, epoch, checkpoint id) in operator state. The next period uses
+   another id of the pool.
+3. ``notify_checkpoint_complete(n)``: commit every pre-committed transaction of checkpoints
+   ``<= n``; the id goes back to the pool only once its commit succeeded. A commit whose outcome
+   is unknown (error, timeout) fails the task: it is never reported as done.
+4. Restore: commit again every transaction the state says was pre-committed, with its recorded
+   producer id and epoch (an EndTxn request). Then start this subtask's pool, which aborts what a
+   failed attempt left open on those ids (a new producer on an id fences the old one).
+
+Guard rails learned from Flink's Kafka sink:
+
+- A bounded pool of transactional ids ``<prefix>-<subtask>-<k>``, reused across checkpoints (a new
+  id per checkpoint exhausts brokers' transaction state). Every transaction gets a fresh producer,
+  so the epoch grows with each transaction on an id: re-committing an old pre-committed
+  transaction after its id moved on is refused as fenced, which proves it was committed (ids are
+  only reused after a successful commit).
+- The prefix is required and must be unique per job (jobs sharing it fence each other).
+- At start: the transaction timeout must exceed the checkpoint interval plus a restart allowance,
+  and must not exceed the broker's ``transaction.max.timeout.ms``; otherwise a clear error.
+- A period without records begins no transaction, so there is never an empty one to lose; an
+  empty transaction (begin, commit) also commits correctly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.client import AIOKafkaClient, CoordinationType
+from aiokafka.errors import for_code
+from aiokafka.protocol.transaction import EndTxnRequest
+
+from actors.faults import crash_point
+from connectors.kafka_txn import create_transactional_producer
+from runtime.functions import RuntimeContext
+from runtime.sinks import SinkWriter
+
+if TYPE_CHECKING:
+    from connectors.kafka import KafkaSink
+
+log = logging.getLogger(__name__)
+
+RESTART_ALLOWANCE_MS = 60_000
+"""Time a failed job may take to restart and re-commit before its open transactions time out."""
+DEFAULT_BROKER_MAX_TIMEOUT_MS = 900_000
+COMMIT_TIMEOUT_S = 60.0
+
+
+class TransactionCommitError(RuntimeError):
+    """A pre-committed transaction could not be committed, or its outcome is unknown."""
+
+
+class ExactlyOnceWriter(SinkWriter):
+    def __init__(self, sink: KafkaSink, context: RuntimeContext) -> None:
+        self.sink = sink
+        self.context = context
+        self.prefix = f"{sink.transactional_id_prefix}-{context.subtask_index}"
+        self.free: deque[str] = deque(
+            f"{self.prefix}-{k}" for k in range(sink.transactional_id_pool)
+        )
+        self.current: AIOKafkaProducer | None = None
+        self.current_id: str | None = None
+        self.inflight: list[asyncio.Future[Any]] = []
+        self.precommitted: list[dict[str, Any]] = []
+        self.producers: dict[str, AIOKafkaProducer] = {}
+        self._old_parallelism = context.parallelism
+
+    # ---------------------------------------------------------------- guard rails
+
+    def _check_timeout(self) -> None:
+        timeout = self.sink.transaction_timeout_ms
+        interval = self.context.checkpoint_interval_s
+        required = int((interval or 0) * 1000) + RESTART_ALLOWANCE_MS
+        if timeout < required:
+            msg = (
+                f"KafkaSink {self.context.operator_name!r}: transaction_timeout_ms={timeout} is too "
+                f"short: it must exceed the checkpoint interval ({interval}s) plus "
+                f"{RESTART_ALLOWANCE_MS} ms to restart, or the broker aborts transactions that "
+                "are waiting for their checkpoint (data loss)"
+            )
+            raise ValueError(msg)
+        maximum = self.sink.broker_max_transaction_timeout_ms or DEFAULT_BROKER_MAX_TIMEOUT_MS
+        if timeout > maximum:
+            msg = (
+                f"KafkaSink {self.context.operator_name!r}: transaction_timeout_ms={timeout} "
+                f"exceeds the broker's transaction.max.timeout.ms ({maximum}); lower it or raise "
+                "the broker's limit"
+            )
+            raise ValueError(msg)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def restore(self, state: list[Any]) -> None:
+        crash_point(
+            "during-restore", f"Kafka exactly-once sink subtask {self.context.subtask_index}"
+        )
+        for entry in state:
+            if entry.get("kind") == "owner":
+                self._old_parallelism = max(self._old_parallelism, entry["parallelism"])
+        pending = sorted(
+            (e for e in state if e.get("kind") == "transaction"), key=lambda e: e["checkpoint"]
+        )
+        if pending:
+            await self._recommit(pending)
+
+    async def _recommit(self, entries: list[dict[str, Any]]) -> None:
+        client = AIOKafkaClient(bootstrap_servers=self.sink.bootstrap_servers)
+        await client.bootstrap()
+        try:
+            for entry in entries:
+                tid = entry["transactional_id"]
+                node = await client.coordinator_lookup(CoordinationType.TRANSACTION, tid)
+                request = EndTxnRequest(tid, entry["producer_id"], entry["epoch"], True)
+                response = await asyncio.wait_for(client.send(node, request), COMMIT_TIMEOUT_S)
+                error = for_code(response.error_code)
+                if response.error_code == 0:
+                    log.info(
+                        "re-committed transaction %s of checkpoint %s", tid, entry["checkpoint"]
+                    )
+                elif error.__name__ in ("ProducerFenced", "InvalidProducerEpoch"):
+                    # The id moved on to a newer transaction, which happens only after this one
+                    # committed (see the module docstring).
+                    log.info(
+                        "transaction %s of checkpoint %s was already committed",
+                        tid,
+                        entry["checkpoint"],
+                    )
+                else:
+                    msg = (
+                        f"KafkaSink {self.context.operator_name!r}: cannot commit transaction {tid} "
+                        f"pre-committed at checkpoint {entry['checkpoint']}: {error.__name__}; if "
+                        "it timed out on the broker its records are lost"
+                    )
+                    raise TransactionCommitError(msg)
+        finally:
+            await client.close()
+
+    async def open(self) -> None:
+        self._check_timeout()
+        # Starting a producer on each id of the pool fences whatever a failed attempt left open.
+        ids = list(self.free)
+        if self.context.subtask_index == 0:
+            for old in range(self.context.parallelism, self._old_parallelism):
+                ids.extend(
+                    f"{self.sink.transactional_id_prefix}-{old}-{k}"
+                    for k in range(self.sink.transactional_id_pool)
+                )
+        for tid in ids:
+            producer = self._new_producer(tid)
+            await producer.start()
+            await producer.stop()
+
+    def _new_producer(self, transactional_id: str) -> AIOKafkaProducer:
+        producer: AIOKafkaProducer = create_transactional_producer(
+            self.sink.bootstrap_servers,
+            transactional_id,
+            self.sink.transaction_timeout_ms,
+            **self.sink.client_options,
+        )
+        return producer
+
+    async def write(self, values: list[Any]) -> None:
+        if self.current is None:
+            if not self.free:
+                msg = (
+                    f"KafkaSink {self.context.operator_name!r}: all "
+                    f"{self.sink.transactional_id_pool} transactional ids are waiting for their "
+                    "checkpoint to complete; raise transactional_id_pool above the number of "
+                    "checkpoints that can be pending at once"
+                )
+                raise TransactionCommitError(msg)
+            tid = self.free.popleft()
+            producer = self._new_producer(tid)
+            await producer.start()
+            await producer.begin_transaction()
+            self.current, self.current_id = producer, tid
+        send = self.current.send
+        for topic, key, value in self.sink.records(values):
+            self.inflight.append(await send(topic, value, key=key))
+
+    async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
+        if self.current is not None:
+            await self.current.flush()
+            inflight, self.inflight = self.inflight, []
+            for future in inflight:
+                await future
+            txn = self.current._txn_manager
+            assert self.current_id is not None
+            self.precommitted.append(
+                {
+                    "kind": "transaction",
+                    "checkpoint": checkpoint_id,
+                    "transactional_id": self.current_id,
+                    "producer_id": txn.producer_id,
+                    "epoch": txn.producer_epoch,
+                }
+            )
+            self.producers[self.current_id] = self.current
+            self.current, self.current_id = None, None
+        owner = {
+            "kind": "owner",
+            "subtask": self.context.subtask_index,
+            "parallelism": self.context.parallelism,
+        }
+        return [owner, *(dict(e) for e in self.precommitted)]
+
+    async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
+        due = [e for e in self.precommitted if e["checkpoint"] <= checkpoint_id]
+        if not due:
+            return
+        crash_point(
+            "before-commit", f"Kafka exactly-once sink subtask {self.context.subtask_index}"
+        )
+        for entry in due:
+            tid = entry["transactional_id"]
+            producer = self.producers[tid]
+            try:
+                await asyncio.wait_for(producer.commit_transaction(), COMMIT_TIMEOUT_S)
+            except Exception as exc:
+                msg = (
+                    f"KafkaSink {self.context.operator_name!r}: committing transaction {tid} of "
+                    f"checkpoint {entry['checkpoint']} failed or timed out ({exc!r}); the job "
+                    "fails over and commits it again from the checkpoint"
+                )
+                raise TransactionCommitError(msg) from exc
+            del self.producers[tid]
+            await producer.stop()
+            self.precommitted.remove(entry)
+            self.free.append(tid)
+
+    async def close(self) -> None:
+        # Open or pre-committed transactions stay as they are: a restore commits the
+        # pre-committed ones and fences the rest.
+        for producer in [self.current, *self.producers.values()]:
+            if producer is not None:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+        self.current = None
+        self.producers.clear()
