@@ -16,7 +16,8 @@ Rules:
 1. The barrier of checkpoint *n* on the last live channel completes alignment: trigger the snapshot
    for *n*, unblock everything, back to waiting.
 2. A barrier of a newer checkpoint *m > n* while collecting *n* aborts *n* (subsumed) and starts *m*.
-3. Barriers of a checkpoint that was already triggered or aborted are ignored (late arrivals).
+3. Barriers of a checkpoint that was already triggered, aborted or subsumed by the one being
+   aligned are ignored (late arrivals).
 4. A :class:`~actors.events.CancelCheckpointMarker` for *n* (or newer) aborts the alignment and is
    forwarded once; channels that ended (``EndOfPartition``) no longer count, which can complete an
    alignment that only waited for them.
@@ -96,6 +97,8 @@ class CheckpointBarrierHandler:
         checkpoint_id = barrier.checkpoint_id
         if checkpoint_id <= self.latest_handled_id:
             return actions  # rule 3
+        if self.pending is not None and checkpoint_id < self.pending.checkpoint_id:
+            return actions  # rule 3: a barrier of a checkpoint the pending one subsumed
         if self.pending is not None and checkpoint_id > self.pending.checkpoint_id:
             actions.append(self._abort(f"subsumed by checkpoint {checkpoint_id}"))  # rule 2
         if self.pending is None:

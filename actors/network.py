@@ -302,6 +302,13 @@ class InputGate:
         input_index: int = 0,
         description: str = "",
     ) -> InputChannel:
+        if exclusive_credits < 1:
+            msg = (
+                f"{self.owner}: every input channel needs at least 1 exclusive credit (got "
+                f"{exclusive_credits}): a sender without credit never sends the first buffer "
+                "that would announce its backlog"
+            )
+            raise ValueError(msg)
         channel = InputChannel(
             self, len(self.channels), sender, exclusive_credits, input_index, description
         )

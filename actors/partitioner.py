@@ -80,6 +80,10 @@ class KeyGroupPartitioner(Partitioner):
 
     def route(self, values: list[Any], timestamps: list[int] | None, channels: int) -> Routed:
         if channels == 1:
+            if values:
+                # One channel needs no routing, but a key without a stable hash must fail here
+                # as it would at any other parallelism, not later in a snapshot.
+                stable_hash(self.key_selector(values[0]))
             return [(0, values, timestamps)]
         selector = self.key_selector
         maxp = self.max_parallelism

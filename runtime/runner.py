@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,10 @@ def load_job_file(path: str | Path) -> BuildFunction:
     sys.path.insert(0, str(file.resolve().parent))
     try:
         spec.loader.exec_module(module)
+    except Exception as exc:
+        detail = "".join(traceback.format_exception(exc, limit=-3))
+        msg = f"job file {str(file)!r} cannot be imported: {type(exc).__name__}: {exc}\n{detail}"
+        raise JobFileError(msg) from exc
     finally:
         sys.path.remove(str(file.resolve().parent))
     build = getattr(module, "build", None)

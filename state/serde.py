@@ -31,8 +31,24 @@ class StateSerializer:
 
 
 def _default(obj: Any) -> Any:
+    # strict_types sends subclasses here too: encode them as their base type (a Counter as a
+    # dict, a StrEnum as its str); only real tuples keep their tuple-ness.
     if isinstance(obj, tuple):
         return msgpack.ExtType(_TUPLE_EXT, packb(list(obj)))
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, str):
+        return str.__str__(obj)
+    if isinstance(obj, bytes):
+        return bytes(obj)
+    if isinstance(obj, dict):
+        return dict(obj)
+    if isinstance(obj, list):
+        return list(obj)
     msg = f"cannot encode {type(obj).__name__}"
     raise TypeError(msg)
 
