@@ -13,6 +13,8 @@ from state.keygroups import stable_hash
 
 Routed = list[tuple[int, list[Any], list[int] | None]]
 
+_PLAIN_KEY_TYPES = frozenset({str, int, bytes})
+
 
 class Partitioner:
     """Base class. ``name`` appears in plans and error messages."""
@@ -80,10 +82,14 @@ class KeyGroupPartitioner(Partitioner):
 
     def route(self, values: list[Any], timestamps: list[int] | None, channels: int) -> Routed:
         if channels == 1:
-            if values:
-                # One channel needs no routing, but a key without a stable hash must fail here
-                # as it would at any other parallelism, not later in a snapshot.
-                stable_hash(self.key_selector(values[0]))
+            # One channel needs no routing, but a key without a stable hash must fail here as it
+            # would at any other parallelism, not later in a snapshot. Common key types skip the
+            # hash; anything else is hashed once to validate it.
+            selector = self.key_selector
+            for value in values:
+                key = selector(value)
+                if type(key) not in _PLAIN_KEY_TYPES:
+                    stable_hash(key)
             return [(0, values, timestamps)]
         selector = self.key_selector
         maxp = self.max_parallelism
