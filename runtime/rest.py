@@ -2,7 +2,8 @@
 
 Routes:
 
-- ``GET /status``: job status, attempt, tasks and their states, records in/out per operator.
+- ``GET /status``: job status, attempt, tasks and their states, records in/out per operator, and
+  per source task the lag of each split (Kafka: records behind each partition's high watermark).
 - ``GET /checkpoints``: counts, the latest completed checkpoint, and the history (id, kind,
   status, trigger time, duration, alignment per task, state size, failure).
 - ``POST /savepoints`` with ``{"dir": DIR}``: take a savepoint into DIR; answers with its path.
@@ -81,6 +82,7 @@ class ControlServer:
                     }
                     for s in master.operator_summaries(include_live=True)
                 ],
+                "source_lag": _source_lag(master.tasks),
             }
         )
 
@@ -134,6 +136,17 @@ class ControlServer:
     async def _cancel_job(self, request: web.Request) -> web.Response:
         asyncio.get_running_loop().call_soon(self._cancel)
         return web.json_response({"status": "cancelling"})
+
+
+def _source_lag(tasks: list[Any]) -> dict[str, dict[str, int]]:
+    """Per source task, records behind the end of each split (Kafka: per partition)."""
+    result: dict[str, dict[str, int]] = {}
+    for task in tasks:
+        reader = getattr(task.head, "reader", None)
+        lag = getattr(reader, "lag", None)
+        if lag is not None and task.state.value in ("running", "finishing"):
+            result[task.name] = lag()
+    return result
 
 
 class ControlClientError(RuntimeError):
