@@ -99,7 +99,12 @@ def failing_record(exc: BaseException, values: list[Any]) -> tuple[int, Any] | N
     candidate: Any = _MISSING
     while tb is not None:
         frame = tb.tb_frame
-        if frame.f_code.co_name in {"<listcomp>", "<genexpr>", "process_batch"}:
+        if frame.f_code.co_name in {
+            "<listcomp>",
+            "<genexpr>",
+            "process_batch",
+            "_process_elements",
+        }:
             for name in ("value", "v", "record"):
                 if name in frame.f_locals:
                     candidate = frame.f_locals[name]

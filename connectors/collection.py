@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.sources import (
+    END_OF_INPUT,
+    EndOfInput,
+    Source,
+    SourceReader,
+    SourceReaderContext,
+    contiguous_splits,
+)
 from runtime.testing import TestingSink
 
 
@@ -24,12 +31,7 @@ class CollectionSource(Source[Any]):
         return "Collection"
 
     def create_splits(self, parallelism: int) -> list[Any]:
-        n = len(self.elements)
-        bounds = [n * i // parallelism for i in range(parallelism + 1)]
-        return [
-            {"split": i, "start": bounds[i], "end": bounds[i + 1], "next": bounds[i]}
-            for i in range(parallelism)
-        ]
+        return list(contiguous_splits(len(self.elements), parallelism))
 
     def create_reader(self, context: SourceReaderContext) -> SourceReader[Any]:
         return _CollectionReader(self.elements)

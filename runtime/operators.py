@@ -210,10 +210,20 @@ class KeyedProcessOperator(UserFunctionOperator):
     async def process_batch(
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
-        fn = self.function
-        process = fn.process_element
-        key_of = self.key_selector
-        assert key_of is not None and self.keyed_backend is not None
+        assert self.key_selector is not None
+        await self._process_elements(
+            values, timestamps, self.key_selector, self.function.process_element
+        )
+
+    async def _process_elements(
+        self,
+        values: list[Any],
+        timestamps: list[int] | None,
+        key_of: Callable[[Any], Any],
+        process: Callable[[Any, Any, Any], None],
+    ) -> None:
+        """Call ``process`` per record with its key set on the state backend and the context."""
+        assert self.keyed_backend is not None
         backend = self.keyed_backend
         ctx = self._ctx
         out = self._out
@@ -292,25 +302,10 @@ class KeyedCoProcessOperator(KeyedProcessOperator):
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
         fn = self.function
-        process = fn.process_element1 if input_index == 0 else fn.process_element2
         key_of = self._selectors[input_index]
-        assert key_of is not None and self.keyed_backend is not None
-        backend = self.keyed_backend
-        ctx = self._ctx
-        out = self._out
-        try:
-            for position, value in enumerate(values):
-                key = key_of(value)
-                backend.current_key = key
-                ctx.current_key = key
-                ts = None if timestamps is None else timestamps[position]
-                ctx.timestamp = ts
-                out._default_ts = ts
-                process(value, ctx, out)
-        except Exception as exc:
-            raise self.user_error(exc, values) from exc
-        emitted, emitted_ts = out._take()
-        await self.output.emit(emitted, emitted_ts)
+        assert key_of is not None
+        process = fn.process_element1 if input_index == 0 else fn.process_element2
+        await self._process_elements(values, timestamps, key_of, process)
 
     async def end_input(self, input_index: int) -> None:
         try:

@@ -122,6 +122,16 @@ class Source(Generic[T]):
         return split.get("split") if isinstance(split, dict) else split
 
 
+def contiguous_splits(count: int, parallelism: int) -> list[dict[str, int]]:
+    """``parallelism`` splits over positions ``0..count-1``, contiguous and near-equal in size:
+    ``{"split": i, "start": a, "end": b, "next": a}`` (``next`` is the read position)."""
+    bounds = [count * i // parallelism for i in range(parallelism + 1)]
+    return [
+        {"split": i, "start": bounds[i], "end": bounds[i + 1], "next": bounds[i]}
+        for i in range(parallelism)
+    ]
+
+
 def assign_splits(
     source: Source[Any], splits: list[Any], parallelism: int, subtask_index: int
 ) -> list[Any]:

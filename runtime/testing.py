@@ -20,7 +20,14 @@ from typing import Any
 from actors.faults import POINTS, InjectedCrash, arm, crash_point, disarm_all
 from runtime.functions import RuntimeContext
 from runtime.sinks import Sink, SinkWriter
-from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.sources import (
+    END_OF_INPUT,
+    EndOfInput,
+    Source,
+    SourceReader,
+    SourceReaderContext,
+    contiguous_splits,
+)
 
 __all__ = [
     "POINTS",
@@ -58,12 +65,7 @@ class TestingSource(Source[Any]):
         return "Testing"
 
     def create_splits(self, parallelism: int) -> list[Any]:
-        n = len(self.elements)
-        bounds = [n * i // parallelism for i in range(parallelism + 1)]
-        return [
-            {"split": i, "start": bounds[i], "end": bounds[i + 1], "next": bounds[i]}
-            for i in range(parallelism)
-        ]
+        return list(contiguous_splits(len(self.elements), parallelism))
 
     def create_reader(self, context: SourceReaderContext) -> SourceReader[Any]:
         return _TestingReader(self)
