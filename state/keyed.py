@@ -188,7 +188,6 @@ class KeyedStateBackend:
         self.current_key: Any = None
         self._states: dict[str, _KeyedState] = {}
         self._restored: dict[str, dict[Any, Any]] = {}
-        self._key_groups: dict[Any, int] = {}
 
     def set_current_key(self, key: Any) -> None:
         self.current_key = key
@@ -221,16 +220,14 @@ class KeyedStateBackend:
         return iter(list(state._values)) if state is not None else iter(())
 
     def snapshot(self) -> dict[str, Any]:
-        """``{state name: {"kind", "keys", "values", "key_groups"}}``: three parallel columns.
+        """``{state name: {"kind", "keys", "values"}}``: two parallel columns.
 
-        Every entry carries its key group, so a restore at any parallelism keeps exactly the
-        entries of the key groups it owns. Columns (not one small list per entry) keep encoding and
-        decoding fast; key groups are cached per key, so only keys new since the last snapshot are
-        hashed.
+        Columns (not one small list per entry) keep encoding fast, and the key group of each entry
+        is not stored: snapshots are frequent and restores rare, so a restore recomputes it
+        (``stable_hash`` is the same in every process) and keeps the entries of the key groups it
+        owns, at any parallelism.
         """
         result: dict[str, Any] = {}
-        cache = self._key_groups
-        maxp = self.max_parallelism
         for name in sorted(set(self._states) | set(self._restored)):
             state = self._states.get(name)
             if state is None:
@@ -240,30 +237,23 @@ class KeyedStateBackend:
                 values = state._values
                 kind = state._descriptor.kind
                 serializer = state._descriptor.serializer
-            keys = list(values)
-            for key in values.keys() - cache.keys():
-                cache[key] = key_group_for_key(key, maxp)
             column = list(values.values())
             if serializer is not None:
                 column = [serializer.to_data(v) for v in column]
-            result[name] = {
-                "kind": kind,
-                "keys": keys,
-                "values": column,
-                "key_groups": list(map(cache.__getitem__, keys)),
-            }
+            result[name] = {"kind": kind, "keys": list(values), "values": column}
         return result
 
     def restore(self, snapshots: list[dict[str, Any]]) -> None:
         """Take the entries of this backend's key groups from every given snapshot."""
         first, last = self.key_groups.start, self.key_groups.end
-        cache = self._key_groups
+        maxp = self.max_parallelism
+        owned: dict[Any, bool] = {}
         for snapshot in snapshots:
             for name, entry in snapshot.items():
                 target = self._restored.setdefault(name, {})
-                for key, value, key_group in zip(
-                    entry["keys"], entry["values"], entry["key_groups"], strict=True
-                ):
-                    if first <= key_group <= last:
+                for key, value in zip(entry["keys"], entry["values"], strict=True):
+                    mine = owned.get(key)
+                    if mine is None:
+                        mine = owned[key] = first <= key_group_for_key(key, maxp) <= last
+                    if mine:
                         target[key] = value
-                        cache[key] = key_group
