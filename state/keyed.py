@@ -1,8 +1,9 @@
 """Keyed state: value, list, map and reducing state scoped to the current key.
 
-The in-memory backend keeps one dict per state, keyed by the user's key. Key groups are computed
-when a snapshot is taken (not per record), and a snapshot is organised by key group so that restore
-at any parallelism takes exactly the key groups a subtask owns.
+The in-memory backend keeps one dict per state, keyed by the user's key. Every key belongs to the
+key group ``stable_hash(key) % max_parallelism``; a subtask only ever holds keys of the key groups
+it owns, and a restore at any parallelism keeps exactly the entries of its key groups. The key
+group is computed when routing and when restoring, never per snapshot.
 
 Threading model: a backend belongs to one operator of one subtask and is only touched by that
 subtask's actor, so nothing here locks.
