@@ -219,12 +219,19 @@ class KafkaSource(Source[Any]):
                 ends = await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
                 stops.update(ends)
         starts = await self._start_offsets(consumer, partitions)
+        from_timestamp = (
+            int(self.start[1])
+            if isinstance(self.start, tuple) and self.start[0] == "timestamp"
+            else None
+        )
         return [
             {
                 "topic": tp.topic,
                 "partition": tp.partition,
                 "offset": starts[tp],
                 "stop": stops[tp],
+                # Until a record at or after this time is read, earlier records are skipped.
+                "from_timestamp": from_timestamp,
             }
             for tp in partitions
         ]
@@ -240,6 +247,8 @@ class KafkaSource(Source[Any]):
         if self.start == "latest":
             return await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
         if isinstance(self.start, tuple) and self.start[0] == "timestamp":
+            # The broker's answer is a hint (some brokers answer the log start for any time);
+            # the reader also skips records before the timestamp (see "from_timestamp").
             found = await consumer.offsets_for_times({tp: int(self.start[1]) for tp in partitions})
             ends = await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
             return {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in partitions}
@@ -326,6 +335,7 @@ class KafkaSourceReader(SourceReader[Any]):
         self.splits: dict[tuple[str, int], dict[str, Any]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._dead_letters: AIOKafkaProducer | None = None
+        self._dead_letter_queue: list[tuple[bytes | None, bytes | None, list[Any]]] = []
         self._committer: AIOKafkaConsumer | None = None
         self._queue: deque[tuple[TopicPartition, list[Any]]] = deque()
         self._room = asyncio.Event()
@@ -363,7 +373,7 @@ class KafkaSourceReader(SourceReader[Any]):
             self._consumer.seek(TopicPartition(split["topic"], split["partition"]), split["offset"])
 
     async def start(self) -> None:
-        if not self.splits:
+        if not self.splits and self.source.bounded:
             return
         self._consumer = self.source.consumer(isolation_level="read_committed")
         await self._consumer.start()
@@ -392,6 +402,7 @@ class KafkaSourceReader(SourceReader[Any]):
                     self._assignment_changed.clear()
                     await self._assignment_changed.wait()
                     continue
+                await self._send_dead_letters()
                 while len(self._queue) >= MAX_QUEUED_BATCHES:
                     self._room.clear()
                     await self._room.wait()
@@ -419,7 +430,9 @@ class KafkaSourceReader(SourceReader[Any]):
             msg = f"{self.context.source_name}: fetching from Kafka failed: {error}"
             raise ConnectionError(msg) from error
         if not self._active():
-            return END_OF_INPUT if self.source.bounded or not self.splits else None
+            # Bounded: every partition reached its stop offset (or none was assigned). Unbounded:
+            # idle until discovery assigns a partition.
+            return END_OF_INPUT if self.source.bounded else None
         while self._queue:
             tp, records = self._queue.popleft()
             if len(self._queue) < MAX_QUEUED_BATCHES:
@@ -449,6 +462,11 @@ class KafkaSourceReader(SourceReader[Any]):
                 continue  # re-delivered after a seek: already emitted
             if stop is not None and record.offset >= stop:
                 break
+            if split.get("from_timestamp") is not None:
+                if record.timestamp < split["from_timestamp"]:
+                    split["offset"] = record.offset + 1
+                    continue
+                split["from_timestamp"] = None
             try:
                 value = value_of(record.value)
             except Exception as exc:
@@ -493,11 +511,9 @@ class KafkaSourceReader(SourceReader[Any]):
                 ("source.offset", str(record.offset).encode()),
                 ("error", f"{type(exc).__name__}: {exc}".encode()[:1000]),
             ]
-            # The send is awaited at the next snapshot (flush), so a checkpoint never completes
-            # with a dead letter unacknowledged.
-            self._dead_letters.send(
-                self.source.dead_letter_topic, record.value, key=record.key, headers=headers
-            )
+            # Sent by the fetch loop and awaited before the next snapshot, so a checkpoint never
+            # moves past a dead letter that was not acknowledged.
+            self._dead_letter_queue.append((record.value, record.key, headers))
         else:
             log.warning(
                 "%s: skipped undeserialisable record at %s: %s",
@@ -529,10 +545,22 @@ class KafkaSourceReader(SourceReader[Any]):
     def snapshot_splits(self) -> list[Any]:
         return [dict(s) for s in self.splits.values()]
 
+    async def _send_dead_letters(self) -> None:
+        if self._dead_letters is None or not self._dead_letter_queue:
+            return
+        queue, self._dead_letter_queue = self._dead_letter_queue, []
+        topic = self.source.dead_letter_topic
+        assert topic is not None
+        futures = [
+            await self._dead_letters.send(topic, value, key=key, headers=headers)
+            for value, key, headers in queue
+        ]
+        for future in futures:
+            await future
+
     async def prepare_snapshot(self) -> None:
         # Dead letters are acknowledged before the checkpoint that moves past them.
-        if self._dead_letters is not None:
-            await self._dead_letters.flush()
+        await self._send_dead_letters()
 
     def lag(self) -> dict[str, int]:
         """Records behind the partition's high watermark, per ``topic[partition]``."""
