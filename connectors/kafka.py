@@ -362,6 +362,30 @@ class KafkaSourceReader(SourceReader[Any]):
             self._assign()
             self._assignment_changed.set()
 
+    async def _reconcile_stops(self) -> None:
+        """Restored splits carry the boundedness of the run that wrote them: this run's wins.
+
+        A bounded run restored from an unbounded one stops at the end offsets seen now (or the
+        given ``stop_offsets``); an unbounded run restored from a bounded one reads on forever.
+        """
+        source = self.source
+        if not source.bounded:
+            for split in self.splits.values():
+                split["stop"] = None
+            return
+        open_ended = [s for s in self.splits.values() if s["stop"] is None]
+        if not open_ended:
+            return
+        assert self._consumer is not None
+        if source.stop_offsets is not None:
+            for split in open_ended:
+                split["stop"] = source.stop_offsets.get((split["topic"], split["partition"]), 0)
+            return
+        partitions = [TopicPartition(s["topic"], s["partition"]) for s in open_ended]
+        ends = await confirmed_end_offsets(self._consumer, partitions, source.bootstrap_servers)
+        for split, tp in zip(open_ended, partitions, strict=True):
+            split["stop"] = max(ends[tp], split["offset"])
+
     def _active(self) -> list[dict[str, Any]]:
         return [s for s in self.splits.values() if s["stop"] is None or s["offset"] < s["stop"]]
 
@@ -388,6 +412,7 @@ class KafkaSourceReader(SourceReader[Any]):
         for split in self.splits.values():
             if split["offset"] is None:
                 split["offset"] = 0
+        await self._reconcile_stops()
         self._assign()
         self._fetch_task = asyncio.get_running_loop().create_task(
             self._fetch_loop(), name=f"kafka-fetch {self.context.source_name}"
