@@ -312,13 +312,18 @@ async def confirmed_end_offsets(
             probe.assign([tp])
             probe.seek(tp, reported[tp] - 1)
             end = reported[tp]
+            # The record before the reported end exists, so the first fetch may wait for it (a
+            # busy broker can answer a short fetch with nothing); later ones only confirm that
+            # nothing follows.
+            timeout_ms = 5000
             while True:
-                batch = await probe.getmany(tp, timeout_ms=300)
+                batch = await probe.getmany(tp, timeout_ms=timeout_ms)
                 records = batch.get(tp, [])
                 if not records:
                     break
                 end = max(end, records[-1].offset + 1)
                 probe.seek(tp, end)
+                timeout_ms = 500
             result[tp] = end
     finally:
         if probe is not None:
@@ -471,6 +476,10 @@ class KafkaSourceReader(SourceReader[Any]):
             result = self._convert(split, records)
             if result is not None:
                 return result
+        # Converting may have moved every partition to its stop offset without emitting anything
+        # (all records skipped): say so now, as no fetch will wake the task again.
+        if self.source.bounded and not self._active():
+            return END_OF_INPUT
         return None
 
     def _convert(
