@@ -1,0 +1,742 @@
+"""KafkaSource in-process: bounded reads at any parallelism, record metadata, start positions,
+splits that appear while running, bad records (fail / skip / dead-letter), backpressure, offsets
+committed to the group after a checkpoint, and per-partition lag.
+
+Runs against the session broker of ``kafka_fixtures`` (Tansu, or ``KAFKA_BOOTSTRAP_SERVERS``); each
+test uses topics and groups of its own. Waiting is always polling a condition with a deadline.
+
+Tansu 0.6 cannot add partitions to an existing topic: it does not advertise CreatePartitions (API
+key 37), so ``AIOKafkaAdminClient.create_partitions`` raises ``IncompatibleBrokerVersion``. Splits
+that appear while a job runs are therefore tested with a new topic matching ``pattern=``; the
+new-partition branch of split discovery is tested on ``KafkaSource.discover_new_splits`` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import kafka_fixtures
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from kafka_fixtures import CONSUMER_FETCH_LIMITS, create_topics, unique_name
+
+from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, DEFAULT_SENDER_QUEUE
+from connectors import CollectSink
+from connectors.kafka import MAX_QUEUED_BATCHES, KafkaRecord, KafkaSource, KafkaSourceReader
+from runtime import ExecutionConfig, JobFailedError, Sink, SinkWriter, run_job_async
+from runtime.coordinator import CheckpointConfig
+from runtime.executor import JobMaster
+from runtime.runner import build_graph
+from runtime.sources import DEFAULT_SOURCE_BATCH, SourceOperator
+from state.storage import CheckpointKind
+
+kafka_bootstrap = kafka_fixtures.kafka_bootstrap
+
+WAIT_S = 20.0
+# KafkaSourceReader's fetch loop asks aiokafka for at most this many records per getmany().
+FETCH_MAX_RECORDS = 2048
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    records: list[dict[str, Any]],
+    **producer_options: Any,
+) -> list[tuple[int, int]]:
+    """Sends every record (keys: value, partition, key, headers, timestamp_ms) without awaiting
+    each delivery, then waits for all acknowledgements. Returns (partition, offset) per record."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **producer_options)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(
+                topic,
+                r["value"],
+                key=r.get("key"),
+                partition=r.get("partition"),
+                headers=r.get("headers"),
+                timestamp_ms=r.get("timestamp_ms"),
+            )
+            for r in records
+        ]
+        await producer.flush()
+        metadata = [await f for f in futures]
+    finally:
+        await producer.stop()
+    return [(m.partition, m.offset) for m in metadata]
+
+
+def json_records(count: int, partitions: int, **extra: Any) -> list[dict[str, Any]]:
+    """``{"i": i, "p": i % partitions}`` to partition ``i % partitions``."""
+    return [
+        {"value": orjson.dumps({"i": i, "p": i % partitions, **extra}), "partition": i % partitions}
+        for i in range(count)
+    ]
+
+
+async def wait_until(
+    condition: Callable[[], Any], what: str, job: asyncio.Task[Any] | None = None
+) -> Any:
+    """Polls ``condition`` until truthy; fails (with the job's error, if it ended) otherwise."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        value = condition()
+        if value:
+            return value
+        if job is not None and job.done():
+            job.result()  # raises the job's failure
+            pytest.fail(f"the job ended before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {WAIT_S}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running_job(
+    build: Callable[[Any], None], parallelism: int = 1, config: ExecutionConfig | None = None
+) -> AsyncIterator[tuple[JobMaster, asyncio.Task[Any]]]:
+    """Runs the job in the background; cancels it (every task closes) on exit."""
+    master = JobMaster(build_graph(build, None, parallelism), config)
+    job = asyncio.create_task(master.run())
+    try:
+        yield master, job
+    finally:
+        if not job.done():
+            job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+
+
+def source_readers(master: JobMaster) -> list[KafkaSourceReader]:
+    return [
+        t.head.reader
+        for t in master.tasks
+        if isinstance(t.head, SourceOperator) and hasattr(t.head, "reader")
+    ]
+
+
+def source_operators(master: JobMaster) -> list[SourceOperator]:
+    return [t.head for t in master.tasks if isinstance(t.head, SourceOperator)]
+
+
+def readers_started(master: JobMaster) -> bool:
+    readers = source_readers(master)
+    return (
+        master.status == "running"
+        and len(readers) == len(source_operators(master))
+        and all(r._fetch_task is not None or not r.splits for r in readers)
+    )
+
+
+class ListSink(Sink):
+    """Keeps every record object as written (no state: records need not be msgpack-encodable)."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def create_writer(self, context: Any) -> SinkWriter:
+        return _ListWriter(self)
+
+
+class _ListWriter(SinkWriter):
+    def __init__(self, sink: ListSink) -> None:
+        self.sink = sink
+
+    async def write(self, values: list[Any]) -> None:
+        self.sink.records.extend(values)
+
+
+class HeldSink(Sink):
+    """A sink whose writes block until the test sets ``release``."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.count = 0
+
+    def create_writer(self, context: Any) -> SinkWriter:
+        return _HeldWriter(self)
+
+
+class _HeldWriter(SinkWriter):
+    def __init__(self, sink: HeldSink) -> None:
+        self.sink = sink
+
+    async def write(self, values: list[Any]) -> None:
+        self.sink.entered.set()
+        await self.sink.release.wait()
+        self.sink.count += len(values)
+
+
+async def group_committed(
+    bootstrap: str, group: str, partitions: list[TopicPartition]
+) -> dict[TopicPartition, int | None]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        return {tp: await consumer.committed(tp) for tp in partitions}
+    finally:
+        await consumer.stop()
+
+
+async def commit_group_offsets(
+    bootstrap: str, group: str, offsets: dict[TopicPartition, int]
+) -> None:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit(offsets)
+    finally:
+        await consumer.stop()
+
+
+# --------------------------------------------------------------------------- bounded reads
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("parallelism", [1, 2, 3])
+async def test_bounded_read_of_four_partitions_gets_every_record_once(
+    kafka_bootstrap: str, parallelism: int
+) -> None:
+    topic = unique_name("src-bounded")
+    await create_topics(kafka_bootstrap, topic, partitions=4)
+    count = 4000
+    await produce(kafka_bootstrap, topic, json_records(count, 4))
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(KafkaSource(kafka_bootstrap, topic, bounded=True)).sink_to(sink)
+
+    result = await asyncio.wait_for(run_job_async(build, parallelism=parallelism), WAIT_S)
+
+    values = sink.committed
+    assert sorted(v["i"] for v in values) == list(range(count))
+    # Each partition is read by one subtask, in offset order.
+    for p in range(4):
+        seen = [v["i"] for v in values if v["p"] == p]
+        assert seen == list(range(p, count, 4)), f"partition {p} out of order"
+    assert result.attempts == 1
+
+
+@pytest.mark.asyncio
+async def test_record_format_exposes_key_value_headers_timestamp_and_position(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique_name("src-record")
+    await create_topics(kafka_bootstrap, topic, partitions=2)
+    base_ts = 1_700_000_000_000
+    sent = [
+        {
+            "value": orjson.dumps({"n": n}),
+            "key": f"key-{n}".encode(),
+            "partition": n % 2,
+            "headers": [("trace", f"t{n}".encode()), ("kind", b"test")],
+            "timestamp_ms": base_ts + n,
+        }
+        for n in range(6)
+    ]
+    positions = await produce(kafka_bootstrap, topic, sent)
+    sink = ListSink()
+
+    def build(job: Any) -> None:
+        job.from_source(
+            KafkaSource(
+                kafka_bootstrap,
+                topic,
+                bounded=True,
+                record_format="record",
+                key_deserializer="text",
+            )
+        ).sink_to(sink)
+
+    await asyncio.wait_for(run_job_async(build, parallelism=2), WAIT_S)
+
+    assert len(sink.records) == len(sent)
+    by_n = {r.value["n"]: r for r in sink.records}
+    for n, (partition, offset) in enumerate(positions):
+        record = by_n[n]
+        assert isinstance(record, KafkaRecord)
+        assert record.topic == topic
+        assert record.partition == partition == n % 2
+        assert record.offset == offset
+        assert record.key == f"key-{n}"
+        assert record.value == {"n": n}
+        assert record.timestamp == base_ts + n
+        assert list(record.headers) == [("trace", f"t{n}".encode()), ("kind", b"test")]
+
+
+# --------------------------------------------------------------------------- start positions
+
+
+@pytest.mark.asyncio
+async def test_start_earliest_reads_from_the_beginning(kafka_bootstrap: str) -> None:
+    topic = unique_name("src-earliest")
+    await create_topics(kafka_bootstrap, topic, partitions=4)
+    await produce(kafka_bootstrap, topic, json_records(400, 4))
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(
+            KafkaSource(kafka_bootstrap, topic, bounded=True, start="earliest")
+        ).sink_to(sink)
+
+    await asyncio.wait_for(run_job_async(build, parallelism=2), WAIT_S)
+    assert sorted(v["i"] for v in sink.committed) == list(range(400))
+
+
+@pytest.mark.asyncio
+async def test_start_latest_skips_what_was_there_before_the_job(kafka_bootstrap: str) -> None:
+    topic = unique_name("src-latest")
+    await create_topics(kafka_bootstrap, topic, partitions=4)
+    # Old records in large batches (one flush): a broker whose "latest" offset is the start of
+    # the last batch + 1 would make a naive source re-read most of the last batch.
+    await produce(kafka_bootstrap, topic, json_records(2000, 4, old=True), linger_ms=50)
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(
+            KafkaSource(kafka_bootstrap, topic, start="latest", discovery_interval_s=None)
+        ).sink_to(sink)
+
+    async with running_job(build, parallelism=2) as (master, job):
+        await wait_until(lambda: readers_started(master), "the source to start", job)
+        new = [
+            {"value": orjson.dumps({"i": i, "new": True}), "partition": i % 4} for i in range(40)
+        ]
+        await produce(kafka_bootstrap, topic, new)
+        # Every partition got new records after its old ones: once all new records are in, any
+        # old record the source would read has been read too (offset order per partition).
+        await wait_until(
+            lambda: sum(1 for v in sink.written if v.get("new")) >= 40, "the new records", job
+        )
+    assert sorted(v["i"] for v in sink.written) == list(range(40))
+    assert not any(v.get("old") for v in sink.written)
+
+
+@pytest.mark.asyncio
+async def test_start_latest_bounded_reads_nothing_and_ends(kafka_bootstrap: str) -> None:
+    topic = unique_name("src-latest-bounded")
+    await create_topics(kafka_bootstrap, topic, partitions=4)
+    await produce(kafka_bootstrap, topic, json_records(1000, 4), linger_ms=50)
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(KafkaSource(kafka_bootstrap, topic, bounded=True, start="latest")).sink_to(
+            sink
+        )
+
+    await asyncio.wait_for(run_job_async(build, parallelism=2), WAIT_S)
+    assert sink.written == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("reset", ["earliest", "latest"])
+async def test_start_committed_uses_group_offsets_and_reset_for_the_rest(
+    kafka_bootstrap: str, reset: str
+) -> None:
+    topic = unique_name("src-committed")
+    group = unique_name("group")
+    await create_topics(kafka_bootstrap, topic, partitions=4)
+    count = 400  # 100 per partition, offsets 0..99
+    await produce(kafka_bootstrap, topic, json_records(count, 4))
+    # The group has offsets for partitions 0 and 1 only.
+    committed = {TopicPartition(topic, 0): 30, TopicPartition(topic, 1): 75}
+    await commit_group_offsets(kafka_bootstrap, group, committed)
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(
+            KafkaSource(
+                kafka_bootstrap, topic, bounded=True, start="committed", group_id=group, reset=reset
+            )
+        ).sink_to(sink)
+
+    await asyncio.wait_for(run_job_async(build, parallelism=2), WAIT_S)
+
+    # Record i is at offset i // 4 of partition i % 4.
+    expected = [
+        i
+        for i in range(count)
+        if (
+            i // 4 >= committed[TopicPartition(topic, i % 4)]
+            if i % 4 in (0, 1)
+            else reset == "earliest"
+        )
+    ]
+    assert sorted(v["i"] for v in sink.written) == expected
+
+
+@pytest.mark.asyncio
+async def test_start_committed_without_group_is_refused(kafka_bootstrap: str) -> None:
+    topic = unique_name("src-committed-nogroup")
+    await create_topics(kafka_bootstrap, topic, partitions=1)
+
+    def build(job: Any) -> None:
+        job.from_source(
+            KafkaSource(kafka_bootstrap, topic, bounded=True, start="committed")
+        ).sink_to(CollectSink())
+
+    with pytest.raises(ValueError, match="needs a group_id"):
+        await asyncio.wait_for(run_job_async(build), WAIT_S)
+
+
+@pytest.mark.asyncio
+async def test_start_timestamp_begins_at_the_first_record_at_or_after_it(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique_name("src-timestamp")
+    await create_topics(kafka_bootstrap, topic, partitions=4)
+    base = 1_700_000_000_000
+    # Partitions 0-2: timestamps base + 0, 1000, ..., 49_000; partition 3: all before the start.
+    records = [
+        {
+            "value": orjson.dumps({"p": p, "t": t}),
+            "partition": p,
+            "timestamp_ms": (base + t * 1000) if p < 3 else (base - 100_000 + t),
+        }
+        for p in range(4)
+        for t in range(50)
+    ]
+    await produce(kafka_bootstrap, topic, records)
+    start_ts = base + 20_500  # between t=20 and t=21
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(
+            KafkaSource(kafka_bootstrap, topic, bounded=True, start=("timestamp", start_ts))
+        ).sink_to(sink)
+
+    await asyncio.wait_for(run_job_async(build, parallelism=2), WAIT_S)
+    got = sorted((v["p"], v["t"]) for v in sink.written)
+    assert got == [(p, t) for p in range(3) for t in range(21, 50)]
+
+
+# --------------------------------------------------------------------------- split discovery
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("parallelism", [1, 2])
+async def test_topic_matching_the_pattern_created_while_running_is_read(
+    kafka_bootstrap: str, parallelism: int
+) -> None:
+    prefix = unique_name("src-pattern")
+    first, second = f"{prefix}-a", f"{prefix}-b"
+    await create_topics(kafka_bootstrap, first, partitions=2)
+    await produce(kafka_bootstrap, first, json_records(20, 2, topic="a"))
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(
+            KafkaSource(kafka_bootstrap, pattern=rf"{prefix}-.*", discovery_interval_s=0.2)
+        ).sink_to(sink)
+
+    async with running_job(build, parallelism=parallelism) as (_master, job):
+        await wait_until(lambda: len(sink.written) >= 20, "the first topic's records", job)
+        await create_topics(kafka_bootstrap, second, partitions=3)
+        await produce(kafka_bootstrap, second, json_records(30, 3, topic="b"))
+        await wait_until(
+            lambda: sum(1 for v in sink.written if v["topic"] == "b") >= 30,
+            "the new topic's records",
+            job,
+        )
+        assert not job.done()
+    a = sorted(v["i"] for v in sink.written if v["topic"] == "a")
+    b = sorted(v["i"] for v in sink.written if v["topic"] == "b")
+    assert a == list(range(20))
+    assert b == list(range(30))
+
+
+@pytest.mark.asyncio
+async def test_subtasks_that_start_without_partitions_read_partitions_discovered_later(
+    kafka_bootstrap: str,
+) -> None:
+    """Parallelism 3 over one partition: two subtasks start with nothing to read. An unbounded
+    source must keep them waiting for splits (as Flink's readers do), not end them, so that the
+    partitions of a topic created later (3 partitions: one per subtask) are all read."""
+    prefix = unique_name("src-pattern-idle")
+    first, second = f"{prefix}-a", f"{prefix}-b"
+    await create_topics(kafka_bootstrap, first, partitions=1)
+    await produce(kafka_bootstrap, first, json_records(10, 1, topic="a"))
+    source = KafkaSource(kafka_bootstrap, pattern=rf"{prefix}-.*", discovery_interval_s=0.2)
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(source).sink_to(sink)
+
+    async with running_job(build, parallelism=3) as (_master, job):
+        await wait_until(lambda: len(sink.written) >= 10, "the first topic's records", job)
+        await create_topics(kafka_bootstrap, second, partitions=3)
+        # Each partition of the new topic goes to another subtask.
+        assert {source.assign_split({"topic": second, "partition": p}, 0, 3) for p in range(3)} == {
+            0,
+            1,
+            2,
+        }
+        await produce(kafka_bootstrap, second, json_records(30, 3, topic="b"))
+        await wait_until(
+            lambda: sum(1 for v in sink.written if v["topic"] == "b") >= 30,
+            "the new topic's records (in every subtask)",
+            job,
+        )
+    assert sorted(v["i"] for v in sink.written if v["topic"] == "b") == list(range(30))
+
+
+@pytest.mark.asyncio
+async def test_partitions_missing_from_the_known_splits_are_new_and_read_from_offset_zero(
+    kafka_bootstrap: str,
+) -> None:
+    """The new-partition branch of discovery (Tansu cannot add partitions to a topic, see the
+    module docstring): partitions the job does not know yet become splits starting at offset 0."""
+    topic = unique_name("src-newparts")
+    await create_topics(kafka_bootstrap, topic, partitions=4)
+    await produce(kafka_bootstrap, topic, json_records(40, 4))
+    source = KafkaSource(kafka_bootstrap, topic, start="latest")
+    splits = await source.discover_splits(2)
+    assert sorted(source.split_id(s) for s in splits) == [(topic, p) for p in range(4)]
+    assert all(s["offset"] == 10 and s["stop"] is None for s in splits)
+    known = [s for s in splits if s["partition"] in (0, 1)]
+    new = await source.discover_new_splits(known)
+    assert sorted(new, key=lambda s: s["partition"]) == [
+        {"topic": topic, "partition": 2, "offset": 0, "stop": None},
+        {"topic": topic, "partition": 3, "offset": 0, "stop": None},
+    ]
+    assert await source.discover_new_splits(splits) == []
+
+
+# --------------------------------------------------------------------------- bad records
+
+
+async def produce_with_one_bad_record(bootstrap: str, topic: str) -> tuple[int, int]:
+    """20 good JSON records per partition of a 2-partition topic, plus one bad record in
+    partition 1 between them. Returns the bad record's (partition, offset)."""
+    await create_topics(bootstrap, topic, partitions=2)
+    good = json_records(20, 2)
+    await produce(bootstrap, topic, good[:10])
+    [(partition, offset)] = await produce(
+        bootstrap, topic, [{"value": b"{not json", "key": b"bad-key", "partition": 1}]
+    )
+    await produce(bootstrap, topic, good[10:])
+    return partition, offset
+
+
+@pytest.mark.asyncio
+async def test_malformed_record_fails_the_job_naming_topic_partition_and_offset(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique_name("src-bad-fail")
+    partition, offset = await produce_with_one_bad_record(kafka_bootstrap, topic)
+
+    def build(job: Any) -> None:
+        job.from_source(KafkaSource(kafka_bootstrap, topic, bounded=True)).sink_to(CollectSink())
+
+    with pytest.raises(JobFailedError) as failed:
+        await asyncio.wait_for(run_job_async(build, parallelism=2), WAIT_S)
+    message = str(failed.value)
+    assert f"topic {topic} partition {partition} offset {offset}" in message, message
+
+
+@pytest.mark.asyncio
+async def test_on_error_skip_counts_the_record_and_processes_the_rest(kafka_bootstrap: str) -> None:
+    topic = unique_name("src-bad-skip")
+    await produce_with_one_bad_record(kafka_bootstrap, topic)
+    source = KafkaSource(kafka_bootstrap, topic, bounded=True, on_error="skip")
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(source).sink_to(sink)
+
+    await asyncio.wait_for(run_job_async(build, parallelism=2), WAIT_S)
+    assert source.skipped == 1
+    assert sorted(v["i"] for v in sink.committed) == list(range(20))
+
+
+@pytest.mark.asyncio
+async def test_on_error_dead_letter_sends_the_raw_record_to_the_dead_letter_topic(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique_name("src-bad-dlq")
+    dead = unique_name("dlq")
+    partition, offset = await produce_with_one_bad_record(kafka_bootstrap, topic)
+    await create_topics(kafka_bootstrap, dead, partitions=1)
+    source = KafkaSource(
+        kafka_bootstrap, topic, bounded=True, on_error="dead-letter", dead_letter_topic=dead
+    )
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(source).sink_to(sink)
+
+    await asyncio.wait_for(run_job_async(build, parallelism=2), WAIT_S)
+    assert sorted(v["i"] for v in sink.committed) == list(range(20))
+    assert source.skipped == 1
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka_bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **CONSUMER_FETCH_LIMITS,
+    )
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(dead, 0)])
+        records: list[Any] = []
+        deadline = time.monotonic() + WAIT_S
+        while not records and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            for batch in batches.values():
+                records.extend(batch)
+        extra = await consumer.getmany(timeout_ms=300)
+    finally:
+        await consumer.stop()
+    assert len(records) == 1, records
+    assert not any(extra.values()), extra
+    letter = records[0]
+    assert letter.value == b"{not json"
+    assert letter.key == b"bad-key"
+    headers = dict(letter.headers)
+    assert headers["source.topic"] == topic.encode()
+    assert headers["source.partition"] == str(partition).encode()
+    assert headers["source.offset"] == str(offset).encode()
+    assert b"JSONDecodeError" in headers["error"] or b"Error" in headers["error"]
+
+
+# --------------------------------------------------------------------------- backpressure
+
+
+@pytest.mark.asyncio
+async def test_slow_sink_keeps_the_source_buffers_bounded_and_lag_shows_it(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique_name("src-backpressure")
+    await create_topics(kafka_bootstrap, topic, partitions=4)
+    count = 50_000
+    await produce(kafka_bootstrap, topic, json_records(count, 4), linger_ms=20)
+    sink = HeldSink()
+    buffer_size = 256
+    config = ExecutionConfig(buffer_size=buffer_size)
+
+    def build_job(job: Any) -> None:
+        # Not chained (rebalance): the sink sits behind a credit-based channel, so the source
+        # keeps going until the channel is out of credit, then stops polling its reader.
+        job.from_source(KafkaSource(kafka_bootstrap, topic, bounded=True)).rebalance().sink_to(sink)
+
+    async with running_job(build_job, parallelism=1, config=config) as (master, job):
+        await wait_until(lambda: sink.entered.is_set(), "the first write", job)
+        [reader] = source_readers(master)
+        [source_op] = source_operators(master)
+        # Wait until the fetch loop filled its queue and waits for room.
+        await wait_until(
+            lambda: len(reader._queue) >= MAX_QUEUED_BATCHES and not reader._room.is_set(),
+            "the reader's queue to fill",
+            job,
+        )
+        in_flight_bound = (
+            DEFAULT_EXCLUSIVE_CREDITS + DEFAULT_FLOATING_BUFFERS + DEFAULT_SENDER_QUEUE + 2
+        ) * buffer_size + DEFAULT_SOURCE_BATCH
+        queued_bound = MAX_QUEUED_BATCHES * FETCH_MAX_RECORDS
+        samples = []
+        hold_until = time.monotonic() + 0.5
+        while time.monotonic() < hold_until:
+            assert len(reader._queue) <= MAX_QUEUED_BATCHES
+            queued = sum(len(records) for _, records in reader._queue)
+            assert queued <= queued_bound
+            samples.append(source_op.metrics.records_out)
+            assert source_op.metrics.records_out <= in_flight_bound, samples
+            await asyncio.sleep(0.02)
+        assert sink.count == 0
+        assert samples[-1] == samples[0], f"the source kept emitting: {samples}"
+        # Lag: per partition, records between the read position and the high watermark.
+        lag = reader.lag()
+        assert set(lag) == {f"{topic}[{p}]" for p in range(4)}
+        position = sum(s["offset"] for s in reader.splits.values())
+        assert sum(lag.values()) == count - position
+        assert sum(lag.values()) >= count - in_flight_bound - queued_bound
+        sink.release.set()
+        await asyncio.wait_for(job, WAIT_S)
+    assert sink.count == count
+    assert reader.lag() == {f"{topic}[{p}]": 0 for p in range(4)}
+
+
+# --------------------------------------------------------------------------- offsets and lag
+
+
+@pytest.mark.asyncio
+async def test_offsets_are_committed_to_the_group_after_a_checkpoint_completes(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique_name("src-commit")
+    group = unique_name("group")
+    await create_topics(kafka_bootstrap, topic, partitions=4)
+    count = 1000
+    await produce(kafka_bootstrap, topic, json_records(count, 4))
+    partitions = [TopicPartition(topic, p) for p in range(4)]
+    sink = CollectSink()
+    # Checkpoints only when asked for.
+    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=None))
+
+    def build(job: Any) -> None:
+        job.from_source(
+            KafkaSource(kafka_bootstrap, topic, group_id=group, discovery_interval_s=None)
+        ).sink_to(sink)
+
+    async with running_job(build, parallelism=2, config=config) as (master, job):
+        await wait_until(lambda: len(sink.written) >= count, "every record", job)
+        readers = source_readers(master)
+        await wait_until(
+            lambda: all(all(v == 0 for v in r.lag().values()) for r in readers),
+            "zero lag",
+            job,
+        )
+        lags: dict[str, int] = {}
+        for reader in readers:
+            lags.update(reader.lag())
+        assert lags == {f"{topic}[{p}]": 0 for p in range(4)}
+        # No checkpoint yet: nothing committed.
+        assert await group_committed(kafka_bootstrap, group, partitions) == dict.fromkeys(
+            partitions
+        )
+        checkpoint = await asyncio.wait_for(
+            master.coordinator.request_trigger(CheckpointKind.CHECKPOINT), WAIT_S
+        )
+        assert checkpoint.checkpoint_id >= 1
+        expected = dict.fromkeys(partitions, count // 4)
+        deadline = time.monotonic() + WAIT_S
+        while (got := await group_committed(kafka_bootstrap, group, partitions)) != expected:
+            assert time.monotonic() < deadline, f"committed offsets {got}, expected {expected}"
+            await asyncio.sleep(0.05)
+        assert not job.done()
+    assert sorted(v["i"] for v in sink.written) == list(range(count))
+
+
+@pytest.mark.asyncio
+async def test_bounded_job_commits_its_final_offsets_to_the_group(kafka_bootstrap: str) -> None:
+    topic = unique_name("src-commit-bounded")
+    group = unique_name("group")
+    await create_topics(kafka_bootstrap, topic, partitions=4)
+    await produce(kafka_bootstrap, topic, json_records(400, 4))
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(KafkaSource(kafka_bootstrap, topic, bounded=True, group_id=group)).sink_to(
+            sink
+        )
+
+    await asyncio.wait_for(run_job_async(build, parallelism=3), WAIT_S)
+    assert len(sink.committed) == 400
+    partitions = [TopicPartition(topic, p) for p in range(4)]
+    assert await group_committed(kafka_bootstrap, group, partitions) == dict.fromkeys(
+        partitions, 100
+    )
