@@ -9,7 +9,6 @@ The input is ``examples/data/events.jsonl`` loaded with ``examples/load_events.p
 
 from __future__ import annotations
 
-import collections
 import re
 import subprocess
 import sys
@@ -18,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import kafka_fixtures
-import orjson
 import pytest
+from etl_expectations import assert_exact_output, committed_records, expected_output
 from kafka_fixtures import unique_name
 
-from connectors.files import committed_files
 from state.storage import CheckpointKind, load_checkpoint
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
+
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "kafka_etl.py"
@@ -36,49 +35,6 @@ WAIT_S = 30.0
 
 
 # --------------------------------------------------------------------------- expected output
-
-
-def expected_output() -> dict[str, list[tuple[int, float]]]:
-    """Per user, [(n, total)] for n = 1..k, as the ETL computes them."""
-    totals: dict[str, float] = collections.defaultdict(float)
-    result: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
-    for line in EVENTS.read_bytes().splitlines():
-        if not line.strip():
-            continue
-        event = orjson.loads(line)
-        if event.get("kind") != "purchase":
-            continue
-        user = event["user"]
-        totals[user] = round(totals[user] + float(event["amount"]), 2)
-        result[user].append((len(result[user]) + 1, totals[user]))
-    return dict(result)
-
-
-def committed_records(out: Path) -> list[dict[str, Any]]:
-    return [
-        orjson.loads(line)
-        for path in committed_files(out)
-        for line in path.read_bytes().splitlines()
-        if line.strip()
-    ]
-
-
-def assert_exact_output(out: Path) -> None:
-    records = committed_records(out)
-    expected = expected_output()
-    by_user: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
-    for record in records:
-        assert set(record) == {"user", "total", "n"}, record
-        by_user[record["user"]].append((record["n"], record["total"]))
-    assert set(by_user) == set(expected), "users missing from (or unknown to) the output"
-    for user, rows in by_user.items():
-        numbers = sorted(n for n, _ in rows)
-        assert numbers == list(range(1, len(expected[user]) + 1)), (
-            f"user {user}: purchase numbers {numbers[:20]}... (expected 1..{len(expected[user])},"
-            " each once)"
-        )
-        assert sorted(rows) == expected[user], f"user {user}: wrong running totals"
-    assert len(records) == sum(len(v) for v in expected.values())
 
 
 def total_expected() -> int:

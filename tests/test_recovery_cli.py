@@ -5,7 +5,6 @@ is exactly right: per user every purchase number n = 1..k once, with the running
 
 from __future__ import annotations
 
-import collections
 import os
 import re
 import subprocess
@@ -14,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
+from etl_expectations import assert_exact_output, expected_output
 
 from connectors.files import committed_files
 from state.storage import load_checkpoint
@@ -24,49 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "file_etl.py"
 EVENTS = ROOT / "examples" / "data" / "events.jsonl"
 RUN_TIMEOUT_S = 90.0
-
-
-def expected_output() -> dict[str, list[tuple[int, float]]]:
-    """Per user, [(n, total)] for n = 1..k, as examples/file_etl.py computes them."""
-    totals: dict[str, float] = collections.defaultdict(float)
-    result: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
-    for line in EVENTS.read_bytes().splitlines():
-        if not line.strip():
-            continue
-        event = orjson.loads(line)
-        if event.get("kind") != "purchase":
-            continue
-        user = event["user"]
-        totals[user] = round(totals[user] + float(event["amount"]), 2)
-        result[user].append((len(result[user]) + 1, totals[user]))
-    return dict(result)
-
-
-def committed_records(out: Path) -> list[dict[str, Any]]:
-    return [
-        orjson.loads(line)
-        for path in committed_files(out)
-        for line in path.read_bytes().splitlines()
-        if line.strip()
-    ]
-
-
-def assert_exact_output(out: Path) -> None:
-    records = committed_records(out)
-    expected = expected_output()
-    by_user: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
-    for record in records:
-        assert set(record) == {"user", "total", "n"}, record
-        by_user[record["user"]].append((record["n"], record["total"]))
-    assert set(by_user) == set(expected)
-    for user, rows in by_user.items():
-        numbers = sorted(n for n, _ in rows)
-        assert numbers == list(range(1, len(expected[user]) + 1)), (
-            f"user {user}: purchase numbers {numbers[:10]}... (expected 1..{len(expected[user])},"
-            " each once)"
-        )
-        assert sorted(rows) == expected[user], f"user {user}: wrong running totals"
-    assert len(records) == sum(len(v) for v in expected.values())
 
 
 def completed_checkpoint_ids(chk: Path) -> list[int]:
