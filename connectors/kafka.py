@@ -182,8 +182,8 @@ class KafkaSource(Source[Any]):
 
     async def discover_splits(self, parallelism: int) -> list[Any]:
         consumer = self.consumer()
-        await consumer.start()
         try:
+            await consumer.start()
             partitions = await self._partitions(consumer)
             return await self._new_splits(consumer, partitions)
         finally:
@@ -192,8 +192,8 @@ class KafkaSource(Source[Any]):
     async def discover_new_splits(self, known: list[Any]) -> list[Any]:
         known_ids = {self.split_id(s) for s in known}
         consumer = self.consumer()
-        await consumer.start()
         try:
+            await consumer.start()
             partitions = [
                 tp
                 for tp in await self._partitions(consumer)
@@ -257,8 +257,8 @@ class KafkaSource(Source[Any]):
                 msg = "KafkaSource start='committed' needs a group_id"
                 raise ValueError(msg)
             grouped = self.consumer(group_id=self.group_id)
-            await grouped.start()
             try:
+                await grouped.start()
                 result = {}
                 fallback = (
                     beginning
