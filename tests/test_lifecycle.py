@@ -7,10 +7,10 @@ User functions are deep-copied per subtask, so they record into the module-level
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from loop_helpers import wait_until
 
 from actors.task import TaskState
 from connectors import CollectionSource, CollectSink
@@ -142,25 +142,6 @@ class _GatedReader(SourceReader[Any]):
 
     def snapshot_splits(self) -> list[Any]:
         return [dict(s) for s in self.splits]
-
-
-async def wait_until(
-    predicate: Callable[[], bool],
-    what: str,
-    job: asyncio.Task[Any] | None = None,
-    steps: int = 100_000,
-) -> None:
-    """Step the loop until ``predicate`` holds; a job that ended meanwhile raises its own error."""
-    for _ in range(steps):
-        if predicate():
-            return
-        if job is not None and job.done():
-            job.result()  # raises the job's failure
-            msg = f"the job ended while waiting for {what}"
-            raise AssertionError(msg)
-        await asyncio.sleep(0)
-    msg = f"gave up waiting for {what}"
-    raise AssertionError(msg)
 
 
 async def settle(steps: int = 300) -> None:

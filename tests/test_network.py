@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from loop_helpers import wait_until
 
 from actors.events import CheckpointBarrier, EndOfData, EndOfPartition, Watermark
 from actors.mailbox import Wakeup
@@ -341,25 +342,6 @@ class _HeldWriter(SinkWriter):
             if sink.unlimited:
                 sink.permits.release()  # wake the next waiter too
         sink.written.extend(values)
-
-
-async def wait_until(
-    predicate: Callable[[], bool],
-    what: str,
-    job: asyncio.Task[Any] | None = None,
-    steps: int = 100_000,
-) -> None:
-    """Step the loop until ``predicate`` holds; a job that ended meanwhile raises its own error."""
-    for _ in range(steps):
-        if predicate():
-            return
-        if job is not None and job.done():
-            job.result()  # raises the job's failure
-            msg = f"the job ended while waiting for {what}"
-            raise AssertionError(msg)
-        await asyncio.sleep(0)
-    msg = f"gave up waiting for {what}"
-    raise AssertionError(msg)
 
 
 @pytest.mark.asyncio

@@ -5,10 +5,10 @@ watermark the minimum over the inputs, and all of them at the end of a bounded j
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from loop_helpers import wait_until
 
 from actors.events import MAX_TIMESTAMP
 from actors.task import TaskState
@@ -120,25 +120,6 @@ class OneFarTimerPerKey(KeyedProcessFunction[Any, Any, Any]):
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessContext[Any], out: Collector[Any]) -> None:
         out.collect(("timer", ctx.current_key, timestamp, ctx.current_watermark()))
-
-
-async def wait_until(
-    predicate: Callable[[], bool],
-    what: str,
-    job: asyncio.Task[Any] | None = None,
-    steps: int = 100_000,
-) -> None:
-    """Step the loop until ``predicate`` holds; a job that ended meanwhile raises its own error."""
-    for _ in range(steps):
-        if predicate():
-            return
-        if job is not None and job.done():
-            job.result()  # raises the job's failure
-            msg = f"the job ended while waiting for {what}"
-            raise AssertionError(msg)
-        await asyncio.sleep(0)
-    msg = f"gave up waiting for {what}"
-    raise AssertionError(msg)
 
 
 async def stop(job: asyncio.Task[Any]) -> None:
