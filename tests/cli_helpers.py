@@ -1,0 +1,113 @@
+"""The shared toolkit of the CLI tests: run ``python -m runtime`` in a child process, wait on what
+it writes (checkpoints, its control-endpoint address), and read its control endpoint.
+
+Child processes run from the repository root, so they import this checkout's packages. Waiting
+polls a condition with a deadline and fails at once, with the child's stderr, when the child ends
+first; no test sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 90.0
+WAIT_S = 30.0
+
+T = TypeVar("T")
+
+
+def runtime_command(*args: str) -> list[str]:
+    """``python -m runtime ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "runtime", *args]
+
+
+def run_cli(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m runtime ARGS`` to its end; text output captured."""
+    return run_command(runtime_command(*args), timeout=timeout)
+
+
+def run_command(
+    command: list[str], timeout: float = RUN_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def start_cli(stderr_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """Start ``python -m runtime ARGS`` in the background, its stderr going to ``stderr_path``."""
+    return start_command(runtime_command(*args), stderr_path)
+
+
+def start_command(command: list[str], stderr_path: Path) -> subprocess.Popen[bytes]:
+    with open(stderr_path, "wb") as stderr:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def wait_for(
+    condition: Callable[[], T],
+    what: str,
+    proc: subprocess.Popen[bytes],
+    stderr: Path,
+    timeout: float = WAIT_S,
+) -> T:
+    """Poll ``condition`` until it returns something truthy; fail if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            msg = f"the job exited ({proc.returncode}) before {what}: {stderr.read_text()}"
+            raise AssertionError(msg)
+        if time.monotonic() > deadline:
+            msg = f"timed out waiting for {what}: {stderr.read_text()}"
+            raise AssertionError(msg)
+        time.sleep(0.01)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc`` if it still runs, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def completed_checkpoint_ids(chk: Path) -> list[int]:
+    """Ids of the chk-N folders that have their _metadata (completed checkpoints)."""
+    if not chk.is_dir():
+        return []
+    ids = []
+    for child in chk.iterdir():
+        match = re.fullmatch(r"chk-(\d+)", child.name)
+        if match and (child / "_metadata").exists():
+            ids.append(int(match.group(1)))
+    return sorted(ids)
+
+
+def max_completed(chk: Path) -> int:
+    return max(completed_checkpoint_ids(chk), default=0)
+
+
+def read_address(chk: Path) -> str | None:
+    """The control endpoint's HOST:PORT that a running job wrote into its checkpoint dir."""
+    path = chk / "rest-address"
+    if not path.exists():
+        return None
+    text = path.read_text().strip()
+    return text if re.fullmatch(r"[\w.-]+:\d+", text) else None
+
+
+def get_json(address: str, path: str) -> Any:
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
+        assert response.headers.get_content_type() == "application/json"
+        return json.loads(response.read())
