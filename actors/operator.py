@@ -22,6 +22,7 @@ its :class:`Output` (also in ``finish()``), never after ``close()``.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +40,36 @@ class OperatorMetrics:
     def __init__(self) -> None:
         self.records_in = 0
         self.records_out = 0
+
+
+class NewerOutputPolicy(enum.StrEnum):
+    """What a two-phase-commit sink does with output that checkpoints newer than the restored one
+    had already committed (a fallback to an older checkpoint, or a restore from an old savepoint).
+    """
+
+    MOVE = "move"
+    """Move that output aside (where the sink can; a sink that cannot fails the restore)."""
+    FAIL = "fail"
+    """Fail the restore, naming the checkpoints and the output."""
+    KEEP = "keep"
+    """Leave it visible and replay on top of it: the user accepts duplicates."""
+
+
+@dataclass(frozen=True)
+class RestoreContext:
+    """What one job attempt restores from, and the user's choices for state and output that do
+    not fit. The same for every operator of the attempt; set by the job master."""
+
+    checkpoint_id: int | None = None
+    """The checkpoint or savepoint this attempt restores; None for a fresh start."""
+    newer_completed_checkpoints: tuple[int, ...] = ()
+    """Checkpoints in the checkpoint directory that completed after ``checkpoint_id`` (all of
+    them on a fresh start), valid or damaged: their side effects may have been committed."""
+    allow_non_restored_state: bool = False
+    """Restored state that does not fit the job is dropped (with a warning) instead of refused."""
+    on_newer_committed_output: NewerOutputPolicy = NewerOutputPolicy.MOVE
+    allow_existing_output: bool = False
+    """A sink that starts without restored state may write where committed output already is."""
 
 
 @dataclass
@@ -61,6 +92,7 @@ class OperatorContext:
     checkpoint_interval_s: float | None = None
     source_position: Any = None
     """Set by the task: returns a description of the source position of the current buffer."""
+    restore: RestoreContext = field(default_factory=RestoreContext)
 
     @property
     def subtask_label(self) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.barriers import CheckpointingMode
-from actors.operator import UserFunctionError
+from actors.operator import NewerOutputPolicy, UserFunctionError
 from runtime.api import JobDefinitionError
 from runtime.coordinator import CheckpointConfig
 from runtime.durations import parse_duration
@@ -127,6 +127,20 @@ def make_parser() -> argparse.ArgumentParser:
         help="drop state of operators that are no longer in the job",
     )
     run.add_argument(
+        "--on-newer-committed-output",
+        choices=[p.value for p in NewerOutputPolicy],
+        default=NewerOutputPolicy.MOVE.value,
+        help="when restoring an older checkpoint than the newest completed one, what two-phase "
+        "sinks do with output the newer ones committed: move it aside (default; Kafka cannot and "
+        "fails), fail the restore, or keep it (duplicates)",
+    )
+    run.add_argument(
+        "--allow-existing-output",
+        action="store_true",
+        help="let two-phase sinks that start without restored state write where committed "
+        "output of an earlier run already is",
+    )
+    run.add_argument(
         "--rest-port",
         type=int,
         default=0,
@@ -230,6 +244,9 @@ def _run(args: Any) -> int:
         ),
         restart_strategy=restart,
         buffer_timeout_s=args.buffer_timeout,
+        allow_non_restored_state=args.allow_non_restored_state,
+        on_newer_committed_output=NewerOutputPolicy(args.on_newer_committed_output),
+        allow_existing_output=args.allow_existing_output,
     )
     try:
         restored = _load_restore_point(args, graph)

@@ -27,8 +27,10 @@ from actors.operator import (
     ChainedOutput,
     DiscardingOutput,
     FanOutOutput,
+    NewerOutputPolicy,
     OperatorContext,
     Output,
+    RestoreContext,
     StreamOperator,
     UserFunctionError,
     WriterOutput,
@@ -52,6 +54,7 @@ from state.storage import (
     CheckpointKind,
     CheckpointStorage,
     CompletedCheckpoint,
+    completed_checkpoint_ids_after,
     highest_checkpoint_id,
 )
 
@@ -67,6 +70,11 @@ class ExecutionConfig:
     exclusive_credits: int = DEFAULT_EXCLUSIVE_CREDITS
     floating_buffers: int = DEFAULT_FLOATING_BUFFERS
     clock: Clock = field(default_factory=SystemClock)
+    allow_non_restored_state: bool = False
+    """Restored state that does not fit the job is dropped knowingly instead of refused."""
+    on_newer_committed_output: NewerOutputPolicy = NewerOutputPolicy.MOVE
+    allow_existing_output: bool = False
+
 
 
 @dataclass
@@ -138,6 +146,7 @@ class JobMaster:
         self.on_attempt_started: Callable[[JobMaster], None] | None = None
         self._splits: dict[str, list[Any]] = {}
         self.status = "created"
+        self.restore_context = RestoreContext()
 
     # ---------------------------------------------------------------- TaskListener
 
@@ -169,6 +178,7 @@ class JobMaster:
         while True:
             self.attempt += 1
             self._all_finished = asyncio.Event()
+            self.restore_context = self._restore_context(self.restore_point)
             self.tasks = self._deploy(self.restore_point)
             self.coordinator.attach(self.tasks, self._upstream_map())
             self.status = "running"
@@ -333,6 +343,20 @@ class JobMaster:
             result[task.task_id] = upstream
         return result
 
+    def _restore_context(self, restore_point: CompletedCheckpoint | None) -> RestoreContext:
+        config = self.config
+        checkpoint_id = restore_point.checkpoint_id if restore_point is not None else None
+        newer: list[int] = []
+        if self.storage.directory is not None:
+            newer = completed_checkpoint_ids_after(self.storage.directory, checkpoint_id)
+        return RestoreContext(
+            checkpoint_id=checkpoint_id,
+            newer_completed_checkpoints=tuple(newer),
+            allow_non_restored_state=config.allow_non_restored_state,
+            on_newer_committed_output=config.on_newer_committed_output,
+            allow_existing_output=config.allow_existing_output,
+        )
+
     def _deploy(self, restore_point: CompletedCheckpoint | None) -> list[StreamTask]:
         graph = self.graph
         restored_state = assign_restored_state(graph, restore_point)
@@ -459,6 +483,7 @@ class JobMaster:
                     key_groups=key_group_range_for_subtask(node.max_parallelism, p, index),
                     scheduler=task,
                     checkpoint_interval_s=self.config.checkpoint.interval_s,
+                    restore=self.restore_context,
                 ),
                 output,
             )

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from actors.operator import RestoreContext
+
 if TYPE_CHECKING:
     from actors.timers import TimerService
 
@@ -36,8 +38,11 @@ class RuntimeContext:
         keyed_backend: Any = None,
         operator_state: Any = None,
         checkpoint_interval_s: float | None = None,
+        restore: RestoreContext | None = None,
     ) -> None:
         self.operator_name = operator_name
+        self.restore = restore or RestoreContext()
+        """What this attempt restores from, and the user's restore choices (for sinks)."""
         self.checkpoint_interval_s = checkpoint_interval_s
         """The job's periodic checkpoint interval (None when only final checkpoints are taken)."""
         self.subtask_index = subtask_index

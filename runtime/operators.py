@@ -66,6 +66,8 @@ class UserFunctionOperator(StreamOperator):
             ctx.params,
             self.keyed_backend,
             self.operator_state,
+            ctx.checkpoint_interval_s,
+            ctx.restore,
         )
 
     async def open(self) -> None:

@@ -75,6 +75,7 @@ class SinkOperator(StreamOperator):
             None,
             self._state,
             ctx.checkpoint_interval_s,
+            ctx.restore,
         )
         self.writer = self.sink.create_writer(runtime_ctx)
         if restored is not None and "operator" in restored:

@@ -320,6 +320,23 @@ def load_latest_valid(directory: str | os.PathLike[str]) -> CompletedCheckpoint 
     return None
 
 
+def completed_checkpoint_ids_after(
+    directory: str | os.PathLike[str], checkpoint_id: int | None
+) -> list[int]:
+    """Ids of ``chk-*`` folders with a ``_metadata`` file (they completed, whether they are still
+    valid or damaged now) above ``checkpoint_id`` (all of them for None), oldest first.
+
+    A completed checkpoint may have committed side effects (files, Kafka transactions); a restore
+    from an older one replays what they committed.
+    """
+    ids = []
+    for folder in list_checkpoint_folders(directory):
+        match = _CHECKPOINT_DIR.match(folder.name)
+        if match and (folder / METADATA).exists():
+            ids.append(int(match.group(1)))
+    return sorted(i for i in ids if checkpoint_id is None or i > checkpoint_id)
+
+
 def highest_checkpoint_id(directory: str | os.PathLike[str]) -> int:
     """The highest id of any ``chk-*`` folder, valid or not, so new ids never collide."""
     highest = 0
