@@ -100,26 +100,26 @@ def kill_when(
     files is exactly what the killed process leaves behind; if it does not hold yet, the process
     continues (SIGCONT) and is checked again a little later.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            msg = f"the job exited ({proc.returncode}) before {what}: {stderr.read_text()}"
-            raise AssertionError(msg)
+
+    def holds_while_stopped() -> T:
         proc.send_signal(signal.SIGSTOP)
         try:
             value = condition()
         except BaseException:
-            stop_process(proc)
+            proc.send_signal(signal.SIGCONT)
             raise
-        if value:
-            stop_process(proc)
-            return value
-        proc.send_signal(signal.SIGCONT)
-        if time.monotonic() > deadline:
-            stop_process(proc)
-            msg = f"timed out waiting for {what}: {stderr.read_text()}"
+        if not value:
+            proc.send_signal(signal.SIGCONT)
+        return value
+
+    try:
+        value = wait_for(holds_while_stopped, what, proc, stderr, timeout)
+        if proc.poll() is not None:
+            msg = f"the job exited ({proc.returncode}) before {what}: {stderr.read_text()}"
             raise AssertionError(msg)
-        time.sleep(0.01)
+        return value
+    finally:
+        stop_process(proc)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

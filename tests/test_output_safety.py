@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,12 @@ def restore_latest_args(out: Path, chk: Path, *extra: str, rate: int = 0) -> lis
     )
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+def refusal(result: subprocess.CompletedProcess[str]) -> str:
+    """The one ``error:`` line of a refused restore or start (status 2, no traceback)."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return error
 
 
 def file_contents(out: Path) -> dict[str, bytes]:
@@ -125,19 +130,21 @@ def fallback(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
-def copy_of(fallback: dict[str, Any], tmp_path: Path) -> tuple[Path, Path]:
+def restore_a_copy(
+    fallback: dict[str, Any], tmp_path: Path, *extra: str
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """``--restore latest`` on a copy of the damaged run; the copy's output folder and the run."""
     out, chk = tmp_path / "out", tmp_path / "chk"
     shutil.copytree(fallback["out"], out)
     shutil.copytree(fallback["chk"], chk)
-    return out, chk
+    return out, run_cli(*restore_latest_args(out, chk, *extra))
 
 
 @pytest.mark.slow
 def test_fallback_to_an_older_checkpoint_moves_newer_committed_output_aside(
     fallback: dict[str, Any], tmp_path: Path
 ) -> None:
-    out, chk = copy_of(fallback, tmp_path)
-    result = run_cli(*restore_latest_args(out, chk))
+    out, result = restore_a_copy(fallback, tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"restoring checkpoint {fallback['restored']} from " in result.stderr
     assert_exact_output(out)
@@ -155,11 +162,8 @@ def test_fallback_to_an_older_checkpoint_moves_newer_committed_output_aside(
 def test_fallback_with_policy_fail_refuses_the_restore_naming_the_output(
     fallback: dict[str, Any], tmp_path: Path
 ) -> None:
-    out, chk = copy_of(fallback, tmp_path)
-    result = run_cli(*restore_latest_args(out, chk, "--on-newer-committed-output", "fail"))
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    [error] = error_lines(result.stderr)
+    out, result = restore_a_copy(fallback, tmp_path, "--on-newer-committed-output", "fail")
+    error = refusal(result)
     assert str(out) in error
     assert f"restoring checkpoint {fallback['restored']}" in error
     assert str(fallback["damaged"]) in error
@@ -174,8 +178,7 @@ def test_fallback_with_policy_fail_refuses_the_restore_naming_the_output(
 def test_fallback_with_policy_keep_commits_the_newer_records_again_and_says_so(
     fallback: dict[str, Any], tmp_path: Path
 ) -> None:
-    out, chk = copy_of(fallback, tmp_path)
-    result = run_cli(*restore_latest_args(out, chk, "--on-newer-committed-output", "keep"))
+    out, result = restore_a_copy(fallback, tmp_path, "--on-newer-committed-output", "keep")
     assert result.returncode == 0, result.stderr
     assert any(
         " WARNING " in line and "duplicates" in line for line in result.stderr.splitlines()
@@ -214,9 +217,7 @@ def test_restore_latest_without_a_valid_checkpoint_refuses_to_write_into_committ
         shutil.rmtree(chk)
 
     refused = run_cli(*restore_latest_args(out, chk))
-    assert refused.returncode == 2, refused.stderr
-    assert "Traceback" not in refused.stderr
-    [error] = error_lines(refused.stderr)
+    error = refusal(refused)
     assert str(out) in error
     assert "--restore" in error
     assert "another output directory" in error
@@ -270,8 +271,9 @@ def test_restore_deletes_pending_files_of_a_checkpoint_that_never_completed(
 # --------------------------------------------------------------------------- item 14
 
 
-def sink_snapshot(entry: dict[str, Any]) -> dict[str, Any]:
-    return {"operator": {"sink": {"mode": "even-split", "items": [entry]}}}
+def list_state_snapshot(name: str, items: list[Any]) -> dict[str, Any]:
+    """A subtask snapshot with one even-split operator list state, as operators record it."""
+    return {"operator": {name: {"mode": "even-split", "items": items}}}
 
 
 @pytest.mark.parametrize("form", ["absolute", "parent"])
@@ -293,13 +295,11 @@ def test_restore_refuses_sink_state_that_names_files_outside_the_output_director
             "final": f"../elsewhere/{target.name}",
         }
     savepoint = write_savepoint(
-        tmp_path / "sp", 7, {SINK_UID: (SINK_NAME, {0: sink_snapshot(entry)})}
+        tmp_path / "sp", 7, {SINK_UID: (SINK_NAME, {0: list_state_snapshot("sink", [entry])})}
     )
 
     result = run_cli(*etl_args(out, "--restore", str(savepoint), parallelism=1))
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    [error] = error_lines(result.stderr)
+    error = refusal(result)
     assert SINK_NAME in error
     assert "checkpoint 7" in error
     assert entry["pending"] in error
@@ -323,22 +323,13 @@ def test_restore_refuses_file_source_splits_outside_the_configured_input(
         configured, split_path = inputs, f"{inputs}/../{secret.name}"
     split = {"path": split_path, "offset": 0, "line": 0}
     savepoint = write_savepoint(
-        tmp_path / "sp",
-        7,
-        {
-            "events": (
-                "events",
-                {0: {"operator": {"splits": {"mode": "even-split", "items": [split]}}}},
-            )
-        },
+        tmp_path / "sp", 7, {"events": ("events", {0: list_state_snapshot("splits", [split])})}
     )
 
     result = run_cli(
         *etl_args(out, "--set", f"input={configured}", "--restore", str(savepoint), parallelism=1)
     )
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    [error] = error_lines(result.stderr)
+    error = refusal(result)
     assert "file source" in error
     assert "checkpoint 7" in error
     assert split_path in error
