@@ -111,3 +111,9 @@ def get_json(address: str, path: str) -> Any:
     with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
         assert response.headers.get_content_type() == "application/json"
         return json.loads(response.read())
+
+
+def operator_records_in(address: str, uid: str) -> int:
+    """Records the operator ``uid`` received so far, over all its subtasks (from ``/status``)."""
+    status = get_json(address, "/status")
+    return sum(op["records_in"] for op in status["operators"] if op["uid"] == uid)
