@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ from cli_helpers import (
     operator_records_in,
     read_address,
     run_cli,
+    set_args,
     start_cli,
     stop_process,
+    stop_with_savepoint,
     wait_for,
 )
 from etl_expectations import committed_records
@@ -126,12 +128,7 @@ def job_args(job: Path, out: Path, *extra: str) -> list[str]:
     return [
         "run",
         str(job),
-        "--set",
-        f"output={out}",
-        "--set",
-        f"count={COUNT}",
-        "--set",
-        f"users={USERS}",
+        *set_args(output=out, count=COUNT, users=USERS),
         "-p",
         "2",
         "--no-progress",
@@ -139,28 +136,29 @@ def job_args(job: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def resume(job: Path, out: Path, savepoint: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run the counting job to its end from ``savepoint``."""
+    return run_cli(*job_args(job, out, "--restore", str(savepoint), "--rest-port", "-1", *extra))
+
+
 def stop_midway(tmp_path: Path, job: Path, out: Path, *extra: str) -> Path:
     """Run the counting job throttled, stop it with a savepoint midway; the savepoint folder."""
     chk, savepoints, stderr = tmp_path / "chk", tmp_path / "savepoints", tmp_path / "first.stderr"
     proc = start_cli(
-        stderr,
-        *job_args(job, out, "--set", "rate=150", "--checkpoint-dir", str(chk), *extra),
+        stderr, *job_args(job, out, "--set", "rate=150", "--checkpoint-dir", str(chk), *extra)
     )
     try:
         address = wait_for(lambda: read_address(chk), "the rest-address file", proc, stderr)
         wait_for(
             lambda: operator_records_in(address, "count") >= 300, "some progress", proc, stderr
         )
-        stop = run_cli("stop", "--address", address, "--dir", str(savepoints))
-        assert stop.returncode == 0, stop.stderr
+        savepoint = stop_with_savepoint(address, savepoints)
         assert proc.wait(timeout=60) == 0, stderr.read_text()
     finally:
         stop_process(proc)
-    match = re.search(r"stopped with savepoint \d+ at (?P<path>.+)", stop.stdout)
-    assert match, stop.stdout
     stopped_at = sum(1 for r in committed_records(out) if "n" in r)
     assert 0 < stopped_at < COUNT, "the job was not stopped midway"
-    return Path(match.group("path").strip())
+    return savepoint
 
 
 @pytest.fixture
@@ -179,18 +177,7 @@ def test_operator_max_parallelism_resume_keeps_every_keys_state_and_timer(
 ) -> None:
     out = tmp_path / "out"
     savepoint = stop_midway(tmp_path, job_file, out, "--set", "operator_max_parallelism=64")
-    resumed = run_cli(
-        *job_args(
-            job_file,
-            out,
-            "--set",
-            "operator_max_parallelism=64",
-            "--restore",
-            str(savepoint),
-            "--rest-port",
-            "-1",
-        )
-    )
+    resumed = resume(job_file, out, savepoint, "--set", "operator_max_parallelism=64")
     assert resumed.returncode == 0, resumed.stderr
     assert_exactly_once(out, expected_counts())
 
@@ -202,7 +189,7 @@ def test_restore_with_another_max_parallelism_is_refused_naming_operator_and_val
     out = tmp_path / "out"
     savepoint = stop_midway(tmp_path, job_file, out, "--set", "operator_max_parallelism=64")
     before = committed_records(out)
-    refused = run_cli(*job_args(job_file, out, "--restore", str(savepoint), "--rest-port", "-1"))
+    refused = resume(job_file, out, savepoint)
     assert refused.returncode == 2, refused.stderr
     assert "uid count" in refused.stderr
     assert "max parallelism 64" in refused.stderr and "128" in refused.stderr
@@ -225,18 +212,7 @@ def test_restore_with_another_max_parallelism_is_refused_naming_operator_and_val
     assert "error:" not in dry_run.stdout, dry_run.stdout
 
     # The job-wide --max-parallelism is the way out when the operator sets none.
-    resumed = run_cli(
-        *job_args(
-            job_file,
-            out,
-            "--max-parallelism",
-            "64",
-            "--restore",
-            str(savepoint),
-            "--rest-port",
-            "-1",
-        )
-    )
+    resumed = resume(job_file, out, savepoint, "--max-parallelism", "64")
     assert resumed.returncode == 0, resumed.stderr
     assert_exactly_once(out, expected_counts())
 
@@ -282,10 +258,7 @@ def test_changed_key_type_fails_the_task_unless_allowed(tmp_path: Path, job_file
     out = tmp_path / "out"
     savepoint = stop_midway(tmp_path, job_file, out)
     before = committed_records(out)
-    args = job_args(
-        job_file, out, "--set", "keys=int", "--restore", str(savepoint), "--rest-port", "-1"
-    )
-    refused = run_cli(*args)
+    refused = resume(job_file, out, savepoint, "--set", "keys=int")
     assert refused.returncode == 1, refused.stderr
     assert "'count' (uid count" in refused.stderr
     assert "key type str" in refused.stderr and "new key type int" in refused.stderr
@@ -293,7 +266,7 @@ def test_changed_key_type_fails_the_task_unless_allowed(tmp_path: Path, job_file
     assert committed_records(out) == before  # nothing was committed by the failed run
 
     # Knowingly dropped: the counters restart at 1 under the new keys (as documented).
-    allowed = run_cli(*args, "--allow-non-restored-state", "--log-level", "WARNING")
+    allowed = resume(job_file, out, savepoint, "--set", "keys=int", "--allow-non-restored-state")
     assert allowed.returncode == 0, allowed.stderr
     assert "drops the restored keyed state and timers" in allowed.stderr
     counted = collections.Counter((r["user"], r["n"]) for r in committed_records(out) if "n" in r)
@@ -310,24 +283,16 @@ def test_state_redeclared_with_another_kind_is_refused_unless_allowed(
 ) -> None:
     out = tmp_path / "out"
     savepoint = stop_midway(tmp_path, job_file, out)
-    args = job_args(
-        job_file,
-        out,
-        "--set",
-        "count_as_list=true",
-        "--restore",
-        str(savepoint),
-        "--rest-port",
-        "-1",
-    )
-    refused = run_cli(*args)
+    refused = resume(job_file, out, savepoint, "--set", "count_as_list=true")
     assert refused.returncode == 1, refused.stderr
     assert "'count' (uid count" in refused.stderr
     assert "state 'count'" in refused.stderr
     assert "value state" in refused.stderr and "list state" in refused.stderr
     assert "--allow-non-restored-state" in refused.stderr
 
-    allowed = run_cli(*args, "--allow-non-restored-state")
+    allowed = resume(
+        job_file, out, savepoint, "--set", "count_as_list=true", "--allow-non-restored-state"
+    )
     assert allowed.returncode == 0, allowed.stderr
     assert "state 'count' was restored as value state" in allowed.stderr  # the warning
     restarted = [r for r in committed_records(out) if r.get("n") == 1]
