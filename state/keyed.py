@@ -12,7 +12,7 @@ subtask's actor, so nothing here locks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -36,13 +36,9 @@ class IncompatibleStateError(RuntimeError):
     of another type. The message names the operator, the state or key types, and the way out."""
 
 
-def key_type_names(key_types: Iterable[type]) -> set[str]:
-    """Names of key types as a snapshot stores them: subclasses by the base type they are
-    encoded as (a ``StrEnum`` key comes back from a snapshot as ``str``)."""
-    return {_key_type_name(t) for t in key_types}
-
-
 def _key_type_name(key_type: type) -> str:
+    """The name of a key type as a snapshot stores it: a subclass by the base type it is encoded
+    as (a ``StrEnum`` key comes back from a snapshot as ``str``)."""
     for base in (bool, int, float, str, bytes, tuple):
         if issubclass(key_type, base):
             return base.__name__
@@ -300,7 +296,7 @@ class KeyedStateBackend:
                 column = [serializer.to_data(v) for v in column]
             result[name] = {
                 "kind": kind,
-                "key_types": sorted(key_type_names(set(map(type, values)))),
+                "key_types": sorted({_key_type_name(t) for t in set(map(type, values))}),
                 "keys": list(values),
                 "values": column,
             }
