@@ -146,7 +146,8 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--allow-non-restored-state",
         action="store_true",
-        help="drop state of operators that are no longer in the job",
+        help="drop restored state that does not fit the job (operators no longer in it, states "
+        "re-declared with another kind, keys of another type) instead of refusing it",
     )
     run.add_argument(
         "--on-newer-committed-output",
