@@ -27,6 +27,7 @@ from runtime.restart import parse_restart_strategy
 from runtime.restore import RestoreMismatchError, RestoreReport
 from runtime.runner import JobFileError, build_graph, load_job_file, run_coroutine
 from runtime.testing import arm_from_params
+from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
 from state.storage import (
     CheckpointKind,
     CheckpointStorage,
@@ -66,6 +67,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _max_parallelism(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= UPPER_BOUND_MAX_PARALLELISM:
+        msg = f"must be in 1..{UPPER_BOUND_MAX_PARALLELISM}, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _add_max_parallelism_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-parallelism",
+        type=_max_parallelism,
+        default=DEFAULT_MAX_PARALLELISM,
+        metavar="N",
+        help="key groups of keyed state and timers, for operators without set_max_parallelism() "
+        f"(default {DEFAULT_MAX_PARALLELISM}); the upper bound of rescaling, fixed for the life "
+        "of the state",
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m runtime", description="A stream-processing runtime for Python on asyncio."
@@ -75,6 +96,7 @@ def make_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job file (a Python file defining build(job))")
     run.add_argument("file", help="the job file")
     run.add_argument("-p", "--parallelism", type=_positive_int, default=1)
+    _add_max_parallelism_option(run)
     run.add_argument(
         "--set",
         dest="params",
@@ -124,7 +146,8 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--allow-non-restored-state",
         action="store_true",
-        help="drop state of operators that are no longer in the job",
+        help="drop restored state that does not fit the job (operators no longer in it, states "
+        "re-declared with another kind, keys of another type) instead of refusing it",
     )
     run.add_argument(
         "--on-newer-committed-output",
@@ -175,6 +198,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="dry run: how each snapshot would restore into this job file",
     )
     checkpoints.add_argument("-p", "--parallelism", type=_positive_int, default=1)
+    _add_max_parallelism_option(checkpoints)
     checkpoints.add_argument(
         "--set", dest="params", type=_key_value, action="append", default=[], metavar="KEY=VALUE"
     )
@@ -223,7 +247,9 @@ def _run(args: Any) -> int:
         _error(str(exc))
         return EXIT_USAGE
     try:
-        graph = build_graph(build, params, args.parallelism, name=_job_name(args.file))
+        graph = build_graph(
+            build, params, args.parallelism, args.max_parallelism, name=_job_name(args.file)
+        )
     except JobDefinitionError as exc:
         _error(f"invalid job {args.file}: {exc}")
         return EXIT_USAGE
@@ -385,6 +411,7 @@ def _checkpoints(args: Any) -> int:
                 load_job_file(args.against),
                 dict(args.params),
                 args.parallelism,
+                args.max_parallelism,
                 name=_job_name(args.against),
             )
         except (JobFileError, JobDefinitionError) as exc:

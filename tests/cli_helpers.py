@@ -160,6 +160,26 @@ def get_json(address: str, path: str) -> Any:
         return json.loads(response.read())
 
 
+def operator_records_in(address: str, uid: str) -> int:
+    """Records the operator ``uid`` received so far, over all its subtasks (from ``/status``)."""
+    status = get_json(address, "/status")
+    return sum(op["records_in"] for op in status["operators"] if op["uid"] == uid)
+
+
+def set_args(**params: object) -> list[str]:
+    """``--set KEY=VALUE`` arguments for each job parameter."""
+    return [arg for key, value in params.items() for arg in ("--set", f"{key}={value}")]
+
+
+def stop_with_savepoint(address: str, savepoint_dir: Path) -> Path:
+    """``python -m runtime stop`` the job at ``address``; the savepoint folder it wrote."""
+    stop = run_cli("stop", "--address", address, "--dir", str(savepoint_dir))
+    assert stop.returncode == 0, stop.stderr
+    match = re.search(r"stopped with savepoint \d+ at (?P<path>.+)", stop.stdout)
+    assert match, stop.stdout
+    return Path(match.group("path").strip())
+
+
 def damage_checkpoint(folder: Path) -> None:
     """Corrupt one state file of a checkpoint or savepoint folder (its checksum no longer fits)."""
     state_files = sorted(folder.glob("*.state"))
