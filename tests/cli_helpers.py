@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from state.keygroups import DEFAULT_MAX_PARALLELISM
 from state.storage import (
     CheckpointKind,
     CheckpointStorage,
@@ -227,13 +228,13 @@ def write_savepoint(
 ) -> Path:
     """Write a savepoint folder under ``base`` through the checkpoint storage, as a job would:
     ``operators`` maps uid to (name, {subtask: snapshot}); parallelism is the subtask count, max
-    parallelism the default 128. Returns the folder (valid sizes and checksums)."""
+    parallelism the default. Returns the folder (valid sizes and checksums)."""
     entries = {}
     for uid, (name, subtasks) in operators.items():
         states = SnapshotMap()
         for subtask, snapshot in subtasks.items():
             states[subtask] = snapshot
-        entries[uid] = OperatorCheckpoint(uid, name, len(subtasks), 128, states)
+        entries[uid] = OperatorCheckpoint(uid, name, len(subtasks), DEFAULT_MAX_PARALLELISM, states)
     checkpoint = CompletedCheckpoint(
         checkpoint_id, CheckpointKind.SAVEPOINT, int(time.time() * 1000), entries
     )
