@@ -146,8 +146,9 @@ def make_parser() -> argparse.ArgumentParser:
         "--restore",
         default=None,
         metavar="latest|PATH",
-        help="restore from the latest valid checkpoint in --checkpoint-dir, or from "
-        "a checkpoint or savepoint folder",
+        help="restore from the latest valid checkpoint in --checkpoint-dir (none: start from the "
+        "beginning, with a warning), from a checkpoint or savepoint folder, or from the newest "
+        "valid one in a folder of them (as stop --dir writes)",
     )
     run.add_argument(
         "--allow-non-restored-state",

@@ -241,14 +241,9 @@ class CheckpointStorage:
         """:func:`remove_incomplete_checkpoints` in this storage's directory, off the loop."""
         if self.directory is None:
             return []
-        try:
-            removed: list[Path] = await aiofiles.os.wrap(remove_incomplete_checkpoints)(
-                self.directory, below_id, keep
-            )
-        except OSError as exc:
-            # garbage left for the next attempt; the checkpoint itself has completed
-            log.warning("could not clean up incomplete checkpoints in %s: %s", self.directory, exc)
-            return []
+        removed: list[Path] = await aiofiles.os.wrap(remove_incomplete_checkpoints)(
+            self.directory, below_id, keep
+        )
         return removed
 
 
@@ -380,6 +375,9 @@ def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         msg = f"{path}: damaged metadata ({exc})"
         raise InvalidCheckpointError(msg) from exc
+    except OSError as exc:
+        msg = f"{path}: cannot read the metadata ({exc.strerror or exc})"
+        raise InvalidCheckpointError(msg) from exc
     try:
         return validate_metadata(parsed)
     except ValueError as exc:
@@ -399,15 +397,19 @@ def _read_state_file(base: Path, uid: str, info: dict[str, Any]) -> bytes:
     if not path.is_file():
         msg = f"{base}: state file {name} of operator {uid!r} is missing"
         raise InvalidCheckpointError(msg)
-    size = path.stat().st_size
-    if size != info["size"]:
-        msg = (
-            f"{base}: state file {name} of operator {uid!r} is damaged "
-            f"({size} bytes, expected {info['size']})"
-        )
-        raise InvalidCheckpointError(msg)
-    with open(path, "rb") as f:
-        data = f.read(info["size"] + 1)
+    try:
+        size = path.stat().st_size
+        if size != info["size"]:
+            msg = (
+                f"{base}: state file {name} of operator {uid!r} is damaged "
+                f"({size} bytes, expected {info['size']})"
+            )
+            raise InvalidCheckpointError(msg)
+        with open(path, "rb") as f:
+            data = f.read(info["size"] + 1)
+    except OSError as exc:
+        msg = f"{base}: cannot read state file {name} of operator {uid!r} ({exc.strerror or exc})"
+        raise InvalidCheckpointError(msg) from exc
     if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
         msg = (
             f"{base}: state file {name} of operator {uid!r} is damaged "
@@ -560,14 +562,24 @@ def remove_incomplete_checkpoints(
     checkpoints (see :func:`completed_checkpoint_ids_after`). Savepoints and anything else not
     named ``chk-<int>`` are never touched either.
     """
-    removed = []
-    for folder in reversed(list_checkpoint_folders(directory)):
+    removed: list[Path] = []
+    try:
+        folders = list_checkpoint_folders(directory)
+    except OSError as exc:
+        # Garbage stays for the next attempt; whatever triggered the cleanup has succeeded.
+        log.warning("could not look for incomplete checkpoints in %s: %s", directory, exc)
+        return removed
+    for folder in reversed(folders):
         match = _CHECKPOINT_DIR.match(folder.name)
         assert match is not None
         checkpoint_id = int(match.group(1))
         if checkpoint_id >= below_id or checkpoint_id in keep or (folder / METADATA).exists():
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            shutil.rmtree(folder)
+        except OSError as exc:
+            log.warning("could not delete incomplete checkpoint %s: %s", folder, exc)
+            continue
         log.info(
             "deleted %s: checkpoint %d never completed (no %s)", folder, checkpoint_id, METADATA
         )
