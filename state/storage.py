@@ -493,11 +493,9 @@ def _skipped(folder: Path, exc: InvalidCheckpointError) -> SkippedSnapshot:
     return SkippedSnapshot(folder, str(exc), (folder / METADATA).exists())
 
 
-def find_latest_valid(directory: str | os.PathLike[str]) -> SnapshotSearch:
-    """The newest valid ``chk-*`` checkpoint under ``directory`` (by id) and the newer folders that
-    were skipped because they never completed or are damaged."""
-    search = SnapshotSearch(None)
-    for folder in list_checkpoint_folders(directory):
+def _first_valid(folders: list[Path], search: SnapshotSearch) -> SnapshotSearch:
+    """Load ``folders`` in order until one is valid; the ones before it go to ``skipped``."""
+    for folder in folders:
         try:
             search.checkpoint = load_checkpoint(folder)
         except InvalidCheckpointError as exc:
@@ -505,6 +503,12 @@ def find_latest_valid(directory: str | os.PathLike[str]) -> SnapshotSearch:
             continue
         break
     return search
+
+
+def find_latest_valid(directory: str | os.PathLike[str]) -> SnapshotSearch:
+    """The newest valid ``chk-*`` checkpoint under ``directory`` (by id) and the newer folders that
+    were skipped because they never completed or are damaged."""
+    return _first_valid(list_checkpoint_folders(directory), SnapshotSearch(None))
 
 
 def load_latest_valid(directory: str | os.PathLike[str]) -> CompletedCheckpoint | None:
@@ -540,14 +544,7 @@ def find_newest_snapshot(directory: str | os.PathLike[str]) -> SnapshotSearch:
             search.skipped.append(_skipped(folder, exc))
             continue
         readable.append((metadata["checkpoint_id"], metadata["timestamp_ms"], folder))
-    for _, _, folder in sorted(readable, reverse=True):
-        try:
-            search.checkpoint = load_checkpoint(folder)
-        except InvalidCheckpointError as exc:
-            search.skipped.append(_skipped(folder, exc))
-            continue
-        break
-    return search
+    return _first_valid([folder for _, _, folder in sorted(readable, reverse=True)], search)
 
 
 def remove_incomplete_checkpoints(
