@@ -27,6 +27,7 @@ from cli_helpers import (
     run_cli,
     start_cli,
     stop_process,
+    stop_with_savepoint,
     wait_for,
 )
 from etl_expectations import assert_exact_output
@@ -388,14 +389,11 @@ def savepoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         assert match, first.stdout
         first_id = int(match.group(1))
         wait_for(lambda: max_completed(chk) > first_id, "a checkpoint after it", proc, stderr)
-        stop = run_cli("stop", "--address", address, "--dir", str(sp))
-        assert stop.returncode == 0, stop.stderr
+        stopped = stop_with_savepoint(address, sp)
         assert proc.wait(timeout=60) == 0, stderr.read_text()
     finally:
         stop_process(proc)
-    stopped = re.search(r"stopped with savepoint \d+ at (.+)", stop.stdout)
-    assert stopped, stop.stdout
-    return {"out": out, "sp": sp, "first": Path(match.group(2)), "stop": Path(stopped.group(1))}
+    return {"out": out, "sp": sp, "first": Path(match.group(2).strip()), "stop": stopped}
 
 
 def _etl_args(out: Path, chk: Path, *extra: str) -> list[str]:
