@@ -142,6 +142,16 @@ def completed_checkpoint_ids(chk: Path) -> list[int]:
     return sorted(ids)
 
 
+def make_incomplete_checkpoint(chk: Path, checkpoint_id: int) -> Path:
+    """A ``chk-N`` folder as a checkpoint killed mid-write leaves it: a state file cut short and
+    the metadata's temp file, but no ``_metadata``."""
+    folder = chk / f"chk-{checkpoint_id}"
+    folder.mkdir(parents=True)
+    (folder / "running-totals-0.state").write_bytes(b"\x81\xa5keyed\x82")
+    (folder / "._metadata.tmp").write_bytes(b'{"format": 1, "checkpoint_id": ')
+    return folder
+
+
 def max_completed(chk: Path) -> int:
     return max(completed_checkpoint_ids(chk), default=0)
 
