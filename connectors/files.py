@@ -7,7 +7,9 @@ line number of the next unread line, kept in operator state, so a restore resume
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,14 @@ import aiofiles
 import aiofiles.os
 import orjson
 
+from actors.operator import NewerOutputPolicy, RestoreRefusedError
 from runtime.functions import RuntimeContext
 from runtime.sinks import Sink, SinkWriter
 from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
 
 _CHUNK = 1 << 18
+
+log = logging.getLogger(__name__)
 
 
 class RecordFormatError(ValueError):
@@ -62,12 +67,27 @@ class FileSource(Source[Any]):
         return [{"path": str(p), "offset": 0, "line": 0} for p in self._files()]
 
     def create_reader(self, context: SourceReaderContext) -> SourceReader[Any]:
-        return _FileReader(self.format)
+        return _FileReader(self, context)
+
+    def may_read(self, path: str) -> bool:
+        """Whether a split may read ``path``: the configured file, or a file (not a dot-file) of
+        the configured directory. Splits restored from a checkpoint are held to this, so a crafted
+        checkpoint cannot make the job read any other file."""
+        if not path or "\0" in path or ".." in Path(path).parts:
+            return False
+        configured = os.path.normpath(os.path.abspath(self.path))
+        candidate = os.path.normpath(os.path.abspath(path))
+        if candidate == configured:
+            return True
+        name = os.path.basename(candidate)
+        return os.path.dirname(candidate) == configured and not name.startswith(".")
 
 
 class _FileReader(SourceReader[Any]):
-    def __init__(self, format: str) -> None:
-        self.json = format == "json"
+    def __init__(self, source: FileSource, context: SourceReaderContext) -> None:
+        self.source = source
+        self.context = context
+        self.json = source.format == "json"
         self.splits: deque[dict[str, Any]] = deque()
         self.done: list[dict[str, Any]] = []
         self._file: Any = None
@@ -78,7 +98,30 @@ class _FileReader(SourceReader[Any]):
 
     def add_splits(self, splits: list[Any]) -> None:
         for split in splits:
-            self.splits.append(dict(split))
+            self.splits.append(self._checked_split(split))
+
+    def _checked_split(self, split: Any) -> dict[str, Any]:
+        """``split`` if it reads an allowed file from a valid position; splits come from the
+        restored checkpoint on a restore, so anything else refuses the restore."""
+        path = split.get("path") if isinstance(split, dict) else None
+        positions = [split.get(k) for k in ("offset", "line")] if isinstance(split, dict) else []
+        if (
+            isinstance(path, str)
+            and self.source.may_read(path)
+            and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in positions)
+            and positions
+        ):
+            return dict(split)
+        msg = (
+            f"file source {self.context.source_name!r} "
+            f"(subtask {self.context.subtask_index + 1}/{self.context.parallelism}): checkpoint "
+            f"{self.context.restore.checkpoint_id} has a split for {path!r} at {positions!r} "
+            f"(offset, line), which is not the configured input {str(self.source.path)!r} or a "
+            "file in it, or not a valid position; "
+            "refusing to read files the job was not configured for. Restore a checkpoint or "
+            "savepoint of this job, with the input it was taken with."
+        )
+        raise RestoreRefusedError(msg)
 
     def _open_current(self) -> bool:
         while self.splits:
@@ -196,14 +239,46 @@ class TwoPhaseCommitFileSink(Sink):
 
     Per subtask, records go to an in-progress part file ``.part-<subtask>-<token>-<n>.inprogress``.
 
-    1. Snapshot (pre-commit): the in-progress file is flushed, fsynced and renamed to
-       ``.part-….pending``; the pending file and its final name go into operator state.
-    2. ``notify_checkpoint_complete(n)``: every pending file of checkpoints ``<= n`` is renamed to
-       its final name ``part-<subtask>-<token>-<n>.jsonl``.
-    3. Restore: pending files named in the restored state are committed (idempotently: a file
-       already renamed is left alone), and this subtask's orphaned in-progress files are deleted.
+    1. Snapshot (pre-commit) for checkpoint *c*: the in-progress file is flushed, fsynced and
+       renamed to ``.part-<subtask>-<token>-<n>-chk<c>.pending``; the pending file and its final
+       name go into operator state.
+    2. ``notify_checkpoint_complete(m)``: every pending file of checkpoints ``<= m`` is renamed to
+       its final name ``part-<subtask>-<token>-<n>-chk<c>.jsonl``. The final name keeps the
+       checkpoint *c* whose snapshot sealed it: the file holds records that came after the source
+       positions of every checkpoint older than *c*.
+    3. Restore from checkpoint (or savepoint) *r*, before any record is replayed:
+
+       - Every name in the restored state must be a plain ``.part-….pending`` name inside the
+         directory, with the matching ``part-….jsonl`` final name; anything else (an absolute path,
+         ``../``) refuses the restore (``RestoreRefusedError``), so a crafted checkpoint cannot
+         rename files elsewhere.
+       - Committed files of checkpoints newer than *r* (after a fallback past a damaged checkpoint,
+         or a restore from an old savepoint) hold records that the restore replays. By default
+         (``--on-newer-committed-output move``) they are moved to the dot-folder
+         ``.rolled-back-after-chk-<r>/`` and a warning lists them, so the visible output is again
+         exactly once. The trade-off: a consumer that already read a moved file has seen those
+         records, and sees them again when they are committed anew. ``fail`` refuses the restore
+         instead, naming the directory, the checkpoints and the files; ``keep`` leaves them and
+         warns that duplicates follow.
+       - Pending files named in the restored state are committed (idempotently: a file already
+         renamed is left alone).
+       - Pending files of checkpoints newer than *r* that never completed (no ``chk-<id>`` with
+         ``_metadata`` in the checkpoint directory) are deleted; pending files of completed
+         checkpoints are never touched, nor are older pending files that another subtask's share of
+         the restored state may name.
+       - At ``open``, this subtask's orphaned in-progress files are deleted.
+
+       Each subtask handles the files of its own index; subtask 0 also those of indexes at or above
+       the new parallelism, so no two subtasks touch the same file.
+    4. Start without restored state for this sink: the sink counts as restored when the restored
+       checkpoint contains its operator, whatever it holds (its list state is always recorded, also
+       empty, so every subtask of a restored sink, at any parallelism, gets ``restore``). Otherwise,
+       if the directory already holds committed files, the start is refused: writing everything
+       again would duplicate them. ``--allow-existing-output`` writes next to them knowingly.
 
     Names that start with a dot are never output: readers should ignore them (most tools do).
+    Committed files written before file names carried their checkpoint (``part-…-<n>.jsonl``) are
+    still listed by :func:`committed_files` but never moved.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -213,7 +288,7 @@ class TwoPhaseCommitFileSink(Sink):
         return f"TwoPhaseCommitFiles({self.directory.name})"
 
     def create_writer(self, context: RuntimeContext) -> SinkWriter:
-        return _TwoPhaseCommitWriter(self.directory, context.subtask_index, context.parallelism)
+        return _TwoPhaseCommitWriter(self.directory, context)
 
 
 def committed_files(directory: str | os.PathLike[str]) -> list[Path]:
@@ -221,38 +296,198 @@ def committed_files(directory: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in Path(directory).glob("part-*.jsonl"))
 
 
+def rolled_back_folder(directory: str | os.PathLike[str], checkpoint_id: int) -> Path:
+    """Where a restore from ``checkpoint_id`` moves the files that newer checkpoints committed."""
+    return Path(directory) / f".rolled-back-after-chk-{checkpoint_id}"
+
+
+_COMMITTED = re.compile(r"part-(?P<subtask>\d+)-[0-9a-f]+-\d+-chk(?P<checkpoint>\d+)\.jsonl")
+_PENDING = re.compile(r"\.part-(?P<subtask>\d+)-[0-9a-f]+-\d+-chk(?P<checkpoint>\d+)\.pending")
+_PENDING_SUFFIX = ".pending"
+_LISTED_FILES = 5
+
+
 class _TwoPhaseCommitWriter(SinkWriter):
-    def __init__(self, directory: Path, subtask: int, parallelism: int) -> None:
+    def __init__(self, directory: Path, context: RuntimeContext) -> None:
         self.directory = directory
-        self.subtask = subtask
-        self.parallelism = parallelism
+        self.subtask = context.subtask_index
+        self.parallelism = context.parallelism
+        self.label = (
+            f"two-phase file sink {context.operator_name!r} "
+            f"(subtask {self.subtask + 1}/{self.parallelism})"
+        )
+        self.restore_context = context.restore
         self.token = os.urandom(4).hex()
         self.counter = 0
+        self.restored = False
+        """Set by ``restore``: the restored checkpoint contains this sink."""
         self._file: Any = None
         self._current: Path | None = None
         self.pending: list[dict[str, Any]] = []
         """``{"checkpoint": id, "pending": name, "final": name}`` for files not yet committed."""
 
+    # ---------------------------------------------------------------- restore and start
+
     async def restore(self, state: list[Any]) -> None:
         from actors.faults import crash_point
 
         crash_point("during-restore", f"two-phase file sink subtask {self.subtask}")
+        self.restored = True
+        restored_id = self.restore_context.checkpoint_id
+        entries = [self._checked_entry(entry, restored_id) for entry in state]
         self.directory.mkdir(parents=True, exist_ok=True)
-        for entry in state:
+        if restored_id is not None:
+            await self._handle_newer_committed_output(restored_id)
+        for entry in entries:
             await self._commit(entry)
+        self._delete_stale_pending(restored_id, {entry["pending"] for entry in entries})
+
+    def _checked_entry(self, entry: Any, restored_id: int | None) -> dict[str, Any]:
+        """``entry`` if it names a pending file inside the directory and its final name there."""
+        pending = entry.get("pending") if isinstance(entry, dict) else None
+        final = entry.get("final") if isinstance(entry, dict) else None
+        checkpoint = entry.get("checkpoint") if isinstance(entry, dict) else None
+        if (
+            isinstance(pending, str)
+            and _is_plain_name(pending, self.directory)
+            and pending.startswith(".part-")
+            and pending.endswith(_PENDING_SUFFIX)
+            and final == pending[1 : -len(_PENDING_SUFFIX)] + ".jsonl"
+            and isinstance(checkpoint, int)
+            and not isinstance(checkpoint, bool)
+        ):
+            return entry  # type: ignore[no-any-return]
+        msg = (
+            f"{self.label}: checkpoint {restored_id} names the pending file {pending!r} "
+            f"(final name {final!r}, checkpoint {checkpoint!r}), which is not a plain "
+            f"'.part-….pending' name inside the output directory {self.directory}; refusing to "
+            "rename files from a checkpoint that was not written by this sink. Restore a "
+            "checkpoint or savepoint written by this job."
+        )
+        raise RestoreRefusedError(msg)
+
+    def _is_mine(self, subtask_index: int) -> bool:
+        """Whether this subtask handles leftovers of ``subtask_index`` (each file has one owner)."""
+        if subtask_index == self.subtask:
+            return True
+        return self.subtask == 0 and subtask_index >= self.parallelism
+
+    def _my_files(self, pattern: re.Pattern[str]) -> list[tuple[Path, int]]:
+        """This subtask's files whose names match ``pattern``, with their checkpoint ids."""
+        found = []
+        for path in sorted(self.directory.iterdir()):
+            match = pattern.fullmatch(path.name)
+            if match and self._is_mine(int(match["subtask"])):
+                found.append((path, int(match["checkpoint"])))
+        return found
+
+    async def _handle_newer_committed_output(self, restored_id: int) -> None:
+        newer = [(p, c) for p, c in self._my_files(_COMMITTED) if c > restored_id]
+        if not newer:
+            return
+        checkpoints = ", ".join(str(c) for c in sorted({c for _, c in newer}))
+        names = _listing([p.name for p, _ in newer])
+        policy = self.restore_context.on_newer_committed_output
+        if policy is NewerOutputPolicy.FAIL:
+            msg = (
+                f"{self.label}: restoring checkpoint {restored_id}, but {self.directory} holds "
+                f"{len(newer)} file(s) committed by newer checkpoint(s) {checkpoints} ({names}); "
+                "replaying from the older checkpoint would commit their records again. Restore "
+                "the newest checkpoint, or pass --on-newer-committed-output move (move them "
+                "aside) or keep (accept the duplicates)."
+            )
+            raise RestoreRefusedError(msg)
+        if policy is NewerOutputPolicy.KEEP:
+            log.warning(
+                "%s: restoring checkpoint %d, keeping %d file(s) in %s committed by newer "
+                "checkpoint(s) %s (%s) as --on-newer-committed-output keep asks: their records "
+                "are committed again, the output holds duplicates",
+                self.label,
+                restored_id,
+                len(newer),
+                self.directory,
+                checkpoints,
+                names,
+            )
+            return
+        folder = rolled_back_folder(self.directory, restored_id)
+        await aiofiles.os.makedirs(folder, exist_ok=True)
+        for path, _ in newer:
+            await aiofiles.os.replace(path, folder / path.name)
+        log.warning(
+            "%s: restoring checkpoint %d, moved %d file(s) committed by newer checkpoint(s) %s "
+            "from %s to %s, since their records are replayed (%s); a consumer that already read "
+            "them sees those records again",
+            self.label,
+            restored_id,
+            len(newer),
+            checkpoints,
+            self.directory,
+            folder,
+            names,
+        )
+
+    def _delete_stale_pending(self, restored_id: int | None, referenced: set[str]) -> None:
+        """Delete this subtask's pending files of checkpoints after ``restored_id`` that never
+        completed: nothing can commit them, and their records are replayed."""
+        completed = set(self.restore_context.newer_completed_checkpoints)
+        stale = [
+            path
+            for path, checkpoint in self._my_files(_PENDING)
+            if path.name not in referenced
+            and (restored_id is None or checkpoint > restored_id)
+            and checkpoint not in completed
+        ]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.info(
+                "%s: deleted %d pending file(s) of checkpoints that never completed (%s)",
+                self.label,
+                len(stale),
+                _listing([p.name for p in stale]),
+            )
+
+    def _refuse_existing_output(self) -> None:
+        existing = committed_files(self.directory)
+        if not existing:
+            return
+        if self.restore_context.allow_existing_output:
+            log.warning(
+                "%s: starting without restored state into %s, which already holds %d committed "
+                "file(s) (--allow-existing-output): the new output is added to them",
+                self.label,
+                self.directory,
+                len(existing),
+            )
+            return
+        start = (
+            "the job starts from the beginning"
+            if self.restore_context.checkpoint_id is None
+            else f"checkpoint {self.restore_context.checkpoint_id} has no state for this sink"
+        )
+        msg = (
+            f"{self.label}: the output directory {self.directory} already holds "
+            f"{len(existing)} committed file(s) ({_listing([p.name for p in existing])}), but "
+            f"{start}, so its records would be written again. Restore the checkpoint or "
+            "savepoint that wrote them (--restore), choose another output directory, or pass "
+            "--allow-existing-output to add to them knowingly."
+        )
+        raise RestoreRefusedError(msg)
 
     async def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.restored:
+            self._refuse_existing_output()
+            self._delete_stale_pending(None, set())
         # In-progress files of earlier attempts were never pre-committed: their records will be
         # replayed from the checkpoint's source positions, so they are garbage.
-        mine = f".part-{self.subtask}-"
         for path in self.directory.glob(".part-*.inprogress"):
             index = path.name.split("-")[1]
-            orphan_of_removed_subtask = self.subtask == 0 and int(index) >= self.parallelism
-            if (
-                path.name.startswith(mine) or orphan_of_removed_subtask
-            ) and self.token not in path.name:
+            if index.isdigit() and self._is_mine(int(index)) and self.token not in path.name:
                 path.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- writing and committing
 
     async def write(self, values: list[Any]) -> None:
         if self._file is None:
@@ -278,8 +513,8 @@ class _TwoPhaseCommitWriter(SinkWriter):
     async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
         sealed = await self._seal()
         if sealed is not None:
-            stem = sealed.name[1 : -len(".inprogress")]
-            pending = sealed.with_name(f".{stem}.pending")
+            stem = f"{sealed.name[1 : -len('.inprogress')]}-chk{checkpoint_id}"
+            pending = sealed.with_name(f".{stem}{_PENDING_SUFFIX}")
             await aiofiles.os.replace(sealed, pending)
             self.pending.append(
                 {"checkpoint": checkpoint_id, "pending": pending.name, "final": f"{stem}.jsonl"}
@@ -313,3 +548,19 @@ class _TwoPhaseCommitWriter(SinkWriter):
         if self._file is not None:
             await self._file.close()
             self._file = None
+
+
+def _is_plain_name(name: str, directory: Path) -> bool:
+    """Whether ``name`` is one file name that stays inside ``directory`` (no separator, no ``..``,
+    not absolute)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return False
+    inside = os.path.normpath(os.path.join(os.path.abspath(directory), name))
+    return os.path.dirname(inside) == os.path.normpath(os.path.abspath(directory))
+
+
+def _listing(names: list[str]) -> str:
+    """The first few of ``names``, for one log or error line."""
+    shown = ", ".join(names[:_LISTED_FILES])
+    more = len(names) - _LISTED_FILES
+    return f"{shown}, and {more} more" if more > 0 else shown

@@ -25,7 +25,9 @@ class SinkWriter:
         """Acquire resources."""
 
     async def restore(self, state: list[Any]) -> None:
-        """Called before ``open`` with this subtask's share of the state from ``snapshot_state``."""
+        """Called before ``open`` with this subtask's share of the state from ``snapshot_state``,
+        whenever the restored checkpoint contains this sink (also when the share is empty, at any
+        parallelism); not called on a start without restored state for this sink."""
 
     async def write(self, values: list[Any]) -> None:
         raise NotImplementedError
@@ -102,6 +104,8 @@ class SinkOperator(StreamOperator):
     async def snapshot_state(self, checkpoint_id: int) -> dict[str, Any] | None:
         assert self.writer is not None
         staged = await self.writer.snapshot_state(checkpoint_id)
+        # Recorded also when empty: every subtask of a restored sink then receives ``restore``,
+        # which is how a writer tells a restore from a start without state.
         self._state.get_list_state(SINK_STATE).update(staged)
         return {"operator": self._state.snapshot()}
 

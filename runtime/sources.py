@@ -14,6 +14,7 @@ import time
 from typing import Any, Generic, TypeVar
 
 from actors.events import Watermark
+from actors.operator import RestoreContext
 from actors.task import InputStatus, SourceOperatorBase
 from state.operator import OperatorStateStore
 
@@ -33,6 +34,7 @@ class SourceReaderContext:
         parallelism: int,
         params: dict[str, str],
         notify_available: Any,
+        restore: RestoreContext | None = None,
     ) -> None:
         self.source_name = source_name
         self.subtask_index = subtask_index
@@ -40,6 +42,8 @@ class SourceReaderContext:
         self.params = params
         self.notify_available = notify_available
         """Call (from the event loop) when ``poll`` would now return data after returning None."""
+        self.restore = restore or RestoreContext()
+        """What this attempt restores from (splits given to ``add_splits`` may come from it)."""
 
 
 class EndOfInput:
@@ -173,6 +177,7 @@ class SourceOperator(SourceOperatorBase):
                 ctx.parallelism,
                 ctx.params,
                 wakeup.set if wakeup is not None else (lambda: None),
+                ctx.restore,
             )
         )
         self.reader.add_splits(splits)

@@ -8,8 +8,10 @@ first; no test sleeps for a fixed time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +19,17 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from state.keygroups import DEFAULT_MAX_PARALLELISM
+from state.storage import (
+    CheckpointKind,
+    CheckpointStorage,
+    CompletedCheckpoint,
+    OperatorCheckpoint,
+    SnapshotMap,
+    load_checkpoint,
+    read_metadata,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 90.0
@@ -73,6 +86,41 @@ def wait_for(
             msg = f"timed out waiting for {what}: {stderr.read_text()}"
             raise AssertionError(msg)
         time.sleep(0.01)
+
+
+def kill_when(
+    condition: Callable[[], T],
+    what: str,
+    proc: subprocess.Popen[bytes],
+    stderr: Path,
+    timeout: float = WAIT_S,
+) -> T:
+    """SIGKILL ``proc`` at a moment when ``condition`` holds, and reap it.
+
+    ``condition`` is evaluated while the process is stopped (SIGSTOP), so what it saw in the
+    files is exactly what the killed process leaves behind; if it does not hold yet, the process
+    continues (SIGCONT) and is checked again a little later.
+    """
+
+    def holds_while_stopped() -> T:
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            value = condition()
+        except BaseException:
+            proc.send_signal(signal.SIGCONT)
+            raise
+        if not value:
+            proc.send_signal(signal.SIGCONT)
+        return value
+
+    try:
+        value = wait_for(holds_while_stopped, what, proc, stderr, timeout)
+        if proc.poll() is not None:
+            msg = f"the job exited ({proc.returncode}) before {what}: {stderr.read_text()}"
+            raise AssertionError(msg)
+        return value
+    finally:
+        stop_process(proc)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
@@ -141,3 +189,66 @@ def stop_with_savepoint(address: str, savepoint_dir: Path) -> Path:
     match = re.search(r"stopped with savepoint \d+ at (?P<path>.+)", stop.stdout)
     assert match, stop.stdout
     return Path(match.group("path").strip())
+
+
+def damage_checkpoint(folder: Path) -> None:
+    """Corrupt one state file of a checkpoint or savepoint folder (its checksum no longer fits)."""
+    state_files = sorted(folder.glob("*.state"))
+    assert state_files, f"{folder} has no state file to damage"
+    data = bytearray(state_files[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state_files[0].write_bytes(bytes(data))
+
+
+def damage_latest_checkpoint(chk: Path) -> int:
+    """Corrupt the newest completed checkpoint in ``chk``; returns its id."""
+    latest = max_completed(chk)
+    assert latest, f"no completed checkpoint in {chk}"
+    damage_checkpoint(chk / f"chk-{latest}")
+    return latest
+
+
+def pending_entries(snapshot: Any) -> list[dict[str, Any]]:
+    """The two-phase file sink's pending-file entries anywhere in an operator snapshot."""
+    found: list[dict[str, Any]] = []
+    if isinstance(snapshot, dict):
+        if {"checkpoint", "pending", "final"} <= set(snapshot):
+            found.append(snapshot)
+        else:
+            for value in snapshot.values():
+                found.extend(pending_entries(value))
+    elif isinstance(snapshot, list | tuple):
+        for value in snapshot:
+            found.extend(pending_entries(value))
+    return found
+
+
+def checkpoint_sink_entries(folder: Path, uid: str) -> list[dict[str, Any]]:
+    """The pending-file entries of the two-phase file sink ``uid`` in a checkpoint folder."""
+    operator = load_checkpoint(folder).operators[uid]
+    return [
+        entry
+        for subtask in sorted(operator.subtask_states)
+        for entry in pending_entries(operator.subtask_states[subtask])
+    ]
+
+
+def write_savepoint(
+    base: Path, checkpoint_id: int, operators: dict[str, tuple[str, dict[int, Any]]]
+) -> Path:
+    """Write a savepoint folder under ``base`` through the checkpoint storage, as a job would:
+    ``operators`` maps uid to (name, {subtask: snapshot}); parallelism is the subtask count, max
+    parallelism the default. Returns the folder (valid sizes and checksums)."""
+    entries = {}
+    for uid, (name, subtasks) in operators.items():
+        states = SnapshotMap()
+        for subtask, snapshot in subtasks.items():
+            states[subtask] = snapshot
+        entries[uid] = OperatorCheckpoint(uid, name, len(subtasks), DEFAULT_MAX_PARALLELISM, states)
+    checkpoint = CompletedCheckpoint(
+        checkpoint_id, CheckpointKind.SAVEPOINT, int(time.time() * 1000), entries
+    )
+    asyncio.run(CheckpointStorage(None).write(checkpoint, str(base)))
+    assert checkpoint.path is not None
+    assert read_metadata(checkpoint.path)["checkpoint_id"] == checkpoint_id
+    return Path(checkpoint.path)

@@ -11,9 +11,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from cli_helpers import pending_entries
 from etl_expectations import assert_exact_output, expected_output
 
 from connectors.files import committed_files
@@ -71,21 +71,6 @@ def run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
     )
-
-
-def pending_entries(snapshot: Any) -> list[dict[str, Any]]:
-    """The two-phase sink's pending-file entries anywhere in an operator snapshot."""
-    found: list[dict[str, Any]] = []
-    if isinstance(snapshot, dict):
-        if {"checkpoint", "pending", "final"} <= set(snapshot):
-            found.append(snapshot)
-        else:
-            for value in snapshot.values():
-                found.extend(pending_entries(value))
-    elif isinstance(snapshot, list | tuple):
-        for value in snapshot:
-            found.extend(pending_entries(value))
-    return found
 
 
 def test_expected_output_is_not_trivial() -> None:
