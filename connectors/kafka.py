@@ -28,6 +28,7 @@ import msgpack
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from connectors.kafka_clients import KafkaClients
 from runtime.functions import RuntimeContext
 from runtime.sinks import Sink, SinkWriter
 from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
@@ -142,24 +143,22 @@ class KafkaSource(Source[Any]):
         self.idle_timeout_ms = idle_timeout_ms
         self.discovery_interval_s = None if bounded else discovery_interval_s
         self.rate = rate
-        self.client_options = client_options or {}
+        self.clients = KafkaClients(bootstrap_servers, client_options)
+        """Creates every client of this source (see :mod:`connectors.kafka_clients`)."""
         self.skipped = 0
         """Records skipped by ``on_error="skip"`` across all subtasks of this process."""
 
     def name(self) -> str:
         return f"Kafka({','.join(self.topics or [self.pattern.pattern if self.pattern else '?'])})"
 
-    def consumer(self, **extra: Any) -> AIOKafkaConsumer:
-        options = {
-            "bootstrap_servers": self.bootstrap_servers,
-            "enable_auto_commit": False,
+    def consumer(self, purpose: str, **required: Any) -> AIOKafkaConsumer:
+        """A consumer with this source's client options; offsets are never auto-committed."""
+        defaults = {
             "fetch_max_bytes": FETCH_MAX_BYTES,
             "max_partition_fetch_bytes": PARTITION_FETCH_MAX_BYTES,
             "auto_offset_reset": self.reset if self.reset in ("earliest", "latest") else "earliest",
-            **self.client_options,
-            **extra,
         }
-        return AIOKafkaConsumer(**options)
+        return self.clients.consumer(purpose, defaults, enable_auto_commit=False, **required)
 
     # ---------------------------------------------------------------- split discovery
 
@@ -181,7 +180,7 @@ class KafkaSource(Source[Any]):
         return result
 
     async def discover_splits(self, parallelism: int) -> list[Any]:
-        consumer = self.consumer()
+        consumer = self.consumer("split discovery")
         try:
             await consumer.start()
             partitions = await self._partitions(consumer)
@@ -191,7 +190,7 @@ class KafkaSource(Source[Any]):
 
     async def discover_new_splits(self, known: list[Any]) -> list[Any]:
         known_ids = {self.split_id(s) for s in known}
-        consumer = self.consumer()
+        consumer = self.consumer("partition discovery")
         try:
             await consumer.start()
             partitions = [
@@ -216,7 +215,7 @@ class KafkaSource(Source[Any]):
                 for tp in partitions:
                     stops[tp] = self.stop_offsets.get((tp.topic, tp.partition), 0)
             else:
-                ends = await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+                ends = await confirmed_end_offsets(consumer, partitions, self)
                 stops.update(ends)
         starts = await self._start_offsets(consumer, partitions)
         from_timestamp = (
@@ -245,25 +244,25 @@ class KafkaSource(Source[Any]):
         if self.start == "earliest":
             return dict(beginning)
         if self.start == "latest":
-            return await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+            return await confirmed_end_offsets(consumer, partitions, self)
         if isinstance(self.start, tuple) and self.start[0] == "timestamp":
             # The broker's answer is a hint (some brokers answer the log start for any time);
             # the reader also skips records before the timestamp (see "from_timestamp").
             found = await consumer.offsets_for_times({tp: int(self.start[1]) for tp in partitions})
-            ends = await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+            ends = await confirmed_end_offsets(consumer, partitions, self)
             return {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in partitions}
         if self.start == "committed":
             if not self.group_id:
                 msg = "KafkaSource start='committed' needs a group_id"
                 raise ValueError(msg)
-            grouped = self.consumer(group_id=self.group_id)
+            grouped = self.consumer("committed offsets", group_id=self.group_id)
             try:
                 await grouped.start()
                 result = {}
                 fallback = (
                     beginning
                     if self.reset == "earliest"
-                    else await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+                    else await confirmed_end_offsets(consumer, partitions, self)
                 )
                 for tp in partitions:
                     committed = await grouped.committed(tp)
@@ -288,7 +287,7 @@ class KafkaSource(Source[Any]):
 
 
 async def confirmed_end_offsets(
-    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], bootstrap_servers: str
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], source: KafkaSource
 ) -> dict[TopicPartition, int]:
     """End offsets, confirmed by reading: some brokers answer "latest" with the start of the last
     record batch + 1, which is short of the real log end. Read from there until nothing more comes."""
@@ -302,12 +301,7 @@ async def confirmed_end_offsets(
             if reported[tp] == 0:
                 continue
             if probe is None:
-                probe = AIOKafkaConsumer(
-                    bootstrap_servers=bootstrap_servers,
-                    enable_auto_commit=False,
-                    fetch_max_bytes=FETCH_MAX_BYTES,
-                    max_partition_fetch_bytes=PARTITION_FETCH_MAX_BYTES,
-                )
+                probe = source.consumer("end offset probe")
                 await probe.start()
             probe.assign([tp])
             probe.seek(tp, reported[tp] - 1)
@@ -387,7 +381,7 @@ class KafkaSourceReader(SourceReader[Any]):
                 split["stop"] = source.stop_offsets.get((split["topic"], split["partition"]), 0)
             return
         partitions = [TopicPartition(s["topic"], s["partition"]) for s in open_ended]
-        ends = await confirmed_end_offsets(self._consumer, partitions, source.bootstrap_servers)
+        ends = await confirmed_end_offsets(self._consumer, partitions, source)
         for split, tp in zip(open_ended, partitions, strict=True):
             split["stop"] = max(ends[tp], split["offset"])
 
@@ -404,15 +398,13 @@ class KafkaSourceReader(SourceReader[Any]):
     async def start(self) -> None:
         if not self.splits and self.source.bounded:
             return
-        self._consumer = self.source.consumer(isolation_level="read_committed")
+        self._consumer = self.source.consumer("reader", isolation_level="read_committed")
         await self._consumer.start()
         if self.source.group_id:
-            self._committer = self.source.consumer(group_id=self.source.group_id)
+            self._committer = self.source.consumer("offset commits", group_id=self.source.group_id)
             await self._committer.start()
         if self.source.on_error == "dead-letter":
-            self._dead_letters = AIOKafkaProducer(
-                bootstrap_servers=self.source.bootstrap_servers, acks="all"
-            )
+            self._dead_letters = self.source.clients.producer("dead letters", acks="all")
             await self._dead_letters.start()
         for split in self.splits.values():
             if split["offset"] is None:
@@ -708,7 +700,8 @@ class KafkaSink(Sink):
         self.transactional_id_pool = transactional_id_pool
         self.broker_max_transaction_timeout_ms = broker_max_transaction_timeout_ms
         """The broker's transaction.max.timeout.ms if known (Kafka's default, 15 min, otherwise)."""
-        self.client_options = client_options or {}
+        self.clients = KafkaClients(bootstrap_servers, client_options)
+        """Creates every client of this sink (see :mod:`connectors.kafka_clients`)."""
 
     def name(self) -> str:
         topic = self.topic if isinstance(self.topic, str) else "by record"
@@ -748,12 +741,10 @@ class _KafkaWriter(SinkWriter):
         self._inflight: list[asyncio.Future[Any]] = []
 
     async def open(self) -> None:
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.sink.bootstrap_servers,
-            # Duplicates are allowed at least once; the idempotent producer is not needed (and
-            # some Kafka-protocol brokers reject its InitProducerId v0).
-            acks="all" if self.sink.guarantee != DeliveryGuarantee.NONE else 1,
-            **self.sink.client_options,
+        # Duplicates are allowed at least once; the idempotent producer is not needed (and
+        # some Kafka-protocol brokers reject its InitProducerId v0).
+        self.producer = self.sink.clients.producer(
+            "sink", acks="all" if self.sink.guarantee != DeliveryGuarantee.NONE else 1
         )
         await self.producer.start()
 

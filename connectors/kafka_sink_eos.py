@@ -37,11 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.client import AIOKafkaClient, CoordinationType
-from aiokafka.errors import for_code
+from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
 from aiokafka.protocol.transaction import EndTxnRequest
 
 from actors.faults import crash_point
-from connectors.kafka_txn import create_transactional_producer
 from runtime.functions import RuntimeContext
 from runtime.sinks import SinkWriter
 
@@ -114,36 +113,63 @@ class ExactlyOnceWriter(SinkWriter):
             await self._recommit(pending)
 
     async def _recommit(self, entries: list[dict[str, Any]]) -> None:
-        client = AIOKafkaClient(bootstrap_servers=self.sink.bootstrap_servers)
+        client = self.sink.clients.client("re-commit of restored transactions")
         await client.bootstrap()
         try:
             for entry in entries:
-                tid = entry["transactional_id"]
-                node = await client.coordinator_lookup(CoordinationType.TRANSACTION, tid)
-                request = EndTxnRequest(tid, entry["producer_id"], entry["epoch"], True)
-                response = await asyncio.wait_for(client.send(node, request), COMMIT_TIMEOUT_S)
-                error = for_code(response.error_code)
-                if response.error_code == 0:
-                    log.info(
-                        "re-committed transaction %s of checkpoint %s", tid, entry["checkpoint"]
-                    )
-                elif error.__name__ in ("ProducerFenced", "InvalidProducerEpoch"):
-                    # The id moved on to a newer transaction, which happens only after this one
-                    # committed (see the module docstring).
-                    log.info(
-                        "transaction %s of checkpoint %s was already committed",
-                        tid,
-                        entry["checkpoint"],
-                    )
-                else:
-                    msg = (
-                        f"KafkaSink {self.context.operator_name!r}: cannot commit transaction {tid} "
-                        f"pre-committed at checkpoint {entry['checkpoint']}: {error.__name__}; if "
-                        "it timed out on the broker its records are lost"
-                    )
-                    raise TransactionCommitError(msg)
+                await self._recommit_one(client, entry)
         finally:
             await client.close()
+
+    async def _recommit_one(self, client: AIOKafkaClient, entry: dict[str, Any]) -> None:
+        """Commit one restored transaction again (EndTxn with its recorded producer id and epoch).
+
+        Done, fenced or already completed are all normal outcomes: the id moves on to a newer
+        epoch only after this transaction committed (see the module docstring), or an earlier
+        restore already committed it and fenced the id. Brokers report a fenced epoch as an
+        error code (Apache Kafka) or by closing the connection (Tansu). A closed connection is
+        retried once on a fresh connection after the broker answered a coordinator lookup: if
+        the broker is reachable and closes the EndTxn again, the request was refused.
+        """
+        tid = entry["transactional_id"]
+        where = f"transaction {tid} pre-committed at checkpoint {entry['checkpoint']}"
+        request = EndTxnRequest(tid, entry["producer_id"], entry["epoch"], True)
+        for attempt in (1, 2):
+            try:
+                node = await client.coordinator_lookup(CoordinationType.TRANSACTION, tid)
+            except KafkaError as exc:
+                msg = (
+                    f"KafkaSink {self.context.operator_name!r}: cannot re-commit {where}: the "
+                    f"broker {self.sink.bootstrap_servers} does not answer ({exc}); the job fails "
+                    "over and tries again"
+                )
+                raise TransactionCommitError(msg) from exc
+            try:
+                response = await asyncio.wait_for(client.send(node, request), COMMIT_TIMEOUT_S)
+            except KafkaConnectionError as exc:
+                if attempt == 1:
+                    log.info("re-committing %s: connection closed (%s), retrying once", where, exc)
+                    continue
+                log.info(
+                    "%s was already committed: the broker refused its EndTxn for producer id %s "
+                    "epoch %s by closing the connection (the id is fenced by a newer producer)",
+                    where,
+                    entry["producer_id"],
+                    entry["epoch"],
+                )
+                return
+            break
+        error = for_code(response.error_code)
+        if response.error_code == 0:
+            log.info("re-committed %s", where)
+        elif error.__name__ in ("ProducerFenced", "InvalidProducerEpoch"):
+            log.info("%s was already committed (its producer is fenced)", where)
+        else:
+            msg = (
+                f"KafkaSink {self.context.operator_name!r}: cannot commit {where}: "
+                f"{error.__name__}; if it timed out on the broker its records are lost"
+            )
+            raise TransactionCommitError(msg)
 
     async def open(self) -> None:
         self._check_timeout()
@@ -159,13 +185,16 @@ class ExactlyOnceWriter(SinkWriter):
             producer = self._new_producer(tid)
             await producer.start()
             await producer.stop()
+        log.info(
+            "%s subtask %d: fenced transactional ids %s (what an earlier attempt left open)",
+            self.context.operator_name,
+            self.context.subtask_index,
+            ", ".join(ids),
+        )
 
     def _new_producer(self, transactional_id: str) -> AIOKafkaProducer:
-        producer: AIOKafkaProducer = create_transactional_producer(
-            self.sink.bootstrap_servers,
-            transactional_id,
-            self.sink.transaction_timeout_ms,
-            **self.sink.client_options,
+        producer: AIOKafkaProducer = self.sink.clients.transactional_producer(
+            "exactly-once sink", transactional_id, self.sink.transaction_timeout_ms
         )
         return producer
 
