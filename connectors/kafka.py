@@ -87,6 +87,12 @@ class KafkaSource(Source[Any]):
     - ``on_error``: a record that fails to deserialise ``"fail"``s the job with an error naming
       topic, partition and offset (default), is ``"skip"``ped and counted, or is sent raw to
       ``dead_letter_topic`` (``"dead-letter"``).
+    - ``tombstones``: what a record with a key and a null value (a deletion marker on compacted
+      topics) becomes: ``"skip"`` (default: not emitted, counted in ``tombstones_skipped``, the
+      first one logged at INFO), ``"emit"`` (a :class:`KafkaRecord` whose ``value`` is None; needs
+      ``record_format="record"``, as a value deserialiser cannot represent a missing value), or
+      ``"fail"`` (the job fails naming topic, partition and offset). Deserialisers never see a
+      missing value, so ``on_error`` does not apply to tombstones.
     - ``out_of_orderness_ms``: per-partition watermarks trail the highest record timestamp by that
       much; partitions idle for ``idle_timeout_ms`` do not hold the watermark back.
     - ``discovery_interval_s``: look for new partitions this often while running (unbounded only).
@@ -112,6 +118,7 @@ class KafkaSource(Source[Any]):
         idle_timeout_ms: int = 30_000,
         discovery_interval_s: float | None = 10.0,
         rate: float = 0.0,
+        tombstones: str = "skip",
         client_options: dict[str, Any] | None = None,
     ) -> None:
         if topics is None and pattern is None:
@@ -125,6 +132,15 @@ class KafkaSource(Source[Any]):
             raise ValueError(msg)
         if record_format not in ("value", "record"):
             msg = f"record_format must be value or record, got {record_format!r}"
+            raise ValueError(msg)
+        if tombstones not in ("skip", "emit", "fail"):
+            msg = f"tombstones must be skip, emit or fail, got {tombstones!r}"
+            raise ValueError(msg)
+        if tombstones == "emit" and record_format != "record":
+            msg = (
+                "tombstones='emit' needs record_format='record': a bare value cannot tell a "
+                "tombstone (its key, no value) from a record whose value deserialises to None"
+            )
             raise ValueError(msg)
         self.bootstrap_servers = bootstrap_servers
         self.topics = [topics] if isinstance(topics, str) else topics
@@ -147,6 +163,9 @@ class KafkaSource(Source[Any]):
         """Creates every client of this source (see :mod:`connectors.kafka_clients`)."""
         self.skipped = 0
         """Records skipped by ``on_error="skip"`` across all subtasks of this process."""
+        self.tombstones = tombstones
+        self.tombstones_skipped = 0
+        """Tombstones skipped by ``tombstones="skip"`` across all subtasks of this process."""
 
     def name(self) -> str:
         return f"Kafka({','.join(self.topics or [self.pattern.pattern if self.pattern else '?'])})"
@@ -349,6 +368,7 @@ class KafkaSourceReader(SourceReader[Any]):
         self._position = ""
         self.highwater: dict[tuple[str, int], int] = {}
         self.skipped = 0
+        self.tombstones_skipped = 0
 
     # ---- splits
 
@@ -493,8 +513,11 @@ class KafkaSourceReader(SourceReader[Any]):
                     split["offset"] = record.offset + 1
                     continue
                 split["from_timestamp"] = None
+            if record.value is None and self._tombstone(record):
+                split["offset"] = record.offset + 1
+                continue
             try:
-                value = value_of(record.value)
+                value = None if record.value is None else value_of(record.value)
             except Exception as exc:
                 self._bad_record(split, record, exc)
                 split["offset"] = record.offset + 1
@@ -520,6 +543,29 @@ class KafkaSourceReader(SourceReader[Any]):
         self._last_seen[key] = time.monotonic()
         self._position = f"{split['topic']}[{split['partition']}] offsets {records[0].offset}-{split['offset'] - 1}"
         return values, stamps
+
+    def _tombstone(self, record: Any) -> bool:
+        """Applies ``tombstones`` to a record without a value; True if it is not emitted."""
+        mode = self.source.tombstones
+        if mode == "emit":
+            return False
+        where = f"topic {record.topic} partition {record.partition} offset {record.offset}"
+        if mode == "fail":
+            msg = (
+                f"a tombstone (key {record.key!r}, no value) at {where}; KafkaSource(tombstones="
+                "'skip') drops tombstones, tombstones='emit' with record_format='record' emits them"
+            )
+            raise DeserializationError(msg)
+        if self.tombstones_skipped == 0:
+            log.info(
+                "%s: skipping tombstones (records without a value), the first at %s; they are "
+                "counted in KafkaSource.tombstones_skipped (tombstones='emit' or 'fail' to change)",
+                self.context.source_name,
+                where,
+            )
+        self.tombstones_skipped += 1
+        self.source.tombstones_skipped += 1
+        return True
 
     def _bad_record(self, split: dict[str, Any], record: Any, exc: Exception) -> None:
         where = f"topic {record.topic} partition {record.partition} offset {record.offset}"

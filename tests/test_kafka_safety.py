@@ -27,7 +27,7 @@ from cli_helpers import (
     stop_process,
     wait_for,
 )
-from etl_expectations import expected_output
+from etl_expectations import assert_exact_output, expected_output
 from kafka_fixtures import (
     create_topics,
     kafka_etl_args,
@@ -37,8 +37,9 @@ from kafka_fixtures import (
 )
 
 from actors.faults import arm, disarm_all
-from connectors.kafka import KafkaSink, KafkaSource
-from runtime import ExecutionConfig, run_job_async
+from connectors import CollectSink
+from connectors.kafka import KafkaRecord, KafkaSink, KafkaSource
+from runtime import ExecutionConfig, JobFailedError, run_job_async
 from runtime.restart import FixedDelayRestart
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
@@ -260,3 +261,106 @@ def test_an_unknown_client_option_is_refused() -> None:
         KafkaSource("127.0.0.1:9", "in", client_options={"securty_protocol": "SSL"})
     with pytest.raises(ValueError, match=r"unknown Kafka client option.*sasl_pasword"):
         KafkaSink("127.0.0.1:9", "out", client_options={"sasl_pasword": "x"})
+
+
+# --------------------------------------------------------------------------- item 15
+
+
+async def produce_tombstones(bootstrap: str, topic: str, keys: list[bytes]) -> None:
+    """Tombstones (a key, no value) for ``keys``, partitioned by key like the events."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for key in keys:
+            await producer.send_and_wait(topic, None, key=key)
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_kafka_etl_example_skips_tombstones_and_commits_the_exact_output(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Tombstones of some users among the sample events: the example ends with exit 0 and the
+    exact output of the events (a tombstone carries no event)."""
+    topic = unique_name("tomb-in")
+    load_sample_events(kafka_bootstrap, topic)
+    await produce_tombstones(kafka_bootstrap, topic, [b"u003", b"u020", b"u006"])
+    out, chk = tmp_path / "out", tmp_path / "chk"
+    result = run_cli(
+        *kafka_etl_args(
+            kafka_bootstrap, topic, chk, "--set", f"output={out}", "--log-level", "INFO"
+        ),
+        "--checkpoint-interval",
+        "100ms",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipping tombstones" in result.stderr, result.stderr
+    assert_exact_output(out)
+
+
+def tombstone_job(source: KafkaSource) -> tuple[CollectSink, Any]:
+    """A job writing what ``source`` emits into a list sink; a :class:`KafkaRecord` as its
+    ``[key, value, offset]``."""
+    sink = CollectSink()
+
+    def plain(value: Any) -> Any:
+        return [value.key, value.value, value.offset] if isinstance(value, KafkaRecord) else value
+
+    def build(job: Any) -> None:
+        job.from_source(source).map(plain).sink_to(sink)
+
+    return sink, build
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("record_format", ["value", "record"])
+async def test_tombstones_are_skipped_and_counted_by_default(
+    kafka_bootstrap: str, record_format: str
+) -> None:
+    topic = unique_name("tomb")
+    await create_topics(kafka_bootstrap, topic)
+    await produce_values(
+        kafka_bootstrap, topic, [b'{"i": 1}', None, b'{"i": 2}', None], [b"a", b"b", b"a", b"b"]
+    )
+    source = KafkaSource(kafka_bootstrap, topic, bounded=True, record_format=record_format)
+    sink, build = tombstone_job(source)
+    await asyncio.wait_for(run_job_async(build), WAIT_S)
+    values = [v[1] if record_format == "record" else v for v in sink.results]
+    assert values == [{"i": 1}, {"i": 2}]
+    assert source.tombstones_skipped == 2
+    assert source.skipped == 0
+
+
+@pytest.mark.asyncio
+async def test_emitted_tombstones_are_records_with_value_none(kafka_bootstrap: str) -> None:
+    topic = unique_name("tomb")
+    await create_topics(kafka_bootstrap, topic)
+    await produce_values(kafka_bootstrap, topic, [b'{"i": 1}', None], [b"a", b"b"])
+    source = KafkaSource(
+        kafka_bootstrap, topic, bounded=True, record_format="record", tombstones="emit"
+    )
+    sink, build = tombstone_job(source)
+    await asyncio.wait_for(run_job_async(build), WAIT_S)
+    assert sink.results == [[b"a", {"i": 1}, 0], [b"b", None, 1]]
+    assert source.tombstones_skipped == 0
+
+
+@pytest.mark.asyncio
+async def test_tombstones_fail_names_the_position(kafka_bootstrap: str) -> None:
+    topic = unique_name("tomb")
+    await create_topics(kafka_bootstrap, topic)
+    # on_error="skip" is about undeserialisable bytes; a tombstone has none.
+    await produce_values(kafka_bootstrap, topic, [b'{"i": 1}', None], [b"a", b"b"])
+    source = KafkaSource(kafka_bootstrap, topic, bounded=True, tombstones="fail", on_error="skip")
+    _, build = tombstone_job(source)
+    with pytest.raises(JobFailedError, match=f"tombstone .*topic {topic} partition 0 offset 1"):
+        await asyncio.wait_for(run_job_async(build), WAIT_S)
+
+
+def test_emitting_tombstones_as_bare_values_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs record_format='record'"):
+        KafkaSource("127.0.0.1:9", "in", tombstones="emit")
+    with pytest.raises(ValueError, match="tombstones must be skip, emit or fail"):
+        KafkaSource("127.0.0.1:9", "in", tombstones="drop")
