@@ -72,6 +72,22 @@ class RestoreContext:
     """A sink that starts without restored state may write where committed output already is."""
 
 
+class RestoreRefusedError(RuntimeError):
+    """An operator refuses to start from what its attempt restores (or from no state at all),
+    because going on would duplicate or lose committed output; the message names the operator,
+    the checkpoints and the ways out. The job fails at once: a restart would be refused alike."""
+
+
+def restore_refusal(failure: BaseException) -> RestoreRefusedError | None:
+    """The :class:`RestoreRefusedError` behind ``failure`` (itself or a cause), if any."""
+    seen: BaseException | None = failure
+    while seen is not None:
+        if isinstance(seen, RestoreRefusedError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
 @dataclass
 class OperatorContext:
     """What an operator knows about where it runs."""

@@ -748,6 +748,9 @@ class KafkaSink(Sink):
         """The broker's transaction.max.timeout.ms if known (Kafka's default, 15 min, otherwise)."""
         self.clients = KafkaClients(bootstrap_servers, client_options)
         """Creates every client of this sink (see :mod:`connectors.kafka_clients`)."""
+        self.initialised_ids: set[str] = set()
+        """Transactional ids this process has initialised (exactly-once): their earlier epochs
+        are its own attempts', not another run's."""
 
     def name(self) -> str:
         topic = self.topic if isinstance(self.topic, str) else "by record"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.barriers import CheckpointingMode
-from actors.operator import NewerOutputPolicy, UserFunctionError
+from actors.operator import NewerOutputPolicy, UserFunctionError, restore_refusal
 from runtime.api import JobDefinitionError
 from runtime.coordinator import CheckpointConfig
 from runtime.durations import parse_duration
@@ -268,6 +268,10 @@ def _run(args: Any) -> int:
         _cleanup_on_cancel(master, args)
         return EXIT_INTERRUPTED
     except JobFailedError as exc:
+        refusal = restore_refusal(exc.cause)
+        if refusal is not None:
+            _error(f"restore refused: {refusal}")
+            return EXIT_USAGE
         _report_failure(exc)
         return EXIT_FAILED
     if outcome is None:

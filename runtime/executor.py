@@ -34,6 +34,7 @@ from actors.operator import (
     StreamOperator,
     UserFunctionError,
     WriterOutput,
+    restore_refusal,
 )
 from actors.task import (
     DEFAULT_BUFFER_TIMEOUT_S,
@@ -197,7 +198,8 @@ class JobMaster:
             else:
                 break
             self._accumulate_metrics()
-            delay = strategy.next_delay(failure, time.monotonic())
+            refused = restore_refusal(failure) is not None
+            delay = None if refused else strategy.next_delay(failure, time.monotonic())
             if delay is None:
                 self.status = "failed"
                 raise JobFailedError(describe_failure(failure), failure) from failure

@@ -364,3 +364,103 @@ def test_emitting_tombstones_as_bare_values_is_refused() -> None:
         KafkaSource("127.0.0.1:9", "in", tombstones="emit")
     with pytest.raises(ValueError, match="tombstones must be skip, emit or fail"):
         KafkaSource("127.0.0.1:9", "in", tombstones="drop")
+
+
+# --------------------------------------------------------------------------- items 4 and 10
+
+
+def damage(checkpoint: Path) -> None:
+    """Makes a completed checkpoint unreadable (its metadata no longer parses)."""
+    (checkpoint / "_metadata").write_bytes(b"damaged")
+
+
+def sigkill_after_checkpoints(args: list[str], chk: Path, stderr: Path, count: int) -> None:
+    proc = start_cli(stderr, *args)
+    try:
+        wait_for(
+            lambda: len(completed_checkpoint_ids(chk)) >= count,
+            f"{count} completed checkpoints",
+            proc,
+            stderr,
+        )
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_exactly_once_fallback_past_a_committed_checkpoint_is_refused_unless_kept(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """SIGKILL, damage the latest checkpoint, ``--restore latest``: the fallback to the previous
+    checkpoint would write again what the damaged one committed, so it is refused (exit 2) naming
+    the sink, topic and checkpoints; with ``--on-newer-committed-output keep`` the job runs.
+    With every checkpoint damaged, the fresh start is refused the same way."""
+    source, output, prefix = unique_name("fall-in"), unique_name("fall-out"), unique_name("fall")
+    load_sample_events(kafka_bootstrap, source)
+    await create_topics(kafka_bootstrap, output, partitions=4)
+    chk = tmp_path / "chk"
+    sink = (*exactly_once_output(output, prefix), "--retained-checkpoints", "2")
+    interval = ("--checkpoint-interval", "100ms")
+    throttled = kafka_etl_args(kafka_bootstrap, source, chk, *sink, *interval, "--set", "rate=300")
+    sigkill_after_checkpoints(throttled, chk, tmp_path / "killed.txt", 3)
+    *_, previous, latest = completed_checkpoint_ids(chk)
+    damage(chk / f"chk-{latest}")
+
+    refused = run_cli(*kafka_etl_args(kafka_bootstrap, source, chk, *sink, *interval))
+    assert refused.returncode == 2, refused.stderr
+    message = refused.stderr
+    assert "Sink: Kafka totals" in message, message
+    assert output in message, message
+    assert f"refusing to restore checkpoint {previous}: checkpoint(s) {latest} completed" in message
+    assert "would write the records they committed again" in message, message
+    assert "--on-newer-committed-output keep" in message, message
+    assert "Traceback" not in message, message
+
+    kept = run_cli(
+        *kafka_etl_args(
+            kafka_bootstrap, source, chk, *sink, *interval, "--on-newer-committed-output", "keep"
+        )
+    )
+    assert kept.returncode == 0, kept.stderr
+    assert f"restoring checkpoint {previous} although checkpoint(s) {latest}" in kept.stderr
+
+    for checkpoint in completed_checkpoint_ids(chk):
+        damage(chk / f"chk-{checkpoint}")
+    fresh = run_cli(*kafka_etl_args(kafka_bootstrap, source, chk, *sink, *interval))
+    assert fresh.returncode == 2, fresh.stderr
+    assert "refusing to start without restored state: checkpoint(s)" in fresh.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_exactly_once_fresh_start_on_a_used_transactional_id_prefix_is_refused(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A job that ran to its end is started again without its checkpoints (another checkpoint
+    directory, as after a typo): its transactional ids show the earlier run, so the start is
+    refused naming the prefix, the topic and the ways out; ``--allow-existing-output`` runs."""
+    source, output, prefix = unique_name("used-in"), unique_name("used-out"), unique_name("used")
+    load_sample_events(kafka_bootstrap, source)
+    await create_topics(kafka_bootstrap, output, partitions=4)
+    sink = (*exactly_once_output(output, prefix), "--checkpoint-interval", "100ms")
+    first = run_cli(*kafka_etl_args(kafka_bootstrap, source, tmp_path / "chk", *sink))
+    assert first.returncode == 0, first.stderr
+    expected = expected_rows()
+    assert await committed_rows(kafka_bootstrap, output, sum(expected.values())) == expected
+
+    again = kafka_etl_args(kafka_bootstrap, source, tmp_path / "chk-typo", *sink)
+    refused = run_cli(*again)
+    assert refused.returncode == 2, refused.stderr
+    message = refused.stderr
+    assert f"transactional_id_prefix {prefix!r}" in message, message
+    assert output in message, message
+    assert "were used by an earlier run" in message, message
+    for way_out in ("--restore PATH", "another transactional_id_prefix", "--allow-existing-output"):
+        assert way_out in message, message
+    # Refused before anything was written.
+    assert await committed_rows(kafka_bootstrap, output, sum(expected.values())) == expected
+
+    allowed = run_cli(*again, "--allow-existing-output")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "--allow-existing-output" in allowed.stderr, allowed.stderr
