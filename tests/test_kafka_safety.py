@@ -300,6 +300,16 @@ async def test_kafka_etl_example_skips_tombstones_and_commits_the_exact_output(
     assert_exact_output(out)
 
 
+async def tombstone_topic(bootstrap: str, values: list[bytes | None]) -> str:
+    """A new topic of one partition holding ``values`` (None: a tombstone) with keys a, b, a, b..."""
+    topic = unique_name("tomb")
+    await create_topics(bootstrap, topic)
+    await produce_values(
+        bootstrap, topic, values, [b"b" if i % 2 else b"a" for i in range(len(values))]
+    )
+    return topic
+
+
 def tombstone_job(source: KafkaSource) -> tuple[CollectSink, Any]:
     """A job writing what ``source`` emits into a list sink; a :class:`KafkaRecord` as its
     ``[key, value, offset]``."""
@@ -319,11 +329,7 @@ def tombstone_job(source: KafkaSource) -> tuple[CollectSink, Any]:
 async def test_tombstones_are_skipped_and_counted_by_default(
     kafka_bootstrap: str, record_format: str
 ) -> None:
-    topic = unique_name("tomb")
-    await create_topics(kafka_bootstrap, topic)
-    await produce_values(
-        kafka_bootstrap, topic, [b'{"i": 1}', None, b'{"i": 2}', None], [b"a", b"b", b"a", b"b"]
-    )
+    topic = await tombstone_topic(kafka_bootstrap, [b'{"i": 1}', None, b'{"i": 2}', None])
     source = KafkaSource(kafka_bootstrap, topic, bounded=True, record_format=record_format)
     sink, build = tombstone_job(source)
     await asyncio.wait_for(run_job_async(build), WAIT_S)
@@ -335,9 +341,7 @@ async def test_tombstones_are_skipped_and_counted_by_default(
 
 @pytest.mark.asyncio
 async def test_emitted_tombstones_are_records_with_value_none(kafka_bootstrap: str) -> None:
-    topic = unique_name("tomb")
-    await create_topics(kafka_bootstrap, topic)
-    await produce_values(kafka_bootstrap, topic, [b'{"i": 1}', None], [b"a", b"b"])
+    topic = await tombstone_topic(kafka_bootstrap, [b'{"i": 1}', None])
     source = KafkaSource(
         kafka_bootstrap, topic, bounded=True, record_format="record", tombstones="emit"
     )
@@ -349,10 +353,8 @@ async def test_emitted_tombstones_are_records_with_value_none(kafka_bootstrap: s
 
 @pytest.mark.asyncio
 async def test_tombstones_fail_names_the_position(kafka_bootstrap: str) -> None:
-    topic = unique_name("tomb")
-    await create_topics(kafka_bootstrap, topic)
     # on_error="skip" is about undeserialisable bytes; a tombstone has none.
-    await produce_values(kafka_bootstrap, topic, [b'{"i": 1}', None], [b"a", b"b"])
+    topic = await tombstone_topic(kafka_bootstrap, [b'{"i": 1}', None])
     source = KafkaSource(kafka_bootstrap, topic, bounded=True, tombstones="fail", on_error="skip")
     _, build = tombstone_job(source)
     with pytest.raises(JobFailedError, match=f"tombstone .*topic {topic} partition 0 offset 1"):
