@@ -67,6 +67,10 @@ class _TimerHeap:
                 due.append((timestamp, key))
         return due
 
+    def clear(self) -> None:
+        self._heap.clear()
+        self._live.clear()
+
     def entries(self) -> list[tuple[int, Any]]:
         return sorted(self._live, key=lambda e: e[0])
 
@@ -120,6 +124,12 @@ class TimerService:
 
     def next_processing_timer(self) -> int | None:
         return self._processing.peek()
+
+    def clear(self) -> None:
+        """Delete every timer (restored timers dropped knowingly); already scheduled
+        processing-time wake-ups then find nothing due."""
+        self._event.clear()
+        self._processing.clear()
 
     @property
     def pending_event_timers(self) -> int:

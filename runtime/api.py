@@ -24,14 +24,13 @@ from typing import Any
 from actors.partitioner import (
     BroadcastPartitioner,
     ForwardPartitioner,
-    KeyGroupPartitioner,
     Partitioner,
     RebalancePartitioner,
 )
 from runtime.functions import KeyedCoProcessFunction, KeyedProcessFunction
 from runtime.sinks import PrintSink, Sink
 from runtime.sources import Source
-from state.keygroups import DEFAULT_MAX_PARALLELISM
+from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
 
 
 class JobDefinitionError(ValueError):
@@ -78,8 +77,10 @@ class Transformation:
     """Called with (name, uid) once per subtask to create the operator."""
     source: Source[Any] | None = None
     partitioner_factory: Callable[[], Partitioner] | None = None
+    """Of ``partition`` nodes other than ``key_by`` (whose partitioner the job graph makes)."""
     key_selector: Callable[[Any], Any] | None = None
-    """Set on operators that consume a keyed stream (they get a keyed state backend)."""
+    """Set on ``key_by`` partition nodes and on the operators that consume a keyed stream (they
+    get a keyed state backend)."""
     parallelism: int | None = None
     max_parallelism: int | None = None
     uid: str | None = None
@@ -164,6 +165,14 @@ class DataStream:
         return self
 
     def set_max_parallelism(self, max_parallelism: int) -> DataStream:
+        """The number of key groups of this operator's keyed state and timers (default: the
+        job's). Fixed for the life of the state: a restore with another one is refused."""
+        if not 1 <= max_parallelism <= UPPER_BOUND_MAX_PARALLELISM:
+            msg = (
+                f"operator {self.transformation.name!r}: max parallelism must be in "
+                f"1..{UPPER_BOUND_MAX_PARALLELISM}, got {max_parallelism}"
+            )
+            raise JobDefinitionError(msg)
         self.transformation.max_parallelism = max_parallelism
         return self
 
@@ -239,20 +248,13 @@ class DataStream:
         return None
 
     def key_by(self, key_selector: Callable[[Any], Any]) -> KeyedStream:
-        """Partition by key: records with equal keys go to the same subtask and share state."""
+        """Partition by key: records with equal keys go to the same subtask and share state.
+
+        The key groups are those of the operator this stream feeds (its max parallelism), so
+        the partitioner is made when the job graph is built, not here.
+        """
         job = self.job
-        maxp = job.max_parallelism
-
-        def partitioner() -> Partitioner:
-            return KeyGroupPartitioner(key_selector, maxp)
-
-        t = job._add(
-            "partition",
-            "hash",
-            [self.transformation],
-            partitioner_factory=partitioner,
-            key_selector=key_selector,
-        )
+        t = job._add("partition", "hash", [self.transformation], key_selector=key_selector)
         return KeyedStream(job, t, key_selector)
 
     def rebalance(self) -> DataStream:

@@ -27,14 +27,21 @@ from runtime.restart import parse_restart_strategy
 from runtime.restore import RestoreMismatchError, RestoreReport
 from runtime.runner import JobFileError, build_graph, load_job_file, run_coroutine
 from runtime.testing import arm_from_params
+from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
 from state.storage import (
+    METADATA,
     CheckpointKind,
     CheckpointStorage,
+    CompletedCheckpoint,
     InvalidCheckpointError,
+    SkippedSnapshot,
+    SnapshotSearch,
+    find_latest_valid,
+    find_newest_snapshot,
     find_snapshot_folders,
     list_checkpoint_folders,
     load_checkpoint,
-    load_latest_valid,
+    remove_incomplete_checkpoints,
 )
 
 EXIT_OK = 0
@@ -66,6 +73,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _max_parallelism(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= UPPER_BOUND_MAX_PARALLELISM:
+        msg = f"must be in 1..{UPPER_BOUND_MAX_PARALLELISM}, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _add_max_parallelism_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-parallelism",
+        type=_max_parallelism,
+        default=DEFAULT_MAX_PARALLELISM,
+        metavar="N",
+        help="key groups of keyed state and timers, for operators without set_max_parallelism() "
+        f"(default {DEFAULT_MAX_PARALLELISM}); the upper bound of rescaling, fixed for the life "
+        "of the state",
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m runtime", description="A stream-processing runtime for Python on asyncio."
@@ -75,6 +102,7 @@ def make_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job file (a Python file defining build(job))")
     run.add_argument("file", help="the job file")
     run.add_argument("-p", "--parallelism", type=_positive_int, default=1)
+    _add_max_parallelism_option(run)
     run.add_argument(
         "--set",
         dest="params",
@@ -118,13 +146,15 @@ def make_parser() -> argparse.ArgumentParser:
         "--restore",
         default=None,
         metavar="latest|PATH",
-        help="restore from the latest valid checkpoint in --checkpoint-dir, or from "
-        "a checkpoint or savepoint folder",
+        help="restore from the latest valid checkpoint in --checkpoint-dir (none: start from the "
+        "beginning, with a warning), from a checkpoint or savepoint folder, or from the newest "
+        "valid one in a folder of them (as stop --dir writes)",
     )
     run.add_argument(
         "--allow-non-restored-state",
         action="store_true",
-        help="drop state of operators that are no longer in the job",
+        help="drop restored state that does not fit the job (operators no longer in it, states "
+        "re-declared with another kind, keys of another type) instead of refusing it",
     )
     run.add_argument(
         "--on-newer-committed-output",
@@ -175,6 +205,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="dry run: how each snapshot would restore into this job file",
     )
     checkpoints.add_argument("-p", "--parallelism", type=_positive_int, default=1)
+    _add_max_parallelism_option(checkpoints)
     checkpoints.add_argument(
         "--set", dest="params", type=_key_value, action="append", default=[], metavar="KEY=VALUE"
     )
@@ -207,6 +238,11 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
+def _warning(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
+
+
 def _run(args: Any) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -223,7 +259,9 @@ def _run(args: Any) -> int:
         _error(str(exc))
         return EXIT_USAGE
     try:
-        graph = build_graph(build, params, args.parallelism, name=_job_name(args.file))
+        graph = build_graph(
+            build, params, args.parallelism, args.max_parallelism, name=_job_name(args.file)
+        )
     except JobDefinitionError as exc:
         _error(f"invalid job {args.file}: {exc}")
         return EXIT_USAGE
@@ -292,20 +330,82 @@ def _load_restore_point(args: Any, graph: Any) -> Any:
         if not args.checkpoint_dir:
             msg = "--restore latest needs --checkpoint-dir"
             raise ValueError(msg)
-        restored = load_latest_valid(args.checkpoint_dir)
+        search = find_latest_valid(args.checkpoint_dir)
+        restored = search.checkpoint
         if restored is None:
-            sys.stderr.write(
-                f"no valid checkpoint in {args.checkpoint_dir}: starting from the beginning\n"
+            # Starting fresh keeps kill-and-restart loops simple (the two-phase sinks refuse to
+            # write over committed output); said loudly, since a typo in the directory lands here.
+            _warning(
+                f"--restore latest: no valid checkpoint in {args.checkpoint_dir} "
+                f"({_describe_checkpoint_dir(Path(args.checkpoint_dir), search)}): "
+                "starting from the beginning"
             )
+            _warn_skipped(search.skipped)
             return None
+        if search.skipped:
+            _warning(
+                f"--restore latest: {len(search.skipped)} newer checkpoint folder(s) in "
+                f"{args.checkpoint_dir} are not valid; falling back to checkpoint "
+                f"{restored.checkpoint_id}"
+            )
+            _warn_skipped(search.skipped)
     else:
-        restored = load_checkpoint(args.restore)
+        restored = _load_restore_path(args.restore)
     report = RestoreReport(graph, restored)
     report.check(args.allow_non_restored_state)
+    if args.restore == "latest":
+        remove_incomplete_checkpoints(args.checkpoint_dir, restored.checkpoint_id)
     sys.stderr.write(
         f"restoring {restored.kind.value} {restored.checkpoint_id} from {restored.path}\n"
     )
     return restored
+
+
+def _describe_checkpoint_dir(directory: Path, search: SnapshotSearch) -> str:
+    if not directory.exists():
+        return "the directory does not exist; check --checkpoint-dir"
+    if not directory.is_dir():
+        return "it is not a directory; check --checkpoint-dir"
+    if not search.skipped:
+        return "the directory exists and holds no chk-* folders"
+    return f"the directory exists; none of its {len(search.skipped)} chk-* folders is valid"
+
+
+def _warn_skipped(skipped: list[SkippedSnapshot]) -> None:
+    for entry in skipped:
+        state = "damaged" if entry.completed else "incomplete"
+        _warning(f"  skipped {state} {entry.folder.name}: {entry.reason}")
+
+
+def _load_restore_path(text: str) -> CompletedCheckpoint:
+    """``--restore PATH``: a checkpoint or savepoint folder, or a folder of them (as ``stop --dir``
+    writes), of which the newest valid one is restored."""
+    path = Path(text)
+    if not path.exists():
+        msg = f"--restore {text}: no such checkpoint or savepoint folder"
+        raise ValueError(msg)
+    if not path.is_dir() or (path / METADATA).exists():
+        return load_checkpoint(path)
+    search = find_newest_snapshot(path)
+    if search.checkpoint is None:
+        if not search.skipped:
+            msg = (
+                f"--restore {text}: neither a checkpoint or savepoint folder (no {METADATA}) "
+                "nor a folder of them"
+            )
+            raise InvalidCheckpointError(msg)
+        reasons = "".join(f"\n  {entry.folder.name}: {entry.reason}" for entry in search.skipped)
+        msg = f"--restore {text}: none of its {len(search.skipped)} snapshot folders is valid:"
+        raise InvalidCheckpointError(msg + reasons)
+    chosen = Path(search.checkpoint.path or text).name
+    sys.stderr.write(
+        f"--restore {text}: restoring the newest valid snapshot in it, {chosen} "
+        "(by checkpoint id, then time)\n"
+    )
+    if search.skipped:
+        _warning(f"--restore {text}: {len(search.skipped)} snapshot folder(s) are not valid")
+        _warn_skipped(search.skipped)
+    return search.checkpoint
 
 
 def _cleanup_on_cancel(master: JobMaster, args: Any) -> None:
@@ -385,6 +485,7 @@ def _checkpoints(args: Any) -> int:
                 load_job_file(args.against),
                 dict(args.params),
                 args.parallelism,
+                args.max_parallelism,
                 name=_job_name(args.against),
             )
         except (JobFileError, JobDefinitionError) as exc:

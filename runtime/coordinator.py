@@ -419,6 +419,7 @@ class CheckpointCoordinator:
             if self.storage is not None:
                 for old in subsumed:
                     await self.storage.discard(old)
+                await self.storage.remove_incomplete(pending.checkpoint_id, keep=set(self.pending))
         for older in [p for p in self.pending.values() if p.checkpoint_id < pending.checkpoint_id]:
             if older.kind is CheckpointKind.CHECKPOINT:
                 self._abort(older, f"subsumed by checkpoint {pending.checkpoint_id}", counts=False)

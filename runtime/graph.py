@@ -11,11 +11,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.partitioner import ForwardPartitioner, Partitioner, RebalancePartitioner
+from actors.partitioner import (
+    ForwardPartitioner,
+    KeyGroupPartitioner,
+    Partitioner,
+    RebalancePartitioner,
+)
 from runtime.api import Job, JobDefinitionError, Transformation, default_uids
 
 
@@ -125,22 +131,24 @@ def build_job_graph(job: Job) -> JobGraph:
         if nodes[t.id].parallelism > nodes[t.id].max_parallelism:
             msg = (
                 f"operator {t.name!r}: parallelism {nodes[t.id].parallelism} exceeds its max "
-                f"parallelism {nodes[t.id].max_parallelism}"
+                f"parallelism {nodes[t.id].max_parallelism}; lower the parallelism or raise the "
+                "max parallelism (set_max_parallelism() on the operator, --max-parallelism for "
+                "the job)"
             )
             raise JobDefinitionError(msg)
 
     # Step 2: resolve virtual nodes into input edges.
     def physical_inputs(
-        t: Transformation, partitioner: Callable[[], Partitioner] | None
-    ) -> list[tuple[Transformation, Callable[[], Partitioner] | None]]:
+        t: Transformation, partition: Transformation | None
+    ) -> list[tuple[Transformation, Transformation | None]]:
         if t.kind == "partition":
-            return physical_inputs(t.inputs[0], t.partitioner_factory)
+            return physical_inputs(t.inputs[0], t)
         if t.kind == "union":
             result = []
             for upstream in t.inputs:
-                result.extend(physical_inputs(upstream, partitioner))
+                result.extend(physical_inputs(upstream, partition))
             return result
-        return [(t, partitioner)]
+        return [(t, partition)]
 
     edges_in: dict[int, list[InputEdge]] = {}
     for t in job.transformations:
@@ -150,9 +158,10 @@ def build_job_graph(job: Job) -> JobGraph:
         inputs: list[InputEdge] = []
         for position, upstream in enumerate(t.inputs):
             input_index = position if t.two_input else 0
-            for source_t, partitioner in physical_inputs(upstream, None):
+            for source_t, partition in physical_inputs(upstream, None):
                 source = nodes[source_t.id]
-                explicit = partitioner is not None
+                explicit = partition is not None
+                partitioner = None if partition is None else _partitioner_into(partition, target)
                 if partitioner is None:
                     partitioner = (
                         ForwardPartitioner
@@ -242,6 +251,21 @@ def build_job_graph(job: Job) -> JobGraph:
         {n.uid: n for n in nodes.values()},
         dict(job.params),
     )
+
+
+def _partitioner_into(partition: Transformation, target: OperatorNode) -> Callable[[], Partitioner]:
+    """The partitioner factory of a ``partition`` node on an edge into ``target``.
+
+    ``key_by`` routes by key group, and the key groups are those of the operator that keeps the
+    keyed state and timers: its max parallelism, not the job's (a different one would send keys
+    to subtasks that do not hold their state).
+    """
+    if partition.key_selector is not None:
+        return functools.partial(
+            KeyGroupPartitioner, partition.key_selector, target.max_parallelism
+        )
+    assert partition.partitioner_factory is not None
+    return partition.partitioner_factory
 
 
 def _check_acyclic_order(vertices: list[JobVertex], edges: list[JobEdge]) -> None:

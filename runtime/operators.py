@@ -15,7 +15,7 @@ from actors.events import MAX_TIMESTAMP, Watermark
 from actors.operator import StreamOperator, UserFunctionError
 from actors.timers import TimerService
 from runtime.functions import Collector, KeyedProcessContext, RichFunction, RuntimeContext
-from state.keyed import KeyedStateBackend, ValueStateDescriptor
+from state.keyed import IncompatibleStateError, KeyedStateBackend, ValueStateDescriptor
 from state.operator import OperatorStateStore
 
 
@@ -47,7 +47,11 @@ class UserFunctionOperator(StreamOperator):
         self.operator_state = OperatorStateStore(ctx.subtask_label)
         if self.keyed:
             self.keyed_backend = KeyedStateBackend(
-                f"operator {ctx.subtask_label}", ctx.key_groups, ctx.max_parallelism
+                f"operator {ctx.operator_name!r} (uid {ctx.operator_uid}, subtask "
+                f"{ctx.subtask_index + 1}/{ctx.parallelism})",
+                ctx.key_groups,
+                ctx.max_parallelism,
+                ctx.restore.allow_non_restored_state,
             )
             backend = self.keyed_backend
             self.timers = TimerService(lambda: backend.current_key, ctx.clock, ctx.scheduler)
@@ -59,6 +63,9 @@ class UserFunctionOperator(StreamOperator):
             if self.timers is not None and "timers" in restored:
                 key_groups = ctx.key_groups
                 self.timers.restore(restored["timers"], lambda kg: kg in key_groups)
+        self._check_first_key = bool(
+            self.keyed_backend is not None and self.keyed_backend.restored_key_types
+        )
         self.runtime_context = RuntimeContext(
             ctx.operator_name,
             ctx.subtask_index,
@@ -70,10 +77,24 @@ class UserFunctionOperator(StreamOperator):
             ctx.restore,
         )
 
+    def _verify_first_key(self, key_of: Callable[[Any], Any], value: Any) -> None:
+        """Once per subtask, at the first keyed record: does its key's type match the restored
+        state's (a changed key selector would orphan all of it)? Drops timers with the state."""
+        self._check_first_key = False
+        assert self.keyed_backend is not None
+        try:
+            key = key_of(value)
+        except Exception as exc:
+            raise self.user_error(exc, [value]) from exc
+        if self.keyed_backend.check_first_key(key) and self.timers is not None:
+            self.timers.clear()
+
     async def open(self) -> None:
         if isinstance(self.function, RichFunction):
             try:
                 self.function.open(self.runtime_context)
+            except IncompatibleStateError:
+                raise
             except Exception as exc:
                 raise self.user_error(exc) from exc
 
@@ -182,6 +203,8 @@ class KeyedReduceOperator(UserFunctionOperator):
         missing = _MISSING
         out: list[Any] = []
         append = out.append
+        if self._check_first_key and values:
+            self._verify_first_key(key_of, values[0])
         try:
             for value in values:
                 key = key_of(value)
@@ -229,6 +252,8 @@ class KeyedProcessOperator(UserFunctionOperator):
         backend = self.keyed_backend
         ctx = self._ctx
         out = self._out
+        if self._check_first_key and values:
+            self._verify_first_key(key_of, values[0])
         try:
             if timestamps is None:
                 ctx.timestamp = None

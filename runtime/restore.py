@@ -90,11 +90,22 @@ class RestoreReport:
         for uid in self.restored:
             entry = checkpoint.operators[uid]
             node = graph.operators[uid]
-            has_keyed = any("keyed" in s for s in entry.subtask_states.values())
-            if has_keyed and entry.max_parallelism != node.max_parallelism:
+            keyed_parts = [
+                part
+                for part in ("keyed", "timers")
+                if any(part in s for s in entry.subtask_states.values())
+            ]
+            if keyed_parts and entry.max_parallelism != node.max_parallelism:
+                what = " and ".join(
+                    "keyed state" if p == "keyed" else "timers" for p in keyed_parts
+                )
                 self.errors.append(
-                    f"operator {node.name!r} (uid {uid}) has keyed state for max parallelism "
-                    f"{entry.max_parallelism}, but the job now uses {node.max_parallelism}"
+                    f"operator {node.name!r} (uid {uid}) has {what} for max parallelism "
+                    f"{entry.max_parallelism}, but the job now uses max parallelism "
+                    f"{node.max_parallelism}; keyed state and timers cannot move to another "
+                    f"number of key groups: run with max parallelism {entry.max_parallelism} for "
+                    f"this operator (set_max_parallelism({entry.max_parallelism}) on it, or "
+                    f"--max-parallelism {entry.max_parallelism} when it sets none)"
                 )
         # A task runs its chain as a whole: it cannot skip some operators and run others.
         for vertex in graph.vertices:

@@ -76,9 +76,10 @@ async def run_job_async(
     parallelism: int = 1,
     config: ExecutionConfig | None = None,
     name: str = "job",
+    max_parallelism: int = DEFAULT_MAX_PARALLELISM,
     **master_kw: Any,
 ) -> JobResult:
-    graph = build_graph(build, params, parallelism, name=name)
+    graph = build_graph(build, params, parallelism, max_parallelism, name=name)
     master = JobMaster(graph, config, **master_kw)
     return await master.run()
 
@@ -89,9 +90,12 @@ def run_job(
     parallelism: int = 1,
     config: ExecutionConfig | None = None,
     name: str = "job",
+    max_parallelism: int = DEFAULT_MAX_PARALLELISM,
 ) -> JobResult:
     """Run a job to its end on a fresh event loop (uvloop when installed)."""
-    result: JobResult = run_coroutine(run_job_async(build, params, parallelism, config, name))
+    result: JobResult = run_coroutine(
+        run_job_async(build, params, parallelism, config, name, max_parallelism)
+    )
     return result
 
 

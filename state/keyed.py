@@ -11,6 +11,7 @@ subtask's actor, so nothing here locks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -23,6 +24,27 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 _ABSENT: Any = object()
+
+log = logging.getLogger(__name__)
+
+_UNKNOWN_KIND = "restored"
+"""The kind that snapshots before state kinds were recorded gave carried-along state."""
+
+
+class IncompatibleStateError(RuntimeError):
+    """Restored keyed state does not fit the job: a state re-declared with another kind, or keys
+    of another type. The message names the operator, the state or key types, and the way out."""
+
+
+def _key_type_name(key_type: type) -> str:
+    """The name of a key type as a snapshot stores it: a subclass by the base type it is encoded
+    as (a ``StrEnum`` key comes back from a snapshot as ``str``)."""
+    for base in (bool, int, float, str, bytes, tuple):
+        if issubclass(key_type, base):
+            return base.__name__
+    if issubclass(key_type, bytearray | memoryview):
+        return "bytes"
+    return "None" if key_type is type(None) else key_type.__name__
 
 
 @dataclass(frozen=True)
@@ -179,16 +201,29 @@ class KeyedStateBackend:
     """All keyed state of one operator in one subtask, in memory.
 
     The operator sets the current key before calling user code; state objects read and write the
-    entry of that key. ``owner`` names the operator and subtask in error messages.
+    entry of that key. ``owner`` names the operator (name and uid) and subtask in error messages.
+    Restored state that does not fit (another kind, keys of another type) is refused with
+    :class:`IncompatibleStateError`, or dropped with a warning if ``allow_non_restored_state``.
     """
 
-    def __init__(self, owner: str, key_groups: KeyGroupRange, max_parallelism: int) -> None:
+    def __init__(
+        self,
+        owner: str,
+        key_groups: KeyGroupRange,
+        max_parallelism: int,
+        allow_non_restored_state: bool = False,
+    ) -> None:
         self.owner = owner
         self.key_groups = key_groups
         self.max_parallelism = max_parallelism
+        self.allow_non_restored_state = allow_non_restored_state
         self.current_key: Any = None
         self._states: dict[str, _KeyedState] = {}
         self._restored: dict[str, dict[Any, Any]] = {}
+        self._restored_kinds: dict[str, str] = {}
+        self.restored_key_types: frozenset[str] = frozenset()
+        """Key types of the restored state, over every old subtask; empty if there was none or
+        the snapshot predates key types (then keys are not checked)."""
 
     def set_current_key(self, key: Any) -> None:
         self.current_key = key
@@ -206,6 +241,21 @@ class KeyedStateBackend:
             return existing
         state = _STATE_CLASSES[descriptor.kind](self, descriptor)
         restored = self._restored.pop(descriptor.name, None)
+        restored_kind = self._restored_kinds.pop(descriptor.name, _UNKNOWN_KIND)
+        if restored is not None and restored_kind not in (_UNKNOWN_KIND, descriptor.kind):
+            problem = (
+                f"{self.owner}: state {descriptor.name!r} was restored as {restored_kind} state "
+                f"but is now declared as {descriptor.kind} state"
+            )
+            if not self.allow_non_restored_state:
+                msg = (
+                    f"{problem}; declare it as {restored_kind} state again (or under a new "
+                    "name), or pass --allow-non-restored-state to drop the restored state and "
+                    "start it empty"
+                )
+                raise IncompatibleStateError(msg)
+            log.warning("%s; --allow-non-restored-state: it starts empty", problem)
+            restored = None
         if restored is not None:
             serializer = descriptor.serializer
             if serializer is None:
@@ -221,19 +271,22 @@ class KeyedStateBackend:
         return iter(list(state._values)) if state is not None else iter(())
 
     def snapshot(self) -> dict[str, Any]:
-        """``{state name: {"kind", "keys", "values"}}``: two parallel columns.
+        """``{state name: {"kind", "key_types", "keys", "values"}}``: two parallel columns.
 
         Columns (not one small list per entry) keep encoding fast, and the key group of each entry
         is not stored: snapshots are frequent and restores rare, so a restore recomputes it
         (``stable_hash`` is the same in every process) and keeps the entries of the key groups it
-        owns, at any parallelism.
+        owns, at any parallelism. ``kind`` and ``key_types`` (sorted type names) let a restore
+        refuse state that the job would not find again.
         """
         result: dict[str, Any] = {}
         for name in sorted(set(self._states) | set(self._restored)):
             state = self._states.get(name)
             if state is None:
-                # Restored state that this run has not asked for yet: carry it forward unchanged.
-                values, kind, serializer = self._restored[name], "restored", None
+                # Restored state that this run never declared: carried forward unchanged, so that
+                # a later version of the job can still read it.
+                values, serializer = self._restored[name], None
+                kind = self._restored_kinds.get(name, _UNKNOWN_KIND)
             else:
                 values = state._values
                 kind = state._descriptor.kind
@@ -241,7 +294,12 @@ class KeyedStateBackend:
             column = list(values.values())
             if serializer is not None:
                 column = [serializer.to_data(v) for v in column]
-            result[name] = {"kind": kind, "keys": list(values), "values": column}
+            result[name] = {
+                "kind": kind,
+                "key_types": sorted({_key_type_name(t) for t in set(map(type, values))}),
+                "keys": list(values),
+                "values": column,
+            }
         return result
 
     def restore(self, snapshots: list[dict[str, Any]]) -> None:
@@ -249,12 +307,58 @@ class KeyedStateBackend:
         first, last = self.key_groups.start, self.key_groups.end
         maxp = self.max_parallelism
         owned: dict[Any, bool] = {}
+        key_types: set[str] = set(self.restored_key_types)
         for snapshot in snapshots:
             for name, entry in snapshot.items():
                 target = self._restored.setdefault(name, {})
+                kind = entry.get("kind", _UNKNOWN_KIND)
+                if kind != _UNKNOWN_KIND:
+                    self._restored_kinds[name] = kind
+                key_types.update(entry.get("key_types", ()))
                 for key, value in zip(entry["keys"], entry["values"], strict=True):
                     mine = owned.get(key)
                     if mine is None:
                         mine = owned[key] = first <= key_group_for_key(key, maxp) <= last
                     if mine:
                         target[key] = value
+        self.restored_key_types = frozenset(key_types)
+
+    def check_first_key(self, key: Any) -> bool:
+        """Check the first key of this run against the restored key types (call it once).
+
+        A key of a type the restored state never had means the key selector changed: the
+        restored entries would never be found again. Refused with :class:`IncompatibleStateError`;
+        with ``allow_non_restored_state`` all keyed state is dropped (with a warning) and True is
+        returned, so that the operator drops its timers too.
+        """
+        restored = self.restored_key_types
+        new_type = _key_type_name(type(key))
+        if not restored or new_type in restored:
+            return False
+        old_types = ", ".join(sorted(restored))
+        problem = (
+            f"{self.owner}: the restored keyed state has keys of key type {old_types}, but the "
+            f"first key of this run, {key!r}, has the new key type {new_type}: the key selector "
+            "changed, so the restored state would never be found"
+        )
+        if not self.allow_non_restored_state:
+            msg = (
+                f"{problem}; restore with the old key_by(), or pass --allow-non-restored-state "
+                "to drop this operator's keyed state and timers and start them empty"
+            )
+            raise IncompatibleStateError(msg)
+        log.warning(
+            "%s; --allow-non-restored-state: this operator drops the restored keyed state and "
+            "timers and starts them empty",
+            problem,
+        )
+        self.drop_all()
+        return True
+
+    def drop_all(self) -> None:
+        """Forget every entry of every state, restored or written, and the restored key types."""
+        for state in self._states.values():
+            state._values.clear()
+        self._restored.clear()
+        self._restored_kinds.clear()
+        self.restored_key_types = frozenset()

@@ -11,11 +11,16 @@ Rules:
 
 1. State files first, then ``_metadata`` last and atomically (temp file, fsync, rename, fsync of
    the folder): a folder without ``_metadata`` is not a checkpoint.
-2. A checkpoint is valid only if its metadata parses and every file it names exists with the
-   recorded size and checksum.
-3. All paths in the metadata are relative to the folder, so a savepoint folder can be moved and
-   still restored.
+2. A checkpoint is valid only if its metadata parses, has the schema's shape
+   (:func:`validate_metadata`), and every file it names exists with the recorded size (checked
+   before reading) and checksum. Anything else is damaged, with the reason.
+3. Every file in the metadata is a plain name inside the folder (no absolute path, no ``..``, no
+   separator), so a savepoint folder can be moved and still restored, and a crafted one cannot
+   make a restore read files elsewhere.
 4. Retention deletes subsumed checkpoints (``chk-*`` folders only); savepoints are never deleted.
+5. ``chk-*`` folders that never got their ``_metadata`` are deleted at the next completed
+   checkpoint and at a restore (:func:`remove_incomplete_checkpoints`); a folder with
+   ``_metadata`` is never deleted as garbage, even when damaged.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,7 @@ log = logging.getLogger(__name__)
 METADATA = "_metadata"
 FORMAT_VERSION = 1
 _CHECKPOINT_DIR = re.compile(r"^chk-(\d+)$")
+_SNAPSHOT_DIR = re.compile(r"^(savepoint-\d+-.+|chk-\d+)$")
 
 
 class CheckpointKind(enum.StrEnum):
@@ -230,43 +237,198 @@ class CheckpointStorage:
         if _CHECKPOINT_DIR.match(path.name):
             await aiofiles.os.wrap(shutil.rmtree)(path, ignore_errors=True)
 
+    async def remove_incomplete(self, below_id: int, keep: Collection[int]) -> list[Path]:
+        """:func:`remove_incomplete_checkpoints` in this storage's directory, off the loop."""
+        if self.directory is None:
+            return []
+        removed: list[Path] = await aiofiles.os.wrap(remove_incomplete_checkpoints)(
+            self.directory, below_id, keep
+        )
+        return removed
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SUBTASK_KEY = re.compile(r"^(0|[1-9][0-9]*)$")
+# 9999-12-31: later timestamps cannot be shown as local times.
+_MAX_TIMESTAMP_MS = 253_402_300_799_999
+
+
+class _MetadataSchemaError(ValueError):
+    """One field of the metadata does not have its documented shape."""
+
+    def __init__(self, where: str, expected: str, got: Any) -> None:
+        shown = repr(got)
+        if len(shown) > 300:  # a whole object is not worth printing; a long file name is
+            shown = shown[:297] + "..."
+        super().__init__(f"{where}: expected {expected}, got {shown}")
+
+
+def _field(record: dict[str, Any], key: str, where: str) -> Any:
+    if key not in record:
+        raise _MetadataSchemaError(f"{where}.{key}" if where else key, "a value", "nothing")
+    return record[key]
+
+
+def _as_object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _MetadataSchemaError(where, "an object", value)
+    return value
+
+
+def _as_int(value: Any, where: str, minimum: int = 0, maximum: int | None = None) -> int:
+    # bool is an int subclass in Python, never a valid count or id here
+    valid = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    if not valid or (maximum is not None and value > maximum):
+        bounds = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        raise _MetadataSchemaError(where, bounds, value)
+    return int(value)
+
+
+def _as_str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _MetadataSchemaError(where, "a string", value)
+    return value
+
+
+def _as_plain_file_name(value: Any, where: str) -> str:
+    """Rule 3: a state file is named by a plain name inside its folder, never by a path."""
+    name = _as_str(value, where)
+    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if (
+        name in ("", ".", "..", METADATA)
+        or "\0" in name
+        or any(sep in name for sep in separators)
+        or os.path.isabs(name)
+    ):
+        raise _MetadataSchemaError(
+            where, "a plain file name inside the checkpoint folder (no path)", value
+        )
+    return name
+
+
+def validate_metadata(metadata: Any) -> dict[str, Any]:
+    """Check ``metadata`` (parsed ``_metadata`` JSON) against the schema :meth:`CheckpointStorage.
+    write` produces; return it unchanged if it conforms.
+
+    Every field the restore reads is checked for presence, type and range, so that code after
+    this check can index it freely. Fields the schema does not name are ignored (a newer writer
+    may add some). Raises :class:`ValueError` naming the first field that does not conform and
+    what was expected.
+    """
+    top = _as_object(metadata, "the metadata")
+    version = _field(top, "format", "")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise _MetadataSchemaError("format", f"format version {FORMAT_VERSION}", version)
+    _as_int(_field(top, "checkpoint_id", ""), "checkpoint_id")
+    kind = _field(top, "kind", "")
+    if kind not in {k.value for k in CheckpointKind}:
+        raise _MetadataSchemaError("kind", "'checkpoint' or 'savepoint'", kind)
+    _as_int(_field(top, "timestamp_ms", ""), "timestamp_ms", maximum=_MAX_TIMESTAMP_MS)
+    if "job" in top:
+        _as_str(top["job"], "job")
+    if "state_size" in top:
+        _as_int(top["state_size"], "state_size")
+    operators = _as_object(_field(top, "operators", ""), "operators")
+    for uid, op_value in operators.items():
+        where = f"operators[{uid!r}]"
+        op = _as_object(op_value, where)
+        _as_str(_field(op, "name", where), f"{where}.name")
+        parallelism = _as_int(_field(op, "parallelism", where), f"{where}.parallelism", 1)
+        _as_int(_field(op, "max_parallelism", where), f"{where}.max_parallelism", 1)
+        finished = _field(op, "finished_subtasks", where)
+        if not isinstance(finished, list):
+            raise _MetadataSchemaError(
+                f"{where}.finished_subtasks", "a list of subtask indexes", finished
+            )
+        for index, subtask in enumerate(finished):
+            _as_int(subtask, f"{where}.finished_subtasks[{index}]", maximum=parallelism - 1)
+        if "fully_finished" in op and not isinstance(op["fully_finished"], bool):
+            raise _MetadataSchemaError(
+                f"{where}.fully_finished", "true or false", op["fully_finished"]
+            )
+        subtasks = _as_object(_field(op, "subtasks", where), f"{where}.subtasks")
+        for key, info_value in subtasks.items():
+            at = f"{where}.subtasks[{key!r}]"
+            if not _SUBTASK_KEY.match(key) or int(key) >= parallelism:
+                raise _MetadataSchemaError(
+                    f"{where}.subtasks", f"subtask indexes 0..{parallelism - 1} as keys", key
+                )
+            info = _as_object(info_value, at)
+            _as_plain_file_name(_field(info, "file", at), f"{at}.file")
+            _as_int(_field(info, "size", at), f"{at}.size")
+            digest = _field(info, "sha256", at)
+            if not isinstance(digest, str) or not _SHA256.match(digest):
+                raise _MetadataSchemaError(f"{at}.sha256", "64 lowercase hex digits", digest)
+    return top
+
 
 def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed and validated ``_metadata`` of ``folder``; :class:`InvalidCheckpointError` if it
+    is missing, does not parse, or does not have the schema's shape (the reason names the field).
+    """
     path = Path(folder) / METADATA
     if not path.exists():
         msg = f"{folder}: no {METADATA} file (not a completed checkpoint or savepoint)"
         raise InvalidCheckpointError(msg)
     try:
-        metadata: dict[str, Any] = orjson.loads(path.read_bytes())
+        parsed = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as exc:
         msg = f"{path}: damaged metadata ({exc})"
         raise InvalidCheckpointError(msg) from exc
-    if metadata.get("format") != FORMAT_VERSION:
-        msg = f"{path}: unknown checkpoint format {metadata.get('format')!r}"
+    except OSError as exc:
+        msg = f"{path}: cannot read the metadata ({exc.strerror or exc})"
+        raise InvalidCheckpointError(msg) from exc
+    try:
+        return validate_metadata(parsed)
+    except ValueError as exc:
+        msg = f"{path}: damaged metadata ({exc})"
+        raise InvalidCheckpointError(msg) from None
+
+
+def _read_state_file(base: Path, uid: str, info: dict[str, Any]) -> bytes:
+    """The bytes of one state file, verified against its recorded size and checksum; the size is
+    checked before reading, so a file grown huge is never loaded into memory."""
+    name = info["file"]
+    path = base / name
+    if path.resolve().parent != base.resolve():
+        # a symlink (or a renamed folder) that leads out of the checkpoint folder
+        msg = f"{base}: state file {name} of operator {uid!r} resolves outside the folder"
         raise InvalidCheckpointError(msg)
-    return metadata
+    if not path.is_file():
+        msg = f"{base}: state file {name} of operator {uid!r} is missing"
+        raise InvalidCheckpointError(msg)
+    try:
+        size = path.stat().st_size
+        if size != info["size"]:
+            msg = (
+                f"{base}: state file {name} of operator {uid!r} is damaged "
+                f"({size} bytes, expected {info['size']})"
+            )
+            raise InvalidCheckpointError(msg)
+        with open(path, "rb") as f:
+            data = f.read(info["size"] + 1)
+    except OSError as exc:
+        msg = f"{base}: cannot read state file {name} of operator {uid!r} ({exc.strerror or exc})"
+        raise InvalidCheckpointError(msg) from exc
+    if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+        msg = (
+            f"{base}: state file {name} of operator {uid!r} is damaged "
+            f"({len(data)} bytes, expected {info['size']}, or a checksum mismatch)"
+        )
+        raise InvalidCheckpointError(msg)
+    return data
 
 
 def load_checkpoint(folder: str | os.PathLike[str]) -> CompletedCheckpoint:
-    """Read and verify a checkpoint or savepoint folder (rule 2)."""
+    """Read and verify a checkpoint or savepoint folder (rules 2 and 3);
+    :class:`InvalidCheckpointError` names what is missing or damaged."""
     base = Path(folder)
     metadata = read_metadata(base)
     operators: dict[str, OperatorCheckpoint] = {}
     for uid, meta in metadata["operators"].items():
         states = SnapshotMap()
         for subtask, info in meta["subtasks"].items():
-            path = base / info["file"]
-            if not path.exists():
-                msg = f"{base}: state file {info['file']} of operator {uid!r} is missing"
-                raise InvalidCheckpointError(msg)
-            data = path.read_bytes()
-            if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
-                msg = (
-                    f"{base}: state file {info['file']} of operator {uid!r} is damaged "
-                    f"({len(data)} bytes, expected {info['size']}, or a checksum mismatch)"
-                )
-                raise InvalidCheckpointError(msg)
-            states.set_encoded(int(subtask), data)
+            states.set_encoded(int(subtask), _read_state_file(base, uid, info))
         operators[uid] = OperatorCheckpoint(
             uid,
             meta["name"],
@@ -307,17 +469,119 @@ def find_snapshot_folders(directory: str | os.PathLike[str]) -> list[Path]:
     return sorted({p.parent for p in base.rglob(METADATA)})
 
 
+@dataclass
+class SkippedSnapshot:
+    """A checkpoint or savepoint folder a search passed over, and why."""
+
+    folder: Path
+    reason: str
+    completed: bool
+    """It has its ``_metadata`` (completed, damaged since); else it never completed."""
+
+
+@dataclass
+class SnapshotSearch:
+    """The outcome of looking for the newest valid checkpoint or savepoint in a directory."""
+
+    checkpoint: CompletedCheckpoint | None
+    """The newest valid one; None if there is none."""
+    skipped: list[SkippedSnapshot] = field(default_factory=list)
+    """Folders passed over on the way (newest first), each with the reason it is not valid."""
+
+
+def _skipped(folder: Path, exc: InvalidCheckpointError) -> SkippedSnapshot:
+    return SkippedSnapshot(folder, str(exc), (folder / METADATA).exists())
+
+
+def _first_valid(folders: list[Path], search: SnapshotSearch) -> SnapshotSearch:
+    """Load ``folders`` in order until one is valid; the ones before it go to ``skipped``."""
+    for folder in folders:
+        try:
+            search.checkpoint = load_checkpoint(folder)
+        except InvalidCheckpointError as exc:
+            search.skipped.append(_skipped(folder, exc))
+            continue
+        break
+    return search
+
+
+def find_latest_valid(directory: str | os.PathLike[str]) -> SnapshotSearch:
+    """The newest valid ``chk-*`` checkpoint under ``directory`` (by id) and the newer folders that
+    were skipped because they never completed or are damaged."""
+    return _first_valid(list_checkpoint_folders(directory), SnapshotSearch(None))
+
+
 def load_latest_valid(directory: str | os.PathLike[str]) -> CompletedCheckpoint | None:
     """The newest valid checkpoint under ``directory``; damaged newer ones are skipped (logged)."""
-    for folder in list_checkpoint_folders(directory):
-        if not (folder / METADATA).exists():
-            log.warning("skipping %s: it has no %s (incomplete checkpoint)", folder, METADATA)
+    search = find_latest_valid(directory)
+    for skipped in search.skipped:
+        log.warning(
+            "skipping checkpoint %s, falling back to an earlier one: %s",
+            skipped.folder,
+            skipped.reason,
+        )
+    return search.checkpoint
+
+
+def find_newest_snapshot(directory: str | os.PathLike[str]) -> SnapshotSearch:
+    """The newest valid snapshot among the folders directly under ``directory`` (savepoints as
+    ``stop --dir`` writes them, or ``chk-*`` checkpoints), by checkpoint id, then time.
+
+    A folder counts as a candidate if it holds a ``_metadata`` file or is named like a savepoint
+    or checkpoint folder. ``skipped`` lists the candidates with unreadable metadata and the ones
+    newer than the found one that failed verification; with none valid, every candidate.
+    """
+    search = SnapshotSearch(None)
+    readable: list[tuple[int, int, Path]] = []
+    for folder in sorted(Path(directory).iterdir()):
+        if not folder.is_dir():
+            continue
+        if not ((folder / METADATA).exists() or _SNAPSHOT_DIR.match(folder.name)):
             continue
         try:
-            return load_checkpoint(folder)
+            metadata = read_metadata(folder)
         except InvalidCheckpointError as exc:
-            log.warning("skipping damaged checkpoint: %s; falling back to an earlier one", exc)
-    return None
+            search.skipped.append(_skipped(folder, exc))
+            continue
+        readable.append((metadata["checkpoint_id"], metadata["timestamp_ms"], folder))
+    return _first_valid([folder for _, _, folder in sorted(readable, reverse=True)], search)
+
+
+def remove_incomplete_checkpoints(
+    directory: str | os.PathLike[str], below_id: int, keep: Collection[int] = ()
+) -> list[Path]:
+    """Delete the ``chk-<k>`` folders under ``directory`` with ``k < below_id`` that have no
+    ``_metadata`` (checkpoints that never completed: killed mid-write, a full disk), except the
+    ids in ``keep`` (checkpoints still being taken). Returns the deleted folders, oldest first.
+
+    A folder with ``_metadata`` is never touched, valid or damaged: retention handles the valid
+    ones and a damaged completed one is evidence that output was committed beyond older
+    checkpoints (see :func:`completed_checkpoint_ids_after`). Savepoints and anything else not
+    named ``chk-<int>`` are never touched either.
+    """
+    removed: list[Path] = []
+    try:
+        folders = list_checkpoint_folders(directory)
+    except OSError as exc:
+        # Garbage stays for the next attempt; whatever triggered the cleanup has succeeded.
+        log.warning("could not look for incomplete checkpoints in %s: %s", directory, exc)
+        return removed
+    for folder in reversed(folders):
+        match = _CHECKPOINT_DIR.match(folder.name)
+        assert match is not None
+        checkpoint_id = int(match.group(1))
+        if checkpoint_id >= below_id or checkpoint_id in keep or (folder / METADATA).exists():
+            continue
+        try:
+            shutil.rmtree(folder)
+        except OSError as exc:
+            log.warning("could not delete incomplete checkpoint %s: %s", folder, exc)
+            continue
+        log.info(
+            "deleted %s: checkpoint %d never completed (no %s)", folder, checkpoint_id, METADATA
+        )
+        removed.append(folder)
+    return removed
 
 
 def completed_checkpoint_ids_after(

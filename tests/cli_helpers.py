@@ -94,6 +94,16 @@ def completed_checkpoint_ids(chk: Path) -> list[int]:
     return sorted(ids)
 
 
+def make_incomplete_checkpoint(chk: Path, checkpoint_id: int) -> Path:
+    """A ``chk-N`` folder as a checkpoint killed mid-write leaves it: a state file cut short and
+    the metadata's temp file, but no ``_metadata``."""
+    folder = chk / f"chk-{checkpoint_id}"
+    folder.mkdir(parents=True)
+    (folder / "running-totals-0.state").write_bytes(b"\x81\xa5keyed\x82")
+    (folder / "._metadata.tmp").write_bytes(b'{"format": 1, "checkpoint_id": ')
+    return folder
+
+
 def max_completed(chk: Path) -> int:
     return max(completed_checkpoint_ids(chk), default=0)
 
@@ -111,3 +121,23 @@ def get_json(address: str, path: str) -> Any:
     with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
         assert response.headers.get_content_type() == "application/json"
         return json.loads(response.read())
+
+
+def operator_records_in(address: str, uid: str) -> int:
+    """Records the operator ``uid`` received so far, over all its subtasks (from ``/status``)."""
+    status = get_json(address, "/status")
+    return sum(op["records_in"] for op in status["operators"] if op["uid"] == uid)
+
+
+def set_args(**params: object) -> list[str]:
+    """``--set KEY=VALUE`` arguments for each job parameter."""
+    return [arg for key, value in params.items() for arg in ("--set", f"{key}={value}")]
+
+
+def stop_with_savepoint(address: str, savepoint_dir: Path) -> Path:
+    """``python -m runtime stop`` the job at ``address``; the savepoint folder it wrote."""
+    stop = run_cli("stop", "--address", address, "--dir", str(savepoint_dir))
+    assert stop.returncode == 0, stop.stderr
+    match = re.search(r"stopped with savepoint \d+ at (?P<path>.+)", stop.stdout)
+    assert match, stop.stdout
+    return Path(match.group("path").strip())

@@ -13,8 +13,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,8 @@ import aiofiles
 import aiofiles.os
 import orjson
 import pytest
+from cli_helpers import make_incomplete_checkpoint, run_cli
+from etl_expectations import assert_exact_output
 
 from connectors import CollectionSource
 from runtime import (
@@ -45,18 +45,6 @@ from state.storage import (
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "file_etl.py"
-RUN_TIMEOUT_S = 90.0
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runtime", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
 
 
 def etl_args(out: Path, chk: Path, *extra: str) -> list[str]:
@@ -222,6 +210,160 @@ def test_restore_of_an_explicitly_named_damaged_checkpoint_is_a_usage_error(
     result = run_cli(*etl_args(out, chk, "--restore", str(chk / f"chk-{latest}")))
     assert result.returncode == 2, result.stderr
     assert victim.name in result.stderr
+
+
+def _warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning: ")]
+
+
+def _set_operators_to_null(folder: Path) -> None:
+    metadata = folder / "_metadata"
+    metadata.write_bytes(orjson.dumps({**orjson.loads(metadata.read_bytes()), "operators": None}))
+
+
+def test_restore_latest_with_a_mistyped_checkpoint_dir_warns_and_starts_fresh(
+    tmp_path: Path,
+) -> None:
+    out, typo = tmp_path / "out", tmp_path / "chk-typo"
+    result = run_cli(*etl_args(out, typo, "--restore", "latest", "--set", "rate=0"))
+    assert result.returncode == 0, result.stderr
+    assert _warnings(result.stderr) == [
+        f"warning: --restore latest: no valid checkpoint in {typo} (the directory does not "
+        "exist; check --checkpoint-dir): starting from the beginning"
+    ]
+    assert_exact_output(out)
+
+
+@pytest.mark.slow
+def test_restore_latest_with_no_valid_checkpoint_names_each_skipped_one_and_why(
+    etl_copy: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, chk = etl_copy
+    older, latest = last_two(chk)
+    victim = _truncate_a_state_file(chk / f"chk-{older}")
+    _set_operators_to_null(chk / f"chk-{latest}")
+    make_incomplete_checkpoint(chk, latest + 1)
+    out = tmp_path / "fresh-out"
+    result = run_cli(*etl_args(out, chk, "-p", "2", "--restore", "latest", "--set", "rate=0"))
+    assert result.returncode == 0, result.stderr
+    headline, *skipped = _warnings(result.stderr)
+    assert headline == (
+        f"warning: --restore latest: no valid checkpoint in {chk} (the directory exists; none of "
+        "its 3 chk-* folders is valid): starting from the beginning"
+    )
+    assert len(skipped) == 3, result.stderr
+    assert skipped[0].startswith(f"warning:   skipped incomplete chk-{latest + 1}: ")
+    assert "no _metadata file" in skipped[0]
+    assert skipped[1].startswith(f"warning:   skipped damaged chk-{latest}: ")
+    assert "damaged metadata (operators: expected an object, got None)" in skipped[1]
+    assert skipped[2].startswith(f"warning:   skipped damaged chk-{older}: ")
+    assert f"state file {victim.name} of operator" in skipped[2]
+    assert_exact_output(out)
+
+
+@pytest.mark.slow
+def test_cli_restore_latest_falls_back_past_metadata_of_the_wrong_shape(
+    etl_copy: tuple[Path, Path],
+) -> None:
+    out, chk = etl_copy
+    older, latest = last_two(chk)
+    _set_operators_to_null(chk / f"chk-{latest}")
+    result = run_cli(*etl_args(out, chk, "-p", "2", "--restore", "latest"))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    headline, skipped = _warnings(result.stderr)
+    assert headline == (
+        f"warning: --restore latest: 1 newer checkpoint folder(s) in {chk} are not valid; "
+        f"falling back to checkpoint {older}"
+    )
+    assert skipped.startswith(f"warning:   skipped damaged chk-{latest}: ")
+    assert "damaged metadata (operators: expected an object, got None)" in skipped
+    assert f"restoring checkpoint {older} from {chk / f'chk-{older}'}" in result.stderr
+
+
+def test_restore_of_a_path_that_does_not_exist_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    missing = tmp_path / "savepoint-typo"
+    result = run_cli(*etl_args(tmp_path / "out", tmp_path / "chk", "--restore", str(missing)))
+    assert result.returncode == 2, result.stderr
+    assert [line for line in result.stderr.splitlines() if str(missing) in line] == [
+        f"error: --restore {missing}: no such checkpoint or savepoint folder"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def _deleted_incomplete(lines: list[str]) -> dict[str, int]:
+    """Folder → index of the log line that says it was deleted as an incomplete checkpoint."""
+    deleted = {}
+    for index, line in enumerate(lines):
+        match = re.search(r"deleted (\S+): checkpoint \d+ never completed", line)
+        if match:
+            deleted[match.group(1)] = index
+    return deleted
+
+
+def _seed_garbage_and_evidence(chk: Path, latest: int) -> tuple[list[Path], list[Path]]:
+    """Incomplete checkpoints above ``latest`` (garbage), and folders no cleanup may touch: a
+    damaged completed checkpoint, a savepoint without metadata, a folder not named chk-<int>."""
+    garbage = [make_incomplete_checkpoint(chk, latest + i) for i in (1, 2)]
+    damaged = chk / f"chk-{latest + 3}"
+    shutil.copytree(chk / f"chk-{latest}", damaged)
+    (damaged / "_metadata").write_bytes(b'{"format": 1')
+    others = [chk / "savepoints" / "savepoint-1-20260101-000000", chk / "chk-notes"]
+    for folder in others:
+        folder.mkdir(parents=True)
+        (folder / "part.state").write_bytes(b"kept")
+    return garbage, [damaged, *others]
+
+
+def _contents(folders: list[Path]) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for folder in folders for p in folder.iterdir()}
+
+
+@pytest.mark.slow
+def test_incomplete_checkpoint_folders_older_than_the_restored_one_are_deleted_at_restore(
+    etl_copy: tuple[Path, Path],
+) -> None:
+    out, chk = etl_copy
+    older, latest = last_two(chk)
+    assert older > 1
+    below = make_incomplete_checkpoint(chk, 1)
+    above, untouchable = _seed_garbage_and_evidence(chk, latest)
+    before = _contents([chk / f"chk-{older}", *untouchable])  # chk-{latest} is retention's
+
+    result = run_cli(*etl_args(out, chk, "-p", "2", "--restore", "latest", "--log-level", "INFO"))
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    restoring = next(i for i, line in enumerate(lines) if line.startswith("restoring checkpoint"))
+    assert lines[restoring].startswith(f"restoring checkpoint {latest} from ")
+    deleted = _deleted_incomplete(lines)
+    assert deleted[str(below)] < restoring, result.stderr
+    assert not below.exists()
+    assert all(folder.exists() for folder in above)  # newer: left for the next checkpoint
+    assert _contents([chk / f"chk-{older}", *untouchable]) == before
+
+
+@pytest.mark.slow
+def test_incomplete_checkpoint_folders_are_deleted_at_the_next_checkpoint(
+    etl_copy: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, chk = etl_copy
+    older, latest = last_two(chk)
+    garbage, untouchable = _seed_garbage_and_evidence(chk, latest)
+    before = _contents([chk / f"chk-{older}", chk / f"chk-{latest}", *untouchable])
+
+    out = tmp_path / "fresh-out"
+    result = run_cli(
+        *etl_args(out, chk, "-p", "2", "--set", "rate=2000", "--log-level", "INFO"),
+        *("--checkpoint-interval", "100ms"),
+    )
+
+    assert result.returncode == 0, result.stderr
+    deleted = _deleted_incomplete(result.stderr.splitlines())
+    assert all(str(folder) in deleted for folder in garbage), result.stderr
+    assert not any(folder.exists() for folder in garbage)
+    assert _contents([chk / f"chk-{older}", chk / f"chk-{latest}", *untouchable]) == before
+    assert_exact_output(out)
 
 
 # --------------------------------------------------------------------------- atomic metadata
