@@ -28,6 +28,7 @@ import msgpack
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from connectors.kafka_clients import KafkaClients
 from runtime.functions import RuntimeContext
 from runtime.sinks import Sink, SinkWriter
 from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
@@ -86,6 +87,12 @@ class KafkaSource(Source[Any]):
     - ``on_error``: a record that fails to deserialise ``"fail"``s the job with an error naming
       topic, partition and offset (default), is ``"skip"``ped and counted, or is sent raw to
       ``dead_letter_topic`` (``"dead-letter"``).
+    - ``tombstones``: what a record with a key and a null value (a deletion marker on compacted
+      topics) becomes: ``"skip"`` (default: not emitted, counted in ``tombstones_skipped``, the
+      first one logged at INFO), ``"emit"`` (a :class:`KafkaRecord` whose ``value`` is None; needs
+      ``record_format="record"``, as a value deserialiser cannot represent a missing value), or
+      ``"fail"`` (the job fails naming topic, partition and offset). Deserialisers never see a
+      missing value, so ``on_error`` does not apply to tombstones.
     - ``out_of_orderness_ms``: per-partition watermarks trail the highest record timestamp by that
       much; partitions idle for ``idle_timeout_ms`` do not hold the watermark back.
     - ``discovery_interval_s``: look for new partitions this often while running (unbounded only).
@@ -111,6 +118,7 @@ class KafkaSource(Source[Any]):
         idle_timeout_ms: int = 30_000,
         discovery_interval_s: float | None = 10.0,
         rate: float = 0.0,
+        tombstones: str = "skip",
         client_options: dict[str, Any] | None = None,
     ) -> None:
         if topics is None and pattern is None:
@@ -124,6 +132,15 @@ class KafkaSource(Source[Any]):
             raise ValueError(msg)
         if record_format not in ("value", "record"):
             msg = f"record_format must be value or record, got {record_format!r}"
+            raise ValueError(msg)
+        if tombstones not in ("skip", "emit", "fail"):
+            msg = f"tombstones must be skip, emit or fail, got {tombstones!r}"
+            raise ValueError(msg)
+        if tombstones == "emit" and record_format != "record":
+            msg = (
+                "tombstones='emit' needs record_format='record': a bare value cannot tell a "
+                "tombstone (its key, no value) from a record whose value deserialises to None"
+            )
             raise ValueError(msg)
         self.bootstrap_servers = bootstrap_servers
         self.topics = [topics] if isinstance(topics, str) else topics
@@ -142,24 +159,25 @@ class KafkaSource(Source[Any]):
         self.idle_timeout_ms = idle_timeout_ms
         self.discovery_interval_s = None if bounded else discovery_interval_s
         self.rate = rate
-        self.client_options = client_options or {}
+        self.clients = KafkaClients(bootstrap_servers, client_options)
+        """Creates every client of this source (see :mod:`connectors.kafka_clients`)."""
         self.skipped = 0
         """Records skipped by ``on_error="skip"`` across all subtasks of this process."""
+        self.tombstones = tombstones
+        self.tombstones_skipped = 0
+        """Tombstones skipped by ``tombstones="skip"`` across all subtasks of this process."""
 
     def name(self) -> str:
         return f"Kafka({','.join(self.topics or [self.pattern.pattern if self.pattern else '?'])})"
 
-    def consumer(self, **extra: Any) -> AIOKafkaConsumer:
-        options = {
-            "bootstrap_servers": self.bootstrap_servers,
-            "enable_auto_commit": False,
+    def consumer(self, purpose: str, **required: Any) -> AIOKafkaConsumer:
+        """A consumer with this source's client options; offsets are never auto-committed."""
+        defaults = {
             "fetch_max_bytes": FETCH_MAX_BYTES,
             "max_partition_fetch_bytes": PARTITION_FETCH_MAX_BYTES,
             "auto_offset_reset": self.reset if self.reset in ("earliest", "latest") else "earliest",
-            **self.client_options,
-            **extra,
         }
-        return AIOKafkaConsumer(**options)
+        return self.clients.consumer(purpose, defaults, enable_auto_commit=False, **required)
 
     # ---------------------------------------------------------------- split discovery
 
@@ -181,7 +199,7 @@ class KafkaSource(Source[Any]):
         return result
 
     async def discover_splits(self, parallelism: int) -> list[Any]:
-        consumer = self.consumer()
+        consumer = self.consumer("split discovery")
         try:
             await consumer.start()
             partitions = await self._partitions(consumer)
@@ -191,7 +209,7 @@ class KafkaSource(Source[Any]):
 
     async def discover_new_splits(self, known: list[Any]) -> list[Any]:
         known_ids = {self.split_id(s) for s in known}
-        consumer = self.consumer()
+        consumer = self.consumer("partition discovery")
         try:
             await consumer.start()
             partitions = [
@@ -216,7 +234,7 @@ class KafkaSource(Source[Any]):
                 for tp in partitions:
                     stops[tp] = self.stop_offsets.get((tp.topic, tp.partition), 0)
             else:
-                ends = await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+                ends = await confirmed_end_offsets(consumer, partitions, self)
                 stops.update(ends)
         starts = await self._start_offsets(consumer, partitions)
         from_timestamp = (
@@ -245,25 +263,25 @@ class KafkaSource(Source[Any]):
         if self.start == "earliest":
             return dict(beginning)
         if self.start == "latest":
-            return await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+            return await confirmed_end_offsets(consumer, partitions, self)
         if isinstance(self.start, tuple) and self.start[0] == "timestamp":
             # The broker's answer is a hint (some brokers answer the log start for any time);
             # the reader also skips records before the timestamp (see "from_timestamp").
             found = await consumer.offsets_for_times({tp: int(self.start[1]) for tp in partitions})
-            ends = await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+            ends = await confirmed_end_offsets(consumer, partitions, self)
             return {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in partitions}
         if self.start == "committed":
             if not self.group_id:
                 msg = "KafkaSource start='committed' needs a group_id"
                 raise ValueError(msg)
-            grouped = self.consumer(group_id=self.group_id)
+            grouped = self.consumer("committed offsets", group_id=self.group_id)
             try:
                 await grouped.start()
                 result = {}
                 fallback = (
                     beginning
                     if self.reset == "earliest"
-                    else await confirmed_end_offsets(consumer, partitions, self.bootstrap_servers)
+                    else await confirmed_end_offsets(consumer, partitions, self)
                 )
                 for tp in partitions:
                     committed = await grouped.committed(tp)
@@ -288,7 +306,7 @@ class KafkaSource(Source[Any]):
 
 
 async def confirmed_end_offsets(
-    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], bootstrap_servers: str
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], source: KafkaSource
 ) -> dict[TopicPartition, int]:
     """End offsets, confirmed by reading: some brokers answer "latest" with the start of the last
     record batch + 1, which is short of the real log end. Read from there until nothing more comes."""
@@ -302,12 +320,7 @@ async def confirmed_end_offsets(
             if reported[tp] == 0:
                 continue
             if probe is None:
-                probe = AIOKafkaConsumer(
-                    bootstrap_servers=bootstrap_servers,
-                    enable_auto_commit=False,
-                    fetch_max_bytes=FETCH_MAX_BYTES,
-                    max_partition_fetch_bytes=PARTITION_FETCH_MAX_BYTES,
-                )
+                probe = source.consumer("end offset probe")
                 await probe.start()
             probe.assign([tp])
             probe.seek(tp, reported[tp] - 1)
@@ -355,6 +368,7 @@ class KafkaSourceReader(SourceReader[Any]):
         self._position = ""
         self.highwater: dict[tuple[str, int], int] = {}
         self.skipped = 0
+        self.tombstones_skipped = 0
 
     # ---- splits
 
@@ -387,7 +401,7 @@ class KafkaSourceReader(SourceReader[Any]):
                 split["stop"] = source.stop_offsets.get((split["topic"], split["partition"]), 0)
             return
         partitions = [TopicPartition(s["topic"], s["partition"]) for s in open_ended]
-        ends = await confirmed_end_offsets(self._consumer, partitions, source.bootstrap_servers)
+        ends = await confirmed_end_offsets(self._consumer, partitions, source)
         for split, tp in zip(open_ended, partitions, strict=True):
             split["stop"] = max(ends[tp], split["offset"])
 
@@ -404,15 +418,13 @@ class KafkaSourceReader(SourceReader[Any]):
     async def start(self) -> None:
         if not self.splits and self.source.bounded:
             return
-        self._consumer = self.source.consumer(isolation_level="read_committed")
+        self._consumer = self.source.consumer("reader", isolation_level="read_committed")
         await self._consumer.start()
         if self.source.group_id:
-            self._committer = self.source.consumer(group_id=self.source.group_id)
+            self._committer = self.source.consumer("offset commits", group_id=self.source.group_id)
             await self._committer.start()
         if self.source.on_error == "dead-letter":
-            self._dead_letters = AIOKafkaProducer(
-                bootstrap_servers=self.source.bootstrap_servers, acks="all"
-            )
+            self._dead_letters = self.source.clients.producer("dead letters", acks="all")
             await self._dead_letters.start()
         for split in self.splits.values():
             if split["offset"] is None:
@@ -501,8 +513,11 @@ class KafkaSourceReader(SourceReader[Any]):
                     split["offset"] = record.offset + 1
                     continue
                 split["from_timestamp"] = None
+            if record.value is None and self._tombstone(record):
+                split["offset"] = record.offset + 1
+                continue
             try:
-                value = value_of(record.value)
+                value = None if record.value is None else value_of(record.value)
             except Exception as exc:
                 self._bad_record(split, record, exc)
                 split["offset"] = record.offset + 1
@@ -528,6 +543,29 @@ class KafkaSourceReader(SourceReader[Any]):
         self._last_seen[key] = time.monotonic()
         self._position = f"{split['topic']}[{split['partition']}] offsets {records[0].offset}-{split['offset'] - 1}"
         return values, stamps
+
+    def _tombstone(self, record: Any) -> bool:
+        """Applies ``tombstones`` to a record without a value; True if it is not emitted."""
+        mode = self.source.tombstones
+        if mode == "emit":
+            return False
+        where = f"topic {record.topic} partition {record.partition} offset {record.offset}"
+        if mode == "fail":
+            msg = (
+                f"a tombstone (key {record.key!r}, no value) at {where}; KafkaSource(tombstones="
+                "'skip') drops tombstones, tombstones='emit' with record_format='record' emits them"
+            )
+            raise DeserializationError(msg)
+        if self.tombstones_skipped == 0:
+            log.info(
+                "%s: skipping tombstones (records without a value), the first at %s; they are "
+                "counted in KafkaSource.tombstones_skipped (tombstones='emit' or 'fail' to change)",
+                self.context.source_name,
+                where,
+            )
+        self.tombstones_skipped += 1
+        self.source.tombstones_skipped += 1
+        return True
 
     def _bad_record(self, split: dict[str, Any], record: Any, exc: Exception) -> None:
         where = f"topic {record.topic} partition {record.partition} offset {record.offset}"
@@ -708,7 +746,11 @@ class KafkaSink(Sink):
         self.transactional_id_pool = transactional_id_pool
         self.broker_max_transaction_timeout_ms = broker_max_transaction_timeout_ms
         """The broker's transaction.max.timeout.ms if known (Kafka's default, 15 min, otherwise)."""
-        self.client_options = client_options or {}
+        self.clients = KafkaClients(bootstrap_servers, client_options)
+        """Creates every client of this sink (see :mod:`connectors.kafka_clients`)."""
+        self.initialised_ids: set[str] = set()
+        """Transactional ids this process has initialised (exactly-once): their earlier epochs
+        are its own attempts', not another run's."""
 
     def name(self) -> str:
         topic = self.topic if isinstance(self.topic, str) else "by record"
@@ -748,12 +790,10 @@ class _KafkaWriter(SinkWriter):
         self._inflight: list[asyncio.Future[Any]] = []
 
     async def open(self) -> None:
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.sink.bootstrap_servers,
-            # Duplicates are allowed at least once; the idempotent producer is not needed (and
-            # some Kafka-protocol brokers reject its InitProducerId v0).
-            acks="all" if self.sink.guarantee != DeliveryGuarantee.NONE else 1,
-            **self.sink.client_options,
+        # Duplicates are allowed at least once; the idempotent producer is not needed (and
+        # some Kafka-protocol brokers reject its InitProducerId v0).
+        self.producer = self.sink.clients.producer(
+            "sink", acks="all" if self.sink.guarantee != DeliveryGuarantee.NONE else 1
         )
         await self.producer.start()
 

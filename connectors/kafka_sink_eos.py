@@ -25,6 +25,21 @@ Guard rails learned from Flink's Kafka sink:
   and must not exceed the broker's ``transaction.max.timeout.ms``; otherwise a clear error.
 - A period without records begins no transaction, so there is never an empty one to lose; an
   empty transaction (begin, commit) also commits correctly.
+
+Committed Kafka records cannot be taken back, so the writer refuses (``RestoreRefusedError``: the
+CLI exits 2, the job is not restarted) to write again what an earlier run committed:
+
+- Restoring checkpoint n while checkpoints newer than n completed (a fallback past a damaged
+  checkpoint, an old savepoint): refused whatever ``--on-newer-committed-output`` says, except
+  ``keep``, which goes on with a warning (the newer checkpoints' records are written again).
+- Starting without restored state while completed checkpoints exist (all damaged, or
+  ``--restore latest`` found none valid), or while a pool id shows earlier use (InitProducerId
+  answers epoch 0 only for an id no producer used; ids this process used in an earlier attempt
+  do not count): refused unless ``--allow-existing-output``. The checkpoint check runs before any
+  producer touches the pool, so restoring the right checkpoint afterwards still commits its
+  transactions. The epoch check cannot tell committed from never-committed use (a run killed
+  before its first checkpoint also counts), nor see ids the broker expired
+  (``transactional.id.expiration.ms``, 7 days on Kafka).
 """
 
 from __future__ import annotations
@@ -37,11 +52,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.client import AIOKafkaClient, CoordinationType
-from aiokafka.errors import for_code
+from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
 from aiokafka.protocol.transaction import EndTxnRequest
 
 from actors.faults import crash_point
-from connectors.kafka_txn import create_transactional_producer
+from actors.operator import NewerOutputPolicy, RestoreRefusedError
 from runtime.functions import RuntimeContext
 from runtime.sinks import SinkWriter
 
@@ -74,6 +89,8 @@ class ExactlyOnceWriter(SinkWriter):
         self.precommitted: list[dict[str, Any]] = []
         self.producers: dict[str, AIOKafkaProducer] = {}
         self._old_parallelism = context.parallelism
+        self._restored = False
+        self._output_checked = False
 
     # ---------------------------------------------------------------- guard rails
 
@@ -100,10 +117,73 @@ class ExactlyOnceWriter(SinkWriter):
 
     # ---------------------------------------------------------------- lifecycle
 
+    def _describe(self) -> str:
+        topic = self.sink.topic if isinstance(self.sink.topic, str) else "topics chosen per record"
+        return (
+            f"KafkaSink {self.context.operator_name!r} (topic {topic}, transactional_id_prefix "
+            f"{self.sink.transactional_id_prefix!r})"
+        )
+
+    def _check_newer_committed_output(self) -> None:
+        """Checkpoints newer than the restored one (all, on a fresh start) completed, so their
+        transactions were probably committed, and committed Kafka records cannot be taken back:
+        replaying would write them again. Refused unless the user accepts it."""
+        if self._output_checked:
+            return
+        self._output_checked = True
+        restore = self.context.restore
+        newer = ", ".join(str(n) for n in restore.newer_completed_checkpoints)
+        if not newer:
+            return
+        loud = self.context.subtask_index == 0
+        if restore.checkpoint_id is None:
+            if restore.allow_existing_output:
+                if loud:
+                    log.warning(
+                        "%s: starting without restored state although checkpoint(s) %s "
+                        "completed: records their transactions committed are written again "
+                        "(--allow-existing-output)",
+                        self._describe(),
+                        newer,
+                    )
+                return
+            msg = (
+                f"{self._describe()}: refusing to start without restored state: checkpoint(s) "
+                f"{newer} of an earlier run completed (valid or damaged), so their Kafka "
+                "transactions were probably committed; starting from the beginning would write "
+                "those records again. Restore the right checkpoint (--restore PATH), use another "
+                "transactional_id_prefix (and output topic) for a new run, or pass "
+                "--allow-existing-output to write the duplicates"
+            )
+            raise RestoreRefusedError(msg)
+        if restore.on_newer_committed_output is NewerOutputPolicy.KEEP:
+            if loud:
+                log.warning(
+                    "%s: restoring checkpoint %s although checkpoint(s) %s completed after it: "
+                    "the records their transactions committed are written again "
+                    "(--on-newer-committed-output keep)",
+                    self._describe(),
+                    restore.checkpoint_id,
+                    newer,
+                )
+            return
+        msg = (
+            f"{self._describe()}: refusing to restore checkpoint {restore.checkpoint_id}: "
+            f"checkpoint(s) {newer} completed after it and committed Kafka transactions, which "
+            f"cannot be taken back (--on-newer-committed-output {restore.on_newer_committed_output}"
+            " can only refuse here); restoring checkpoint "
+            f"{restore.checkpoint_id} would write the records they committed again. Restore the "
+            "newest valid checkpoint, or accept the duplicates with "
+            "--on-newer-committed-output keep"
+        )
+        raise RestoreRefusedError(msg)
+
     async def restore(self, state: list[Any]) -> None:
         crash_point(
             "during-restore", f"Kafka exactly-once sink subtask {self.context.subtask_index}"
         )
+        self._check_newer_committed_output()
+        self._restored = True
         for entry in state:
             if entry.get("kind") == "owner":
                 self._old_parallelism = max(self._old_parallelism, entry["parallelism"])
@@ -114,39 +194,69 @@ class ExactlyOnceWriter(SinkWriter):
             await self._recommit(pending)
 
     async def _recommit(self, entries: list[dict[str, Any]]) -> None:
-        client = AIOKafkaClient(bootstrap_servers=self.sink.bootstrap_servers)
+        client = self.sink.clients.client("re-commit of restored transactions")
         await client.bootstrap()
         try:
             for entry in entries:
-                tid = entry["transactional_id"]
-                node = await client.coordinator_lookup(CoordinationType.TRANSACTION, tid)
-                request = EndTxnRequest(tid, entry["producer_id"], entry["epoch"], True)
-                response = await asyncio.wait_for(client.send(node, request), COMMIT_TIMEOUT_S)
-                error = for_code(response.error_code)
-                if response.error_code == 0:
-                    log.info(
-                        "re-committed transaction %s of checkpoint %s", tid, entry["checkpoint"]
-                    )
-                elif error.__name__ in ("ProducerFenced", "InvalidProducerEpoch"):
-                    # The id moved on to a newer transaction, which happens only after this one
-                    # committed (see the module docstring).
-                    log.info(
-                        "transaction %s of checkpoint %s was already committed",
-                        tid,
-                        entry["checkpoint"],
-                    )
-                else:
-                    msg = (
-                        f"KafkaSink {self.context.operator_name!r}: cannot commit transaction {tid} "
-                        f"pre-committed at checkpoint {entry['checkpoint']}: {error.__name__}; if "
-                        "it timed out on the broker its records are lost"
-                    )
-                    raise TransactionCommitError(msg)
+                await self._recommit_one(client, entry)
         finally:
             await client.close()
 
+    async def _recommit_one(self, client: AIOKafkaClient, entry: dict[str, Any]) -> None:
+        """Commit one restored transaction again (EndTxn with its recorded producer id and epoch).
+
+        Done, fenced or already completed are all normal outcomes: the id moves on to a newer
+        epoch only after this transaction committed (see the module docstring), or an earlier
+        restore already committed it and fenced the id. Brokers report a fenced epoch as an
+        error code (Apache Kafka) or by closing the connection (Tansu). A closed connection is
+        retried once on a fresh connection after the broker answered a coordinator lookup: if
+        the broker is reachable and closes the EndTxn again, the request was refused.
+        """
+        tid = entry["transactional_id"]
+        where = f"transaction {tid} pre-committed at checkpoint {entry['checkpoint']}"
+        request = EndTxnRequest(tid, entry["producer_id"], entry["epoch"], True)
+        for attempt in (1, 2):
+            try:
+                node = await client.coordinator_lookup(CoordinationType.TRANSACTION, tid)
+            except KafkaError as exc:
+                msg = (
+                    f"KafkaSink {self.context.operator_name!r}: cannot re-commit {where}: the "
+                    f"broker {self.sink.bootstrap_servers} does not answer ({exc}); the job fails "
+                    "over and tries again"
+                )
+                raise TransactionCommitError(msg) from exc
+            try:
+                response = await asyncio.wait_for(client.send(node, request), COMMIT_TIMEOUT_S)
+            except KafkaConnectionError as exc:
+                if attempt == 1:
+                    log.info("re-committing %s: connection closed (%s), retrying once", where, exc)
+                    continue
+                log.info(
+                    "%s was already committed: the broker refused its EndTxn for producer id %s "
+                    "epoch %s by closing the connection (the id is fenced by a newer producer)",
+                    where,
+                    entry["producer_id"],
+                    entry["epoch"],
+                )
+                return
+            break
+        error = for_code(response.error_code)
+        if response.error_code == 0:
+            log.info("re-committed %s", where)
+        elif error.__name__ in ("ProducerFenced", "InvalidProducerEpoch"):
+            log.info("%s was already committed (its producer is fenced)", where)
+        else:
+            msg = (
+                f"KafkaSink {self.context.operator_name!r}: cannot commit {where}: "
+                f"{error.__name__}; if it timed out on the broker its records are lost"
+            )
+            raise TransactionCommitError(msg)
+
     async def open(self) -> None:
         self._check_timeout()
+        # Before the pool is touched: fencing aborts the open transactions the right checkpoint
+        # would still commit.
+        self._check_newer_committed_output()
         # Starting a producer on each id of the pool fences whatever a failed attempt left open.
         ids = list(self.free)
         if self.context.subtask_index == 0:
@@ -155,17 +265,50 @@ class ExactlyOnceWriter(SinkWriter):
                     f"{self.sink.transactional_id_prefix}-{old}-{k}"
                     for k in range(self.sink.transactional_id_pool)
                 )
+        used_before: list[str] = []
         for tid in ids:
             producer = self._new_producer(tid)
             await producer.start()
+            epoch = producer._txn_manager.producer_epoch
             await producer.stop()
+            if epoch > 0 and tid not in self.sink.initialised_ids:
+                used_before.append(f"{tid} (epoch {epoch})")
+            self.sink.initialised_ids.add(tid)
+        if used_before and not self._restored:
+            self._refuse_used_pool(used_before)
+        log.info(
+            "%s subtask %d: fenced transactional ids %s (what an earlier attempt left open)",
+            self.context.operator_name,
+            self.context.subtask_index,
+            ", ".join(ids),
+        )
+
+    def _refuse_used_pool(self, used_before: list[str]) -> None:
+        """A fresh start on ids an earlier run used: that run probably committed records, which
+        this run would write again (an InitProducerId answers epoch 0 only for an unused id;
+        ids this process used itself, in an attempt that completed no checkpoint, do not count).
+        """
+        if self.context.restore.allow_existing_output:
+            if self.context.subtask_index == 0:
+                log.warning(
+                    "%s: starting without restored state on transactional ids an earlier run "
+                    "used (%s): records it committed are written again (--allow-existing-output)",
+                    self._describe(),
+                    ", ".join(used_before),
+                )
+            return
+        msg = (
+            f"{self._describe()}: refusing to start without restored state: transactional ids "
+            f"{', '.join(used_before)} were used by an earlier run, which probably committed "
+            "records; starting from the beginning would write them again. Restore the right "
+            "checkpoint (--restore PATH), use another transactional_id_prefix (and output topic) "
+            "for a new run, or pass --allow-existing-output to write the duplicates"
+        )
+        raise RestoreRefusedError(msg)
 
     def _new_producer(self, transactional_id: str) -> AIOKafkaProducer:
-        producer: AIOKafkaProducer = create_transactional_producer(
-            self.sink.bootstrap_servers,
-            transactional_id,
-            self.sink.transaction_timeout_ms,
-            **self.sink.client_options,
+        producer: AIOKafkaProducer = self.sink.clients.transactional_producer(
+            "exactly-once sink", transactional_id, self.sink.transaction_timeout_ms
         )
         return producer
 

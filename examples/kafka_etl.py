@@ -7,7 +7,10 @@
 
 Params: ``bootstrap`` (required), ``input_topic`` (default ``events``), ``group`` (consumer group
 for lag tools; offsets live in checkpoints), ``bounded`` (true: stop at the end offsets seen at
-start), ``rate`` (records per second per source subtask, 0 = unlimited). Output: ``output_topic``
+start), ``rate`` (records per second per source subtask, 0 = unlimited), ``on_error`` (an
+undeserialisable record: ``fail``, default, or ``skip``), ``tombstones`` (records with a key and no
+value, e.g. a user's deletion on a compacted topic: ``skip``, default and counted, or ``fail``; they
+carry no event, so this ETL never emits them). Output: ``output_topic``
 with ``guarantee`` (none, at-least-once, exactly-once; exactly-once needs ``transactional_id``,
 a prefix unique to this job), or the two-phase-commit file sink into the ``output`` directory.
 """
@@ -35,6 +38,8 @@ def build(job: Job) -> None:
         group_id=params.get("group"),
         bounded=params.get_bool("bounded", False),
         rate=params.get_float("rate", 0.0),
+        on_error=params.get("on_error", "fail"),
+        tombstones=params.get("tombstones", "skip"),
     )
     events = job.from_source(source, name="Source: Kafka events").uid("kafka-events")
     totals = purchases_per_user(job, events)

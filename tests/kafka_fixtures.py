@@ -13,11 +13,16 @@ of a record batch can stall a consumer, hence :data:`CONSUMER_FETCH_LIMITS`.
 from __future__ import annotations
 
 import os
+import sys
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from cli_helpers import ROOT, run_command
 
 from runtime.devbroker import LocalKafkaBroker
 
@@ -61,3 +66,97 @@ async def create_topics(bootstrap_servers: str, *names: str, partitions: int = 1
         )
     finally:
         await admin.close()
+
+
+async def read_topic(
+    bootstrap_servers: str,
+    topic: str,
+    partitions: int,
+    *,
+    isolation_level: str = "read_committed",
+    at_least: int = 0,
+    timeout_s: float = 30.0,
+    absence_poll_ms: int = 500,
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topic``, from the beginning: fetches until ``at_least`` records came
+    (failing after ``timeout_s``), then until a poll of ``absence_poll_ms`` brings nothing more.
+
+    The end is proven by an empty poll, not by end offsets: Tansu's "latest" offset is short of the
+    log end (see the module docstring)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level=isolation_level,
+        **CONSUMER_FETCH_LIMITS,
+    )
+    await consumer.start()
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+        deadline = time.monotonic() + timeout_s
+        while len(records) < at_least:
+            if time.monotonic() > deadline:
+                msg = f"{topic}: {len(records)} records after {timeout_s}s, expected {at_least}"
+                raise AssertionError(msg)
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+        while True:
+            batches = await consumer.getmany(timeout_ms=absence_poll_ms)
+            if not any(batches.values()):
+                return records
+            for batch in batches.values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+
+
+def load_sample_events(bootstrap_servers: str, topic: str, partitions: int = 4) -> None:
+    """``examples/load_events.py``: the 3000 bundled events into ``topic`` (created), keyed by user."""
+    result = run_command(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "load_events.py"),
+            "--bootstrap",
+            bootstrap_servers,
+            "--topic",
+            topic,
+            "--partitions",
+            str(partitions),
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "loaded 3000 events" in result.stdout, result.stdout
+
+
+def kafka_etl_args(
+    bootstrap_servers: str,
+    input_topic: str,
+    chk: Path,
+    *extra: str,
+    bounded: bool = True,
+    restore: str = "latest",
+    rest: bool = False,
+) -> list[str]:
+    """``run examples/kafka_etl.py`` arguments (for :func:`cli_helpers.run_cli`): reading
+    ``input_topic``, checkpoints in ``chk``, no progress; the control endpoint on a free port
+    (its address in ``chk/rest-address``) only if ``rest``; ``extra`` (the output, ``--set``
+    options, ...) last."""
+    return [
+        "run",
+        str(ROOT / "examples" / "kafka_etl.py"),
+        "--set",
+        f"bootstrap={bootstrap_servers}",
+        "--set",
+        f"input_topic={input_topic}",
+        "--set",
+        f"bounded={str(bounded).lower()}",
+        "--checkpoint-dir",
+        str(chk),
+        "--restore",
+        restore,
+        "--no-progress",
+        "--rest-port",
+        "0" if rest else "-1",
+        *extra,
+    ]

@@ -19,7 +19,7 @@ from typing import Any
 import kafka_fixtures
 import pytest
 from etl_expectations import assert_exact_output, committed_records, expected_output
-from kafka_fixtures import unique_name
+from kafka_fixtures import load_sample_events, unique_name
 
 from state.storage import CheckpointKind, load_checkpoint
 
@@ -28,7 +28,6 @@ kafka_bootstrap = kafka_fixtures.kafka_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "kafka_etl.py"
-LOADER = ROOT / "examples" / "load_events.py"
 EVENTS = ROOT / "examples" / "data" / "events.jsonl"
 RUN_TIMEOUT_S = 60.0
 WAIT_S = 30.0
@@ -42,28 +41,6 @@ def total_expected() -> int:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def load_events(bootstrap: str, topic: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(LOADER),
-            "--bootstrap",
-            bootstrap,
-            "--topic",
-            topic,
-            "--partitions",
-            "4",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "loaded 3000 events" in result.stdout, result.stdout
 
 
 def etl_command(
@@ -191,7 +168,7 @@ def test_sigkill_rounds_then_restore_latest_commits_exactly_once(
     """Bounded runs throttled to 300 records/s per source subtask, SIGKILLed three times after new
     checkpoints; then a run restoring the latest checkpoint ends with the exact output."""
     topic = unique_name("etl-in")
-    load_events(kafka_bootstrap, topic)
+    load_sample_events(kafka_bootstrap, topic)
     out, chk = tmp_path / "out", tmp_path / "chk"
     throttled = etl_command(kafka_bootstrap, topic, out, chk, parallelism, rate=300, bounded=True)
     killed_at = kill_rounds(throttled, chk, tmp_path, rounds=3)
@@ -213,7 +190,7 @@ def test_unbounded_runs_killed_then_a_bounded_restore_ends_with_exact_output(
     the latest checkpoint with ``bounded=true``: it must read to the end offsets and end, with
     every record processed exactly once."""
     topic = unique_name("etl-in")
-    load_events(kafka_bootstrap, topic)
+    load_sample_events(kafka_bootstrap, topic)
     out, chk = tmp_path / "out", tmp_path / "chk"
     throttled = etl_command(kafka_bootstrap, topic, out, chk, 3, rate=300, bounded=False)
     killed_at = kill_rounds(throttled, chk, tmp_path, rounds=2)
@@ -238,7 +215,7 @@ def test_savepoint_at_parallelism_2_resumed_at_3_reads_every_partition_once(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     topic = unique_name("etl-in")
-    load_events(kafka_bootstrap, topic)
+    load_sample_events(kafka_bootstrap, topic)
     out, chk, sp = tmp_path / "out", tmp_path / "chk", tmp_path / "savepoints"
     stderr_path = tmp_path / "stderr-p2.txt"
     command = etl_command(

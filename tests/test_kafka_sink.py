@@ -24,7 +24,13 @@ import kafka_fixtures
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from kafka_fixtures import CONSUMER_FETCH_LIMITS, KAFKA_BOOTSTRAP_ENV, create_topics, unique_name
+from kafka_fixtures import (
+    CONSUMER_FETCH_LIMITS,
+    KAFKA_BOOTSTRAP_ENV,
+    create_topics,
+    load_sample_events,
+    unique_name,
+)
 
 from connectors import CollectionSource
 from connectors.kafka import KafkaSink, KafkaSource
@@ -40,7 +46,6 @@ kafka_bootstrap = kafka_fixtures.kafka_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "kafka_etl.py"
-LOADER = ROOT / "examples" / "load_events.py"
 EVENTS = ROOT / "examples" / "data" / "events.jsonl"
 RUN_TIMEOUT_S = 60.0
 WAIT_S = 20.0
@@ -130,18 +135,6 @@ async def read_exactly(consumer: AIOKafkaConsumer, count: int, what: str) -> lis
     records = await read_until(consumer, lambda r: len(r) >= count, what)
     assert len(records) == count, f"{what}: expected {count} records, got {len(records)}"
     return records
-
-
-def load_events(bootstrap: str, topic: str) -> None:
-    result = subprocess.run(
-        [sys.executable, str(LOADER), "--bootstrap", bootstrap, "--topic", topic],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def etl_command(
@@ -252,7 +245,7 @@ async def test_at_least_once_sink_loses_nothing_after_sigkills_and_restore(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     source, output = unique_name("alo-in"), unique_name("alo-out")
-    load_events(kafka_bootstrap, source)
+    load_sample_events(kafka_bootstrap, source)
     await create_topics(kafka_bootstrap, output, partitions=4)
     chk = tmp_path / "chk"
     extra = ("--set", "guarantee=at-least-once")
@@ -273,7 +266,7 @@ async def test_at_least_once_sink_loses_nothing_after_a_crash_exit_and_restore(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     source, output = unique_name("alo-in"), unique_name("alo-out")
-    load_events(kafka_bootstrap, source)
+    load_sample_events(kafka_bootstrap, source)
     await create_topics(kafka_bootstrap, output, partitions=4)
     chk = tmp_path / "chk"
     extra = ("--set", "guarantee=at-least-once")
@@ -393,7 +386,7 @@ async def test_exactly_once_restore_commits_the_transactions_precommitted_before
     that case shows duplicates that are the broker's, not the sink's
     (``test_aborted_transactions_are_invisible_on_real_kafka`` covers it on real Kafka)."""
     source, output = unique_name("eos-in"), unique_name("eos-out")
-    load_events(kafka_bootstrap, source)
+    load_sample_events(kafka_bootstrap, source)
     await create_topics(kafka_bootstrap, output, partitions=4)
     tps = [TopicPartition(output, p) for p in range(4)]
     chk = tmp_path / "chk"

@@ -1,0 +1,129 @@
+"""The one place the Kafka connectors create clients, so each gets the connector's client options.
+
+``client_options`` given to :class:`connectors.kafka.KafkaSource` or
+:class:`connectors.kafka.KafkaSink` (TLS: ``security_protocol``, ``ssl_context``; SASL:
+``sasl_mechanism``, ``sasl_plain_username``, ...; ``client_id``, timeouts, fetch or batch sizes)
+reach every client the connector makes: consumers, producers, transactional producers, the
+low-level client that re-commits transactions, admin clients. Each client takes the options its
+aiokafka constructor knows (a producer ignores ``fetch_max_bytes``, a consumer ``linger_ms``); an
+option no aiokafka client knows is refused when the connector is built, so a typo in a security
+setting never connects in plain text silently.
+
+Precedence, lowest first: the connector's defaults (e.g. generous fetch limits), the user's
+client options, what the connector requires to keep its guarantees (e.g. no auto commit, the
+isolation level, the transactional id).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.client import AIOKafkaClient
+
+from connectors.kafka_txn import TransactionalProducer
+
+log = logging.getLogger(__name__)
+
+ClientObserver = Callable[[str, object], None]
+"""Called with (purpose, client) for every client a :class:`KafkaClients` creates."""
+
+T = TypeVar("T")
+
+
+def _parameters(cls: type) -> frozenset[str]:
+    names = inspect.signature(cls).parameters
+    return frozenset(names) - {"self", "loop", "bootstrap_servers", "topics"}
+
+
+_ACCEPTED: dict[type, frozenset[str]] = {
+    cls: _parameters(cls)
+    for cls in (AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer, AIOKafkaAdminClient)
+}
+_KNOWN = frozenset().union(*_ACCEPTED.values())
+
+
+class KafkaClients:
+    """Creates the Kafka clients of one connector, every one with the connector's options.
+
+    ``purpose`` names what a client is for (``"split discovery"``, ``"reader"``, ...); it is
+    passed to observers (:meth:`observe`), which see every client right after it was created
+    (and before it connects), for example to check or log its configuration.
+    """
+
+    def __init__(self, bootstrap_servers: str, client_options: Mapping[str, Any] | None) -> None:
+        options = dict(client_options or {})
+        unknown = sorted(set(options) - _KNOWN)
+        if unknown:
+            msg = (
+                f"unknown Kafka client option(s) {', '.join(unknown)}: client_options take the "
+                "keyword arguments of aiokafka's consumer, producer and admin client"
+            )
+            raise ValueError(msg)
+        if "bootstrap_servers" in options:
+            msg = "give bootstrap_servers as the connector's first argument, not in client_options"
+            raise ValueError(msg)
+        self.bootstrap_servers = bootstrap_servers
+        self.options = options
+        self._observers: list[ClientObserver] = []
+
+    def observe(self, observer: ClientObserver) -> None:
+        """Call ``observer(purpose, client)`` for every client created from now on."""
+        self._observers.append(observer)
+
+    def _create(
+        self,
+        cls: type,
+        factory: Callable[..., T],
+        purpose: str,
+        defaults: Mapping[str, Any],
+        required: Mapping[str, Any],
+    ) -> T:
+        accepted = _ACCEPTED[cls]
+        settings = {
+            **defaults,
+            **{k: v for k, v in self.options.items() if k in accepted},
+            **required,
+        }
+        client = factory(bootstrap_servers=self.bootstrap_servers, **settings)
+        log.debug("created Kafka %s for %s", cls.__name__, purpose)
+        for observer in self._observers:
+            observer(purpose, client)
+        return client
+
+    def consumer(
+        self,
+        purpose: str,
+        defaults: Mapping[str, Any] | None = None,
+        **required: Any,
+    ) -> AIOKafkaConsumer:
+        return self._create(AIOKafkaConsumer, AIOKafkaConsumer, purpose, defaults or {}, required)
+
+    def producer(
+        self,
+        purpose: str,
+        defaults: Mapping[str, Any] | None = None,
+        **required: Any,
+    ) -> AIOKafkaProducer:
+        return self._create(AIOKafkaProducer, AIOKafkaProducer, purpose, defaults or {}, required)
+
+    def transactional_producer(
+        self, purpose: str, transactional_id: str, transaction_timeout_ms: int
+    ) -> TransactionalProducer:
+        """See :func:`connectors.kafka_txn.create_transactional_producer`."""
+        required = {
+            "transactional_id": transactional_id,
+            "transaction_timeout_ms": transaction_timeout_ms,
+        }
+        return self._create(AIOKafkaProducer, TransactionalProducer, purpose, {}, required)
+
+    def client(self, purpose: str) -> AIOKafkaClient:
+        """A low-level client, for requests the high-level clients do not offer (EndTxn)."""
+        return self._create(AIOKafkaClient, AIOKafkaClient, purpose, {}, {})
+
+    def admin(self, purpose: str) -> AIOKafkaAdminClient:
+        return self._create(AIOKafkaAdminClient, AIOKafkaAdminClient, purpose, {}, {})
