@@ -72,25 +72,6 @@ class RestoreContext:
     """A sink that starts without restored state may write where committed output already is."""
 
 
-class RestoreRefusedError(RuntimeError):
-    """An operator refuses the restore (or the fresh start) of its attempt: its restored state or
-    its output does not fit, and retrying cannot change that. The job fails at once, without a
-    restart; the CLI prints the message as one line and exits 2. The message names the operator,
-    the checkpoint, the path or output concerned, and what the user can do."""
-
-
-def restore_refusal(failure: BaseException) -> RestoreRefusedError | None:
-    """The :class:`RestoreRefusedError` that caused ``failure`` (itself or along its causes)."""
-    seen: set[int] = set()
-    current: BaseException | None = failure
-    while current is not None and id(current) not in seen:
-        if isinstance(current, RestoreRefusedError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__
-    return None
-
-
 @dataclass
 class OperatorContext:
     """What an operator knows about where it runs."""

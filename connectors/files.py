@@ -18,10 +18,11 @@ import aiofiles
 import aiofiles.os
 import orjson
 
-from actors.operator import NewerOutputPolicy, RestoreRefusedError
+from actors.operator import NewerOutputPolicy
 from runtime.functions import RuntimeContext
 from runtime.sinks import Sink, SinkWriter
 from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from state.refusal import RestoreRefusedError
 
 _CHUNK = 1 << 18
 

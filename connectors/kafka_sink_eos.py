@@ -56,9 +56,10 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
 from aiokafka.protocol.transaction import EndTxnRequest
 
 from actors.faults import crash_point
-from actors.operator import NewerOutputPolicy, RestoreRefusedError
+from actors.operator import NewerOutputPolicy
 from runtime.functions import RuntimeContext
 from runtime.sinks import SinkWriter
+from state.refusal import RestoreRefusedError
 
 if TYPE_CHECKING:
     from connectors.kafka import KafkaSink

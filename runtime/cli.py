@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.barriers import CheckpointingMode
-from actors.operator import NewerOutputPolicy, UserFunctionError, restore_refusal
+from actors.operator import NewerOutputPolicy, UserFunctionError
 from runtime.api import JobDefinitionError
 from runtime.coordinator import CheckpointConfig
 from runtime.durations import parse_duration
@@ -28,6 +28,7 @@ from runtime.restore import RestoreMismatchError, RestoreReport
 from runtime.runner import JobFileError, build_graph, load_job_file, run_coroutine
 from runtime.testing import arm_from_params
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
+from state.refusal import restore_refusal
 from state.storage import (
     METADATA,
     CheckpointKind,

@@ -34,7 +34,6 @@ from actors.operator import (
     StreamOperator,
     UserFunctionError,
     WriterOutput,
-    restore_refusal,
 )
 from actors.task import (
     DEFAULT_BUFFER_TIMEOUT_S,
@@ -51,6 +50,7 @@ from runtime.restart import NoRestart, RestartStrategy
 from runtime.restore import assign_restored_state
 from runtime.sources import SourceOperator, assign_splits
 from state.keygroups import key_group_range_for_subtask
+from state.refusal import restore_refusal
 from state.storage import (
     CheckpointKind,
     CheckpointStorage,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from state.keygroups import KeyGroupRange, key_group_for_key
+from state.refusal import RestoreRefusedError
 from state.serde import StateSerializer
 
 T = TypeVar("T")
@@ -31,7 +32,7 @@ _UNKNOWN_KIND = "restored"
 """The kind that snapshots before state kinds were recorded gave carried-along state."""
 
 
-class IncompatibleStateError(RuntimeError):
+class IncompatibleStateError(RestoreRefusedError):
     """Restored keyed state does not fit the job: a state re-declared with another kind, or keys
     of another type. The message names the operator, the state or key types, and the way out."""
 
