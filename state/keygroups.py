@@ -10,6 +10,7 @@ parallelism can be redistributed to another by moving whole key groups.
 
 from __future__ import annotations
 
+import inspect
 import struct
 import zlib
 from dataclasses import dataclass
@@ -61,6 +62,14 @@ def stable_hash(key: Any) -> int:
         for item in key:
             acc = _mix64(acc * 1000003 ^ stable_hash(item))
         return acc & 0x7FFFFFFF
+    if inspect.iscoroutine(key):
+        key.close()  # dropped unawaited, it would warn "never awaited" on top of this error
+        msg = (
+            f"the key selector returned a coroutine ({key.__qualname__}), not a key: key_by() "
+            "needs a synchronous function; async functions need the async I/O operator "
+            "(map_async), which is not available yet"
+        )
+        raise UnhashableKeyError(msg)
     msg = (
         f"key {key!r} of type {type(key).__name__} has no stable hash; key_by() must return "
         "str, bytes, int, float, None or a tuple of these"
