@@ -248,6 +248,7 @@ class DataStream:
         from runtime.operators import TimestampsAndWatermarksOperator
 
         _require_sync("assign_timestamps_and_watermarks()", timestamp_fn)
+
         def factory(op_name: str, uid: str) -> Any:
             return TimestampsAndWatermarksOperator(
                 op_name, uid, timestamp_fn, max_out_of_orderness_ms

@@ -30,6 +30,7 @@ from runtime.functions import (
 )
 from state.keyed import IncompatibleStateError, KeyedStateBackend, ValueStateDescriptor
 from state.operator import OperatorStateStore
+from state.serde import SNAPSHOT_SCALAR_TYPES, check_state_value
 
 _NO_RECORD: Any = object()
 
@@ -274,7 +275,10 @@ class KeyedReduceOperator(UserFunctionOperator):
         append = out.append
         if self._check_first_key and values:
             self._verify_first_key(key_of, values[0])
-        unchecked = True  # the first result of the reduce function in this buffer is checked
+        scalars = SNAPSHOT_SCALAR_TYPES
+        # Checked without a cost per record: the first value of each new key, and the first
+        # result of the reduce function in each buffer (is it a value, can a snapshot hold it).
+        unchecked = True
         try:
             for value in values:
                 key = key_of(value)
@@ -283,9 +287,9 @@ class KeyedReduceOperator(UserFunctionOperator):
                     value = fn(current, value)
                     if unchecked:
                         unchecked = False
-                        if is_async_result(value):
-                            table[key] = current
-                            raise _async_result_error(self, "reduce function", [value])
+                        self._check_result(value)
+                elif type(value) not in scalars:
+                    self._check_result(value)
                 table[key] = value
                 append(value)
         except UserFunctionError:
@@ -293,6 +297,12 @@ class KeyedReduceOperator(UserFunctionOperator):
         except Exception as exc:
             raise self.user_error(exc, values) from exc
         await self.output.emit(out, timestamps)
+
+    def _check_result(self, value: Any) -> None:
+        if is_async_result(value):
+            raise _async_result_error(self, "reduce function", [value])
+        assert self.keyed_backend is not None
+        check_state_value(value, self.keyed_backend.owner, "value", self._STATE.name)
 
 
 _MISSING: Any = object()
