@@ -206,7 +206,10 @@ ASYNC_ALTERNATIVE = (
 )
 """What to do instead of an async user function; part of every refusal."""
 
-_CALLED_HOOKS = (
+_PLAIN_CALLED = ("__call__", "notify_checkpoint_complete")
+"""What the runtime calls on any function object."""
+
+_RICH_CALLED = (
     "__call__",
     "map",
     "filter",
@@ -222,7 +225,7 @@ _CALLED_HOOKS = (
     "close",
     "notify_checkpoint_complete",
 )
-"""Methods the runtime calls synchronously on a function object, when it has them."""
+"""What the runtime calls on a rich function (the hooks its base classes declare)."""
 
 
 def _async_kind(fn: Any) -> str | None:
@@ -265,7 +268,7 @@ def find_async_callable(fn: Any) -> str | None:
         return f"{prefix}{_where(target)} is {kind}"
     if inspect.isroutine(target) or inspect.isclass(target):
         return None
-    for hook in _CALLED_HOOKS:
+    for hook in _RICH_CALLED if isinstance(target, RichFunction) else _PLAIN_CALLED:
         method = getattr(type(target), hook, None)
         if method is None:
             continue

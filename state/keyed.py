@@ -18,7 +18,12 @@ from typing import Any, Generic, TypeVar
 
 from state.keygroups import KeyGroupRange, key_group_for_key
 from state.refusal import RestoreRefusedError
-from state.serde import SNAPSHOT_SCALAR_TYPES, StateSerializer, check_state_value
+from state.serde import (
+    SNAPSHOT_SCALAR_TYPES,
+    StateSerializer,
+    check_state_value,
+    encoded_type,
+)
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -42,12 +47,9 @@ class IncompatibleStateError(RestoreRefusedError):
 def _key_type_name(key_type: type) -> str:
     """The name of a key type as a snapshot stores it: a subclass by the base type it is encoded
     as (a ``StrEnum`` key comes back from a snapshot as ``str``)."""
-    for base in (bool, int, float, str, bytes, tuple):
-        if issubclass(key_type, base):
-            return base.__name__
     if issubclass(key_type, bytearray | memoryview):
         return "bytes"
-    return "None" if key_type is type(None) else key_type.__name__
+    return "None" if key_type is type(None) else encoded_type(key_type).__name__
 
 
 @dataclass(frozen=True)

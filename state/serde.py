@@ -99,6 +99,22 @@ def _default(obj: Any) -> Any:
     raise TypeError(msg)
 
 
+_ENCODED_BASES: tuple[type, ...] = (
+    bool, int, float, str, bytes, tuple, list, dict, frozenset, set,
+    dt.datetime, dt.date, dt.time, dt.timedelta, decimal.Decimal, uuid.UUID,
+)  # fmt: skip
+"""Most specific first (bool before int, datetime before date), in the order of ``_default``."""
+
+
+def encoded_type(cls: type) -> type:
+    """The type a value of ``cls`` comes back as from a snapshot: ``cls`` itself, or for a
+    subclass the supported base it is encoded as (a ``StrEnum`` member comes back a ``str``)."""
+    for base in _ENCODED_BASES:
+        if issubclass(cls, base):
+            return base
+    return cls
+
+
 def _type_name(obj: Any) -> str:
     cls = type(obj)
     return (

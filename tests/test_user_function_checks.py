@@ -180,10 +180,20 @@ def test_synchronous_functions_generators_and_rich_functions_are_accepted() -> N
         ) -> None:
             out.collect(value)
 
+    class Lookup:
+        """A plain callable; its own async close() is never called by the runtime."""
+
+        def __call__(self, value: str) -> str:
+            return value
+
+        async def close(self) -> None:
+            pass
+
     def build(job: Any) -> None:
         (
             _source(job)
             .map(Upper())
+            .map(Lookup())
             .flat_map(words)
             .filter(functools.partial(str.__ne__, "X"))
             .key_by(str.lower)
