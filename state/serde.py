@@ -94,9 +94,18 @@ def _default(obj: Any) -> Any:
         return msgpack.ExtType(_DECIMAL_EXT, str(obj).encode("ascii"))
     if isinstance(obj, uuid.UUID):
         return msgpack.ExtType(_UUID_EXT, obj.bytes)
-    kind = " (a dataclass)" if dataclasses.is_dataclass(obj) else ""
-    msg = f"cannot encode {_type_name(obj)}{kind}"
-    raise TypeError(msg)
+    raise _UnencodableError(obj)
+
+
+class _UnencodableError(TypeError):
+    """A value of a type snapshots do not hold; ``obj`` is that value (maybe deep inside the
+    value being encoded)."""
+
+    def __init__(self, obj: Any, reason: str = "") -> None:
+        kind = " (a dataclass)" if dataclasses.is_dataclass(obj) else ""
+        self.obj = obj
+        self.description = f"{_type_name(obj)}{kind}{reason}"
+        super().__init__(f"cannot encode {self.description}")
 
 
 _ENCODED_BASES: tuple[type, ...] = (
@@ -130,11 +139,8 @@ def _encode_tzinfo(tz: dt.tzinfo | None) -> Any:
         return ["fixed", offset.days, offset.seconds, offset.microseconds, *name]
     if type(tz) is zoneinfo.ZoneInfo and tz.key is not None:
         return ["zone", tz.key]
-    msg = (
-        f"cannot encode the time zone {tz!r} ({_type_name(tz)}): use datetime.timezone or "
-        "zoneinfo.ZoneInfo(key)"
-    )
-    raise TypeError(msg)
+    reason = f" (the time zone {tz!r}): use datetime.timezone or zoneinfo.ZoneInfo(key)"
+    raise _UnencodableError(tz, reason)
 
 
 def _decode_tzinfo(data: Any) -> dt.tzinfo | None:
@@ -238,10 +244,13 @@ def check_state_value(value: Any, owner: str, kind: str, name: str) -> None:
         packb(value)
     except (TypeError, ValueError, OverflowError) as exc:
         where = f"{owner}: " if owner else ""
+        if isinstance(exc, _UnencodableError) and exc.obj is value:
+            problem = exc.description
+        else:
+            problem = f"{_type_name(value)} ({exc})"
         msg = (
-            f"{where}{kind} state {name!r} cannot store a value of type {_type_name(value)} "
-            f"({exc}): snapshots hold only {SUPPORTED_TYPES}; convert the value (for a "
-            "dataclass: dataclasses.asdict(value)) or declare a StateSerializer on the state's "
-            "descriptor"
+            f"{where}{kind} state {name!r} cannot store a {problem}: snapshots hold only "
+            f"{SUPPORTED_TYPES}; convert the value (for a dataclass: dataclasses.asdict(value)) "
+            "or declare a StateSerializer on the state's descriptor"
         )
         raise StateSerializationError(msg) from exc
