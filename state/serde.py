@@ -211,7 +211,12 @@ SNAPSHOT_SCALAR_TYPES: frozenset[type] = frozenset(
 """Exact types that are always encodable: state writes of these skip every further check.
 (``datetime`` and ``time`` are not among them: their time zone may not be encodable.)"""
 
-_FLAT_CONTAINER_TYPES: frozenset[type] = frozenset({tuple, list, set, frozenset})
+_FLAT_CONTAINER_TYPES: frozenset[type] = frozenset({tuple, set, frozenset})
+
+_NATIVE_PACKER = msgpack.Packer(strict_types=True, use_bin_type=True)
+"""Encodes exactly msgpack's own types (lists and dicts of them at any depth), all in C, with no
+Python callback; anything else raises. Only the state-write check uses it: one pack call holds the
+GIL throughout, so sharing it is safe."""
 
 
 def check_state_value(value: Any, owner: str, kind: str, name: str) -> None:
@@ -219,8 +224,9 @@ def check_state_value(value: Any, owner: str, kind: str, name: str) -> None:
 
     The one check behind every state write (keyed value, list, map and reducing state, operator
     list and broadcast state). Cheap on the hot path: scalars of the exact types in
-    :data:`SNAPSHOT_SCALAR_TYPES`, and flat lists, tuples, sets and dicts of them, pass without
-    encoding; anything else is encoded once to find out. Raises :class:`StateSerializationError`
+    :data:`SNAPSHOT_SCALAR_TYPES` and flat tuples and sets of them pass after a type test, lists
+    and dicts of msgpack's own types after one encoding in C; anything else is encoded in full
+    to find out. Raises :class:`StateSerializationError`
     naming ``owner`` (the operator and subtask), the ``kind`` and ``name`` of the state and the
     value's type, and saying what to do.
     """
@@ -228,15 +234,16 @@ def check_state_value(value: Any, owner: str, kind: str, name: str) -> None:
     scalars = SNAPSHOT_SCALAR_TYPES
     if cls in scalars:
         return
-    if cls in _FLAT_CONTAINER_TYPES:
-        for item in value:
-            if type(item) not in scalars:
-                break
+    if cls is dict or cls is list:
+        try:
+            _NATIVE_PACKER.pack(value)
+        except (TypeError, ValueError, OverflowError):
+            pass  # holds other types (a tuple, a date, ...): the full check below decides
         else:
             return
-    elif cls is dict:
-        for key, item in value.items():
-            if type(key) not in scalars or type(item) not in scalars:
+    elif cls in _FLAT_CONTAINER_TYPES:
+        for item in value:
+            if type(item) not in scalars:
                 break
         else:
             return
