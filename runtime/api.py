@@ -27,7 +27,12 @@ from actors.partitioner import (
     Partitioner,
     RebalancePartitioner,
 )
-from runtime.functions import KeyedCoProcessFunction, KeyedProcessFunction
+from runtime.functions import (
+    ASYNC_ALTERNATIVE,
+    KeyedCoProcessFunction,
+    KeyedProcessFunction,
+    find_async_callable,
+)
 from runtime.sinks import PrintSink, Sink
 from runtime.sources import Source
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
@@ -100,6 +105,14 @@ def _slug(name: str) -> str:
 def _function_name(fn: Any) -> str:
     name = getattr(fn, "__name__", None) or type(fn).__name__
     return "" if name == "<lambda>" else name
+
+
+def _require_sync(method: str, fn: Any) -> None:
+    """Refuse a user function the runtime would call without awaiting (it would emit coroutines)."""
+    problem = find_async_callable(fn)
+    if problem is not None:
+        msg = f"{method}: {problem}; {ASYNC_ALTERNATIVE}"
+        raise JobDefinitionError(msg)
 
 
 class Job:
@@ -209,16 +222,19 @@ class DataStream:
     def map(self, fn: Callable[[Any], Any], name: str | None = None) -> DataStream:
         from runtime.operators import MapOperator
 
+        _require_sync("map()", fn)
         return self._operator(MapOperator, "Map", fn, name, self._key_selector())
 
     def filter(self, fn: Callable[[Any], bool], name: str | None = None) -> DataStream:
         from runtime.operators import FilterOperator
 
+        _require_sync("filter()", fn)
         return self._operator(FilterOperator, "Filter", fn, name, self._key_selector())
 
     def flat_map(self, fn: Callable[[Any], Iterable[Any]], name: str | None = None) -> DataStream:
         from runtime.operators import FlatMapOperator
 
+        _require_sync("flat_map()", fn)
         return self._operator(FlatMapOperator, "FlatMap", fn, name, self._key_selector())
 
     def assign_timestamps_and_watermarks(
@@ -230,6 +246,8 @@ class DataStream:
         """Event time: each record's timestamp (ms) from ``timestamp_fn``, and watermarks that
         trail the highest timestamp seen by ``max_out_of_orderness_ms``."""
         from runtime.operators import TimestampsAndWatermarksOperator
+
+        _require_sync("assign_timestamps_and_watermarks()", timestamp_fn)
 
         def factory(op_name: str, uid: str) -> Any:
             return TimestampsAndWatermarksOperator(
@@ -253,6 +271,7 @@ class DataStream:
         The key groups are those of the operator this stream feeds (its max parallelism), so
         the partitioner is made when the job graph is built, not here.
         """
+        _require_sync("key_by()", key_selector)
         job = self.job
         t = job._add("partition", "hash", [self.transformation], key_selector=key_selector)
         return KeyedStream(job, t, key_selector)
@@ -324,6 +343,7 @@ class KeyedStream(DataStream):
         """The running reduction per key, emitted after every record."""
         from runtime.operators import KeyedReduceOperator
 
+        _require_sync("reduce()", fn)
         return self._operator(KeyedReduceOperator, "Reduce", fn, name, self.key_selector)
 
     def process(
@@ -335,6 +355,7 @@ class KeyedStream(DataStream):
         if not isinstance(fn, KeyedProcessFunction):
             msg = f"process() needs a KeyedProcessFunction, got {type(fn).__name__}"
             raise JobDefinitionError(msg)
+        _require_sync("process()", fn)
         return self._operator(KeyedProcessOperator, "KeyedProcess", fn, name, self.key_selector)
 
 
@@ -377,6 +398,8 @@ class ConnectedStreams:
         self, first_key: Callable[[Any], Any], second_key: Callable[[Any], Any]
     ) -> ConnectedStreams:
         """Partition both streams by key so that equal keys meet in the same subtask and state."""
+        _require_sync("key_by() (first key)", first_key)
+        _require_sync("key_by() (second key)", second_key)
         return ConnectedStreams(self.first.key_by(first_key), self.second.key_by(second_key))
 
     def process(
@@ -391,6 +414,7 @@ class ConnectedStreams:
         if not isinstance(fn, KeyedCoProcessFunction):
             msg = f"process() needs a KeyedCoProcessFunction, got {type(fn).__name__}"
             raise JobDefinitionError(msg)
+        _require_sync("process()", fn)
         keys = (first.key_selector, second.key_selector)
         fn_name = _function_name(fn)
         label = name or (f"KeyedCoProcess({fn_name})" if fn_name else "KeyedCoProcess")

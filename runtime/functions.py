@@ -13,7 +13,10 @@ Every subtask gets its own deep copy of the function object, so attributes are p
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from actors.operator import RestoreContext
@@ -195,3 +198,95 @@ class KeyedCoProcessFunction(RichFunction, Generic[KEY, IN, OUT]):
 
     def end_input(self, input_number: int, out: Collector[OUT]) -> None:
         """Input ``input_number`` (1 or 2) delivered its last record."""
+
+
+ASYNC_ALTERNATIVE = (
+    "async functions need the async I/O operator (map_async), which is not available yet; "
+    "call synchronous code here"
+)
+"""What to do instead of an async user function; part of every refusal."""
+
+_PLAIN_CALLED = ("__call__", "notify_checkpoint_complete")
+"""What the runtime calls on any function object."""
+
+_RICH_CALLED = (
+    "__call__",
+    "map",
+    "filter",
+    "flat_map",
+    "reduce",
+    "process_element",
+    "process_element1",
+    "process_element2",
+    "on_timer",
+    "end_input",
+    "open",
+    "finish",
+    "close",
+    "notify_checkpoint_complete",
+)
+"""What the runtime calls on a rich function (the hooks its base classes declare)."""
+
+
+def _async_kind(fn: Any) -> str | None:
+    if inspect.isasyncgenfunction(fn):
+        return "an async generator function"
+    if inspect.iscoroutinefunction(fn):
+        return "an async function"
+    return None
+
+
+def _where(fn: Any) -> str:
+    """``qualname (file:line)`` of the function under methods and partials."""
+    while True:
+        if inspect.ismethod(fn):
+            fn = fn.__func__
+        elif isinstance(fn, functools.partial):
+            fn = fn.func
+        else:
+            break
+    code = getattr(fn, "__code__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    if code is None:
+        return str(name)
+    return f"{name} ({Path(code.co_filename).name}:{code.co_firstlineno})"
+
+
+def find_async_callable(fn: Any) -> str | None:
+    """Describe the part of ``fn`` that is ``async def``, or ``None`` if the runtime can call it.
+
+    Covers coroutine and async generator functions (also as bound methods or inside
+    ``functools.partial``), objects whose ``__call__`` is async, and function objects (rich
+    functions, process functions) with an async hook such as ``process_element`` or ``open``.
+    """
+    target = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    kind = _async_kind(target)
+    if kind is not None:
+        prefix = "functools.partial of " if target is not fn else ""
+        return f"{prefix}{_where(target)} is {kind}"
+    if inspect.isroutine(target) or inspect.isclass(target):
+        return None
+    for hook in _RICH_CALLED if isinstance(target, RichFunction) else _PLAIN_CALLED:
+        method = getattr(type(target), hook, None)
+        if method is None:
+            continue
+        kind = _async_kind(method)
+        if kind is not None:
+            return f"{_where(method)} is {kind}"
+    return None
+
+
+def is_async_result(result: Any) -> bool:
+    """Whether a user function returned something only an event loop can run (a coroutine, a
+    future, an async generator) instead of a value."""
+    return inspect.isawaitable(result) or inspect.isasyncgen(result)
+
+
+def close_async_results(results: Iterable[Any]) -> None:
+    """Close the coroutines among ``results``, so that dropping them raises no "never awaited"
+    warning."""
+    for result in results:
+        if inspect.iscoroutine(result):
+            result.close()

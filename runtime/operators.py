@@ -3,20 +3,57 @@
 Each operator calls its user function over a whole buffer in one comprehension or tight loop.
 User exceptions are wrapped in :class:`~actors.operator.UserFunctionError` naming the operator,
 subtask and record.
+
+A user function that returns an awaitable (a sync function wrapping an ``async def`` one; async
+functions themselves are refused when the job is built) fails the task: the runtime never awaits
+results. To cost nothing per record, the check looks at the first result of each buffer (and at
+every return of a process function, which must be ``None`` anyway).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from actors.events import MAX_TIMESTAMP, Watermark
 from actors.operator import StreamOperator, UserFunctionError
 from actors.timers import TimerService
-from runtime.functions import Collector, KeyedProcessContext, RichFunction, RuntimeContext
+from runtime.functions import (
+    ASYNC_ALTERNATIVE,
+    Collector,
+    KeyedProcessContext,
+    RichFunction,
+    RuntimeContext,
+    close_async_results,
+    is_async_result,
+)
 from state.keyed import IncompatibleStateError, KeyedStateBackend, ValueStateDescriptor
 from state.operator import OperatorStateStore
+from state.serde import SNAPSHOT_SCALAR_TYPES, check_state_value
+
+_NO_RECORD: Any = object()
+
+
+def _async_result_error(
+    operator: StreamOperator, role: str, results: Iterable[Any], record: Any = _NO_RECORD
+) -> UserFunctionError:
+    """The task failure for a user function that returned an awaitable; closes the coroutines
+    among ``results`` (the first of which is the offending one)."""
+    results = list(results)
+    returned = type(results[0]).__name__
+    close_async_results(results)
+    on = "" if record is _NO_RECORD else f" for record {_short(record)}"
+    msg = (
+        f"the {role} returned a {returned}{on} instead of a value; the runtime does not await "
+        f"what user functions return: {ASYNC_ALTERNATIVE}"
+    )
+    return operator.user_error(TypeError(msg))
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class UserFunctionOperator(StreamOperator):
@@ -92,22 +129,34 @@ class UserFunctionOperator(StreamOperator):
     async def open(self) -> None:
         if isinstance(self.function, RichFunction):
             try:
-                self.function.open(self.runtime_context)
+                result = self._rich.open(self.runtime_context)
             except IncompatibleStateError:
                 raise
             except Exception as exc:
                 raise self.user_error(exc) from exc
+            self._check_hook_result("open()", result)
 
     async def finish(self) -> None:
         if isinstance(self.function, RichFunction):
             try:
-                self.function.finish()
+                result = self._rich.finish()
             except Exception as exc:
                 raise self.user_error(exc) from exc
+            self._check_hook_result("finish()", result)
 
     async def close(self) -> None:
         if isinstance(self.function, RichFunction):
-            self.function.close()
+            self._check_hook_result("close()", self._rich.close())
+
+    @property
+    def _rich(self) -> Any:
+        """The rich function, typed loosely: its hooks are declared ``-> None`` but user code
+        may still return an awaitable from them, which is checked."""
+        return self.function
+
+    def _check_hook_result(self, hook: str, result: Any) -> None:
+        if result is not None and is_async_result(result):
+            raise _async_result_error(self, f"{hook} hook of the function", [result])
 
     async def snapshot_state(self, checkpoint_id: int) -> dict[str, Any] | None:
         result: dict[str, Any] = {}
@@ -123,7 +172,7 @@ class UserFunctionOperator(StreamOperator):
     async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
         hook = getattr(self.function, "notify_checkpoint_complete", None)
         if hook is not None:
-            hook(checkpoint_id)
+            self._check_hook_result("notify_checkpoint_complete()", hook(checkpoint_id))
 
 
 class MapOperator(UserFunctionOperator):
@@ -135,6 +184,8 @@ class MapOperator(UserFunctionOperator):
             out = [fn(value) for value in values]
         except Exception as exc:
             raise self.user_error(exc, values) from exc
+        if out and is_async_result(out[0]):
+            raise _async_result_error(self, "map function", out, values[0])
         await self.output.emit(out, timestamps)
 
 
@@ -143,11 +194,21 @@ class FilterOperator(UserFunctionOperator):
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
         fn = self.function
+        if not values:
+            return
         try:
+            # The first record alone, so that an awaitable is caught before it counts as true.
+            value = values[0]
+            first = fn(value)
+            if is_async_result(first):
+                raise _async_result_error(self, "filter function", [first], value)
             if timestamps is None:
-                await self.output.emit([value for value in values if fn(value)], None)
+                out = [value] if first else []
+                out += [value for value in values[1:] if fn(value)]
+                await self.output.emit(out, None)
                 return
-            keep = [fn(value) for value in values]
+            keep = [first]
+            keep += [fn(value) for value in values[1:]]
         except UserFunctionError:
             raise
         except Exception as exc:
@@ -163,14 +224,23 @@ class FlatMapOperator(UserFunctionOperator):
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
         fn = self.function
+        if not values:
+            return
         try:
+            # The first record alone, so that an awaitable is caught before it is iterated.
+            value = values[0]
+            first = fn(value)
+            if is_async_result(first):
+                raise _async_result_error(self, "flat_map function", [first], value)
+            out = list(first)
+            if out and is_async_result(out[0]):
+                raise _async_result_error(self, "flat_map function", out, value)
             if timestamps is None:
-                out = [result for value in values for result in fn(value)]
+                out += [result for value in values[1:] for result in fn(value)]
                 await self.output.emit(out, None)
                 return
-            out_ts: list[int] = []
-            out = []
-            for value, ts in zip(values, timestamps, strict=True):
+            out_ts: list[int] = [timestamps[0]] * len(out)
+            for value, ts in zip(values[1:], timestamps[1:], strict=True):
                 results = list(fn(value))
                 out.extend(results)
                 out_ts.extend([ts] * len(results))
@@ -205,17 +275,34 @@ class KeyedReduceOperator(UserFunctionOperator):
         append = out.append
         if self._check_first_key and values:
             self._verify_first_key(key_of, values[0])
+        scalars = SNAPSHOT_SCALAR_TYPES
+        # Checked without a cost per record: the first value of each new key, and the first
+        # result of the reduce function in each buffer (is it a value, can a snapshot hold it).
+        unchecked = True
         try:
             for value in values:
                 key = key_of(value)
                 current = table.get(key, missing)
                 if current is not missing:
                     value = fn(current, value)
+                    if unchecked:
+                        unchecked = False
+                        self._check_result(value)
+                elif type(value) not in scalars:
+                    self._check_result(value)
                 table[key] = value
                 append(value)
+        except UserFunctionError:
+            raise
         except Exception as exc:
             raise self.user_error(exc, values) from exc
         await self.output.emit(out, timestamps)
+
+    def _check_result(self, value: Any) -> None:
+        if is_async_result(value):
+            raise _async_result_error(self, "reduce function", [value])
+        assert self.keyed_backend is not None
+        check_state_value(value, self.keyed_backend.owner, "value", self._STATE.name)
 
 
 _MISSING: Any = object()
@@ -245,7 +332,7 @@ class KeyedProcessOperator(UserFunctionOperator):
         values: list[Any],
         timestamps: list[int] | None,
         key_of: Callable[[Any], Any],
-        process: Callable[[Any, Any, Any], None],
+        process: Callable[[Any, Any, Any], Any],
     ) -> None:
         """Call ``process`` per record with its key set on the state backend and the context."""
         assert self.keyed_backend is not None
@@ -262,7 +349,9 @@ class KeyedProcessOperator(UserFunctionOperator):
                     key = key_of(value)
                     backend.current_key = key
                     ctx.current_key = key
-                    process(value, ctx, out)
+                    result = process(value, ctx, out)
+                    if result is not None and is_async_result(result):
+                        raise self._returned_awaitable(process, result, value)
             else:
                 for value, ts in zip(values, timestamps, strict=True):
                     key = key_of(value)
@@ -270,7 +359,11 @@ class KeyedProcessOperator(UserFunctionOperator):
                     ctx.current_key = key
                     ctx.timestamp = ts
                     out._default_ts = ts
-                    process(value, ctx, out)
+                    result = process(value, ctx, out)
+                    if result is not None and is_async_result(result):
+                        raise self._returned_awaitable(process, result, value)
+        except UserFunctionError:
+            raise
         except Exception as exc:
             raise self.user_error(exc, values) from exc
         emitted, emitted_ts = out._take()
@@ -290,11 +383,23 @@ class KeyedProcessOperator(UserFunctionOperator):
                 ctx.current_key = key
                 ctx.timestamp = timestamp if event_time else None
                 out._default_ts = timestamp if event_time else None
-                on_timer(timestamp, ctx, out)
+                result = on_timer(timestamp, ctx, out)
+                if result is not None and is_async_result(result):
+                    raise self._returned_awaitable(on_timer, result)
+        except UserFunctionError:
+            raise
         except Exception as exc:
             raise self.user_error(exc) from exc
         emitted, emitted_ts = out._take()
         await self.output.emit(emitted, emitted_ts)
+
+    def _returned_awaitable(
+        self, method: Callable[..., Any], result: Any, record: Any = None
+    ) -> UserFunctionError:
+        role = f"{getattr(method, '__name__', 'method')}() of the process function"
+        if record is None:
+            return _async_result_error(self, role, [result])
+        return _async_result_error(self, role, [result], record)
 
     async def process_watermark(self, watermark: Watermark) -> None:
         assert self.timers is not None
@@ -335,10 +440,13 @@ class KeyedCoProcessOperator(KeyedProcessOperator):
         await self._process_elements(values, timestamps, key_of, process)
 
     async def end_input(self, input_index: int) -> None:
+        end_input = self.function.end_input
         try:
-            self.function.end_input(input_index + 1, self._out)
+            result = end_input(input_index + 1, self._out)
         except Exception as exc:
             raise self.user_error(exc) from exc
+        if result is not None and is_async_result(result):
+            raise self._returned_awaitable(end_input, result)
         emitted, emitted_ts = self._out._take()
         await self.output.emit(emitted, emitted_ts)
 
@@ -366,8 +474,18 @@ class TimestampsAndWatermarksOperator(StreamOperator):
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
         fn = self.timestamp_fn
+        if not values:
+            return
         try:
-            stamps = [int(fn(value)) for value in values]
+            # The first record alone, so that an awaitable is caught before int() drops it.
+            value = values[0]
+            first = fn(value)
+            if is_async_result(first):
+                raise _async_result_error(self, "timestamp assigner", [first], value)
+            stamps = [int(first)]
+            stamps += [int(fn(value)) for value in values[1:]]
+        except UserFunctionError:
+            raise
         except Exception as exc:
             raise self.user_error(exc, values) from exc
         await self.output.emit(values, stamps)

@@ -18,13 +18,20 @@ from typing import Any, Generic, TypeVar
 
 from state.keygroups import KeyGroupRange, key_group_for_key
 from state.refusal import RestoreRefusedError
-from state.serde import StateSerializer
+from state.serde import (
+    SNAPSHOT_SCALAR_TYPES,
+    StateSerializer,
+    check_state_value,
+    encoded_type,
+)
 
 T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
 
 _ABSENT: Any = object()
+# State writes test the exact type against this first, so scalars cost one set lookup.
+_SCALARS = SNAPSHOT_SCALAR_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +47,9 @@ class IncompatibleStateError(RestoreRefusedError):
 def _key_type_name(key_type: type) -> str:
     """The name of a key type as a snapshot stores it: a subclass by the base type it is encoded
     as (a ``StrEnum`` key comes back from a snapshot as ``str``)."""
-    for base in (bool, int, float, str, bytes, tuple):
-        if issubclass(key_type, base):
-            return base.__name__
     if issubclass(key_type, bytearray | memoryview):
         return "bytes"
-    return "None" if key_type is type(None) else key_type.__name__
+    return "None" if key_type is type(None) else encoded_type(key_type).__name__
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,12 @@ class _KeyedState:
         """Remove the current key's entry."""
         self._values.pop(self._backend.current_key, None)
 
+    def _check_value(self, value: Any) -> None:
+        """Refuse now what the next snapshot could not hold, unless a serializer converts it."""
+        descriptor = self._descriptor
+        if descriptor.serializer is None:
+            check_state_value(value, self._backend.owner, descriptor.kind, descriptor.name)
+
 
 class ValueState(_KeyedState, Generic[T]):
     """One value per key."""
@@ -111,6 +121,8 @@ class ValueState(_KeyedState, Generic[T]):
         if value is None:
             self._values.pop(self._backend.current_key, None)
         else:
+            if type(value) not in _SCALARS:
+                self._check_value(value)
             self._values[self._backend.current_key] = value
 
 
@@ -123,14 +135,20 @@ class ListState(_KeyedState, Generic[T]):
         return list(self._values.get(self._backend.current_key, ()))
 
     def add(self, value: T) -> None:
+        if type(value) not in _SCALARS:
+            self._check_value(value)
         self._values.setdefault(self._backend.current_key, []).append(value)
 
     def add_all(self, values: list[T]) -> None:
-        self._values.setdefault(self._backend.current_key, []).extend(values)
+        items = list(values)
+        self._check_value(items)
+        self._values.setdefault(self._backend.current_key, []).extend(items)
 
     def update(self, values: list[T]) -> None:
         if values:
-            self._values[self._backend.current_key] = list(values)
+            items = list(values)
+            self._check_value(items)
+            self._values[self._backend.current_key] = items
         else:
             self._values.pop(self._backend.current_key, None)
 
@@ -147,7 +165,17 @@ class MapState(_KeyedState, Generic[K, V]):
         return self._map().get(user_key, default)
 
     def put(self, user_key: K, value: V) -> None:
+        if type(user_key) not in _SCALARS:
+            self._check_value(user_key)
+        if type(value) not in _SCALARS:
+            self._check_value(value)
         self._values.setdefault(self._backend.current_key, {})[user_key] = value
+
+    def put_all(self, entries: dict[K, V]) -> None:
+        """``put`` every entry of ``entries``."""
+        items = dict(entries)
+        self._check_value(items)
+        self._values.setdefault(self._backend.current_key, {}).update(items)
 
     def remove(self, user_key: K) -> None:
         current = self._values.get(self._backend.current_key)
@@ -187,7 +215,10 @@ class ReducingState(_KeyedState, Generic[T]):
     def add(self, value: T) -> None:
         key = self._backend.current_key
         current = self._values.get(key, _ABSENT)
-        self._values[key] = value if current is _ABSENT else self._reduce(current, value)
+        result = value if current is _ABSENT else self._reduce(current, value)
+        if type(result) not in _SCALARS:
+            self._check_value(result)
+        self._values[key] = result
 
 
 _STATE_CLASSES: dict[str, type[_KeyedState]] = {

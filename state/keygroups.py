@@ -10,7 +10,11 @@ parallelism can be redistributed to another by moving whole key groups.
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
+import inspect
 import struct
+import uuid
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -36,9 +40,13 @@ def _mix64(value: int) -> int:
 def stable_hash(key: Any) -> int:
     """A non-negative hash of ``key`` that is identical in every process and every run.
 
-    Supported keys: ``str``, ``bytes``, ``int`` (and ``bool``), ``float``, ``None`` and tuples of
-    these. Anything else raises :class:`UnhashableKeyError` naming the type, because a key whose
-    routing changed between runs would silently split its state.
+    Supported keys: ``str``, ``bytes``, ``int`` (and ``bool``), ``float``, ``None``,
+    ``datetime.datetime``/``date``/``time``/``timedelta``, ``decimal.Decimal``, ``uuid.UUID``, and
+    tuples and frozensets of these: the types a snapshot restores as themselves, so a key keeps its
+    key group across a restore. Keys that compare equal hash equally (``1``, ``1.0``, ``True`` and
+    ``Decimal(1)``; aware datetimes of the same instant in different zones), as in a dict. Anything
+    else raises :class:`UnhashableKeyError` naming the type, because a key whose routing changed
+    between runs would silently split its state.
     """
     if type(key) is str:
         return zlib.crc32(key.encode("utf-8", "surrogatepass"))
@@ -61,11 +69,71 @@ def stable_hash(key: Any) -> int:
         for item in key:
             acc = _mix64(acc * 1000003 ^ stable_hash(item))
         return acc & 0x7FFFFFFF
+    special = _stable_hash_of_value_type(key)
+    if special is not None:
+        return special
+    if inspect.iscoroutine(key):
+        key.close()  # dropped unawaited, it would warn "never awaited" on top of this error
+        msg = (
+            f"the key selector returned a coroutine ({key.__qualname__}), not a key: key_by() "
+            "needs a synchronous function; async functions need the async I/O operator "
+            "(map_async), which is not available yet"
+        )
+        raise UnhashableKeyError(msg)
     msg = (
         f"key {key!r} of type {type(key).__name__} has no stable hash; key_by() must return "
-        "str, bytes, int, float, None or a tuple of these"
+        "str, bytes, int, float, None, datetime, date, time, timedelta, Decimal, UUID, or a "
+        "tuple or frozenset of these"
     )
     raise UnhashableKeyError(msg)
+
+
+_EPOCH = dt.datetime(1970, 1, 1)
+_US_PER_DAY = 86_400_000_000
+# Distinct seeds per kind of value, so that e.g. a date and a timedelta of the same number of days
+# do not always share a key group.
+_DATETIME_SEED, _NAIVE_SEED, _DATE_SEED, _TIME_SEED, _TIMEDELTA_SEED, _SET_SEED = range(1, 7)
+
+
+def _micros(delta: dt.timedelta) -> int:
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _stable_hash_of_value_type(key: Any) -> int | None:
+    """``stable_hash`` of the date/time, Decimal, UUID and frozenset keys; None for other types."""
+    if isinstance(key, dt.datetime):
+        offset = key.utcoffset()
+        if offset is None:  # naive: fold does not take part in equality
+            return _mix64(_NAIVE_SEED << 60 ^ _micros(key.replace(fold=0) - _EPOCH)) & 0x7FFFFFFF
+        instant = _micros(key.replace(tzinfo=None) - _EPOCH) - _micros(offset)
+        return _mix64(_DATETIME_SEED << 60 ^ instant) & 0x7FFFFFFF
+    if isinstance(key, dt.date):
+        return _mix64(_DATE_SEED << 60 ^ key.toordinal()) & 0x7FFFFFFF
+    if isinstance(key, dt.time):
+        micros = ((key.hour * 60 + key.minute) * 60 + key.second) * 1_000_000 + key.microsecond
+        offset = key.utcoffset()
+        if offset is not None:  # aware times compare by their UTC time
+            micros -= _micros(offset)
+        return _mix64(_TIME_SEED << 60 ^ micros) & 0x7FFFFFFF
+    if isinstance(key, dt.timedelta):
+        return _mix64(_TIMEDELTA_SEED << 60 ^ _micros(key)) & 0x7FFFFFFF
+    if isinstance(key, decimal.Decimal):
+        if key.is_finite() and key == key.to_integral_value():
+            return _mix64(int(key)) & 0x7FFFFFFF  # equal to the int, so hashed like it
+        if not key.is_nan() and float(key) == key:
+            return stable_hash(float(key))  # exactly a float (or infinite): hashed like it
+        sign, digits, exponent = key.as_tuple()
+        text = "".join(map(str, digits)).rstrip("0")
+        exponent_of_last = int(exponent) + len(digits) - len(text) if text else 0
+        return zlib.crc32(f"{sign}:{text}e{exponent_of_last}".encode()) ^ 0x2545F491
+    if isinstance(key, uuid.UUID):
+        return zlib.crc32(key.bytes) ^ 0x6A09E667
+    if isinstance(key, frozenset):
+        acc = 0
+        for item in key:  # order-independent: sets have no stable iteration order
+            acc = (acc + _mix64(stable_hash(item))) & _MASK64
+        return _mix64(_SET_SEED << 60 ^ acc ^ len(key)) & 0x7FFFFFFF
+    return None
 
 
 def key_group_for_key(key: Any, max_parallelism: int) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from state.serde import check_state_value
+
 
 class Redistribution(enum.StrEnum):
     EVEN_SPLIT = "even-split"
@@ -21,19 +23,24 @@ class Redistribution(enum.StrEnum):
 class OperatorListState:
     """A named list owned by one subtask, redistributed on restore by its mode."""
 
-    def __init__(self, name: str, mode: Redistribution) -> None:
+    def __init__(self, name: str, mode: Redistribution, owner: str = "") -> None:
         self.name = name
         self.mode = mode
+        self.owner = owner
+        """The operator and subtask, for error messages."""
         self.items: list[Any] = []
 
     def get(self) -> list[Any]:
         return list(self.items)
 
     def add(self, item: Any) -> None:
+        check_state_value(item, self.owner, "operator list", self.name)
         self.items.append(item)
 
     def update(self, items: list[Any]) -> None:
-        self.items = list(items)
+        new_items = list(items)
+        check_state_value(new_items, self.owner, "operator list", self.name)
+        self.items = new_items
 
     def clear(self) -> None:
         self.items = []
@@ -42,14 +49,18 @@ class OperatorListState:
 class BroadcastState:
     """A dict that every subtask of the operator holds identically."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, owner: str = "") -> None:
         self.name = name
+        self.owner = owner
+        """The operator and subtask, for error messages."""
         self.entries: dict[Any, Any] = {}
 
     def get(self, key: Any, default: Any = None) -> Any:
         return self.entries.get(key, default)
 
     def put(self, key: Any, value: Any) -> None:
+        check_state_value(key, self.owner, "broadcast", self.name)
+        check_state_value(value, self.owner, "broadcast", self.name)
         self.entries[key] = value
 
     def remove(self, key: Any) -> None:
@@ -76,7 +87,7 @@ class OperatorStateStore:
     ) -> OperatorListState:
         state = self._lists.get(name)
         if state is None:
-            state = OperatorListState(name, mode)
+            state = OperatorListState(name, mode, f"operator {self.owner}")
             restored = self._restored.pop(name, None)
             if restored is not None:
                 if restored["mode"] != mode.value:
@@ -95,7 +106,7 @@ class OperatorStateStore:
     def get_broadcast_state(self, name: str) -> BroadcastState:
         state = self._broadcast.get(name)
         if state is None:
-            state = BroadcastState(name)
+            state = BroadcastState(name, f"operator {self.owner}")
             restored = self._restored.pop(name, None)
             if restored is not None:
                 state.entries = dict(restored["entries"])

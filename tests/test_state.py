@@ -372,7 +372,7 @@ def test_packb_encodes_subclasses_of_the_types_it_names(value: Any) -> None:
     assert unpackb(packb(value)) == value
 
 
-@pytest.mark.parametrize("bad", [{1, 2}, object(), Point(1, 2), [1, {"x": frozenset()}]])
+@pytest.mark.parametrize("bad", [complex(1, 2), object(), Point(1, 2), [1, {"x": [Point(0, 0)]}]])
 def test_packb_refuses_what_it_cannot_restore_without_code(bad: Any) -> None:
     with pytest.raises(TypeError):
         packb(bad)

@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import shutil
+import types
 from pathlib import Path
 from typing import Any
 
@@ -563,7 +564,16 @@ class HoldsASet(KeyedProcessFunction[str, str, str]):
     def process_element(self, value: str, ctx: Any, out: Any) -> None:
         current = set(self.state.value() or set())
         current.add(value)
-        self.state.update(current)  # a set: msgpack cannot encode it without a serializer
+        self.state.update(current)  # stored as a list through the serializer
+        out.collect(value)
+
+
+class HoldsAnObject(KeyedProcessFunction[str, str, str]):
+    def open(self, ctx: RuntimeContext) -> None:
+        self.state = ctx.get_state(ValueStateDescriptor("bad-state"))
+
+    def process_element(self, value: str, ctx: Any, out: Any) -> None:
+        self.state.update(types.SimpleNamespace(seen=value))  # no snapshot encoding for it
         out.collect(value)
 
 
@@ -575,8 +585,8 @@ async def test_unencodable_keyed_state_fails_naming_the_state_and_operator() -> 
         (
             job.from_source(CollectionSource(["x", "y", "x"]))
             .key_by(lambda v: v)
-            .process(HoldsASet(), name="set holder")
-            .uid("set-holder")
+            .process(HoldsAnObject(), name="object holder")
+            .uid("object-holder")
             .sink_to(sink)
         )
 
@@ -584,8 +594,8 @@ async def test_unencodable_keyed_state_fails_naming_the_state_and_operator() -> 
         await asyncio.wait_for(run_job_async(build, config=ExecutionConfig()), 30)
     message = str(info.value)
     assert "bad-state" in message
-    assert "set holder" in message
-    assert "set" in message
+    assert "object holder" in message
+    assert "SimpleNamespace" in message
 
 
 @pytest.mark.asyncio
