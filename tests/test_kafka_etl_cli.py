@@ -12,12 +12,17 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import kafka_fixtures
 import pytest
+from cli_helpers import (
+    ROOT,
+    RUN_TIMEOUT_S,
+    max_completed,
+    run_command,
+    wait_for,
+)
 from etl_expectations import assert_exact_output, committed_records, expected_output
 from kafka_fixtures import load_sample_events, unique_name
 
@@ -26,11 +31,8 @@ from state.storage import CheckpointKind, load_checkpoint
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
 
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "kafka_etl.py"
 EVENTS = ROOT / "examples" / "data" / "events.jsonl"
-RUN_TIMEOUT_S = 60.0
-WAIT_S = 30.0
 
 
 # --------------------------------------------------------------------------- expected output
@@ -86,42 +88,12 @@ def etl_command(
     return command
 
 
-def run(command: list[str], timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
-def completed_checkpoint_ids(chk: Path) -> list[int]:
-    """Ids of the chk-N folders that have their _metadata (completed checkpoints)."""
-    if not chk.is_dir():
-        return []
-    ids = []
-    for child in chk.iterdir():
-        match = re.fullmatch(r"chk-(\d+)", child.name)
-        if match and (child / "_metadata").exists():
-            ids.append(int(match.group(1)))
-    return sorted(ids)
 
 
-def max_completed(chk: Path) -> int:
-    return max(completed_checkpoint_ids(chk), default=0)
 
 
-def wait_for(condition: Any, what: str, proc: subprocess.Popen[bytes], stderr: Path) -> Any:
-    """Polls ``condition`` until truthy; fails if the process ends first or time runs out."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        value = condition()
-        if value:
-            return value
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"the job exited ({proc.returncode}) before {what}: {stderr.read_text()}"
-            )
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {stderr.read_text()}")
-        time.sleep(0.01)
 
 
 def kill_rounds(command: list[str], chk: Path, tmp_path: Path, rounds: int) -> list[int]:
@@ -176,7 +148,7 @@ def test_sigkill_rounds_then_restore_latest_commits_exactly_once(
     # Killed in the middle: part of the output was committed, not all.
     assert 0 < len(committed_records(out)) < total_expected()
 
-    final = run(etl_command(kafka_bootstrap, topic, out, chk, parallelism, rate=0, bounded=True))
+    final = run_command(etl_command(kafka_bootstrap, topic, out, chk, parallelism, rate=0, bounded=True))
     assert final.returncode == 0, final.stderr
     assert f"restoring checkpoint {killed_at[-1]} from " in final.stderr, final.stderr
     assert_exact_output(out)
@@ -197,7 +169,7 @@ def test_unbounded_runs_killed_then_a_bounded_restore_ends_with_exact_output(
     assert 0 < len(committed_records(out)) < total_expected()
 
     try:
-        final = run(
+        final = run_command(
             etl_command(kafka_bootstrap, topic, out, chk, 3, rate=0, bounded=True), timeout=20.0
         )
     except subprocess.TimeoutExpired as exc:
@@ -228,7 +200,7 @@ def test_savepoint_at_parallelism_2_resumed_at_3_reads_every_partition_once(
         wait_for(address_file.exists, "the rest-address file", proc, stderr_path)
         address = address_file.read_text().strip()
         wait_for(lambda: max_completed(chk) >= 3, "three completed checkpoints", proc, stderr_path)
-        stop = run(
+        stop = run_command(
             [sys.executable, "-m", "runtime", "stop", "--address", address, "--dir", str(sp)]
         )
         assert stop.returncode == 0, stop.stderr
@@ -247,7 +219,7 @@ def test_savepoint_at_parallelism_2_resumed_at_3_reads_every_partition_once(
     # Stopped in the middle: part of the output is committed, not all of it.
     assert 0 < len(committed_records(out)) < total_expected()
 
-    resumed = run(
+    resumed = run_command(
         etl_command(
             kafka_bootstrap,
             topic,

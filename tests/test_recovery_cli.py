@@ -13,32 +13,25 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import pending_entries
+from cli_helpers import (
+    ROOT,
+    RUN_TIMEOUT_S,
+    completed_checkpoint_ids,
+    max_completed,
+    pending_entries,
+    run_command,
+)
 from etl_expectations import assert_exact_output, expected_output
 
 from connectors.files import committed_files
 from state.storage import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "file_etl.py"
 EVENTS = ROOT / "examples" / "data" / "events.jsonl"
-RUN_TIMEOUT_S = 90.0
 
 
-def completed_checkpoint_ids(chk: Path) -> list[int]:
-    """Ids of the chk-N folders that have their _metadata (completed checkpoints)."""
-    if not chk.is_dir():
-        return []
-    ids = []
-    for child in chk.iterdir():
-        match = re.fullmatch(r"chk-(\d+)", child.name)
-        if match and (child / "_metadata").exists():
-            ids.append(int(match.group(1)))
-    return sorted(ids)
 
 
-def max_completed(chk: Path) -> int:
-    return max(completed_checkpoint_ids(chk), default=0)
 
 
 def etl_command(out: Path, chk: Path, parallelism: int, *extra: str) -> list[str]:
@@ -67,10 +60,6 @@ def etl_command(out: Path, chk: Path, parallelism: int, *extra: str) -> list[str
     ]
 
 
-def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
-    )
 
 
 def test_expected_output_is_not_trivial() -> None:
@@ -112,7 +101,7 @@ def test_sigkill_at_checkpoints_then_restore_latest_is_exact(
         assert killed_at[-1] >= start + 2 + round_
     assert kills >= 2, f"the job ended before being killed twice (kills at {killed_at})"
 
-    final = run(command)
+    final = run_command(command)
     assert final.returncode == 0, final.stderr
     assert re.search(r"restoring checkpoint \d+ from ", final.stderr), final.stderr
     assert_exact_output(out)
@@ -124,7 +113,7 @@ def test_exit_before_commit_then_restore_commits_the_pending_files(
     tmp_path: Path, parallelism: int
 ) -> None:
     out, chk = tmp_path / "out", tmp_path / "chk"
-    crashed = run(
+    crashed = run_command(
         etl_command(
             out,
             chk,
@@ -152,7 +141,7 @@ def test_exit_before_commit_then_restore_commits_the_pending_files(
     for entry in entries:
         assert (out / entry["pending"]).exists(), entry
 
-    restored = run(etl_command(out, chk, parallelism))
+    restored = run_command(etl_command(out, chk, parallelism))
     assert restored.returncode == 0, restored.stderr
     assert f"restoring checkpoint {completed[-1]} from " in restored.stderr
     committed_names = {p.name for p in committed_files(out)}
@@ -167,7 +156,7 @@ def test_exit_before_commit_then_restore_commits_the_pending_files(
 def test_exit_during_restore_then_clean_restore_is_exact(tmp_path: Path, parallelism: int) -> None:
     out, chk = tmp_path / "out", tmp_path / "chk"
     # First a crash that leaves a completed checkpoint with pending files to restore.
-    first = run(
+    first = run_command(
         etl_command(
             out,
             chk,
@@ -182,7 +171,7 @@ def test_exit_during_restore_then_clean_restore_is_exact(tmp_path: Path, paralle
     before = completed_checkpoint_ids(chk)
     assert before
 
-    during = run(
+    during = run_command(
         etl_command(
             out,
             chk,
@@ -199,7 +188,7 @@ def test_exit_during_restore_then_clean_restore_is_exact(tmp_path: Path, paralle
     assert completed_checkpoint_ids(chk) == before  # died before taking any checkpoint
     assert committed_files(out) == []  # and before committing anything
 
-    clean = run(etl_command(out, chk, parallelism))
+    clean = run_command(etl_command(out, chk, parallelism))
     assert clean.returncode == 0, clean.stderr
     assert f"restoring checkpoint {before[-1]} from " in clean.stderr
     assert_exact_output(out)
@@ -223,7 +212,7 @@ def test_sigkill_then_restore_at_a_different_parallelism_is_exact(tmp_path: Path
                 proc.kill()
             proc.wait()
     assert proc.returncode == -9, (tmp_path / "stderr.txt").read_text()
-    restored = run(etl_command(out, chk, 3))
+    restored = run_command(etl_command(out, chk, 3))
     assert restored.returncode == 0, restored.stderr
     assert "restoring checkpoint" in restored.stderr
     assert_exact_output(out)
@@ -235,7 +224,7 @@ def test_restore_latest_with_an_empty_checkpoint_dir_starts_from_the_beginning(
     out, chk = tmp_path / "out", tmp_path / "chk"
     command = etl_command(out, chk, 1)
     command[command.index("rate=2000")] = "rate=0"
-    result = run(command)
+    result = run_command(command)
     assert result.returncode == 0, result.stderr
     assert "no valid checkpoint in" in result.stderr
     assert "starting from the beginning" in result.stderr

@@ -6,12 +6,8 @@ another parallelism with the same result as an uninterrupted run; ``checkpoints`
 from __future__ import annotations
 
 import collections
-import json
 import re
 import shutil
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,66 +15,31 @@ from typing import Any
 
 import orjson
 import pytest
+from cli_helpers import (
+    ROOT,
+    RUN_TIMEOUT_S,
+    get_json,
+    read_address,
+    run_cli,
+    start_cli,
+    wait_for,
+)
 
 from connectors.files import committed_files
 from state.storage import CheckpointKind, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "file_etl.py"
 EVENTS = ROOT / "examples" / "data" / "events.jsonl"
-RUN_TIMEOUT_S = 90.0
-WAIT_S = 30.0
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runtime", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
 
 
-def start_cli(stderr_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    with open(stderr_path, "wb") as stderr:
-        return subprocess.Popen(
-            [sys.executable, "-m", "runtime", *args],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
 
 
-def wait_for(condition: Any, what: str, proc: subprocess.Popen[bytes], stderr: Path) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail if the process ends first."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        value = condition()
-        if value:
-            return value
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"the job exited ({proc.returncode}) before {what}: {stderr.read_text()}"
-            )
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
-def read_address(chk: Path) -> str | None:
-    path = chk / "rest-address"
-    if not path.exists():
-        return None
-    text = path.read_text().strip()
-    return text if re.fullmatch(r"[\w.-]+:\d+", text) else None
 
 
-def get_json(address: str, path: str) -> Any:
-    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
-        assert response.headers.get_content_type() == "application/json"
-        return json.loads(response.read())
 
 
 def records_in(address: str, uid: str) -> int:

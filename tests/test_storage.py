@@ -21,7 +21,7 @@ import aiofiles
 import aiofiles.os
 import orjson
 import pytest
-from cli_helpers import make_incomplete_checkpoint, run_cli
+from cli_helpers import completed_checkpoint_ids, make_incomplete_checkpoint, run_cli
 from etl_expectations import assert_exact_output
 
 from connectors import CollectionSource
@@ -63,18 +63,10 @@ def etl_args(out: Path, chk: Path, *extra: str) -> list[str]:
     ]
 
 
-def checkpoint_ids(chk: Path) -> list[int]:
-    """Ids of the chk-N folders with a _metadata file."""
-    ids = []
-    for child in chk.iterdir():
-        match = re.fullmatch(r"chk-(\d+)", child.name)
-        if match and (child / "_metadata").exists():
-            ids.append(int(match.group(1)))
-    return sorted(ids)
 
 
 def last_two(chk: Path) -> tuple[int, int]:
-    ids = checkpoint_ids(chk)
+    ids = completed_checkpoint_ids(chk)
     assert len(ids) >= 2, ids
     return ids[-2], ids[-1]
 
@@ -172,7 +164,7 @@ def test_damaged_metadata_makes_load_latest_valid_fall_back(etl_copy: tuple[Path
 
 def test_no_valid_checkpoint_at_all_gives_none(etl_copy: tuple[Path, Path]) -> None:
     _, chk = etl_copy
-    for checkpoint_id in checkpoint_ids(chk):
+    for checkpoint_id in completed_checkpoint_ids(chk):
         (chk / f"chk-{checkpoint_id}" / "_metadata").unlink()
     assert load_latest_valid(chk) is None
 
@@ -387,7 +379,7 @@ async def test_metadata_is_written_last_and_atomically(
     etl_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, source_chk = etl_run
-    checkpoint = load_checkpoint(source_chk / f"chk-{checkpoint_ids(source_chk)[-1]}")
+    checkpoint = load_checkpoint(source_chk / f"chk-{completed_checkpoint_ids(source_chk)[-1]}")
     target = tmp_path / "chk"
     events: list[tuple[str, str, str]] = []
     """("write", path, "") for every file opened for writing, ("rename", src, dst)."""
@@ -474,7 +466,7 @@ async def test_failure_before_the_metadata_rename_leaves_no_metadata(
     etl_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, source_chk = etl_run
-    checkpoint = load_checkpoint(source_chk / f"chk-{checkpoint_ids(source_chk)[-1]}")
+    checkpoint = load_checkpoint(source_chk / f"chk-{completed_checkpoint_ids(source_chk)[-1]}")
     target = tmp_path / "chk"
     storage = CheckpointStorage(target, "file_etl")
     await storage.write(_copy_of(checkpoint, CheckpointKind.CHECKPOINT, 1))
@@ -510,7 +502,7 @@ async def test_moved_savepoint_folder_still_loads(
     etl_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
     _, source_chk = etl_run
-    checkpoint = load_checkpoint(source_chk / f"chk-{checkpoint_ids(source_chk)[-1]}")
+    checkpoint = load_checkpoint(source_chk / f"chk-{completed_checkpoint_ids(source_chk)[-1]}")
     savepoint = _copy_of(checkpoint, CheckpointKind.SAVEPOINT, 42)
     await CheckpointStorage(None, "file_etl").write(savepoint, str(tmp_path / "first"))
     assert savepoint.path is not None
@@ -540,7 +532,7 @@ async def test_moved_savepoint_folder_still_loads(
 @pytest.mark.slow
 def test_cli_restores_a_moved_savepoint(etl_copy: tuple[Path, Path], tmp_path: Path) -> None:
     out, chk = etl_copy
-    checkpoint = load_checkpoint(chk / f"chk-{checkpoint_ids(chk)[-1]}")
+    checkpoint = load_checkpoint(chk / f"chk-{completed_checkpoint_ids(chk)[-1]}")
     savepoint = _copy_of(checkpoint, CheckpointKind.SAVEPOINT, 99)
     asyncio.run(CheckpointStorage(None, "file_etl").write(savepoint, str(tmp_path / "sp")))
     moved = tmp_path / "moved" / Path(savepoint.path or "").name
@@ -706,7 +698,7 @@ def test_a_pickle_payload_in_a_state_file_is_never_executed(
     etl_copy: tuple[Path, Path], tmp_path: Path
 ) -> None:
     _, chk = etl_copy
-    folder = chk / f"chk-{checkpoint_ids(chk)[-1]}"
+    folder = chk / f"chk-{completed_checkpoint_ids(chk)[-1]}"
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_Trap(marker))
     metadata = orjson.loads((folder / "_metadata").read_bytes())
