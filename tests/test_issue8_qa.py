@@ -3,10 +3,13 @@
 - A process function that collects what an ``async def`` function returns (``out.collect(
   fetch(value))``, a forgotten ``await``) emitted coroutine objects as records and the job exited
   0, although a process function that *returns* one fails its task.
+- ``python -m runtime checkpoints`` reported a missing metadata field as
+  ``checkpoint_id: expected a value, got 'nothing'``, as if the field held the string "nothing".
 """
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -68,3 +71,14 @@ def test_a_process_function_that_collects_a_coroutine_fails_naming_the_operator(
     assert f"{method} of the process function collected a coroutine" in proc.stderr, proc.stderr
     assert "map_async" in proc.stderr
     assert "was never awaited" not in proc.stderr, proc.stderr
+
+
+def test_a_missing_metadata_field_is_reported_as_missing(tmp_path: Path) -> None:
+    folder = tmp_path / "chk" / "chk-1"
+    folder.mkdir(parents=True)
+    (folder / "_metadata").write_text(json.dumps({"format": 1}))
+    listing = run_cli("checkpoints", str(tmp_path / "chk"))
+    assert listing.returncode == 0, listing.stderr
+    assert "INVALID" in listing.stdout, listing.stdout
+    assert "checkpoint_id: expected a value, but the field is missing" in listing.stdout
+    assert "'nothing'" not in listing.stdout, listing.stdout
