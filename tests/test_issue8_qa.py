@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import textwrap
 from pathlib import Path
@@ -35,6 +34,7 @@ from cli_helpers import (
     run_cli,
     start_cli,
     stop_process,
+    take_savepoint,
     wait_for,
 )
 from etl_expectations import assert_exact_output
@@ -142,11 +142,7 @@ def run_savepoint_then_abandon_it(
     try:
         address = wait_for(lambda: read_address(chk), "the rest-address file", first, first_err)
         wait_for(lambda: max_completed(chk) >= 2, "two checkpoints", first, first_err)
-        taken = run_cli("savepoint", "--address", address, "--dir", str(savepoints))
-        assert taken.returncode == 0, taken.stderr
-        match = re.search(r"savepoint (\d+) written", taken.stdout)
-        assert match, taken.stdout
-        savepoint_id = int(match.group(1))
+        savepoint_id, _ = take_savepoint(address, savepoints)
         if first_extra:
             assert first.wait(timeout=30) == 137, first_err.read_text()  # the armed crash
         else:
