@@ -262,7 +262,10 @@ class TwoPhaseCommitFileSink(Sink):
          instead, naming the directory, the checkpoints and the files; ``keep`` leaves them and
          warns that duplicates follow.
        - Pending files named in the restored state are committed (idempotently: a file already
-         renamed is left alone).
+         renamed is left alone). A named file that is neither pending nor committed in the
+         directory refuses the restore, before anything is moved: the checkpoint wrote to another
+         directory, its output was deleted, or it was moved aside by the restore of an older
+         checkpoint (then the restored checkpoint belongs to the run that restore abandoned).
        - Pending files of checkpoints newer than *r* that never completed (no ``chk-<id>`` with
          ``_metadata`` in the checkpoint directory) are deleted; pending files of completed
          checkpoints are never touched, nor are older pending files that another subtask's share of
@@ -297,9 +300,12 @@ def committed_files(directory: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in Path(directory).glob("part-*.jsonl"))
 
 
+_ROLLED_BACK_PREFIX = ".rolled-back-after-chk-"
+
+
 def rolled_back_folder(directory: str | os.PathLike[str], checkpoint_id: int) -> Path:
     """Where a restore from ``checkpoint_id`` moves the files that newer checkpoints committed."""
-    return Path(directory) / f".rolled-back-after-chk-{checkpoint_id}"
+    return Path(directory) / f"{_ROLLED_BACK_PREFIX}{checkpoint_id}"
 
 
 _COMMITTED = re.compile(r"part-(?P<subtask>\d+)-[0-9a-f]+-\d+-chk(?P<checkpoint>\d+)\.jsonl")
@@ -337,6 +343,7 @@ class _TwoPhaseCommitWriter(SinkWriter):
         restored_id = self.restore_context.checkpoint_id
         entries = [self._checked_entry(entry, restored_id) for entry in state]
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._refuse_missing_files(entries, restored_id)
         if restored_id is not None:
             await self._handle_newer_committed_output(restored_id)
         for entry in entries:
@@ -364,6 +371,38 @@ class _TwoPhaseCommitWriter(SinkWriter):
             f"'.part-….pending' name inside the output directory {self.directory}; refusing to "
             "rename files from a checkpoint that was not written by this sink. Restore a "
             "checkpoint or savepoint written by this job."
+        )
+        raise RestoreRefusedError(msg)
+
+    def _refuse_missing_files(self, entries: list[dict[str, Any]], restored_id: int | None) -> None:
+        """Each restored file must be in the directory, pending or committed; otherwise the
+        checkpoint wrote elsewhere, or its output was moved or deleted, and no retry helps."""
+        missing = [
+            entry["final"]
+            for entry in entries
+            if not (self.directory / entry["pending"]).exists()
+            and not (self.directory / entry["final"]).exists()
+        ]
+        if not missing:
+            return
+        moved = sorted(
+            folder.name
+            for folder in self.directory.glob(f"{_ROLLED_BACK_PREFIX}*")
+            if any((folder / name).exists() for name in missing)
+        )
+        why = (
+            f"they were moved to {', '.join(moved)} by a restore of an older checkpoint, so "
+            f"checkpoint {restored_id} belongs to the run that restore abandoned: restore the "
+            "newest checkpoint of the resumed run, or the older checkpoint again"
+            if moved
+            else "the checkpoint wrote to another output directory, or its output was moved or "
+            "deleted: restore it with the output directory it wrote to, or restore a checkpoint "
+            "written into this one"
+        )
+        msg = (
+            f"{self.label}: checkpoint {restored_id} names {len(missing)} file(s) that are "
+            f"neither pending nor committed in the output directory {self.directory} "
+            f"({_listing(missing)}); {why}."
         )
         raise RestoreRefusedError(msg)
 

@@ -6,8 +6,8 @@ subtask and record.
 
 A user function that returns an awaitable (a sync function wrapping an ``async def`` one; async
 functions themselves are refused when the job is built) fails the task: the runtime never awaits
-results. To cost nothing per record, the check looks at the first result of each buffer (and at
-every return of a process function, which must be ``None`` anyway).
+results. To cost nothing per record, the check looks at the first result of each buffer (for a
+process function: the first record it collects, and every return, which must be ``None`` anyway).
 """
 
 from __future__ import annotations
@@ -36,19 +36,27 @@ _NO_RECORD: Any = object()
 
 
 def _async_result_error(
-    operator: StreamOperator, role: str, results: Iterable[Any], record: Any = _NO_RECORD
+    operator: StreamOperator,
+    role: str,
+    results: Iterable[Any],
+    record: Any = _NO_RECORD,
+    verb: str = "returned",
 ) -> UserFunctionError:
-    """The task failure for a user function that returned an awaitable; closes the coroutines
-    among ``results`` (the first of which is the offending one)."""
+    """The task failure for a user function that returned (or collected: ``verb``) an awaitable;
+    closes the coroutines among ``results`` (the first of which is the offending one)."""
     results = list(results)
     returned = type(results[0]).__name__
     close_async_results(results)
     on = "" if record is _NO_RECORD else f" for record {_short(record)}"
     msg = (
-        f"the {role} returned a {returned}{on} instead of a value; the runtime does not await "
+        f"the {role} {verb} a {returned}{on} instead of a value; the runtime does not await "
         f"what user functions return: {ASYNC_ALTERNATIVE}"
     )
     return operator.user_error(TypeError(msg))
+
+
+def _method_role(method: Callable[..., Any]) -> str:
+    return f"{getattr(method, '__name__', 'method')}() of the process function"
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -366,8 +374,7 @@ class KeyedProcessOperator(UserFunctionOperator):
             raise
         except Exception as exc:
             raise self.user_error(exc, values) from exc
-        emitted, emitted_ts = out._take()
-        await self.output.emit(emitted, emitted_ts)
+        await self._emit_collected(process)
 
     async def _fire(self, due: list[tuple[int, Any]], event_time: bool) -> None:
         if not due:
@@ -390,13 +397,20 @@ class KeyedProcessOperator(UserFunctionOperator):
             raise
         except Exception as exc:
             raise self.user_error(exc) from exc
-        emitted, emitted_ts = out._take()
+        await self._emit_collected(on_timer)
+
+    async def _emit_collected(self, method: Callable[..., Any]) -> None:
+        """Emit what ``method`` collected; like the other operators, the first record of each
+        buffer is checked for an awaitable (an ``async def`` function called without await)."""
+        emitted, emitted_ts = self._out._take()
+        if emitted and is_async_result(emitted[0]):
+            raise _async_result_error(self, _method_role(method), emitted, verb="collected")
         await self.output.emit(emitted, emitted_ts)
 
     def _returned_awaitable(
         self, method: Callable[..., Any], result: Any, record: Any = None
     ) -> UserFunctionError:
-        role = f"{getattr(method, '__name__', 'method')}() of the process function"
+        role = _method_role(method)
         if record is None:
             return _async_result_error(self, role, [result])
         return _async_result_error(self, role, [result], record)
@@ -447,8 +461,7 @@ class KeyedCoProcessOperator(KeyedProcessOperator):
             raise self.user_error(exc) from exc
         if result is not None and is_async_result(result):
             raise self._returned_awaitable(end_input, result)
-        emitted, emitted_ts = self._out._take()
-        await self.output.emit(emitted, emitted_ts)
+        await self._emit_collected(end_input)
 
 
 class TimestampsAndWatermarksOperator(StreamOperator):

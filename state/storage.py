@@ -257,15 +257,22 @@ class _MetadataSchemaError(ValueError):
     """One field of the metadata does not have its documented shape."""
 
     def __init__(self, where: str, expected: str, got: Any) -> None:
+        if got is _ABSENT:
+            super().__init__(f"{where}: expected {expected}, but the field is missing")
+            return
         shown = repr(got)
         if len(shown) > 300:  # a whole object is not worth printing; a long file name is
             shown = shown[:297] + "..."
         super().__init__(f"{where}: expected {expected}, got {shown}")
 
 
+_ABSENT: Any = object()
+"""What a missing metadata field 'holds' (no value of the file could be mistaken for it)."""
+
+
 def _field(record: dict[str, Any], key: str, where: str) -> Any:
     if key not in record:
-        raise _MetadataSchemaError(f"{where}.{key}" if where else key, "a value", "nothing")
+        raise _MetadataSchemaError(f"{where}.{key}" if where else key, "a value", _ABSENT)
     return record[key]
 
 

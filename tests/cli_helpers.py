@@ -182,6 +182,16 @@ def set_args(**params: object) -> list[str]:
     return [arg for key, value in params.items() for arg in ("--set", f"{key}={value}")]
 
 
+def take_savepoint(address: str, savepoint_dir: Path) -> tuple[int, Path]:
+    """``python -m runtime savepoint`` of the job at ``address`` (it goes on running); the
+    savepoint's id and folder."""
+    taken = run_cli("savepoint", "--address", address, "--dir", str(savepoint_dir))
+    assert taken.returncode == 0, taken.stderr
+    match = re.search(r"savepoint (?P<id>\d+) written to (?P<path>.+)", taken.stdout)
+    assert match, taken.stdout
+    return int(match.group("id")), Path(match.group("path").strip())
+
+
 def stop_with_savepoint(address: str, savepoint_dir: Path) -> Path:
     """``python -m runtime stop`` the job at ``address``; the savepoint folder it wrote."""
     stop = run_cli("stop", "--address", address, "--dir", str(savepoint_dir))

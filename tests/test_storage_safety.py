@@ -28,6 +28,7 @@ from cli_helpers import (
     start_cli,
     stop_process,
     stop_with_savepoint,
+    take_savepoint,
     wait_for,
 )
 from etl_expectations import assert_exact_output
@@ -383,17 +384,13 @@ def savepoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     try:
         address = wait_for(lambda: read_address(chk), "the rest-address file", proc, stderr)
         wait_for(lambda: max_completed(chk) >= 2, "two checkpoints", proc, stderr)
-        first = run_cli("savepoint", "--address", address, "--dir", str(sp))
-        assert first.returncode == 0, first.stderr
-        match = re.search(r"savepoint (\d+) written to (.+)", first.stdout)
-        assert match, first.stdout
-        first_id = int(match.group(1))
+        first_id, first = take_savepoint(address, sp)
         wait_for(lambda: max_completed(chk) > first_id, "a checkpoint after it", proc, stderr)
         stopped = stop_with_savepoint(address, sp)
         assert proc.wait(timeout=60) == 0, stderr.read_text()
     finally:
         stop_process(proc)
-    return {"out": out, "sp": sp, "first": Path(match.group(2).strip()), "stop": stopped}
+    return {"out": out, "sp": sp, "first": first, "stop": stopped}
 
 
 def _etl_args(out: Path, chk: Path, *extra: str) -> list[str]:
