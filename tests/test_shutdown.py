@@ -31,9 +31,9 @@ from cli_helpers import (
     wait_for,
 )
 from etl_expectations import assert_exact_output, committed_records, expected_output
-from kafka_fixtures import create_topics, unique_name
+from kafka_fixtures import create_topics, load_sample_events, unique_name
 from loop_helpers import wait_until
-from test_kafka_sink import as_row, load_events, read_until, topic_consumer
+from test_kafka_sink import as_row, read_until, topic_consumer
 
 from connectors import CollectionSource
 from runtime import Job, JobFailedError, RuntimeContext
@@ -312,7 +312,7 @@ async def test_sigterm_with_the_exactly_once_kafka_sink_commits_and_leaves_no_tr
     kafka_bootstrap: str, tmp_path: Path, start: Start
 ) -> None:
     source, output = unique_name("sigterm-in"), unique_name("sigterm-out")
-    load_events(kafka_bootstrap, source)
+    load_sample_events(kafka_bootstrap, source)
     await create_topics(kafka_bootstrap, output, partitions=4)
     partitions = [TopicPartition(output, p) for p in range(4)]
     chk, stderr = tmp_path / "chk", tmp_path / "job.stderr"
