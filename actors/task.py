@@ -296,13 +296,26 @@ class StreamTask:
         self._closed = True
         for handle in self._timer_handles:
             handle.cancel()
+        # A cancel that arrives while closing (the job is cancelled while this task fails, as on
+        # SIGTERM) must not cut close() short: a sink would lose what it buffered. A second
+        # cancel (a forced exit) does.
+        closing = asyncio.ensure_future(self._close_each_operator())
+        try:
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                await closing
+                raise
+        finally:
+            for writer in self.writers:
+                writer.release()
+
+    async def _close_each_operator(self) -> None:
         for op in self.operators:
             try:
                 await op.close()
             except Exception:
                 log.exception("%s: close() of operator %r failed", self.name, op.name)
-        for writer in self.writers:
-            writer.release()
 
     def _set_state(self, state: TaskState) -> None:
         self.state = state

@@ -7,6 +7,7 @@ line number of the next unread line, kept in operator state, so a restore resume
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -217,6 +218,7 @@ class _JsonLinesWriter(SinkWriter):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: Any = None
+        self._in_flight: asyncio.Future[Any] | None = None
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,13 +226,25 @@ class _JsonLinesWriter(SinkWriter):
 
     async def write(self, values: list[Any]) -> None:
         dumps = orjson.dumps
-        await self._file.write(b"".join([dumps(v) + b"\n" for v in values]))
+        # The write runs in aiofiles' thread: a cancel of the task (SIGTERM, failover) must not
+        # abandon it half way, so it is shielded and close() waits for it. Every record this
+        # writer was given is then on disk.
+        self._in_flight = asyncio.ensure_future(
+            self._file.write(b"".join([dumps(v) + b"\n" for v in values]))
+        )
+        await asyncio.shield(self._in_flight)
 
     async def finish(self) -> None:
         await self._file.flush()
 
     async def close(self) -> None:
-        if self._file is not None:
+        if self._file is None:
+            return
+        in_flight, self._in_flight = self._in_flight, None
+        try:
+            if in_flight is not None and not in_flight.done():
+                await in_flight
+        finally:
             await self._file.close()
             self._file = None
 

@@ -1,6 +1,8 @@
 """``python -m runtime``: run jobs and talk to running ones.
 
-Exit codes: 0 success; 1 the job failed; 2 bad usage or a bad job file; 130 cancelled by Ctrl-C.
+Exit codes: 0 success (also a stop with savepoint, on request or on SIGTERM); 1 the job failed;
+2 bad usage or a bad job file; 130 cancelled by Ctrl-C or through the control endpoint; 143 ended
+by SIGTERM without a savepoint (see ``runtime.shutdown``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from runtime.durations import parse_duration
 from runtime.executor import ExecutionConfig, JobFailedError, JobMaster
 from runtime.progress import ProgressReporter
 from runtime.rest import ControlClientError, ControlServer, call
-from runtime.restart import parse_restart_strategy
+from runtime.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
 from runtime.restore import RestoreMismatchError, RestoreReport
 from runtime.runner import JobFileError, build_graph, load_job_file, run_coroutine
+from runtime.shutdown import EXIT_TERMINATED, GracefulShutdown
 from runtime.testing import arm_from_params
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
 from state.refusal import restore_refusal
@@ -126,9 +129,10 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--tolerable-checkpoint-failures", type=int, default=0)
     run.add_argument(
         "--restart-strategy",
-        default="none",
+        default=None,
         help="none | fixed-delay[:ATTEMPTS[:DELAY]] | failure-rate[:MAX:INTERVAL[:DELAY]] | "
-        "exponential-delay[:INITIAL[:MAX]] (default none)",
+        "exponential-delay[:INITIAL[:MAX]] (default: exponential-delay from 1s to 1min, "
+        "unlimited attempts, with a --checkpoint-interval; none without)",
     )
     run.add_argument(
         "--checkpoint-dir",
@@ -178,6 +182,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="port of the control endpoint (0: a free one; -1: none)",
     )
     run.add_argument("--rest-host", default="127.0.0.1")
+    run.add_argument(
+        "--shutdown-timeout",
+        type=_duration,
+        default=30.0,
+        metavar="DURATION",
+        help="on SIGTERM, how long the stop with savepoint or the cancel may take before the "
+        "exit is forced (default 30s; a second SIGTERM forces it at once)",
+    )
     run.add_argument("--buffer-timeout", type=_duration, default=0.005, metavar="DURATION")
     run.add_argument("--no-progress", action="store_true", help="do not show progress")
     run.add_argument("--log-level", default="WARNING")
@@ -255,7 +267,7 @@ def _run(args: Any) -> int:
         return EXIT_USAGE
     params = dict(args.params)
     try:
-        restart = parse_restart_strategy(args.restart_strategy)
+        restart, restart_line = _restart_strategy(args)
     except ValueError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -300,8 +312,12 @@ def _run(args: Any) -> int:
     storage = CheckpointStorage(args.checkpoint_dir, graph.name)
     master = JobMaster(graph, config, storage=storage, restored=restored)
     reporter = None if args.no_progress else ProgressReporter(master)
+    shutdown = GracefulShutdown(
+        master, args.checkpoint_dir, args.checkpoint_interval, args.shutdown_timeout
+    )
+    sys.stderr.write(restart_line)
     try:
-        outcome = run_coroutine(_supervise(master, reporter, args))
+        outcome = run_coroutine(_supervise(master, reporter, args, shutdown))
     except KeyboardInterrupt:
         _error("cancelled (Ctrl-C): every task was closed")
         _cleanup_on_cancel(master, args)
@@ -311,17 +327,42 @@ def _run(args: Any) -> int:
         if refusal is not None:
             _error(str(refusal))
             return EXIT_USAGE
-        _report_failure(exc)
-        return EXIT_FAILED
+        if not shutdown.requested:
+            _report_failure(exc)
+            return EXIT_FAILED
+        if not shutdown.explains(exc):
+            _report_failure(exc)
+        _error(shutdown.final_line())
+        return EXIT_TERMINATED
+    finally:
+        shutdown.finish()
     if outcome is None:
+        if shutdown.requested:
+            _error(shutdown.final_line())
+            return EXIT_TERMINATED
         _error("cancelled through the control endpoint: every task was closed")
         _cleanup_on_cancel(master, args)
         return EXIT_INTERRUPTED
     if reporter is not None:
         reporter.summary(outcome)
     if outcome.stopped_with_savepoint:
-        sys.stderr.write(f"stopped with savepoint {outcome.stopped_with_savepoint}\n")
+        path = outcome.stopped_with_savepoint
+        sys.stderr.write(f"stopped with savepoint {path}; resume with --restore {path}\n")
+        if args.checkpoint_dir:
+            _record_stop_savepoint(args.checkpoint_dir, path)
     return EXIT_OK
+
+
+def _restart_strategy(args: Any) -> tuple[RestartStrategy, str]:
+    """The strategy asked for, or the default for the checkpointing; and the start-up line."""
+    if args.restart_strategy is not None:
+        strategy = parse_restart_strategy(args.restart_strategy)
+        origin = ""
+    else:
+        checkpointing = args.checkpoint_interval is not None
+        strategy = default_restart_strategy(checkpointing)
+        origin = f" (default {'with' if checkpointing else 'without'} checkpointing)"
+    return strategy, f"restart strategy: {strategy.describe()}{origin}\n"
 
 
 def _load_restore_point(args: Any, graph: Any) -> Any:
@@ -332,7 +373,7 @@ def _load_restore_point(args: Any, graph: Any) -> Any:
             msg = "--restore latest needs --checkpoint-dir"
             raise ValueError(msg)
         search = find_latest_valid(args.checkpoint_dir)
-        restored = search.checkpoint
+        restored = _newer_stop_savepoint(args.checkpoint_dir, search.checkpoint)
         if restored is None:
             # Starting fresh keeps kill-and-restart loops simple (the two-phase sinks refuse to
             # write over committed output); said loudly, since a typo in the directory lands here.
@@ -343,7 +384,7 @@ def _load_restore_point(args: Any, graph: Any) -> Any:
             )
             _warn_skipped(search.skipped)
             return None
-        if search.skipped:
+        if search.skipped and restored is search.checkpoint:
             _warning(
                 f"--restore latest: {len(search.skipped)} newer checkpoint folder(s) in "
                 f"{args.checkpoint_dir} are not valid; falling back to checkpoint "
@@ -409,6 +450,41 @@ def _load_restore_path(text: str) -> CompletedCheckpoint:
     return search.checkpoint
 
 
+STOP_SAVEPOINT_FILE = "stopped-with-savepoint"
+"""In the checkpoint directory: the path of the savepoint the job last stopped with."""
+
+
+def _record_stop_savepoint(checkpoint_dir: str, path: str) -> None:
+    """A stop with savepoint commits output beyond the latest checkpoint: ``--restore latest``
+    (a restart loop after SIGTERM) must resume from it, or it would replay what it committed."""
+    (Path(checkpoint_dir) / STOP_SAVEPOINT_FILE).write_text(str(Path(path).resolve()) + "\n")
+
+
+def _newer_stop_savepoint(
+    checkpoint_dir: str, latest: CompletedCheckpoint | None
+) -> CompletedCheckpoint | None:
+    """The savepoint the job last stopped with if it is newer than ``latest``, else ``latest``."""
+    record = Path(checkpoint_dir) / STOP_SAVEPOINT_FILE
+    if not record.exists():
+        return latest
+    folder = record.read_text().strip()
+    try:
+        stopped = load_checkpoint(folder)
+    except InvalidCheckpointError as exc:
+        _warning(
+            f"--restore latest: the job last stopped with savepoint {folder}, which cannot be "
+            f"restored ({exc}); restoring the latest checkpoint instead"
+        )
+        return latest
+    if latest is not None and latest.checkpoint_id > stopped.checkpoint_id:
+        return latest
+    sys.stderr.write(
+        f"--restore latest: the job last stopped with savepoint {stopped.checkpoint_id} "
+        f"({folder}), newer than every checkpoint in {checkpoint_dir}\n"
+    )
+    return stopped
+
+
 def _cleanup_on_cancel(master: JobMaster, args: Any) -> None:
     if args.checkpoint_dir and args.on_cancel == "delete":
         import shutil
@@ -418,9 +494,13 @@ def _cleanup_on_cancel(master: JobMaster, args: Any) -> None:
                 shutil.rmtree(checkpoint.path, ignore_errors=True)
 
 
-async def _supervise(master: JobMaster, reporter: ProgressReporter | None, args: Any) -> Any:
-    """Run the job with its progress reporter and control endpoint; None if cancelled by request."""
+async def _supervise(
+    master: JobMaster, reporter: ProgressReporter | None, args: Any, shutdown: GracefulShutdown
+) -> Any:
+    """Run the job with its progress reporter, control endpoint and SIGTERM handler; None if
+    cancelled by request or by SIGTERM."""
     job = asyncio.create_task(master.run())
+    shutdown.install(job)
     cancel_requested = False
 
     def cancel() -> None:
@@ -440,10 +520,11 @@ async def _supervise(master: JobMaster, reporter: ProgressReporter | None, args:
     try:
         return await job
     except asyncio.CancelledError:
-        if cancel_requested and job.cancelled():
+        if (cancel_requested or shutdown.requested) and job.cancelled():
             return None
         raise
     finally:
+        shutdown.uninstall()
         if progress is not None:
             progress.cancel()
             with contextlib.suppress(asyncio.CancelledError):

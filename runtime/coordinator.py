@@ -256,7 +256,10 @@ class CheckpointCoordinator:
         elif kind == "state":
             _, task, state = mail
             if state is TaskState.FINISHING:
-                self._finishing_since[task.task_id] = self.next_id
+                # A task that finishes because of a stop with savepoint is covered by that very
+                # savepoint (as the task itself waits for it), not by a checkpoint after it.
+                stopping = [p.checkpoint_id for p in self.pending.values() if p.stop is not None]
+                self._finishing_since[task.task_id] = min(stopping, default=self.next_id)
             if state is TaskState.FINISHED:
                 for pending in list(self.pending.values()):
                     if task.task_id in pending.awaiting:
@@ -334,6 +337,10 @@ class CheckpointCoordinator:
             stats=stats,
         )
         self.pending[checkpoint_id] = pending
+        if stop is not None:
+            # As Flink's stop-with-savepoint: no periodic checkpoint after it, so the savepoint is
+            # the job's last snapshot (a failed stop fails over, and the next attempt resumes them).
+            self._next_periodic = None
         self.history.append(stats)
         del self.history[:-100]
         barrier = CheckpointBarrier(checkpoint_id, stats.trigger_time_ms, kind)

@@ -15,3 +15,13 @@ def parse_duration(text: str) -> float:
         msg = f"invalid duration {text!r}: use e.g. 500ms, 5s, 1min, 2h"
         raise ValueError(msg)
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` as users write durations: ``500ms``, ``1.5s``, ``1min``, ``2h``."""
+    for unit, size in (("h", 3600.0), ("min", 60.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:g}{unit}"
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"

@@ -38,6 +38,7 @@ from actors.operator import (
 from actors.task import (
     DEFAULT_BUFFER_TIMEOUT_S,
     AddSplitsMail,
+    StopRequest,
     StreamTask,
     TaskFailure,
     TaskState,
@@ -148,6 +149,8 @@ class JobMaster:
         self._splits: dict[str, list[Any]] = {}
         self.status = "created"
         self.restore_context = RestoreContext()
+        self.restarts_allowed = True
+        """False once the job is being shut down: a failed attempt then ends the job."""
 
     # ---------------------------------------------------------------- TaskListener
 
@@ -198,9 +201,11 @@ class JobMaster:
             else:
                 break
             self._accumulate_metrics()
-            # A refused restore would be refused again by every further attempt.
+            # A refused restore would be refused again by every further attempt; once the job is
+            # being shut down (SIGTERM), a failed attempt ends it.
             refused = restore_refusal(failure) is not None
-            delay = None if refused else strategy.next_delay(failure, time.monotonic())
+            restart = self.restarts_allowed and not refused
+            delay = strategy.next_delay(failure, time.monotonic()) if restart else None
             if delay is None:
                 self.status = "failed"
                 raise JobFailedError(describe_failure(failure), failure) from failure
@@ -225,6 +230,22 @@ class JobMaster:
             self.attempt,
             len(self.coordinator.completed_ids),
             self.coordinator.stop_savepoint_path,
+        )
+
+    async def stop_with_savepoint(
+        self, target_dir: str | None = None, drain: bool = False
+    ) -> CompletedCheckpoint:
+        """Stop the job with a savepoint (the control endpoint's ``/stop`` and SIGTERM).
+
+        The sources end (``EndOfData(drain=drain)``: with drain, timers fire and ``finish()``
+        runs everywhere), the savepoint goes into ``target_dir`` (default
+        ``<checkpoint-dir>/savepoints``) and commits like a final checkpoint, and :meth:`run`
+        then returns with ``stopped_with_savepoint`` set. Raises
+        :class:`~runtime.coordinator.CheckpointFailedError` when the savepoint cannot complete;
+        tasks whose sources had already stopped then fail the attempt.
+        """
+        return await self.coordinator.request_trigger(
+            CheckpointKind.SAVEPOINT, target_dir, StopRequest(drain)
         )
 
     async def _run_attempt(self) -> None:

@@ -19,14 +19,13 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from actors.task import StopRequest
 from runtime.coordinator import CheckpointFailedError, CheckpointStatus
-from state.storage import CheckpointKind
+from state.storage import CheckpointKind, CompletedCheckpoint
 
 
 class ControlServer:
@@ -108,7 +107,11 @@ class ControlServer:
             }
         )
 
-    async def _take_savepoint(self, request: web.Request, stop: StopRequest | None) -> web.Response:
+    async def _answer_with_savepoint(
+        self,
+        request: web.Request,
+        take: Callable[[str, dict[str, Any]], Awaitable[CompletedCheckpoint]],
+    ) -> web.Response:
         try:
             body = await request.json()
         except json.JSONDecodeError:
@@ -116,22 +119,23 @@ class ControlServer:
         target = body.get("dir")
         if not target:
             return web.json_response({"error": 'the request needs {"dir": DIR}'}, status=400)
-        future = self.master.coordinator.request_trigger(CheckpointKind.SAVEPOINT, target, stop)
         try:
-            checkpoint = await future
+            checkpoint = await take(target, body)
         except CheckpointFailedError as exc:
             return web.json_response({"error": str(exc)}, status=500)
         return web.json_response({"id": checkpoint.checkpoint_id, "path": checkpoint.path})
 
     async def _savepoint(self, request: web.Request) -> web.Response:
-        return await self._take_savepoint(request, None)
+        coordinator = self.master.coordinator
+        return await self._answer_with_savepoint(
+            request, lambda target, _: coordinator.request_trigger(CheckpointKind.SAVEPOINT, target)
+        )
 
     async def _stop(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            body = {}
-        return await self._take_savepoint(request, StopRequest(bool(body.get("drain", False))))
+        return await self._answer_with_savepoint(
+            request,
+            lambda target, body: self.master.stop_with_savepoint(target, bool(body.get("drain"))),
+        )
 
     async def _cancel_job(self, request: web.Request) -> web.Response:
         asyncio.get_running_loop().call_soon(self._cancel)

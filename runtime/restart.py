@@ -1,14 +1,24 @@
 """Restart strategies: after a failed attempt, whether and when to restart from the latest checkpoint.
 
 ``next_delay(failure, now)`` returns the seconds to wait before the next attempt, or ``None`` to
-give up (the job fails with the failure named).
+give up (the job fails with the failure named); the job master logs each restart at WARNING with
+its cause.
+
+The default follows Flink (1.19+): with periodic checkpointing, ``exponential-delay`` from 1s,
+doubling up to 1min, with unlimited attempts, and the delay reset after an hour without failure
+(so a broker outage of any length is ridden out, and a job failing deterministically keeps
+retrying about once a minute, saying why each time); without checkpointing, ``none`` (a restart
+would go back to the beginning).
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from runtime.durations import parse_duration
+from runtime.durations import format_duration, parse_duration
+
+DEFAULT_INITIAL_DELAY_S = 1.0
+DEFAULT_MAX_DELAY_S = 60.0
 
 
 class RestartStrategy:
@@ -16,6 +26,10 @@ class RestartStrategy:
 
     def next_delay(self, failure: BaseException, now: float) -> float | None:
         raise NotImplementedError
+
+    def describe(self) -> str:
+        """The strategy and its settings, for the start-up lines."""
+        return self.name
 
 
 class NoRestart(RestartStrategy):
@@ -41,6 +55,9 @@ class FixedDelayRestart(RestartStrategy):
         self.restarts += 1
         return self.delay_s
 
+    def describe(self) -> str:
+        return f"{self.name} ({self.attempts} attempts, {format_duration(self.delay_s)} apart)"
+
 
 class FailureRateRestart(RestartStrategy):
     """Restart after ``delay_s`` unless more than ``max_failures`` happened within ``interval_s``."""
@@ -63,6 +80,12 @@ class FailureRateRestart(RestartStrategy):
             return None
         return self.delay_s
 
+    def describe(self) -> str:
+        return (
+            f"{self.name} (at most {self.max_failures} failures per "
+            f"{format_duration(self.interval_s)}, {format_duration(self.delay_s)} apart)"
+        )
+
 
 class ExponentialDelayRestart(RestartStrategy):
     """Delays that double from ``initial_s`` up to ``max_s``; reset after ``reset_after_s`` of
@@ -72,8 +95,8 @@ class ExponentialDelayRestart(RestartStrategy):
 
     def __init__(
         self,
-        initial_s: float = 1.0,
-        max_s: float = 60.0,
+        initial_s: float = DEFAULT_INITIAL_DELAY_S,
+        max_s: float = DEFAULT_MAX_DELAY_S,
         multiplier: float = 2.0,
         reset_after_s: float = 3600.0,
         attempts: int = 0,
@@ -101,6 +124,19 @@ class ExponentialDelayRestart(RestartStrategy):
         self.restarts += 1
         return self._current
 
+    def describe(self) -> str:
+        attempts = f"{self.attempts} attempts" if self.attempts else "unlimited attempts"
+        return (
+            f"{self.name} ({format_duration(self.initial_s)} \u2192 "
+            f"{format_duration(self.max_s)}, {attempts}, reset after "
+            f"{format_duration(self.reset_after_s)} without failure)"
+        )
+
+
+def default_restart_strategy(checkpointing: bool) -> RestartStrategy:
+    """Flink's default: ``exponential-delay`` with periodic checkpointing, ``none`` without."""
+    return ExponentialDelayRestart() if checkpointing else NoRestart()
+
 
 def parse_restart_strategy(spec: str) -> RestartStrategy:
     """``none``, ``fixed-delay[:ATTEMPTS[:DELAY]]``, ``failure-rate[:MAX:INTERVAL[:DELAY]]``,
@@ -119,8 +155,8 @@ def parse_restart_strategy(spec: str) -> RestartStrategy:
             delay = parse_duration(args[2]) if len(args) > 2 else 1.0
             return FailureRateRestart(max_failures, interval, delay)
         if name == "exponential-delay":
-            initial = parse_duration(args[0]) if args else 1.0
-            maximum = parse_duration(args[1]) if len(args) > 1 else 60.0
+            initial = parse_duration(args[0]) if args else DEFAULT_INITIAL_DELAY_S
+            maximum = parse_duration(args[1]) if len(args) > 1 else DEFAULT_MAX_DELAY_S
             return ExponentialDelayRestart(initial, maximum)
     except ValueError as exc:
         msg = f"invalid restart strategy {spec!r}: {exc}"

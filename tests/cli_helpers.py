@@ -171,6 +171,15 @@ def get_json(address: str, path: str) -> Any:
         return json.loads(response.read())
 
 
+def printed_address(stderr: Path) -> str | None:
+    """The control endpoint's HOST:PORT from the ``control endpoint: http://…`` start-up line
+    (for jobs without a --checkpoint-dir to write the rest-address file into)."""
+    if not stderr.exists():
+        return None
+    match = re.search(r"control endpoint: http://([\w.-]+:\d+)", stderr.read_text())
+    return match.group(1) if match else None
+
+
 def operator_records_in(address: str, uid: str) -> int:
     """Records the operator ``uid`` received so far, over all its subtasks (from ``/status``)."""
     status = get_json(address, "/status")
@@ -262,3 +271,7 @@ def write_savepoint(
     assert checkpoint.path is not None
     assert read_metadata(checkpoint.path)["checkpoint_id"] == checkpoint_id
     return Path(checkpoint.path)
+
+
+def stderr_contains(stderr: Path, text: str) -> bool:
+    return stderr.exists() and text in stderr.read_text()
