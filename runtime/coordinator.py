@@ -314,6 +314,7 @@ class CheckpointCoordinator:
                 else f"tasks not running yet: {', '.join(not_ready[:5])}"
             )
             future.set_exception(CheckpointFailedError(f"{kind.value} not triggered: {reason}"))
+            future.exception()  # mark retrieved: periodic checkpoints have no waiter
             return future
         self.next_id += 1
         finished = {t.task_id for t in self.tasks if t.state is TaskState.FINISHED}

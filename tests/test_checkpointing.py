@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import itertools
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from runtime import (
 )
 from runtime.coordinator import (
     CheckpointConfig,
+    CheckpointCoordinator,
     CheckpointFailedError,
     CheckpointStatus,
     TooManyCheckpointFailures,
@@ -1023,3 +1025,23 @@ async def test_checkpoints_on_disk_are_the_retained_completed_ones_when_the_job_
     )
     assert all(s.status is not CheckpointStatus.IN_PROGRESS for s in coordinator.history), history
     assert sink.received == [1, 2, 3]
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_not_triggered_leaves_no_unretrieved_future_error() -> None:
+    """A periodic trigger that finds no task running (a restore still in progress) is normal:
+    the future nobody waits for must not end up as asyncio's 'Future exception was never
+    retrieved' error, which a user reads as a crash. A waiter still gets the failure."""
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        coordinator = CheckpointCoordinator(CheckpointConfig(), None, dict)
+        waited = coordinator.trigger(CheckpointKind.CHECKPOINT)
+        with pytest.raises(CheckpointFailedError, match="not triggered"):
+            await waited
+        coordinator.trigger(CheckpointKind.CHECKPOINT)  # nobody waits for this one
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []
