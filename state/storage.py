@@ -175,12 +175,16 @@ class AbandonedMarker:
 
     restored_kind: str
     restored_checkpoint: int | None
+    """None when the marker cannot be read (``problem`` says why)."""
     restored_path: str
     time_ms: int | None
+    problem: str = ""
 
     @property
     def description(self) -> str:
         """``a later run restored savepoint 6 on <local time> (<path>)``, for one line."""
+        if self.restored_checkpoint is None:
+            return f"a later run restored an older checkpoint ({self.problem})"
         what = f"{self.restored_kind} {self.restored_checkpoint}"
         when = "" if self.time_ms is None else f" on {format_local_time(self.time_ms)}"
         where = f" ({self.restored_path})" if self.restored_path else ""
@@ -201,7 +205,7 @@ def read_abandoned_marker(folder: str | os.PathLike[str]) -> AbandonedMarker | N
     except FileNotFoundError:
         return None
     except OSError as exc:
-        return AbandonedMarker("checkpoint", None, f"its {ABANDONED} is unreadable: {exc}", None)
+        return AbandonedMarker("", None, "", None, f"its {ABANDONED} is unreadable: {exc}")
     try:
         parsed = orjson.loads(data)
         return AbandonedMarker(
@@ -211,7 +215,7 @@ def read_abandoned_marker(folder: str | os.PathLike[str]) -> AbandonedMarker | N
             _as_int(parsed["time_ms"], "time_ms", maximum=_MAX_TIMESTAMP_MS),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        return AbandonedMarker("checkpoint", None, f"its {ABANDONED} is damaged: {exc}", None)
+        return AbandonedMarker("", None, "", None, f"its {ABANDONED} is damaged: {exc}")
 
 
 def mark_abandoned(

@@ -409,3 +409,61 @@ def test_a_restore_into_an_output_directory_without_its_files_is_refused_on_one_
     assert f"checkpoint {latest}" in error and str(other) in error, error
     assert "-chk" in error and ".jsonl" in error, error  # the missing file
     assert "job attempt 1 failed" not in restored.stderr, restored.stderr  # no retry
+
+
+@pytest.mark.slow
+def test_a_later_run_in_another_checkpoint_dir_restores_its_checkpoints_of_abandoned_ids(
+    tmp_path: Path,
+) -> None:
+    """Resumed from a savepoint into a new checkpoint dir, a run numbers its checkpoints from the
+    savepoint on, repeating the ids that the rollback manifest lists as abandoned; its own
+    checkpoints, taken after that rollback, still restore."""
+    out, savepoints = tmp_path / "out", tmp_path / "savepoints"
+    first_chk, second_chk = tmp_path / "chk-a", tmp_path / "chk-b"
+    first_err, second_err = tmp_path / "first.stderr", tmp_path / "second.stderr"
+    first = start_cli(
+        first_err, *file_etl_args(out, first_chk, "--checkpoint-interval", "100ms", rate=300)
+    )
+    try:
+        address = wait_for(
+            lambda: read_address(first_chk), "the rest-address file", first, first_err
+        )
+        wait_for(lambda: max_completed(first_chk) >= 2, "two checkpoints", first, first_err)
+        savepoint_id, _ = take_savepoint(address, savepoints)
+        kill_when(
+            lambda: max_completed(first_chk) >= savepoint_id + 3, "newer checkpoints", first,
+            first_err,
+        )  # fmt: skip
+    finally:
+        stop_process(first)
+    second = start_cli(
+        second_err,
+        *file_etl_args(
+            out, second_chk, "--checkpoint-interval", "100ms", "--restore", str(savepoints),
+            rate=300,
+        ),
+    )  # fmt: skip
+    manifest = rolled_back_folder(out, savepoint_id) / ROLLBACK_MANIFEST
+
+    def own_checkpoint_of_an_abandoned_id_committed() -> int | None:
+        if not manifest.exists():
+            return None
+        listed = set(json.loads(manifest.read_text())["abandoned"])
+        latest = max_completed(second_chk)
+        if latest not in listed:
+            return None
+        entries = checkpoint_sink_entries(second_chk / f"chk-{latest}", "output")
+        return latest if all((out / e["final"]).exists() for e in entries) else None
+
+    repeated = kill_when(
+        own_checkpoint_of_an_abandoned_id_committed, "a checkpoint with an abandoned id",
+        second, second_err,
+    )  # fmt: skip
+    recovered = run_cli(
+        *file_etl_args(
+            out, second_chk, "--restore", "latest", "--rest-port", "-1", rate=0,
+        )
+    )  # fmt: skip
+    assert recovered.returncode == 0, recovered.stderr
+    assert f"restoring checkpoint {repeated} from" in recovered.stderr, recovered.stderr
+    assert_exact_output(out)
