@@ -370,6 +370,8 @@ def _describe_checkpoint_dir(directory: Path, search: SnapshotSearch) -> str:
         return "it is not a directory; check --checkpoint-dir"
     if not search.skipped:
         return "the directory exists and holds no chk-* folders"
+    if all(entry.abandoned is None for entry in search.skipped):
+        return f"the directory exists; none of its {len(search.skipped)} chk-* folders is valid"
     return (
         f"the directory exists; its {len(search.skipped)} chk-* folder(s) are "
         f"{_skipped_as(search.skipped)}"

@@ -219,12 +219,16 @@ def read_abandoned_marker(folder: str | os.PathLike[str]) -> AbandonedMarker | N
 
 
 def mark_abandoned(
-    directory: str | os.PathLike[str], checkpoint_ids: Collection[int], restored: CompletedCheckpoint
+    directory: str | os.PathLike[str],
+    checkpoint_ids: Collection[int],
+    restored: CompletedCheckpoint,
 ) -> list[int]:
     """Rule 6: write an ``_abandoned`` marker (atomically) into each completed ``chk-<id>`` folder
     of ``directory`` with an id in ``checkpoint_ids``, naming ``restored``, the checkpoint or
     savepoint restored instead. A folder already marked keeps its marker (the restore that first
-    left it); a folder without ``_metadata`` is not marked. Returns the ids marked now."""
+    left it); a folder without readable ``_metadata`` is not marked (every search skips it as
+    damaged anyway, and it stays as it is, the evidence of what happened). Returns the ids marked
+    now."""
     marker = orjson.dumps(
         {
             "restored_kind": restored.kind.value,
@@ -237,7 +241,11 @@ def mark_abandoned(
     marked = []
     for checkpoint_id in sorted(checkpoint_ids):
         folder = Path(directory) / f"chk-{checkpoint_id}"
-        if not (folder / METADATA).exists() or (folder / ABANDONED).exists():
+        if (folder / ABANDONED).exists():
+            continue
+        try:
+            read_metadata(folder)
+        except InvalidCheckpointError:
             continue
         temp = folder / f".{ABANDONED}.tmp"
         _write_durably(temp, marker)
