@@ -25,6 +25,7 @@ from runtime.functions import RuntimeContext
 from runtime.sinks import Sink, SinkWriter
 from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
 from state.refusal import RestoreRefusedError
+from state.storage import format_local_time
 
 _CHUNK = 1 << 18
 
@@ -477,10 +478,9 @@ class _TwoPhaseCommitWriter(SinkWriter):
         if not listing:
             return
         time_ms, rolled_back_to, path = max(listing)
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time_ms / 1000))
         msg = (
             f"{self.label}: checkpoint {restored_id} was abandoned: a restore of checkpoint "
-            f"{rolled_back_to} on {when} moved the output committed after it to {path.parent}, "
+            f"{rolled_back_to} on {format_local_time(time_ms)} moved the output committed after it to {path.parent}, "
             f"so restoring checkpoint {restored_id} would silently lack those records. Restore "
             f"checkpoint {rolled_back_to} again or a checkpoint of the run that resumed from it; "
             f"or, to return to checkpoint {restored_id}'s run, move the files of {path.parent} "

@@ -192,6 +192,7 @@ class AbandonedMarker:
 
 
 def format_local_time(timestamp_ms: int) -> str:
+    """A wall-clock time in milliseconds as local ``YYYY-MM-DD HH:MM:SS``, for messages."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp_ms / 1000))
 
 
@@ -652,7 +653,8 @@ def find_newest_snapshot(directory: str | os.PathLike[str]) -> SnapshotSearch:
 
     A folder counts as a candidate if it holds a ``_metadata`` file or is named like a savepoint
     or checkpoint folder. ``skipped`` lists the candidates with unreadable metadata and the ones
-    newer than the found one that failed verification; with none valid, every candidate.
+    newer than the found one that failed verification or are abandoned (rule 6); with none
+    valid, every candidate.
     """
     search = SnapshotSearch(None)
     readable: list[tuple[int, int, Path]] = []
