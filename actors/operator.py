@@ -62,6 +62,8 @@ class RestoreContext:
 
     checkpoint_id: int | None = None
     """The checkpoint or savepoint this attempt restores; None for a fresh start."""
+    checkpoint_timestamp_ms: int | None = None
+    """When ``checkpoint_id`` was taken (ids of different checkpoint directories may collide)."""
     newer_completed_checkpoints: tuple[int, ...] = ()
     """Checkpoints in the checkpoint directory that completed after ``checkpoint_id`` (all of
     them on a fresh start), valid or damaged: their side effects may have been committed."""
@@ -70,6 +72,8 @@ class RestoreContext:
     on_newer_committed_output: NewerOutputPolicy = NewerOutputPolicy.MOVE
     allow_existing_output: bool = False
     """A sink that starts without restored state may write where committed output already is."""
+    checkpoint_dir: str | None = None
+    """The job's ``--checkpoint-dir``; None when checkpoints stay in memory (nothing to restore)."""
 
 
 @dataclass

@@ -11,6 +11,8 @@ import asyncio
 import logging
 import os
 import re
+import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from runtime.functions import RuntimeContext
 from runtime.sinks import Sink, SinkWriter
 from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
 from state.refusal import RestoreRefusedError
+from state.storage import format_local_time
 
 _CHUNK = 1 << 18
 
@@ -275,6 +278,14 @@ class TwoPhaseCommitFileSink(Sink):
          records, and sees them again when they are committed anew. ``fail`` refuses the restore
          instead, naming the directory, the checkpoints and the files; ``keep`` leaves them and
          warns that duplicates follow.
+       - Moving files aside abandons the checkpoints newer than *r*: they belong to the run the
+         user left. The rolled-back folder gets a manifest, ``_manifest.json`` (*r*, the abandoned
+         checkpoint ids: the newer completed ones of the checkpoint directory and those of the
+         moved files, and the time). A later restore of a checkpoint that a manifest lists as
+         abandoned (and that was taken before that restore) is refused, naming the folder and the
+         ways out: its run's output is incomplete in the directory. The checkpoint storage marks
+         those checkpoints abandoned too, but only once the restore succeeded; the manifest
+         covers a crash before that, and checkpoint folders copied elsewhere.
        - Pending files named in the restored state are committed (idempotently: a file already
          renamed is left alone). A named file that is neither pending nor committed in the
          directory refuses the restore, before anything is moved: the checkpoint wrote to another
@@ -322,6 +333,45 @@ def rolled_back_folder(directory: str | os.PathLike[str], checkpoint_id: int) ->
     return Path(directory) / f"{_ROLLED_BACK_PREFIX}{checkpoint_id}"
 
 
+ROLLBACK_MANIFEST = "_manifest.json"
+_manifest_lock = threading.Lock()
+"""Subtasks of one sink merge into the same manifest from aiofiles' worker threads."""
+
+
+def _record_rollback(folder: Path, restored_id: int, abandoned: set[int]) -> None:
+    """Merge ``abandoned`` into the manifest of the rolled-back ``folder`` (atomically)."""
+    path = folder / ROLLBACK_MANIFEST
+    with _manifest_lock:
+        manifest = _read_manifest(path) or {}
+        known = {c for c in manifest.get("abandoned", []) if isinstance(c, int)}
+        manifest = {
+            "restored": restored_id,
+            "abandoned": sorted(known | abandoned),
+            "time_ms": int(time.time() * 1000),
+        }
+        temp = folder / f".{ROLLBACK_MANIFEST}.tmp"
+        with open(temp, "wb") as f:
+            f.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """A rollback manifest if it exists and has the shape ``_record_rollback`` writes."""
+    try:
+        manifest = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    valid = (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("restored"), int)
+        and isinstance(manifest.get("time_ms"), int)
+        and isinstance(manifest.get("abandoned"), list)
+    )
+    return manifest if valid else None
+
+
 _COMMITTED = re.compile(r"part-(?P<subtask>\d+)-[0-9a-f]+-\d+-chk(?P<checkpoint>\d+)\.jsonl")
 _PENDING = re.compile(r"\.part-(?P<subtask>\d+)-[0-9a-f]+-\d+-chk(?P<checkpoint>\d+)\.pending")
 _PENDING_SUFFIX = ".pending"
@@ -358,6 +408,7 @@ class _TwoPhaseCommitWriter(SinkWriter):
         entries = [self._checked_entry(entry, restored_id) for entry in state]
         self.directory.mkdir(parents=True, exist_ok=True)
         self._refuse_missing_files(entries, restored_id)
+        self._refuse_abandoned(restored_id)
         if restored_id is not None:
             await self._handle_newer_committed_output(restored_id)
         for entry in entries:
@@ -420,6 +471,37 @@ class _TwoPhaseCommitWriter(SinkWriter):
         )
         raise RestoreRefusedError(msg)
 
+    def _refuse_abandoned(self, restored_id: int | None) -> None:
+        """Refuse to restore a checkpoint that a rollback manifest lists as abandoned: the files
+        its run committed after the restored checkpoint of that rollback are moved aside, so the
+        visible output would silently lack their records."""
+        if restored_id is None:
+            return
+        taken_ms = self.restore_context.checkpoint_timestamp_ms
+        listing = []
+        for path in self.directory.glob(f"{_ROLLED_BACK_PREFIX}*/{ROLLBACK_MANIFEST}"):
+            manifest = _read_manifest(path)
+            # A checkpoint taken after the rollback is of a later run (ids of another checkpoint
+            # directory may repeat the abandoned ones).
+            if (
+                manifest is not None
+                and restored_id in manifest["abandoned"]
+                and (taken_ms is None or taken_ms <= manifest["time_ms"])
+            ):
+                listing.append((manifest["time_ms"], manifest["restored"], path))
+        if not listing:
+            return
+        time_ms, rolled_back_to, path = max(listing)
+        msg = (
+            f"{self.label}: checkpoint {restored_id} was abandoned: a restore of checkpoint "
+            f"{rolled_back_to} on {format_local_time(time_ms)} moved the output committed after it to {path.parent}, "
+            f"so restoring checkpoint {restored_id} would silently lack those records. Restore "
+            f"checkpoint {rolled_back_to} again or a checkpoint of the run that resumed from it; "
+            f"or, to return to checkpoint {restored_id}'s run, move the files of {path.parent} "
+            f"back into {self.directory} and delete {path}."
+        )
+        raise RestoreRefusedError(msg)
+
     def _is_mine(self, subtask_index: int) -> bool:
         """Whether this subtask handles leftovers of ``subtask_index`` (each file has one owner)."""
         if subtask_index == self.subtask:
@@ -466,6 +548,9 @@ class _TwoPhaseCommitWriter(SinkWriter):
             return
         folder = rolled_back_folder(self.directory, restored_id)
         await aiofiles.os.makedirs(folder, exist_ok=True)
+        abandoned = {c for _, c in newer} | set(self.restore_context.newer_completed_checkpoints)
+        # The manifest first: a crash halfway through the moves still leaves the record.
+        await aiofiles.os.wrap(_record_rollback)(folder, restored_id, abandoned)
         for path, _ in newer:
             await aiofiles.os.replace(path, folder / path.name)
         log.warning(
@@ -515,17 +600,25 @@ class _TwoPhaseCommitWriter(SinkWriter):
                 len(existing),
             )
             return
-        start = (
-            "the job starts from the beginning"
-            if self.restore_context.checkpoint_id is None
-            else f"checkpoint {self.restore_context.checkpoint_id} has no state for this sink"
-        )
+        context = self.restore_context
+        if context.checkpoint_id is not None:
+            start = f"checkpoint {context.checkpoint_id} has no state for this sink"
+            restore = "restore a checkpoint or savepoint that contains this sink (--restore PATH)"
+        elif context.checkpoint_dir is None:
+            start = "the job starts from the beginning"
+            restore = "restore a savepoint of the run that wrote them (--restore PATH)"
+        else:
+            start = "the job starts from the beginning"
+            restore = (
+                "restore the checkpoint or savepoint that wrote them (--restore PATH, or "
+                "--restore latest when it is in the checkpoint directory)"
+            )
         msg = (
             f"{self.label}: the output directory {self.directory} already holds "
             f"{len(existing)} committed file(s) ({_listing([p.name for p in existing])}), but "
-            f"{start}, so its records would be written again. Restore the checkpoint or "
-            "savepoint that wrote them (--restore), choose another output directory, or pass "
-            "--allow-existing-output to add to them knowingly."
+            f"{start}, so its records would be written again. Delete the old output, choose "
+            f"another output directory, {restore}, or pass --allow-existing-output to add to "
+            "them knowingly."
         )
         raise RestoreRefusedError(msg)
 

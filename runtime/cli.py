@@ -45,6 +45,7 @@ from state.storage import (
     find_snapshot_folders,
     list_checkpoint_folders,
     load_checkpoint,
+    read_abandoned_marker,
     remove_incomplete_checkpoints,
 )
 
@@ -387,8 +388,8 @@ def _load_restore_point(args: Any, graph: Any) -> Any:
         if search.skipped and restored is search.checkpoint:
             _warning(
                 f"--restore latest: {len(search.skipped)} newer checkpoint folder(s) in "
-                f"{args.checkpoint_dir} are not valid; falling back to checkpoint "
-                f"{restored.checkpoint_id}"
+                f"{args.checkpoint_dir} are {_skipped_as(search.skipped)}; falling back to "
+                f"checkpoint {restored.checkpoint_id}"
             )
             _warn_skipped(search.skipped)
     else:
@@ -410,11 +411,27 @@ def _describe_checkpoint_dir(directory: Path, search: SnapshotSearch) -> str:
         return "it is not a directory; check --checkpoint-dir"
     if not search.skipped:
         return "the directory exists and holds no chk-* folders"
-    return f"the directory exists; none of its {len(search.skipped)} chk-* folders is valid"
+    if all(entry.abandoned is None for entry in search.skipped):
+        return f"the directory exists; none of its {len(search.skipped)} chk-* folders is valid"
+    return (
+        f"the directory exists; its {len(search.skipped)} chk-* folder(s) are "
+        f"{_skipped_as(search.skipped)}"
+    )
+
+
+def _skipped_as(skipped: list[SkippedSnapshot]) -> str:
+    """``not valid``, ``abandoned``, or ``abandoned or not valid``: why the folders were skipped."""
+    kinds = {entry.abandoned is not None for entry in skipped}
+    if kinds == {True}:
+        return "abandoned (a restore of an older checkpoint left them)"
+    return "abandoned or not valid" if kinds == {True, False} else "not valid"
 
 
 def _warn_skipped(skipped: list[SkippedSnapshot]) -> None:
     for entry in skipped:
+        if entry.abandoned is not None:
+            _warning(f"  skipped {entry.folder.name}: {entry.reason}")
+            continue
         state = "damaged" if entry.completed else "incomplete"
         _warning(f"  skipped {state} {entry.folder.name}: {entry.reason}")
 
@@ -426,8 +443,18 @@ def _load_restore_path(text: str) -> CompletedCheckpoint:
     if not path.exists():
         msg = f"--restore {text}: no such checkpoint or savepoint folder"
         raise ValueError(msg)
+    if path.name == METADATA and path.is_file():
+        path = path.parent  # the metadata file names its folder, as Flink accepts
     if not path.is_dir() or (path / METADATA).exists():
-        return load_checkpoint(path)
+        restored = load_checkpoint(path)
+        marker = read_abandoned_marker(path)
+        if marker is not None:
+            _warning(
+                f"--restore {text}: checkpoint {restored.checkpoint_id} was abandoned: "
+                f"{marker.description}; restoring it as asked returns to the run that restore "
+                "left (two-phase file sinks refuse it while its output is moved aside)"
+            )
+        return restored
     search = find_newest_snapshot(path)
     if search.checkpoint is None:
         if not search.skipped:
@@ -584,13 +611,15 @@ def _checkpoints(args: Any) -> int:
             print(f"{folder}: INVALID ({exc})")
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(checkpoint.timestamp_ms / 1000))
+        marker = read_abandoned_marker(folder)
+        status = "valid" if marker is None else f"valid, ABANDONED ({marker.description})"
         ops = ", ".join(
             f"{uid}{' (finished)' if e.fully_finished else ''}"
             for uid, e in checkpoint.operators.items()
         )
         print(
             f"{folder}: {checkpoint.kind.value} {checkpoint.checkpoint_id}, {when}, "
-            f"{checkpoint.state_size:,} bytes, valid; operators: {ops}"
+            f"{checkpoint.state_size:,} bytes, {status}; operators: {ops}"
         )
         if graph is not None:
             report = RestoreReport(graph, checkpoint)

@@ -62,6 +62,9 @@ from state.storage import (
 
 log = logging.getLogger(__name__)
 
+_PAST_RESTORE = frozenset({TaskState.RUNNING, TaskState.FINISHING, TaskState.FINISHED})
+"""Task states that prove its operators restored their state (none refused the restore)."""
+
 
 @dataclass
 class ExecutionConfig:
@@ -151,11 +154,14 @@ class JobMaster:
         self.restore_context = RestoreContext()
         self.restarts_allowed = True
         """False once the job is being shut down: a failed attempt then ends the job."""
+        self._all_restored = asyncio.Event()
 
     # ---------------------------------------------------------------- TaskListener
 
     def task_state_changed(self, task: StreamTask, state: TaskState) -> None:
         self.coordinator.on_task_state(task, state)
+        if state in _PAST_RESTORE and all(t.state in _PAST_RESTORE for t in self.tasks):
+            self._all_restored.set()
         if state is TaskState.FINISHED and all(t.state is TaskState.FINISHED for t in self.tasks):
             self._all_finished.set()
 
@@ -249,9 +255,16 @@ class JobMaster:
         )
 
     async def _run_attempt(self) -> None:
+        self._all_restored = asyncio.Event()
         async with asyncio.TaskGroup() as group:
             for task in self.tasks:
                 group.create_task(task.run(), name=task.name)
+            abandoned = self.restore_context.newer_completed_checkpoints
+            if self.restore_point is not None and abandoned:
+                group.create_task(
+                    self._mark_abandoned_once_restored(self.restore_point, abandoned),
+                    name="mark-abandoned-checkpoints",
+                )
             helpers = [group.create_task(self.coordinator.run(), name="checkpoint-coordinator")]
             for vertex in self.graph.vertices:
                 source = vertex.head.transformation.source
@@ -263,6 +276,33 @@ class JobMaster:
             for helper in helpers[1:]:
                 helper.cancel()
             self.coordinator.mailbox.put(("stop",))
+
+    async def _mark_abandoned_once_restored(
+        self, restored: CompletedCheckpoint, newer: tuple[int, ...]
+    ) -> None:
+        """Mark the completed checkpoints newer than ``restored`` abandoned (storage rule 6), once
+        every task has restored: not before, since a refused restore leaves the user on the
+        timeline of the newest checkpoint, which ``--restore latest`` must still find."""
+        await self._all_restored.wait()
+        try:
+            marked = await self.storage.mark_abandoned(newer, restored)
+        except OSError as exc:
+            log.warning(
+                "could not mark the checkpoint(s) %s in %s abandoned (%s): --restore latest may "
+                "pick one of them instead of a checkpoint of this run",
+                ", ".join(map(str, newer)),
+                self.storage.directory,
+                exc,
+            )
+            return
+        if marked:
+            log.info(
+                "restored %s %d: marked the newer checkpoint(s) %s in %s abandoned",
+                restored.kind.value,
+                restored.checkpoint_id,
+                ", ".join(map(str, marked)),
+                self.storage.directory,
+            )
 
     async def _discover_splits(self) -> None:
         """List every source's splits once, on the coordinator, before the first attempt."""
@@ -375,10 +415,12 @@ class JobMaster:
             newer = completed_checkpoint_ids_after(self.storage.directory, checkpoint_id)
         return RestoreContext(
             checkpoint_id=checkpoint_id,
+            checkpoint_timestamp_ms=restore_point.timestamp_ms if restore_point else None,
             newer_completed_checkpoints=tuple(newer),
             allow_non_restored_state=config.allow_non_restored_state,
             on_newer_committed_output=config.on_newer_committed_output,
             allow_existing_output=config.allow_existing_output,
+            checkpoint_dir=str(self.storage.directory) if self.storage.directory else None,
         )
 
     def _deploy(self, restore_point: CompletedCheckpoint | None) -> list[StreamTask]:

@@ -20,7 +20,13 @@ Rules:
 4. Retention deletes subsumed checkpoints (``chk-*`` folders only); savepoints are never deleted.
 5. ``chk-*`` folders that never got their ``_metadata`` are deleted at the next completed
    checkpoint and at a restore (:func:`remove_incomplete_checkpoints`); a folder with
-   ``_metadata`` is never deleted as garbage, even when damaged.
+   ``_metadata`` is never deleted as garbage, even when damaged or abandoned.
+6. A restore from checkpoint or savepoint *r* abandons the newer completed ``chk-*`` checkpoints
+   of the directory: they belong to the timeline the user left. Once every task of the restored
+   attempt is running, each gets an ``_abandoned`` marker (:func:`mark_abandoned`, JSON naming
+   *r* and the time). ``--restore latest`` and searches for the newest snapshot skip abandoned
+   folders with the reason; they still count as completed for
+   :func:`completed_checkpoint_ids_after`, since their side effects were committed.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from state.serde import packb, unpackb
 log = logging.getLogger(__name__)
 
 METADATA = "_metadata"
+ABANDONED = "_abandoned"
 FORMAT_VERSION = 1
 _CHECKPOINT_DIR = re.compile(r"^chk-(\d+)$")
 _SNAPSHOT_DIR = re.compile(r"^(savepoint-\d+-.+|chk-\d+)$")
@@ -162,6 +169,93 @@ def _write_folder(folder: Path, files: dict[str, bytes], metadata: bytes) -> Non
     _fsync_dir(folder)
 
 
+@dataclass(frozen=True)
+class AbandonedMarker:
+    """What an ``_abandoned`` marker records: the restore that left this checkpoint behind."""
+
+    restored_kind: str
+    restored_checkpoint: int | None
+    """None when the marker cannot be read (``problem`` says why)."""
+    restored_path: str
+    time_ms: int | None
+    problem: str = ""
+
+    @property
+    def description(self) -> str:
+        """``a later run restored savepoint 6 on <local time> (<path>)``, for one line."""
+        if self.restored_checkpoint is None:
+            return f"a later run restored an older checkpoint ({self.problem})"
+        what = f"{self.restored_kind} {self.restored_checkpoint}"
+        when = "" if self.time_ms is None else f" on {format_local_time(self.time_ms)}"
+        where = f" ({self.restored_path})" if self.restored_path else ""
+        return f"a later run restored {what}{when}{where}"
+
+
+def format_local_time(timestamp_ms: int) -> str:
+    """A wall-clock time in milliseconds as local ``YYYY-MM-DD HH:MM:SS``, for messages."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp_ms / 1000))
+
+
+def read_abandoned_marker(folder: str | os.PathLike[str]) -> AbandonedMarker | None:
+    """The ``_abandoned`` marker of a checkpoint folder (rule 6), None if it has none. A marker
+    that cannot be read still marks the folder abandoned (it was written atomically, so only a
+    hand edit damages it); the description says so."""
+    path = Path(folder) / ABANDONED
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return AbandonedMarker("", None, "", None, f"its {ABANDONED} is unreadable: {exc}")
+    try:
+        parsed = orjson.loads(data)
+        return AbandonedMarker(
+            str(parsed["restored_kind"]),
+            _as_int(parsed["restored_checkpoint"], "restored_checkpoint"),
+            str(parsed.get("restored_path", "")),
+            _as_int(parsed["time_ms"], "time_ms", maximum=_MAX_TIMESTAMP_MS),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        return AbandonedMarker("", None, "", None, f"its {ABANDONED} is damaged: {exc}")
+
+
+def mark_abandoned(
+    directory: str | os.PathLike[str],
+    checkpoint_ids: Collection[int],
+    restored: CompletedCheckpoint,
+) -> list[int]:
+    """Rule 6: write an ``_abandoned`` marker (atomically) into each completed ``chk-<id>`` folder
+    of ``directory`` with an id in ``checkpoint_ids``, naming ``restored``, the checkpoint or
+    savepoint restored instead. A folder already marked keeps its marker (the restore that first
+    left it); a folder without readable ``_metadata`` is not marked (every search skips it as
+    damaged anyway, and it stays as it is, the evidence of what happened). Returns the ids marked
+    now."""
+    marker = orjson.dumps(
+        {
+            "restored_kind": restored.kind.value,
+            "restored_checkpoint": restored.checkpoint_id,
+            "restored_path": restored.path or "",
+            "time_ms": int(time.time() * 1000),
+        },
+        option=orjson.OPT_INDENT_2,
+    )
+    marked = []
+    for checkpoint_id in sorted(checkpoint_ids):
+        folder = Path(directory) / f"chk-{checkpoint_id}"
+        if (folder / ABANDONED).exists():
+            continue
+        try:
+            read_metadata(folder)
+        except InvalidCheckpointError:
+            continue
+        temp = folder / f".{ABANDONED}.tmp"
+        _write_durably(temp, marker)
+        os.replace(temp, folder / ABANDONED)
+        _fsync_dir(folder)
+        marked.append(checkpoint_id)
+    return marked
+
+
 class CheckpointStorage:
     """Checkpoints under ``directory/chk-<id>``; savepoints under a directory named per request."""
 
@@ -236,6 +330,17 @@ class CheckpointStorage:
         path = Path(checkpoint.path)
         if _CHECKPOINT_DIR.match(path.name):
             await aiofiles.os.wrap(shutil.rmtree)(path, ignore_errors=True)
+
+    async def mark_abandoned(
+        self, checkpoint_ids: Collection[int], restored: CompletedCheckpoint
+    ) -> list[int]:
+        """:func:`mark_abandoned` in this storage's directory, off the loop."""
+        if self.directory is None or not checkpoint_ids:
+            return []
+        marked: list[int] = await aiofiles.os.wrap(mark_abandoned)(
+            self.directory, checkpoint_ids, restored
+        )
+        return marked
 
     async def remove_incomplete(self, below_id: int, keep: Collection[int]) -> list[Path]:
         """:func:`remove_incomplete_checkpoints` in this storage's directory, off the loop."""
@@ -483,7 +588,9 @@ class SkippedSnapshot:
     folder: Path
     reason: str
     completed: bool
-    """It has its ``_metadata`` (completed, damaged since); else it never completed."""
+    """It has its ``_metadata`` (completed, damaged or abandoned since); else it never completed."""
+    abandoned: AbandonedMarker | None = None
+    """Set when it was skipped for its ``_abandoned`` marker (rule 6), not for damage."""
 
 
 @dataclass
@@ -501,8 +608,16 @@ def _skipped(folder: Path, exc: InvalidCheckpointError) -> SkippedSnapshot:
 
 
 def _first_valid(folders: list[Path], search: SnapshotSearch) -> SnapshotSearch:
-    """Load ``folders`` in order until one is valid; the ones before it go to ``skipped``."""
+    """Load ``folders`` in order until one is valid and not abandoned; the ones before it go to
+    ``skipped``."""
     for folder in folders:
+        marker = read_abandoned_marker(folder)
+        if marker is not None:
+            match = _CHECKPOINT_DIR.match(folder.name)
+            what = f"checkpoint {match.group(1)}" if match else folder.name
+            reason = f"{what} abandoned: {marker.description}"
+            search.skipped.append(SkippedSnapshot(folder, reason, True, marker))
+            continue
         try:
             search.checkpoint = load_checkpoint(folder)
         except InvalidCheckpointError as exc:
@@ -513,13 +628,15 @@ def _first_valid(folders: list[Path], search: SnapshotSearch) -> SnapshotSearch:
 
 
 def find_latest_valid(directory: str | os.PathLike[str]) -> SnapshotSearch:
-    """The newest valid ``chk-*`` checkpoint under ``directory`` (by id) and the newer folders that
-    were skipped because they never completed or are damaged."""
+    """The newest valid ``chk-*`` checkpoint under ``directory`` (by id) that is not abandoned, and
+    the newer folders that were skipped because they never completed, are damaged, or were
+    abandoned (rule 6)."""
     return _first_valid(list_checkpoint_folders(directory), SnapshotSearch(None))
 
 
 def load_latest_valid(directory: str | os.PathLike[str]) -> CompletedCheckpoint | None:
-    """The newest valid checkpoint under ``directory``; damaged newer ones are skipped (logged)."""
+    """The newest valid checkpoint under ``directory``; damaged and abandoned newer ones are
+    skipped (logged)."""
     search = find_latest_valid(directory)
     for skipped in search.skipped:
         log.warning(
@@ -536,7 +653,8 @@ def find_newest_snapshot(directory: str | os.PathLike[str]) -> SnapshotSearch:
 
     A folder counts as a candidate if it holds a ``_metadata`` file or is named like a savepoint
     or checkpoint folder. ``skipped`` lists the candidates with unreadable metadata and the ones
-    newer than the found one that failed verification; with none valid, every candidate.
+    newer than the found one that failed verification or are abandoned (rule 6); with none
+    valid, every candidate.
     """
     search = SnapshotSearch(None)
     readable: list[tuple[int, int, Path]] = []
@@ -598,7 +716,9 @@ def completed_checkpoint_ids_after(
     valid or damaged now) above ``checkpoint_id`` (all of them for None), oldest first.
 
     A completed checkpoint may have committed side effects (files, Kafka transactions); a restore
-    from an older one replays what they committed.
+    from an older one replays what they committed. Abandoned checkpoints (rule 6) are counted
+    too: their side effects were committed all the same, and a restore from an older checkpoint
+    than them still replays those records.
     """
     ids = []
     for folder in list_checkpoint_folders(directory):

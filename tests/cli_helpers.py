@@ -252,6 +252,16 @@ def checkpoint_sink_entries(folder: Path, uid: str) -> list[dict[str, Any]]:
     ]
 
 
+def committed_output_checkpoints(out: Path) -> set[int]:
+    """The checkpoints whose two-phase file sink output is committed in ``out`` (by file name)."""
+    found = set()
+    for path in out.glob("part-*.jsonl") if out.is_dir() else []:
+        match = re.search(r"-chk(\d+)\.jsonl$", path.name)
+        if match:
+            found.add(int(match.group(1)))
+    return found
+
+
 def write_savepoint(
     base: Path, checkpoint_id: int, operators: dict[str, tuple[str, dict[int, Any]]]
 ) -> Path:

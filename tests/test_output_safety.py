@@ -30,7 +30,7 @@ from cli_helpers import (
 )
 from etl_expectations import EVENTS, assert_exact_output, committed_records, expected_output
 
-from connectors.files import committed_files, rolled_back_folder
+from connectors.files import ROLLBACK_MANIFEST, committed_files, rolled_back_folder
 
 EXAMPLE = ROOT / "examples" / "file_etl.py"
 SINK_UID = "output"
@@ -150,7 +150,12 @@ def test_fallback_to_an_older_checkpoint_moves_newer_committed_output_aside(
     assert_exact_output(out)
     moved = rolled_back_folder(out, fallback["restored"])
     assert moved.name.startswith(".")
-    assert sorted(p.name for p in moved.iterdir()) == fallback["newer"]
+    assert sorted(p.name for p in moved.iterdir()) == sorted(
+        [*fallback["newer"], ROLLBACK_MANIFEST]
+    )
+    manifest = orjson.loads((moved / ROLLBACK_MANIFEST).read_bytes())
+    assert manifest["restored"] == fallback["restored"]
+    assert manifest["abandoned"] == [fallback["damaged"]]
     for name in fallback["newer"]:
         assert (moved / name).read_bytes() == fallback["committed"][name]
         assert name in result.stderr
