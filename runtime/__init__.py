@@ -4,6 +4,7 @@ Write a job file with ``build(job)`` and run it with ``python -m runtime run job
 build function from Python with :func:`run_job`.
 """
 
+from actors.operator import NewerOutputPolicy
 from runtime.api import (
     ConnectedStreams,
     DataStream,
@@ -46,6 +47,7 @@ __all__ = [
     "KeyedProcessFunction",
     "KeyedStream",
     "MapFunction",
+    "NewerOutputPolicy",
     "PrintSink",
     "ReduceFunction",
     "RichFunction",

@@ -1,6 +1,7 @@
 """Keyed and operator state, their snapshot encoding and key groups."""
 
 from state.keyed import (
+    IncompatibleStateError,
     KeyedStateBackend,
     ListState,
     ListStateDescriptor,
@@ -20,11 +21,13 @@ from state.keygroups import (
     subtask_for_key_group,
 )
 from state.operator import BroadcastState, OperatorListState, OperatorStateStore, Redistribution
+from state.refusal import RestoreRefusedError
 from state.serde import StateSerializationError, StateSerializer
 
 __all__ = [
     "DEFAULT_MAX_PARALLELISM",
     "BroadcastState",
+    "IncompatibleStateError",
     "KeyGroupRange",
     "KeyedStateBackend",
     "ListState",
@@ -36,6 +39,7 @@ __all__ = [
     "Redistribution",
     "ReducingState",
     "ReducingStateDescriptor",
+    "RestoreRefusedError",
     "StateSerializationError",
     "StateSerializer",
     "ValueState",
