@@ -490,8 +490,8 @@ class CheckpointCoordinator:
 
 
 def _has_union_state(entry: OperatorCheckpoint) -> bool:
-    for snapshot in entry.subtask_states.values():
-        for item in (snapshot.get("operator") or {}).values():
+    for _, snapshot in entry.subtask_states.snapshots():
+        for item in (snapshot.operator or {}).values():
             if item.get("mode") == Redistribution.UNION.value:
                 return True
     return False

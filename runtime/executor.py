@@ -52,6 +52,7 @@ from runtime.restore import assign_restored_state
 from runtime.sources import SourceOperator, assign_splits
 from state.keygroups import key_group_range_for_subtask
 from state.refusal import restore_refusal
+from state.snapshot import RestoredState
 from state.storage import (
     CheckpointKind,
     CheckpointStorage,
@@ -327,8 +328,8 @@ class JobMaster:
         known = list(self._splits.get(node.uid, []))
         if self.restore_point is not None and node.uid in self.restore_point.operators:
             entry = self.restore_point.operators[node.uid]
-            for state in entry.subtask_states.values():
-                known.extend((state.get("operator") or {}).get("splits", {}).get("items", []))
+            for _, snapshot in entry.subtask_states.snapshots():
+                known.extend((snapshot.operator or {}).get("splits", {}).get("items", []))
         tasks = [t for t in self.tasks if t.vertex_id == vertex.id]
         while True:
             await asyncio.sleep(source.discovery_interval_s)
@@ -455,7 +456,7 @@ class JobMaster:
         index: int,
         subpartitions: dict[int, list[list[ResultSubpartition]]],
         splits: dict[str, list[Any]],
-        restored_state: dict[tuple[str, int], tuple[dict[str, Any], bool]],
+        restored_state: dict[tuple[str, int], tuple[dict[str, RestoredState], bool]],
     ) -> StreamTask:
         graph = self.graph
         config = self.config
