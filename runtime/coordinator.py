@@ -39,7 +39,7 @@ from actors.task import (
     TaskState,
     TriggerCheckpointMail,
 )
-from state.operator import Redistribution
+from state.operator import has_union_state
 from state.storage import CheckpointKind, CompletedCheckpoint, OperatorCheckpoint, SnapshotMap
 
 if TYPE_CHECKING:
@@ -490,11 +490,9 @@ class CheckpointCoordinator:
 
 
 def _has_union_state(entry: OperatorCheckpoint) -> bool:
-    for _, snapshot in entry.subtask_states.snapshots():
-        for item in (snapshot.operator or {}).values():
-            if item.get("mode") == Redistribution.UNION.value:
-                return True
-    return False
+    return any(
+        has_union_state(snapshot.operator or {}) for _, snapshot in entry.subtask_states.snapshots()
+    )
 
 
 def _chain_future(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:

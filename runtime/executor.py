@@ -49,8 +49,9 @@ from runtime.coordinator import CheckpointConfig, CheckpointCoordinator
 from runtime.graph import JobGraph, JobVertex
 from runtime.restart import NoRestart, RestartStrategy
 from runtime.restore import assign_restored_state
-from runtime.sources import SourceOperator, assign_splits
+from runtime.sources import SPLITS_STATE, SourceOperator, assign_splits
 from state.keygroups import key_group_range_for_subtask
+from state.operator import list_state_items
 from state.refusal import restore_refusal
 from state.snapshot import RestoredState
 from state.storage import (
@@ -329,7 +330,7 @@ class JobMaster:
         if self.restore_point is not None and node.uid in self.restore_point.operators:
             entry = self.restore_point.operators[node.uid]
             for _, snapshot in entry.subtask_states.snapshots():
-                known.extend((snapshot.operator or {}).get("splits", {}).get("items", []))
+                known.extend(list_state_items(snapshot.operator or {}, SPLITS_STATE))
         tasks = [t for t in self.tasks if t.vertex_id == vertex.id]
         while True:
             await asyncio.sleep(source.discovery_interval_s)

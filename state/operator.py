@@ -131,6 +131,16 @@ class OperatorStateStore:
         self._restored = dict(snapshot)
 
 
+def has_union_state(snapshot: dict[str, Any]) -> bool:
+    """Whether an :meth:`OperatorStateStore.snapshot` holds union list state."""
+    return any(entry.get("mode") == Redistribution.UNION.value for entry in snapshot.values())
+
+
+def list_state_items(snapshot: dict[str, Any], name: str) -> list[Any]:
+    """The items of list state ``name`` in an :meth:`OperatorStateStore.snapshot` (none if absent)."""
+    return list(snapshot.get(name, {}).get("items", []))
+
+
 def redistribute_operator_state(
     old: list[dict[str, Any]], new_parallelism: int
 ) -> list[dict[str, Any]]:
