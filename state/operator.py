@@ -115,9 +115,8 @@ class OperatorStateStore:
 
     @property
     def uses_union_state(self) -> bool:
-        return any(s.mode is Redistribution.UNION for s in self._lists.values()) or any(
-            r.get("mode") == Redistribution.UNION.value for r in self._restored.values()
-        )
+        declared = any(s.mode is Redistribution.UNION for s in self._lists.values())
+        return declared or has_union_state(self._restored)
 
     def snapshot(self) -> dict[str, Any]:
         result: dict[str, Any] = dict(self._restored)
