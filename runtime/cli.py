@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,25 +99,48 @@ def _max_parallelism(text: str) -> int:
     return value
 
 
-def _add_max_parallelism_option(parser: argparse.ArgumentParser) -> None:
+def _add_option(
+    parser: argparse.ArgumentParser,
+    *flags: str,
+    default: Any,
+    help: str,
+    type: Callable[[str], Any] = str,
+    metavar: str | None = None,
+    choices: list[str] | None = None,
+) -> None:
+    """An option whose help ends with its default, shown as users write it (durations as 5s):
+    the help cannot drift from the default the option really has."""
+    shown = format_duration(default) if type is _duration else default
     parser.add_argument(
+        *flags,
+        type=type,
+        default=default,
+        metavar=metavar,
+        choices=choices,
+        help=f"{help} (default {shown})",
+    )
+
+
+def _add_max_parallelism_option(parser: argparse.ArgumentParser) -> None:
+    _add_option(
+        parser,
         "--max-parallelism",
         type=_max_parallelism,
         default=DEFAULT_MAX_PARALLELISM,
         metavar="N",
-        help="key groups of keyed state and timers, for operators without set_max_parallelism() "
-        f"(default {DEFAULT_MAX_PARALLELISM}); the upper bound of rescaling, fixed for the life "
-        "of the state",
+        help="key groups of keyed state and timers, for operators without set_max_parallelism(); "
+        "the upper bound of rescaling, fixed for the life of the state",
     )
 
 
 def _add_parallelism_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    _add_option(
+        parser,
         "-p",
         "--parallelism",
         type=_positive_int,
         default=DEFAULT_PARALLELISM,
-        help=f"subtasks of each operator without set_parallelism() (default {DEFAULT_PARALLELISM})",
+        help="subtasks of each operator without set_parallelism()",
     )
 
 
@@ -140,42 +164,44 @@ def make_parser() -> argparse.ArgumentParser:
         help="a job parameter, readable as job.params[KEY] (repeatable)",
     )
     run.add_argument("--checkpoint-interval", type=_duration, default=None, metavar="DURATION")
-    run.add_argument(
+    _add_option(
+        run,
         "--mode",
         choices=[m.value for m in CheckpointingMode],
         default=_CHECKPOINT_DEFAULTS.mode.value,
-        help=f"checkpointing mode (default {_CHECKPOINT_DEFAULTS.mode.value})",
+        help="checkpointing mode",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--checkpoint-timeout",
         type=_duration,
         default=_CHECKPOINT_DEFAULTS.timeout_s,
         metavar="DURATION",
-        help="a checkpoint not completed within this time is aborted "
-        f"(default {format_duration(_CHECKPOINT_DEFAULTS.timeout_s)})",
+        help="a checkpoint not completed within this time is aborted",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--min-pause",
         type=_duration,
         default=_CHECKPOINT_DEFAULTS.min_pause_s,
         metavar="DURATION",
-        help="least time from the completion of one checkpoint to the trigger of the next "
-        f"(default {format_duration(_CHECKPOINT_DEFAULTS.min_pause_s)})",
+        help="least time from the completion of one checkpoint to the trigger of the next",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--max-concurrent-checkpoints",
         type=_positive_int,
         default=_CHECKPOINT_DEFAULTS.max_concurrent,
         metavar="N",
-        help=f"checkpoints in progress at once (default {_CHECKPOINT_DEFAULTS.max_concurrent})",
+        help="checkpoints in progress at once",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--tolerable-checkpoint-failures",
         type=int,
         default=_CHECKPOINT_DEFAULTS.tolerable_failures,
         metavar="N",
-        help="consecutive failed checkpoints tolerated; one more fails the job over "
-        f"(default {_CHECKPOINT_DEFAULTS.tolerable_failures})",
+        help="consecutive failed checkpoints tolerated; one more fails the job over",
     )
     run.add_argument(
         "--restart-strategy",
@@ -191,19 +217,20 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where checkpoints are written (default: kept in memory only)",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--retained-checkpoints",
         type=_positive_int,
         default=_CHECKPOINT_DEFAULTS.retained,
         metavar="N",
-        help=f"completed checkpoints kept (default {_CHECKPOINT_DEFAULTS.retained})",
+        help="completed checkpoints kept",
     )
-    on_cancel = "retain" if _CHECKPOINT_DEFAULTS.retain_on_cancel else "delete"
-    run.add_argument(
+    _add_option(
+        run,
         "--on-cancel",
         choices=["retain", "delete"],
-        default=on_cancel,
-        help=f"keep or delete this run's checkpoints when the job is cancelled (default {on_cancel})",
+        default="retain" if _CHECKPOINT_DEFAULTS.retain_on_cancel else "delete",
+        help="keep or delete this run's checkpoints when the job is cancelled",
     )
     run.add_argument(
         "--restore",
@@ -219,14 +246,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="drop restored state that does not fit the job (operators no longer in it, states "
         "re-declared with another kind, keys of another type) instead of refusing it",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--on-newer-committed-output",
         choices=[p.value for p in NewerOutputPolicy],
         default=_EXECUTION_DEFAULTS.on_newer_committed_output.value,
         help="when restoring an older checkpoint than the newest completed one, what two-phase "
         "sinks do with output the newer ones committed: move it aside (Kafka cannot and fails), "
-        "fail the restore, or keep it (duplicates) "
-        f"(default {_EXECUTION_DEFAULTS.on_newer_committed_output.value})",
+        "fail the restore, or keep it (duplicates)",
     )
     run.add_argument(
         "--allow-existing-output",
@@ -234,33 +261,35 @@ def make_parser() -> argparse.ArgumentParser:
         help="let two-phase sinks that start without restored state write where committed "
         "output of an earlier run already is",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--rest-port",
         type=int,
         default=DEFAULT_REST_PORT,
-        help=f"port of the control endpoint (0: a free one; -1: none; default {DEFAULT_REST_PORT})",
+        help="port of the control endpoint; 0: a free one, -1: none",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--rest-host",
         default=DEFAULT_REST_HOST,
-        help=f"address the control endpoint listens on (default {DEFAULT_REST_HOST})",
+        help="address the control endpoint listens on",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--shutdown-timeout",
         type=_duration,
         default=DEFAULT_SHUTDOWN_TIMEOUT_S,
         metavar="DURATION",
         help="on SIGTERM, how long the stop with savepoint or the cancel may take before the "
-        f"exit is forced (default {format_duration(DEFAULT_SHUTDOWN_TIMEOUT_S)}; a second SIGTERM "
-        "forces it at once)",
+        "exit is forced; a second SIGTERM forces it at once",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--buffer-timeout",
         type=_duration,
         default=_EXECUTION_DEFAULTS.buffer_timeout_s,
         metavar="DURATION",
-        help="how long a partly filled network buffer may wait before it is sent "
-        f"(default {format_duration(_EXECUTION_DEFAULTS.buffer_timeout_s)})",
+        help="how long a partly filled network buffer may wait before it is sent",
     )
     run.add_argument("--no-progress", action="store_true", help="do not show progress")
     run.add_argument("--log-level", default="WARNING")

@@ -8,16 +8,8 @@ import re
 
 import pytest
 
-from runtime import cli
-from runtime.config import (
-    DEFAULT_MAX_PARALLELISM,
-    DEFAULT_PARALLELISM,
-    DEFAULT_REST_HOST,
-    DEFAULT_REST_PORT,
-    DEFAULT_SHUTDOWN_TIMEOUT_S,
-    CheckpointConfig,
-    ExecutionConfig,
-)
+from runtime import cli, config
+from runtime.config import CheckpointConfig, ExecutionConfig
 from runtime.durations import format_duration
 from runtime.restart import default_restart_strategy
 
@@ -43,11 +35,11 @@ def test_run_without_options_configures_the_job_as_execution_config_defaults() -
 
 def test_run_options_outside_execution_config_default_to_the_config_constants() -> None:
     args = cli.make_parser().parse_args(["run", "job.py"])
-    assert args.parallelism == DEFAULT_PARALLELISM
-    assert args.max_parallelism == DEFAULT_MAX_PARALLELISM
-    assert args.shutdown_timeout == DEFAULT_SHUTDOWN_TIMEOUT_S
-    assert args.rest_port == DEFAULT_REST_PORT
-    assert args.rest_host == DEFAULT_REST_HOST
+    assert args.parallelism == config.DEFAULT_PARALLELISM
+    assert args.max_parallelism == config.DEFAULT_MAX_PARALLELISM
+    assert args.shutdown_timeout == config.DEFAULT_SHUTDOWN_TIMEOUT_S
+    assert args.rest_port == config.DEFAULT_REST_PORT
+    assert args.rest_host == config.DEFAULT_REST_HOST
 
 
 def _help_by_option(text: str) -> dict[str, str]:
@@ -73,8 +65,8 @@ def test_run_help_shows_the_defaults_of_the_config_module(
     helps = _help_by_option(capsys.readouterr().out)
     checkpoint, execution = CheckpointConfig(), ExecutionConfig()
     expected = {
-        "--parallelism": str(DEFAULT_PARALLELISM),
-        "--max-parallelism": str(DEFAULT_MAX_PARALLELISM),
+        "--parallelism": str(config.DEFAULT_PARALLELISM),
+        "--max-parallelism": str(config.DEFAULT_MAX_PARALLELISM),
         "--mode": checkpoint.mode.value,
         "--checkpoint-timeout": format_duration(checkpoint.timeout_s),
         "--min-pause": format_duration(checkpoint.min_pause_s),
@@ -83,9 +75,9 @@ def test_run_help_shows_the_defaults_of_the_config_module(
         "--retained-checkpoints": str(checkpoint.retained),
         "--on-cancel": "retain" if checkpoint.retain_on_cancel else "delete",
         "--on-newer-committed-output": execution.on_newer_committed_output.value,
-        "--rest-port": str(DEFAULT_REST_PORT),
-        "--rest-host": DEFAULT_REST_HOST,
-        "--shutdown-timeout": format_duration(DEFAULT_SHUTDOWN_TIMEOUT_S),
+        "--rest-port": str(config.DEFAULT_REST_PORT),
+        "--rest-host": config.DEFAULT_REST_HOST,
+        "--shutdown-timeout": format_duration(config.DEFAULT_SHUTDOWN_TIMEOUT_S),
         "--buffer-timeout": format_duration(execution.buffer_timeout_s),
     }
     for option, default in expected.items():
