@@ -163,7 +163,14 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a job parameter, readable as job.params[KEY] (repeatable)",
     )
-    run.add_argument("--checkpoint-interval", type=_duration, default=None, metavar="DURATION")
+    run.add_argument(
+        "--checkpoint-interval",
+        type=_duration,
+        default=_CHECKPOINT_DEFAULTS.interval_s,
+        metavar="DURATION",
+        help="periodic checkpoints this often (default: none, only final checkpoints and "
+        "savepoints)",
+    )
     _add_option(
         run,
         "--mode",
