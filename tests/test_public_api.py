@@ -11,6 +11,7 @@ import pytest
 
 PUBLIC = {
     "runtime": {
+        "CheckpointConfig",
         "Collector",
         "ConnectedStreams",
         "DataStream",
