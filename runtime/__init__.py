@@ -13,7 +13,8 @@ from runtime.api import (
     JobParameters,
     KeyedStream,
 )
-from runtime.executor import ExecutionConfig, JobFailedError, JobResult
+from runtime.config import CheckpointConfig, ExecutionConfig
+from runtime.executor import JobFailedError, JobResult
 from runtime.functions import (
     Collector,
     FilterFunction,
@@ -31,6 +32,7 @@ from runtime.sinks import PrintSink, Sink, SinkWriter
 from runtime.sources import Source, SourceReader
 
 __all__ = [
+    "CheckpointConfig",
     "Collector",
     "ConnectedStreams",
     "DataStream",

@@ -27,6 +27,7 @@ from actors.partitioner import (
     Partitioner,
     RebalancePartitioner,
 )
+from runtime.config import DEFAULT_PARALLELISM
 from runtime.functions import (
     ASYNC_ALTERNATIVE,
     KeyedCoProcessFunction,
@@ -121,7 +122,7 @@ class Job:
     def __init__(
         self,
         params: dict[str, str] | None = None,
-        parallelism: int = 1,
+        parallelism: int = DEFAULT_PARALLELISM,
         max_parallelism: int = DEFAULT_MAX_PARALLELISM,
         name: str = "job",
     ) -> None:

@@ -14,15 +14,24 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from actors.barriers import CheckpointingMode
 from actors.operator import NewerOutputPolicy, UserFunctionError
 from runtime.api import JobDefinitionError
-from runtime.coordinator import CheckpointConfig
-from runtime.durations import parse_duration
-from runtime.executor import ExecutionConfig, JobFailedError, JobMaster
+from runtime.config import (
+    DEFAULT_MAX_PARALLELISM,
+    DEFAULT_PARALLELISM,
+    DEFAULT_REST_HOST,
+    DEFAULT_REST_PORT,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+    CheckpointConfig,
+    ExecutionConfig,
+)
+from runtime.durations import format_duration, parse_duration
+from runtime.executor import JobFailedError, JobMaster
 from runtime.progress import ProgressReporter
 from runtime.rest import ControlClientError, ControlServer, call
 from runtime.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
@@ -30,7 +39,7 @@ from runtime.restore import RestoreMismatchError, RestoreReport
 from runtime.runner import JobFileError, build_graph, load_job_file, run_coroutine
 from runtime.shutdown import EXIT_TERMINATED, GracefulShutdown
 from runtime.testing import arm_from_params
-from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
+from state.keygroups import UPPER_BOUND_MAX_PARALLELISM
 from state.refusal import restore_refusal
 from state.storage import (
     METADATA,
@@ -53,6 +62,10 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+_CHECKPOINT_DEFAULTS = CheckpointConfig()
+_EXECUTION_DEFAULTS = ExecutionConfig()
+"""The option defaults of ``run`` (and the defaults ``--help`` shows) come from these."""
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -86,15 +99,48 @@ def _max_parallelism(text: str) -> int:
     return value
 
 
-def _add_max_parallelism_option(parser: argparse.ArgumentParser) -> None:
+def _add_option(
+    parser: argparse.ArgumentParser,
+    *flags: str,
+    default: Any,
+    help: str,
+    type: Callable[[str], Any] = str,
+    metavar: str | None = None,
+    choices: list[str] | None = None,
+) -> None:
+    """An option whose help ends with its default, shown as users write it (durations as 5s):
+    the help cannot drift from the default the option really has."""
+    shown = format_duration(default) if type is _duration else default
     parser.add_argument(
+        *flags,
+        type=type,
+        default=default,
+        metavar=metavar,
+        choices=choices,
+        help=f"{help} (default {shown})",
+    )
+
+
+def _add_max_parallelism_option(parser: argparse.ArgumentParser) -> None:
+    _add_option(
+        parser,
         "--max-parallelism",
         type=_max_parallelism,
         default=DEFAULT_MAX_PARALLELISM,
         metavar="N",
-        help="key groups of keyed state and timers, for operators without set_max_parallelism() "
-        f"(default {DEFAULT_MAX_PARALLELISM}); the upper bound of rescaling, fixed for the life "
-        "of the state",
+        help="key groups of keyed state and timers, for operators without set_max_parallelism(); "
+        "the upper bound of rescaling, fixed for the life of the state",
+    )
+
+
+def _add_parallelism_option(parser: argparse.ArgumentParser) -> None:
+    _add_option(
+        parser,
+        "-p",
+        "--parallelism",
+        type=_positive_int,
+        default=DEFAULT_PARALLELISM,
+        help="subtasks of each operator without set_parallelism()",
     )
 
 
@@ -106,7 +152,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a job file (a Python file defining build(job))")
     run.add_argument("file", help="the job file")
-    run.add_argument("-p", "--parallelism", type=_positive_int, default=1)
+    _add_parallelism_option(run)
     _add_max_parallelism_option(run)
     run.add_argument(
         "--set",
@@ -117,23 +163,60 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a job parameter, readable as job.params[KEY] (repeatable)",
     )
-    run.add_argument("--checkpoint-interval", type=_duration, default=None, metavar="DURATION")
     run.add_argument(
+        "--checkpoint-interval",
+        type=_duration,
+        default=_CHECKPOINT_DEFAULTS.interval_s,
+        metavar="DURATION",
+        help="periodic checkpoints this often (default: none, only final checkpoints and "
+        "savepoints)",
+    )
+    _add_option(
+        run,
         "--mode",
         choices=[m.value for m in CheckpointingMode],
-        default="exactly-once",
-        help="checkpointing mode (default exactly-once)",
+        default=_CHECKPOINT_DEFAULTS.mode.value,
+        help="checkpointing mode",
     )
-    run.add_argument("--checkpoint-timeout", type=_duration, default=600.0, metavar="DURATION")
-    run.add_argument("--min-pause", type=_duration, default=0.0, metavar="DURATION")
-    run.add_argument("--max-concurrent-checkpoints", type=_positive_int, default=1)
-    run.add_argument("--tolerable-checkpoint-failures", type=int, default=0)
+    _add_option(
+        run,
+        "--checkpoint-timeout",
+        type=_duration,
+        default=_CHECKPOINT_DEFAULTS.timeout_s,
+        metavar="DURATION",
+        help="a checkpoint not completed within this time is aborted",
+    )
+    _add_option(
+        run,
+        "--min-pause",
+        type=_duration,
+        default=_CHECKPOINT_DEFAULTS.min_pause_s,
+        metavar="DURATION",
+        help="least time from the completion of one checkpoint to the trigger of the next",
+    )
+    _add_option(
+        run,
+        "--max-concurrent-checkpoints",
+        type=_positive_int,
+        default=_CHECKPOINT_DEFAULTS.max_concurrent,
+        metavar="N",
+        help="checkpoints in progress at once",
+    )
+    _add_option(
+        run,
+        "--tolerable-checkpoint-failures",
+        type=int,
+        default=_CHECKPOINT_DEFAULTS.tolerable_failures,
+        metavar="N",
+        help="consecutive failed checkpoints tolerated; one more fails the job over",
+    )
     run.add_argument(
         "--restart-strategy",
         default=None,
         help="none | fixed-delay[:ATTEMPTS[:DELAY]] | failure-rate[:MAX:INTERVAL[:DELAY]] | "
-        "exponential-delay[:INITIAL[:MAX]] (default: exponential-delay from 1s to 1min, "
-        "unlimited attempts, with a --checkpoint-interval; none without)",
+        "exponential-delay[:INITIAL[:MAX]] (default with a --checkpoint-interval: "
+        f"{default_restart_strategy(True).describe()}; without: "
+        f"{default_restart_strategy(False).describe()})",
     )
     run.add_argument(
         "--checkpoint-dir",
@@ -141,11 +224,19 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where checkpoints are written (default: kept in memory only)",
     )
-    run.add_argument("--retained-checkpoints", type=_positive_int, default=1, metavar="N")
-    run.add_argument(
+    _add_option(
+        run,
+        "--retained-checkpoints",
+        type=_positive_int,
+        default=_CHECKPOINT_DEFAULTS.retained,
+        metavar="N",
+        help="completed checkpoints kept",
+    )
+    _add_option(
+        run,
         "--on-cancel",
         choices=["retain", "delete"],
-        default="retain",
+        default="retain" if _CHECKPOINT_DEFAULTS.retain_on_cancel else "delete",
         help="keep or delete this run's checkpoints when the job is cancelled",
     )
     run.add_argument(
@@ -162,13 +253,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="drop restored state that does not fit the job (operators no longer in it, states "
         "re-declared with another kind, keys of another type) instead of refusing it",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--on-newer-committed-output",
         choices=[p.value for p in NewerOutputPolicy],
-        default=NewerOutputPolicy.MOVE.value,
+        default=_EXECUTION_DEFAULTS.on_newer_committed_output.value,
         help="when restoring an older checkpoint than the newest completed one, what two-phase "
-        "sinks do with output the newer ones committed: move it aside (default; Kafka cannot and "
-        "fails), fail the restore, or keep it (duplicates)",
+        "sinks do with output the newer ones committed: move it aside (Kafka cannot and fails), "
+        "fail the restore, or keep it (duplicates)",
     )
     run.add_argument(
         "--allow-existing-output",
@@ -176,22 +268,36 @@ def make_parser() -> argparse.ArgumentParser:
         help="let two-phase sinks that start without restored state write where committed "
         "output of an earlier run already is",
     )
-    run.add_argument(
+    _add_option(
+        run,
         "--rest-port",
         type=int,
-        default=0,
-        help="port of the control endpoint (0: a free one; -1: none)",
+        default=DEFAULT_REST_PORT,
+        help="port of the control endpoint; 0: a free one, -1: none",
     )
-    run.add_argument("--rest-host", default="127.0.0.1")
-    run.add_argument(
+    _add_option(
+        run,
+        "--rest-host",
+        default=DEFAULT_REST_HOST,
+        help="address the control endpoint listens on",
+    )
+    _add_option(
+        run,
         "--shutdown-timeout",
         type=_duration,
-        default=30.0,
+        default=DEFAULT_SHUTDOWN_TIMEOUT_S,
         metavar="DURATION",
         help="on SIGTERM, how long the stop with savepoint or the cancel may take before the "
-        "exit is forced (default 30s; a second SIGTERM forces it at once)",
+        "exit is forced; a second SIGTERM forces it at once",
     )
-    run.add_argument("--buffer-timeout", type=_duration, default=0.005, metavar="DURATION")
+    _add_option(
+        run,
+        "--buffer-timeout",
+        type=_duration,
+        default=_EXECUTION_DEFAULTS.buffer_timeout_s,
+        metavar="DURATION",
+        help="how long a partly filled network buffer may wait before it is sent",
+    )
     run.add_argument("--no-progress", action="store_true", help="do not show progress")
     run.add_argument("--log-level", default="WARNING")
 
@@ -218,7 +324,7 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="dry run: how each snapshot would restore into this job file",
     )
-    checkpoints.add_argument("-p", "--parallelism", type=_positive_int, default=1)
+    _add_parallelism_option(checkpoints)
     _add_max_parallelism_option(checkpoints)
     checkpoints.add_argument(
         "--set", dest="params", type=_key_value, action="append", default=[], metavar="KEY=VALUE"
@@ -283,23 +389,7 @@ def _run(args: Any) -> int:
         sys.stderr.write(traceback.format_exc())
         _error(f"build(job) in {args.file} raised; see the traceback above")
         return EXIT_FAILED
-    config = ExecutionConfig(
-        checkpoint=CheckpointConfig(
-            interval_s=args.checkpoint_interval,
-            mode=CheckpointingMode(args.mode),
-            timeout_s=args.checkpoint_timeout,
-            min_pause_s=args.min_pause,
-            max_concurrent=args.max_concurrent_checkpoints,
-            tolerable_failures=args.tolerable_checkpoint_failures,
-            retained=args.retained_checkpoints,
-            retain_on_cancel=args.on_cancel == "retain",
-        ),
-        restart_strategy=restart,
-        buffer_timeout_s=args.buffer_timeout,
-        allow_non_restored_state=args.allow_non_restored_state,
-        on_newer_committed_output=NewerOutputPolicy(args.on_newer_committed_output),
-        allow_existing_output=args.allow_existing_output,
-    )
+    config = execution_config(args, restart)
     try:
         restored = _load_restore_point(args, graph)
     except (InvalidCheckpointError, RestoreMismatchError, ValueError) as exc:
@@ -352,6 +442,28 @@ def _run(args: Any) -> int:
         if args.checkpoint_dir:
             _record_stop_savepoint(args.checkpoint_dir, path)
     return EXIT_OK
+
+
+def execution_config(args: Any, restart: RestartStrategy) -> ExecutionConfig:
+    """The job master's configuration from the parsed ``run`` options and the restart strategy
+    (which the CLI derives from ``--restart-strategy`` and the checkpointing)."""
+    return ExecutionConfig(
+        checkpoint=CheckpointConfig(
+            interval_s=args.checkpoint_interval,
+            mode=CheckpointingMode(args.mode),
+            timeout_s=args.checkpoint_timeout,
+            min_pause_s=args.min_pause,
+            max_concurrent=args.max_concurrent_checkpoints,
+            tolerable_failures=args.tolerable_checkpoint_failures,
+            retained=args.retained_checkpoints,
+            retain_on_cancel=args.on_cancel == "retain",
+        ),
+        restart_strategy=restart,
+        buffer_timeout_s=args.buffer_timeout,
+        allow_non_restored_state=args.allow_non_restored_state,
+        on_newer_committed_output=NewerOutputPolicy(args.on_newer_committed_output),
+        allow_existing_output=args.allow_existing_output,
+    )
 
 
 def _restart_strategy(args: Any) -> tuple[RestartStrategy, str]:

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from actors.barriers import CheckpointingMode
 from actors.events import CheckpointBarrier
 from actors.mailbox import Mailbox
 from actors.task import (
@@ -39,6 +38,7 @@ from actors.task import (
     TaskState,
     TriggerCheckpointMail,
 )
+from runtime.config import CheckpointConfig as CheckpointConfig
 from state.operator import has_union_state
 from state.storage import CheckpointKind, CompletedCheckpoint, OperatorCheckpoint, SnapshotMap
 
@@ -46,19 +46,6 @@ if TYPE_CHECKING:
     from state.storage import CheckpointStorage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CheckpointConfig:
-    interval_s: float | None = None
-    """Periodic checkpoints every so many seconds; None: only final checkpoints and savepoints."""
-    mode: CheckpointingMode = CheckpointingMode.EXACTLY_ONCE
-    timeout_s: float = 600.0
-    min_pause_s: float = 0.0
-    max_concurrent: int = 1
-    tolerable_failures: int = 0
-    retained: int = 1
-    retain_on_cancel: bool = True
 
 
 class CheckpointStatus(enum.StrEnum):

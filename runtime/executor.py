@@ -12,14 +12,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from actors.mailbox import Wakeup
 from actors.network import (
-    DEFAULT_EXCLUSIVE_CREDITS,
-    DEFAULT_FLOATING_BUFFERS,
     InputGate,
     ResultSubpartition,
 )
@@ -27,7 +25,6 @@ from actors.operator import (
     ChainedOutput,
     DiscardingOutput,
     FanOutOutput,
-    NewerOutputPolicy,
     OperatorContext,
     Output,
     RestoreContext,
@@ -36,18 +33,16 @@ from actors.operator import (
     WriterOutput,
 )
 from actors.task import (
-    DEFAULT_BUFFER_TIMEOUT_S,
     AddSplitsMail,
     StopRequest,
     StreamTask,
     TaskFailure,
     TaskState,
 )
-from actors.timers import Clock, SystemClock
-from actors.writer import DEFAULT_BUFFER_SIZE, RecordWriter
-from runtime.coordinator import CheckpointConfig, CheckpointCoordinator
+from actors.writer import RecordWriter
+from runtime.config import ExecutionConfig as ExecutionConfig
+from runtime.coordinator import CheckpointCoordinator
 from runtime.graph import JobGraph, JobVertex
-from runtime.restart import NoRestart, RestartStrategy
 from runtime.restore import assign_restored_state
 from runtime.sources import SPLITS_STATE, SourceOperator, assign_splits
 from state.keygroups import key_group_range_for_subtask
@@ -66,22 +61,6 @@ log = logging.getLogger(__name__)
 
 _PAST_RESTORE = frozenset({TaskState.RUNNING, TaskState.FINISHING, TaskState.FINISHED})
 """Task states that prove its operators restored their state (none refused the restore)."""
-
-
-@dataclass
-class ExecutionConfig:
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    restart_strategy: RestartStrategy = field(default_factory=NoRestart)
-    buffer_size: int = DEFAULT_BUFFER_SIZE
-    buffer_timeout_s: float = DEFAULT_BUFFER_TIMEOUT_S
-    exclusive_credits: int = DEFAULT_EXCLUSIVE_CREDITS
-    floating_buffers: int = DEFAULT_FLOATING_BUFFERS
-    clock: Clock = field(default_factory=SystemClock)
-    allow_non_restored_state: bool = False
-    """Restored state that does not fit the job is dropped knowingly instead of refused."""
-    on_newer_committed_output: NewerOutputPolicy = NewerOutputPolicy.MOVE
-    allow_existing_output: bool = False
-
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from runtime.config import DEFAULT_REST_HOST, DEFAULT_REST_PORT
 from runtime.coordinator import CheckpointFailedError, CheckpointStatus
 from state.storage import CheckpointKind, CompletedCheckpoint
 
@@ -33,8 +34,8 @@ class ControlServer:
         self,
         master: Any,
         cancel: Callable[[], None],
-        host: str = "127.0.0.1",
-        port: int = 0,
+        host: str = DEFAULT_REST_HOST,
+        port: int = DEFAULT_REST_PORT,
     ) -> None:
         self.master = master
         self._cancel = cancel

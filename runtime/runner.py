@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.api import Job
-from runtime.executor import ExecutionConfig, JobMaster, JobResult
+from runtime.config import DEFAULT_PARALLELISM, ExecutionConfig
+from runtime.executor import JobMaster, JobResult
 from runtime.graph import JobGraph, build_job_graph
 from state.keygroups import DEFAULT_MAX_PARALLELISM
 
@@ -61,7 +62,7 @@ def load_job_file(path: str | Path) -> BuildFunction:
 def build_graph(
     build: BuildFunction,
     params: dict[str, str] | None = None,
-    parallelism: int = 1,
+    parallelism: int = DEFAULT_PARALLELISM,
     max_parallelism: int = DEFAULT_MAX_PARALLELISM,
     name: str = "job",
 ) -> JobGraph:
@@ -73,7 +74,7 @@ def build_graph(
 async def run_job_async(
     build: BuildFunction,
     params: dict[str, str] | None = None,
-    parallelism: int = 1,
+    parallelism: int = DEFAULT_PARALLELISM,
     config: ExecutionConfig | None = None,
     name: str = "job",
     max_parallelism: int = DEFAULT_MAX_PARALLELISM,
@@ -87,7 +88,7 @@ async def run_job_async(
 def run_job(
     build: BuildFunction,
     params: dict[str, str] | None = None,
-    parallelism: int = 1,
+    parallelism: int = DEFAULT_PARALLELISM,
     config: ExecutionConfig | None = None,
     name: str = "job",
     max_parallelism: int = DEFAULT_MAX_PARALLELISM,

@@ -11,6 +11,7 @@ import pytest
 
 PUBLIC = {
     "runtime": {
+        "CheckpointConfig",
         "Collector",
         "ConnectedStreams",
         "DataStream",
@@ -93,3 +94,16 @@ def test_the_kafka_connectors_import_from_connectors_kafka() -> None:
     module = importlib.import_module("connectors.kafka")
     missing = [name for name in KAFKA_NAMES if not hasattr(module, name)]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("runtime", "ExecutionConfig"),
+        ("runtime.executor", "ExecutionConfig"),
+        ("runtime.coordinator", "CheckpointConfig"),
+    ],
+)
+def test_the_config_classes_stay_importable_where_users_import_them(module: str, name: str) -> None:
+    config = importlib.import_module("runtime.config")
+    assert getattr(importlib.import_module(module), name) is getattr(config, name)

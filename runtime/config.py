@@ -1,0 +1,65 @@
+"""The job's configuration in one typed home: every default the job master, the checkpoint
+coordinator and ``python -m runtime run`` use is defined here, or named here from the one data-plane
+constant that defines it (``actors`` and ``state`` sit below ``runtime`` and cannot import it).
+
+The CLI takes its option defaults, and the defaults its ``--help`` shows, from these dataclasses and
+constants, so a default changes in one place. Durations are seconds (``*_s``); the CLI parses them
+from text like ``500ms``, ``5s``, ``1min`` (:func:`runtime.durations.parse_duration`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actors.barriers import CheckpointingMode
+from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS
+from actors.operator import NewerOutputPolicy
+from actors.task import DEFAULT_BUFFER_TIMEOUT_S
+from actors.timers import Clock, SystemClock
+from actors.writer import DEFAULT_BUFFER_SIZE
+from runtime.restart import NoRestart, RestartStrategy
+from state.keygroups import DEFAULT_MAX_PARALLELISM as DEFAULT_MAX_PARALLELISM
+
+DEFAULT_PARALLELISM = 1
+"""Subtasks of each operator that sets no parallelism of its own."""
+
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+"""On SIGTERM, how long the stop with savepoint or the cancel may take before the exit is forced."""
+
+DEFAULT_REST_HOST = "127.0.0.1"
+"""The control endpoint listens on loopback only unless asked otherwise."""
+
+DEFAULT_REST_PORT = 0
+"""Port of the control endpoint: 0 lets the system pick a free one."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval_s: float | None = None
+    """Periodic checkpoints every so many seconds; None: only final checkpoints and savepoints."""
+    mode: CheckpointingMode = CheckpointingMode.EXACTLY_ONCE
+    timeout_s: float = 600.0
+    """A checkpoint not completed within this time is aborted."""
+    min_pause_s: float = 0.0
+    """Least time from the completion of one checkpoint to the trigger of the next."""
+    max_concurrent: int = 1
+    tolerable_failures: int = 0
+    """Consecutive failed checkpoints tolerated; one more fails the job over."""
+    retained: int = 1
+    """Completed checkpoints kept; older ones are subsumed and discarded from the storage."""
+    retain_on_cancel: bool = True
+
+
+@dataclass
+class ExecutionConfig:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    restart_strategy: RestartStrategy = field(default_factory=NoRestart)
+    buffer_size: int = DEFAULT_BUFFER_SIZE
+    buffer_timeout_s: float = DEFAULT_BUFFER_TIMEOUT_S
+    exclusive_credits: int = DEFAULT_EXCLUSIVE_CREDITS
+    floating_buffers: int = DEFAULT_FLOATING_BUFFERS
+    clock: Clock = field(default_factory=SystemClock)
+    allow_non_restored_state: bool = False
+    """Restored state that does not fit the job is dropped knowingly instead of refused."""
+    on_newer_committed_output: NewerOutputPolicy = NewerOutputPolicy.MOVE
+    allow_existing_output: bool = False
