@@ -30,6 +30,7 @@ from actors.events import Watermark
 from actors.timers import Clock
 from actors.writer import RecordWriter
 from state.keygroups import KeyGroupRange
+from state.snapshot import OperatorSnapshot, RestoredState
 
 
 class OperatorMetrics:
@@ -173,7 +174,7 @@ class StreamOperator:
         self.output = output
         context.metrics = self.metrics
 
-    async def initialize_state(self, restored: dict[str, Any] | None) -> None:
+    async def initialize_state(self, restored: RestoredState | None) -> None:
         """Create state, restoring from ``restored`` (this subtask's share) when given."""
 
     async def open(self) -> None:
@@ -199,7 +200,7 @@ class StreamOperator:
     async def close(self) -> None:
         """Release resources. Always called once, after ``finish()`` if that ran."""
 
-    async def snapshot_state(self, checkpoint_id: int) -> dict[str, Any] | None:
+    async def snapshot_state(self, checkpoint_id: int) -> OperatorSnapshot | None:
         """This subtask's state for checkpoint ``checkpoint_id``; ``None`` if stateless."""
         return None
 

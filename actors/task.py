@@ -60,7 +60,8 @@ from actors.mailbox import Mailbox, Wakeup
 from actors.network import Buffer, InputChannel, InputGate
 from actors.operator import StreamOperator, UserFunctionError
 from actors.writer import RecordWriter
-from state.serde import check_encodable, packb
+from state.serde import check_encodable
+from state.snapshot import OperatorSnapshot, RestoredState
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class StreamTask:
         listener: TaskListener,
         wakeup: Wakeup,
         *,
-        restored: dict[str, Any] | None = None,
+        restored: dict[str, RestoredState] | None = None,
         restored_finished: bool = False,
         checkpointing_mode: CheckpointingMode = CheckpointingMode.EXACTLY_ONCE,
         buffer_timeout_s: float = DEFAULT_BUFFER_TIMEOUT_S,
@@ -594,14 +595,14 @@ class StreamTask:
         self._timer_handles.append(handle)
 
 
-def encode_snapshot(operator_name: str, subtask_index: int, snapshot: dict[str, Any]) -> bytes:
+def encode_snapshot(operator_name: str, subtask_index: int, snapshot: OperatorSnapshot) -> bytes:
     """msgpack-encode an operator snapshot now, so that later changes of state objects cannot
     reach the checkpoint; a value msgpack cannot encode is named by state and type."""
     try:
-        return packb(snapshot)
+        return snapshot.encode()
     except (TypeError, ValueError, OverflowError):
-        for part in ("keyed", "operator", "timers"):
-            for name, entry in (snapshot.get(part) or {}).items():
+        for part, entries in snapshot.parts():
+            for name, entry in entries.items():
                 check_encodable(
                     entry,
                     f"operator {operator_name!r} subtask {subtask_index}: {part} state {name!r}",

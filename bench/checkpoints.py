@@ -159,8 +159,8 @@ def main() -> None:
         load_checkpoint(latest.path or "")
         load_s = time.perf_counter() - started
         keys_in_state = sum(
-            len(state["keyed"]["count"]["keys"])
-            for state in latest.operators["totals"].subtask_states.values()
+            len((snapshot.keyed or {})["count"]["keys"])
+            for _, snapshot in latest.operators["totals"].subtask_states.snapshots()
         )
         # Restore into a job with no new input: the time it takes is the restore.
         empty_s, _, _ = run([], p, None, None)

@@ -39,7 +39,7 @@ from actors.task import (
     TriggerCheckpointMail,
 )
 from runtime.config import CheckpointConfig as CheckpointConfig
-from state.operator import Redistribution
+from state.operator import has_union_state
 from state.storage import CheckpointKind, CompletedCheckpoint, OperatorCheckpoint, SnapshotMap
 
 if TYPE_CHECKING:
@@ -477,11 +477,9 @@ class CheckpointCoordinator:
 
 
 def _has_union_state(entry: OperatorCheckpoint) -> bool:
-    for snapshot in entry.subtask_states.values():
-        for item in (snapshot.get("operator") or {}).values():
-            if item.get("mode") == Redistribution.UNION.value:
-                return True
-    return False
+    return any(
+        has_union_state(snapshot.operator or {}) for _, snapshot in entry.subtask_states.snapshots()
+    )
 
 
 def _chain_future(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:

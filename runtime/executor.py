@@ -44,9 +44,11 @@ from runtime.config import ExecutionConfig as ExecutionConfig
 from runtime.coordinator import CheckpointCoordinator
 from runtime.graph import JobGraph, JobVertex
 from runtime.restore import assign_restored_state
-from runtime.sources import SourceOperator, assign_splits
+from runtime.sources import SPLITS_STATE, SourceOperator, assign_splits
 from state.keygroups import key_group_range_for_subtask
+from state.operator import list_state_items
 from state.refusal import restore_refusal
+from state.snapshot import RestoredState
 from state.storage import (
     CheckpointKind,
     CheckpointStorage,
@@ -306,8 +308,8 @@ class JobMaster:
         known = list(self._splits.get(node.uid, []))
         if self.restore_point is not None and node.uid in self.restore_point.operators:
             entry = self.restore_point.operators[node.uid]
-            for state in entry.subtask_states.values():
-                known.extend((state.get("operator") or {}).get("splits", {}).get("items", []))
+            for _, snapshot in entry.subtask_states.snapshots():
+                known.extend(list_state_items(snapshot.operator or {}, SPLITS_STATE))
         tasks = [t for t in self.tasks if t.vertex_id == vertex.id]
         while True:
             await asyncio.sleep(source.discovery_interval_s)
@@ -434,7 +436,7 @@ class JobMaster:
         index: int,
         subpartitions: dict[int, list[list[ResultSubpartition]]],
         splits: dict[str, list[Any]],
-        restored_state: dict[tuple[str, int], tuple[dict[str, Any], bool]],
+        restored_state: dict[tuple[str, int], tuple[dict[str, RestoredState], bool]],
     ) -> StreamTask:
         graph = self.graph
         config = self.config

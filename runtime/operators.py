@@ -31,6 +31,7 @@ from runtime.functions import (
 from state.keyed import IncompatibleStateError, KeyedStateBackend, ValueStateDescriptor
 from state.operator import OperatorStateStore
 from state.serde import SNAPSHOT_SCALAR_TYPES, check_state_value
+from state.snapshot import OperatorSnapshot, RestoredState
 
 _NO_RECORD: Any = object()
 
@@ -87,7 +88,7 @@ class UserFunctionOperator(StreamOperator):
         self.timers: TimerService | None = None
         self.runtime_context: RuntimeContext
 
-    async def initialize_state(self, restored: dict[str, Any] | None) -> None:
+    async def initialize_state(self, restored: RestoredState | None) -> None:
         ctx = self.context
         self.operator_state = OperatorStateStore(ctx.subtask_label)
         if self.keyed:
@@ -101,13 +102,13 @@ class UserFunctionOperator(StreamOperator):
             backend = self.keyed_backend
             self.timers = TimerService(lambda: backend.current_key, ctx.clock, ctx.scheduler)
         if restored is not None:
-            if "operator" in restored:
-                self.operator_state.restore(restored["operator"])
-            if self.keyed_backend is not None and "keyed" in restored:
-                self.keyed_backend.restore(restored["keyed"])
-            if self.timers is not None and "timers" in restored:
+            if restored.operator is not None:
+                self.operator_state.restore(restored.operator)
+            if self.keyed_backend is not None and restored.keyed:
+                self.keyed_backend.restore(list(restored.keyed))
+            if self.timers is not None and restored.timers:
                 key_groups = ctx.key_groups
-                self.timers.restore(restored["timers"], lambda kg: kg in key_groups)
+                self.timers.restore(list(restored.timers), lambda kg: kg in key_groups)
         self._check_first_key = bool(
             self.keyed_backend is not None and self.keyed_backend.restored_key_types
         )
@@ -166,16 +167,17 @@ class UserFunctionOperator(StreamOperator):
         if result is not None and is_async_result(result):
             raise _async_result_error(self, f"{hook} hook of the function", [result])
 
-    async def snapshot_state(self, checkpoint_id: int) -> dict[str, Any] | None:
-        result: dict[str, Any] = {}
-        operator_snapshot = self.operator_state.snapshot()
-        if operator_snapshot:
-            result["operator"] = operator_snapshot
-        if self.keyed_backend is not None:
-            result["keyed"] = self.keyed_backend.snapshot()
-        if self.timers is not None:
-            result["timers"] = self.timers.snapshot(self.context.max_parallelism)
-        return result or None
+    async def snapshot_state(self, checkpoint_id: int) -> OperatorSnapshot | None:
+        snapshot = OperatorSnapshot(
+            keyed=self.keyed_backend.snapshot() if self.keyed_backend is not None else None,
+            operator=self.operator_state.snapshot() or None,
+            timers=(
+                self.timers.snapshot(self.context.max_parallelism)
+                if self.timers is not None
+                else None
+            ),
+        )
+        return snapshot if snapshot.parts() else None
 
     async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
         hook = getattr(self.function, "notify_checkpoint_complete", None)

@@ -11,58 +11,55 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from state.operator import redistribute_operator_state
+from state.snapshot import RestoredState
 
 if TYPE_CHECKING:
     from runtime.graph import JobGraph
     from state.storage import CompletedCheckpoint, OperatorCheckpoint
 
 
-def operator_state_for(entry: OperatorCheckpoint, new_parallelism: int) -> list[dict[str, Any]]:
-    """Per new subtask, the restored dict for one operator (``keyed``, ``timers``, ``operator``)."""
-    states = entry.subtask_states
+def operator_state_for(entry: OperatorCheckpoint, new_parallelism: int) -> list[RestoredState]:
+    """Per new subtask, its share of one operator's state (see :class:`RestoredState`)."""
+    snapshots = dict(entry.subtask_states.snapshots())
     if entry.fully_finished:
-        running = sorted(states)
+        running = sorted(snapshots)
     else:
-        running = [i for i in sorted(states) if i not in entry.finished_subtasks]
-    keyed = [states[i]["keyed"] for i in sorted(states) if "keyed" in states[i]]
-    timers = [states[i]["timers"] for i in sorted(states) if "timers" in states[i]]
-    operator_parts = [states[i]["operator"] for i in running if "operator" in states[i]]
+        running = [i for i in sorted(snapshots) if i not in entry.finished_subtasks]
+    keyed = tuple(s.keyed for s in snapshots.values() if s.keyed is not None)
+    timers = tuple(s.timers for s in snapshots.values() if s.timers is not None)
+    operator_parts = [part for i in running if (part := snapshots[i].operator) is not None]
     if entry.fully_finished and new_parallelism == entry.parallelism:
-        redistributed = [states.get(i, {}).get("operator", {}) for i in range(new_parallelism)]
+        redistributed = [
+            (snapshots[i].operator if i in snapshots else None) or {}
+            for i in range(new_parallelism)
+        ]
     else:
         redistributed = redistribute_operator_state(operator_parts, new_parallelism)
-    result: list[dict[str, Any]] = []
-    for index in range(new_parallelism):
-        restored: dict[str, Any] = {}
-        if keyed:
-            restored["keyed"] = keyed
-        if timers:
-            restored["timers"] = timers
-        if redistributed[index]:
-            restored["operator"] = redistributed[index]
-        result.append(restored)
-    return result
+    return [
+        RestoredState(keyed, timers, redistributed[index] or None)
+        for index in range(new_parallelism)
+    ]
 
 
 def assign_restored_state(
     graph: JobGraph, checkpoint: CompletedCheckpoint | None
-) -> dict[tuple[str, int], tuple[dict[str, Any], bool]]:
-    """(vertex id, subtask) → ({operator uid: restored dict}, whether the vertex had finished)."""
-    result: dict[tuple[str, int], tuple[dict[str, Any], bool]] = {}
+) -> dict[tuple[str, int], tuple[dict[str, RestoredState], bool]]:
+    """(vertex id, subtask) → ({operator uid: its share}, whether the vertex had finished)."""
+    result: dict[tuple[str, int], tuple[dict[str, RestoredState], bool]] = {}
     if checkpoint is None:
         return result
     for vertex in graph.vertices:
-        per_subtask: list[dict[str, Any]] = [{} for _ in range(vertex.parallelism)]
+        per_subtask: list[dict[str, RestoredState]] = [{} for _ in range(vertex.parallelism)]
         entries = [checkpoint.operators.get(node.uid) for node in vertex.operators]
         finished = all(e is not None and e.fully_finished for e in entries)
         for node, entry in zip(vertex.operators, entries, strict=True):
             if entry is None:
                 continue
             for index, restored in enumerate(operator_state_for(entry, vertex.parallelism)):
-                if restored:
+                if not restored.is_empty:
                     per_subtask[index][node.uid] = restored
         for index in range(vertex.parallelism):
             result[(vertex.id, index)] = (per_subtask[index], finished)
@@ -90,10 +87,14 @@ class RestoreReport:
         for uid in self.restored:
             entry = checkpoint.operators[uid]
             node = graph.operators[uid]
+            snapshots = [snapshot for _, snapshot in entry.subtask_states.snapshots()]
             keyed_parts = [
                 part
-                for part in ("keyed", "timers")
-                if any(part in s for s in entry.subtask_states.values())
+                for part, present in (
+                    ("keyed", any(s.keyed is not None for s in snapshots)),
+                    ("timers", any(s.timers is not None for s in snapshots)),
+                )
+                if present
             ]
             if keyed_parts and entry.max_parallelism != node.max_parallelism:
                 what = " and ".join(

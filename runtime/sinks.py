@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from actors.operator import StreamOperator
 from runtime.functions import RuntimeContext
 from state.operator import OperatorStateStore
+from state.snapshot import OperatorSnapshot, RestoredState
 
 SINK_STATE = "sink"
 
@@ -66,7 +67,7 @@ class SinkOperator(StreamOperator):
         self.writer: SinkWriter | None = None
         self._state: OperatorStateStore
 
-    async def initialize_state(self, restored: dict[str, Any] | None) -> None:
+    async def initialize_state(self, restored: RestoredState | None) -> None:
         ctx = self.context
         self._state = OperatorStateStore(ctx.subtask_label)
         runtime_ctx = RuntimeContext(
@@ -80,8 +81,8 @@ class SinkOperator(StreamOperator):
             ctx.restore,
         )
         self.writer = self.sink.create_writer(runtime_ctx)
-        if restored is not None and "operator" in restored:
-            self._state.restore(restored["operator"])
+        if restored is not None and restored.operator is not None:
+            self._state.restore(restored.operator)
             await self.writer.restore(self._state.get_list_state(SINK_STATE).get())
 
     async def open(self) -> None:
@@ -101,13 +102,13 @@ class SinkOperator(StreamOperator):
         assert self.writer is not None
         await self.writer.finish()
 
-    async def snapshot_state(self, checkpoint_id: int) -> dict[str, Any] | None:
+    async def snapshot_state(self, checkpoint_id: int) -> OperatorSnapshot | None:
         assert self.writer is not None
         staged = await self.writer.snapshot_state(checkpoint_id)
         # Recorded also when empty: every subtask of a restored sink then receives ``restore``,
         # which is how a writer tells a restore from a start without state.
         self._state.get_list_state(SINK_STATE).update(staged)
-        return {"operator": self._state.snapshot()}
+        return OperatorSnapshot(operator=self._state.snapshot())
 
     async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
         assert self.writer is not None

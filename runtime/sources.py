@@ -17,6 +17,7 @@ from actors.events import Watermark
 from actors.operator import RestoreContext
 from actors.task import InputStatus, SourceOperatorBase
 from state.operator import OperatorStateStore
+from state.snapshot import OperatorSnapshot, RestoredState
 
 T = TypeVar("T")
 
@@ -161,11 +162,11 @@ class SourceOperator(SourceOperatorBase):
         self._last_refill = 0.0
         self._last_snapshot: dict[int, list[Any]] = {}
 
-    async def initialize_state(self, restored: dict[str, Any] | None) -> None:
+    async def initialize_state(self, restored: RestoredState | None) -> None:
         ctx = self.context
         self._operator_state = OperatorStateStore(ctx.subtask_label)
-        if restored is not None and "operator" in restored:
-            self._operator_state.restore(restored["operator"])
+        if restored is not None and restored.operator is not None:
+            self._operator_state.restore(restored.operator)
             splits = self._operator_state.get_list_state(SPLITS_STATE).get()
         else:
             splits = list(self.initial_splits)
@@ -226,12 +227,12 @@ class SourceOperator(SourceOperatorBase):
     def describe_position(self) -> str | None:
         return self.reader.describe_position()
 
-    async def snapshot_state(self, checkpoint_id: int) -> dict[str, Any] | None:
+    async def snapshot_state(self, checkpoint_id: int) -> OperatorSnapshot | None:
         await self.reader.prepare_snapshot()
         splits = self.reader.snapshot_splits()
         self._operator_state.get_list_state(SPLITS_STATE).update(splits)
         self._last_snapshot[checkpoint_id] = splits
-        return {"operator": self._operator_state.snapshot()}
+        return OperatorSnapshot(operator=self._operator_state.snapshot())
 
     async def notify_checkpoint_complete(self, checkpoint_id: int) -> None:
         splits = self._last_snapshot.pop(checkpoint_id, None)

@@ -115,9 +115,8 @@ class OperatorStateStore:
 
     @property
     def uses_union_state(self) -> bool:
-        return any(s.mode is Redistribution.UNION for s in self._lists.values()) or any(
-            r.get("mode") == Redistribution.UNION.value for r in self._restored.values()
-        )
+        declared = any(s.mode is Redistribution.UNION for s in self._lists.values())
+        return declared or has_union_state(self._restored)
 
     def snapshot(self) -> dict[str, Any]:
         result: dict[str, Any] = dict(self._restored)
@@ -129,6 +128,16 @@ class OperatorStateStore:
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         self._restored = dict(snapshot)
+
+
+def has_union_state(snapshot: dict[str, Any]) -> bool:
+    """Whether an :meth:`OperatorStateStore.snapshot` holds union list state."""
+    return any(entry.get("mode") == Redistribution.UNION.value for entry in snapshot.values())
+
+
+def list_state_items(snapshot: dict[str, Any], name: str) -> list[Any]:
+    """The items of list state ``name`` in an :meth:`OperatorStateStore.snapshot` (none if absent)."""
+    return list(snapshot.get(name, {}).get("items", []))
 
 
 def redistribute_operator_state(

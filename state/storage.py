@@ -48,6 +48,7 @@ import aiofiles.os
 import orjson
 
 from state.serde import packb, unpackb
+from state.snapshot import OperatorSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,14 @@ class SnapshotMap(dict[int, Any]):
 
     def items(self) -> list[tuple[int, Any]]:  # type: ignore[override]
         return [(k, self[k]) for k in self]
+
+    def snapshot(self, subtask: int) -> OperatorSnapshot:
+        """Subtask ``subtask``'s state as an :class:`OperatorSnapshot` (the layout is read there)."""
+        return OperatorSnapshot.from_data(self[subtask], f"state of subtask {subtask}")
+
+    def snapshots(self) -> list[tuple[int, OperatorSnapshot]]:
+        """(subtask, snapshot) for every subtask with state, in subtask order."""
+        return [(k, self.snapshot(k)) for k in sorted(self)]
 
 
 @dataclass

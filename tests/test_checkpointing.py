@@ -58,6 +58,7 @@ from state import (
     MapStateDescriptor,
     ValueStateDescriptor,
 )
+from state.snapshot import OperatorSnapshot
 from state.storage import CheckpointKind, CheckpointStorage
 
 WAIT_S = 10.0
@@ -104,13 +105,14 @@ async def start_job(
     return master, job
 
 
-def keyed_values(snapshot: dict[str, Any], state: str) -> dict[Any, Any]:
+def keyed_values(snapshot: OperatorSnapshot, state: str) -> dict[Any, Any]:
     """{key: value} of one keyed value state in an operator subtask snapshot, read back through
     a state backend that owns every key group (so the test does not depend on the layout)."""
     backend = KeyedStateBackend(
         "test", KeyGroupRange(0, DEFAULT_MAX_PARALLELISM - 1), DEFAULT_MAX_PARALLELISM
     )
-    backend.restore([snapshot["keyed"]])
+    assert snapshot.keyed is not None
+    backend.restore([snapshot.keyed])
     value_state = backend.get_state(ValueStateDescriptor(state))
     result = {}
     for key in backend.keys(state):
@@ -782,7 +784,7 @@ async def test_barrier_alignment_with_a_slow_input(mode: CheckpointingMode) -> N
     b.hold.set()
     completed = await asyncio.wait_for(checkpoint, WAIT_S)
 
-    counts = keyed_values(completed.operators["count"].subtask_states[0], "count")
+    counts = keyed_values(completed.operators["count"].subtask_states.snapshot(0), "count")
     if mode is CheckpointingMode.EXACTLY_ONCE:
         assert counts == {"a": 1, "b": 1}  # a2 came after the barrier: not in the snapshot
     else:

@@ -25,7 +25,7 @@ from state import (
     key_group_for_key,
     key_group_range_for_subtask,
 )
-from state.operator import redistribute_operator_state
+from state.operator import has_union_state, list_state_items, redistribute_operator_state
 from state.serde import check_encodable, packb, unpackb
 
 FAR = 10**12
@@ -420,6 +420,18 @@ def test_union_gives_every_subtask_everything() -> None:
     # Each subtask gets its own list.
     result[0]["seen"]["items"].append("x")
     assert result[1]["seen"]["items"] == [("a", 1), ("b", 2), ("c", 3)]
+
+
+def test_snapshot_readers_find_list_items_and_union_state() -> None:
+    """What the job master reads from a store's snapshot without restoring it: a list state's
+    items (the source splits it already knows) and whether any union list state is held."""
+    even = operator_snapshot({"splits": (Redistribution.EVEN_SPLIT, ["s0", "s1"])})
+    union = operator_snapshot({"seen": (Redistribution.UNION, [1])})
+    assert list_state_items(even, "splits") == ["s0", "s1"]
+    assert list_state_items(even, "absent") == []
+    assert not has_union_state(even)
+    assert has_union_state(union)
+    assert not has_union_state({})
 
 
 def test_broadcast_state_is_copied_to_every_subtask() -> None:
