@@ -279,23 +279,29 @@ async def test_a_taskmanager_busy_in_a_user_function_keeps_heartbeating(tmp_path
 # ---------------------------------------------------------------- TaskManagers that cannot start
 
 
+async def start_failure(pool: TaskManagerPool, count: int) -> str:
+    """The one-line error of starting ``count`` TaskManagers, which must fail; none is left."""
+    try:
+        with pytest.raises(TaskManagerStartError) as failed:
+            await pool.start(count)
+    finally:
+        await pool.shutdown()
+    assert pool.taskmanagers == []
+    message = str(failed.value)
+    assert "\n" not in message
+    return message
+
+
 @pytest.mark.asyncio
 async def test_a_job_file_that_builds_another_graph_in_a_taskmanager_is_refused(
     tmp_path: Path,
 ) -> None:
     pool = pool_for(write_job(tmp_path, other_graph_in_taskmanager=True))
-    try:
-        with pytest.raises(TaskManagerStartError) as refused:
-            await pool.start(2)
-    finally:
-        await pool.shutdown()
-    message = str(refused.value)
-    assert "\n" not in message
+    message = await start_failure(pool, 2)
     assert "built another job graph from" in message and str(tmp_path / "job.py") in message
     assert "vertex 'Source: Collection -> increment': operator uids" in message
     assert "'only-in-taskmanagers')" in message
     assert "must not depend on the process, the host or the environment" in message
-    assert pool.taskmanagers == []
 
 
 @pytest.mark.asyncio
@@ -307,13 +313,7 @@ async def test_a_taskmanager_that_cannot_load_the_job_file_is_one_clear_line(
     pool = TaskManagerPool(
         good.placement, dataclasses.replace(good.job, job_file=str(missing)), good.expected
     )
-    try:
-        with pytest.raises(TaskManagerStartError) as refused:
-            await pool.start(1)
-    finally:
-        await pool.shutdown()
-    message = str(refused.value)
-    assert "\n" not in message
+    message = await start_failure(pool, 1)
     assert message.startswith("TaskManager tm-1 (pid ")
     assert f"could not build the job graph: job file {str(missing)!r} not found" in message
 
@@ -322,14 +322,7 @@ async def test_a_taskmanager_that_cannot_load_the_job_file_is_one_clear_line(
 async def test_a_taskmanager_that_dies_while_starting_reports_its_exit_code_and_output(
     tmp_path: Path,
 ) -> None:
-    pool = pool_for(write_job(tmp_path, exit_in_taskmanager=True))
-    try:
-        with pytest.raises(TaskManagerStartError) as failed:
-            await pool.start(2)
-    finally:
-        await pool.shutdown()
-    message = str(failed.value)
-    assert "\n" not in message
+    message = await start_failure(pool_for(write_job(tmp_path, exit_in_taskmanager=True)), 2)
     assert "did not come up" in message
     assert "exited with code 3" in message
     assert "its last output: cannot run here: no GPU on this host" in message
