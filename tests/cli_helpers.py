@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -288,19 +287,19 @@ def stderr_contains(stderr: Path, text: str) -> bool:
     return stderr.exists() and text in stderr.read_text()
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs; a zombie (ended, not reaped yet) does not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` in ``/proc`` (``R``, ``S``, ``Z`` for a zombie: ended,
+    not reaped yet...), or None when there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs; a zombie does not."""
+    return process_state(pid) not in (None, "Z")
 
 
 def wait_until_gone(pids: Iterable[int], what: str, timeout: float = WAIT_S) -> float:

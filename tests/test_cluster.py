@@ -276,6 +276,43 @@ async def test_a_taskmanager_busy_in_a_user_function_keeps_heartbeating(tmp_path
         assert pool.losses == []
 
 
+def exited_unreaped(pid: int) -> bool | None:
+    """Whether our child ``pid`` has ended but is not reaped yet (None: it was reaped)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return None
+
+
+@pytest.mark.asyncio
+async def test_killing_a_taskmanager_that_just_died_keeps_its_exit_code() -> None:
+    # A JobManager that accepts but never answers keeps the TaskManager waiting.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        placement = LocalProcessPlacement()
+        caught_unreaped = 0
+        try:
+            for _ in range(20):
+                taskmanager = await placement.start("tm-1", *listener.getsockname())
+                connection, _ = await asyncio.to_thread(listener.accept)
+                os.kill(taskmanager.pid, signal.SIGKILL)
+                # Keep the event loop (which learns of the exit from asyncio's child watcher)
+                # from running until the process has ended: the pool kills a lost TaskManager
+                # at such moments, when its connection's end came first.
+                while (unreaped := exited_unreaped(taskmanager.pid)) is False:
+                    pass
+                caught_unreaped += bool(unreaped)
+                taskmanager.kill()
+                assert await taskmanager.wait() == -signal.SIGKILL
+                connection.close()
+                if caught_unreaped >= 3:
+                    break
+        finally:
+            await placement.close()
+    assert caught_unreaped >= 1
+
+
 # ---------------------------------------------------------------- TaskManagers that cannot start
 
 

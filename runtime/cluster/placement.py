@@ -106,8 +106,11 @@ class LocalTaskManagerProcess(TaskManagerProcess):
 
     def kill(self) -> None:
         if self._process.returncode is None:
+            # Not Process.kill(): its Popen polls first and so may reap a child that just died,
+            # behind the back of asyncio's child watcher, which then reports exit code 255. The
+            # pid stays ours until reaped, and only the watcher reaps it.
             with contextlib.suppress(ProcessLookupError):
-                self._process.kill()
+                os.kill(self.pid, signal.SIGKILL)
 
     async def wait(self) -> int:
         code = await self._process.wait()
