@@ -59,6 +59,8 @@ from actors.faults import InjectedCrash, crash_point
 from actors.mailbox import Mailbox, Wakeup
 from actors.network import Buffer, InputChannel, InputGate
 from actors.operator import StreamOperator, UserFunctionError
+from actors.protocol import TaskFailure as TaskFailure
+from actors.protocol import TaskState as TaskState
 from actors.writer import RecordWriter
 from state.serde import check_encodable
 from state.snapshot import OperatorSnapshot, RestoredState
@@ -66,21 +68,6 @@ from state.snapshot import OperatorSnapshot, RestoredState
 log = logging.getLogger(__name__)
 
 DEFAULT_BUFFER_TIMEOUT_S = 0.005
-
-
-class TaskState(enum.Enum):
-    CREATED = "created"
-    INITIALIZING = "initializing"
-    RUNNING = "running"
-    FINISHING = "finishing"
-    """Data ended and EndOfData was sent; waiting for the final checkpoint (FLIP-147)."""
-    FINISHED = "finished"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELED)
 
 
 class InputStatus(enum.Enum):
@@ -608,14 +595,6 @@ def encode_snapshot(operator_name: str, subtask_index: int, snapshot: OperatorSn
                     f"operator {operator_name!r} subtask {subtask_index}: {part} state {name!r}",
                 )
         raise
-
-
-class TaskFailure(RuntimeError):
-    """A task failed for a reason other than user code (which raises ``UserFunctionError``)."""
-
-    def __init__(self, message: str, task_name: str) -> None:
-        super().__init__(message)
-        self.task_name = task_name
 
 
 class StopWithSavepointFailed(RuntimeError):
