@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "checkpoints":
         return _checkpoints(args)
     if args.command == "broker":
-        from runtime.devbroker import run_broker_forever
+        from connectors.kafka.broker import run_broker_forever
 
         code: int = run_broker_forever(args.port)
         return code

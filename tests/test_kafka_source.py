@@ -28,7 +28,8 @@ from kafka_fixtures import CONSUMER_FETCH_LIMITS, create_topics, unique_name
 
 from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, DEFAULT_SENDER_QUEUE
 from connectors import CollectSink
-from connectors.kafka import MAX_QUEUED_BATCHES, KafkaRecord, KafkaSource, KafkaSourceReader
+from connectors.kafka import KafkaRecord, KafkaSource
+from connectors.kafka.source import MAX_QUEUED_BATCHES, KafkaSourceReader
 from runtime import ExecutionConfig, JobFailedError, Sink, SinkWriter, run_job_async
 from runtime.coordinator import CheckpointConfig
 from runtime.executor import JobMaster
