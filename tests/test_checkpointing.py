@@ -1038,7 +1038,7 @@ async def test_a_checkpoint_not_triggered_leaves_no_unretrieved_future_error() -
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: reported.append(context))
     try:
-        coordinator = CheckpointCoordinator(CheckpointConfig(), None, dict)
+        coordinator = CheckpointCoordinator(CheckpointConfig(), None, {})
         waited = coordinator.trigger(CheckpointKind.CHECKPOINT)
         with pytest.raises(CheckpointFailedError, match="not triggered"):
             await waited

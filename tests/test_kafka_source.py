@@ -23,6 +23,7 @@ import kafka_fixtures
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from cli_helpers import get_json
 from kafka_fixtures import CONSUMER_FETCH_LIMITS, create_topics, unique_name
 
 from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, DEFAULT_SENDER_QUEUE
@@ -32,6 +33,7 @@ from connectors.kafka.source import MAX_QUEUED_BATCHES, KafkaSourceReader
 from runtime import ExecutionConfig, JobFailedError, Sink, SinkWriter, run_job_async
 from runtime.coordinator import CheckpointConfig
 from runtime.executor import JobMaster
+from runtime.rest import ControlServer
 from runtime.runner import build_graph
 from runtime.sources import DEFAULT_SOURCE_BATCH, SourceOperator
 from state.storage import CheckpointKind
@@ -665,6 +667,15 @@ async def test_slow_sink_keeps_the_source_buffers_bounded_and_lag_shows_it(
         position = sum(s["offset"] for s in reader.splits.values())
         assert sum(lag.values()) == count - position
         assert sum(lag.values()) >= count - in_flight_bound - queued_bound
+        # The control endpoint shows the same lag, per source task.
+        server = ControlServer(master, lambda: None, port=0)
+        address = await server.start()
+        try:
+            status = await asyncio.to_thread(get_json, address, "/status")
+        finally:
+            await server.stop()
+        [source_task] = [t for t in master.tasks if t.head is source_op]
+        assert status["source_lag"] == {source_task.name: lag}
         sink.release.set()
         await asyncio.wait_for(job, WAIT_S)
     assert sink.count == count
