@@ -30,8 +30,8 @@ from actors.protocol import (
     TaskStateChanged,
     TriggerCheckpoint,
 )
-from runtime.coordinator import (
-    CheckpointConfig,
+from runtime import CheckpointConfig
+from runtime.master.coordinator import (
     CheckpointCoordinator,
     CheckpointedOperator,
     CheckpointFailedError,

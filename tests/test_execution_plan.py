@@ -26,10 +26,10 @@ from actors.task import StreamTask
 from actors.wire import decode_message, encode_message
 from connectors import CollectionSource, CollectSink, GeneratorSource
 from runtime.config import ExecutionConfig
-from runtime.executor import describe_failure
-from runtime.graph import JobGraph
+from runtime.master.jobmaster import describe_failure
 from runtime.plan.execution import LocalChannels, build_subtask, upstream_task_ids
-from runtime.runner import build_graph
+from runtime.plan.graph import JobGraph
+from runtime.shell.runner import build_graph
 
 WAIT_S = 10.0
 

@@ -44,7 +44,9 @@ from connectors import (
     committed_files,
 )
 from runtime import (
+    CheckpointConfig,
     Collector,
+    ExecutionConfig,
     Job,
     JobFailedError,
     KeyedCoProcessFunction,
@@ -52,19 +54,18 @@ from runtime import (
     RuntimeContext,
     run_job,
 )
-from runtime.coordinator import (
-    CheckpointConfig,
+from runtime.api.sinks import Sink, SinkWriter
+from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.master.coordinator import (
     CheckpointCoordinator,
     CheckpointedOperator,
     CheckpointFailedError,
     CheckpointStatus,
 )
-from runtime.executor import ExecutionConfig, JobMaster, JobResult
-from runtime.restart import FixedDelayRestart
-from runtime.restore import RestoreMismatchError, RestoreReport
-from runtime.runner import build_graph, run_coroutine
-from runtime.sinks import Sink, SinkWriter
-from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.master.jobmaster import JobMaster, JobResult
+from runtime.master.restart import FixedDelayRestart
+from runtime.plan.restore import RestoreMismatchError, RestoreReport
+from runtime.shell.runner import build_graph, run_coroutine
 from runtime.testing import arm, disarm_all
 from state.storage import CheckpointKind, CheckpointStorage, load_checkpoint, load_latest_valid
 

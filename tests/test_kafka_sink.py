@@ -35,11 +35,10 @@ from kafka_fixtures import (
 from connectors import CollectionSource
 from connectors.kafka import KafkaSink, KafkaSource
 from connectors.kafka.exactly_once import TransactionCommitError
-from runtime import ExecutionConfig, JobFailedError, RuntimeContext, run_job_async
-from runtime.coordinator import CheckpointConfig
-from runtime.executor import JobMaster
-from runtime.restart import FixedDelayRestart
-from runtime.runner import build_graph
+from runtime import CheckpointConfig, ExecutionConfig, JobFailedError, RuntimeContext, run_job_async
+from runtime.master.jobmaster import JobMaster
+from runtime.master.restart import FixedDelayRestart
+from runtime.shell.runner import build_graph
 from state.storage import CheckpointKind
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
@@ -215,7 +214,7 @@ def sigkill_after_checkpoints(command: list[str], chk: Path, stderr_path: Path, 
 
 
 def sink_of(master: JobMaster) -> Any:
-    from runtime.sinks import SinkOperator
+    from runtime.api.sinks import SinkOperator
 
     return [op.writer for t in master.tasks for op in t.operators if isinstance(op, SinkOperator)]
 

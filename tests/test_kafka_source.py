@@ -30,12 +30,18 @@ from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, 
 from connectors import CollectSink
 from connectors.kafka import KafkaRecord, KafkaSource
 from connectors.kafka.source import MAX_QUEUED_BATCHES, KafkaSourceReader
-from runtime import ExecutionConfig, JobFailedError, Sink, SinkWriter, run_job_async
-from runtime.coordinator import CheckpointConfig
-from runtime.executor import JobMaster
-from runtime.rest import ControlServer
-from runtime.runner import build_graph
-from runtime.sources import DEFAULT_SOURCE_BATCH, SourceOperator
+from runtime import (
+    CheckpointConfig,
+    ExecutionConfig,
+    JobFailedError,
+    Sink,
+    SinkWriter,
+    run_job_async,
+)
+from runtime.api.sources import DEFAULT_SOURCE_BATCH, SourceOperator
+from runtime.master.jobmaster import JobMaster
+from runtime.shell.rest import ControlServer
+from runtime.shell.runner import build_graph
 from state.storage import CheckpointKind
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap

@@ -25,9 +25,9 @@ from actors.network import Buffer, InputChannel, InputGate, ResultSubpartition
 from actors.task import TaskState
 from connectors import CollectionSource, CollectSink
 from runtime import ExecutionConfig, JobFailedError, Sink, SinkWriter, run_job_async
-from runtime.executor import JobMaster, JobResult
-from runtime.functions import RuntimeContext
-from runtime.runner import build_graph
+from runtime.api.functions import RuntimeContext
+from runtime.master.jobmaster import JobMaster, JobResult
+from runtime.shell.runner import build_graph
 
 STEPS = 200
 """Loop iterations that are plenty for every coroutine to run until it blocks again."""

@@ -32,7 +32,7 @@ from actors.protocol import (
     failure_info,
 )
 from actors.wire import decode_message, encode_message
-from runtime.executor import describe_failure, root_cause
+from runtime.master.jobmaster import describe_failure, root_cause
 from state.keyed import IncompatibleStateError
 from state.refusal import RestoreRefusedError, restore_refusal
 from state.storage import CheckpointKind

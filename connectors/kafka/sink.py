@@ -16,8 +16,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from connectors.kafka.clients import KafkaClients
-from runtime.functions import RuntimeContext
-from runtime.sinks import Sink, SinkWriter
+from runtime.api.functions import RuntimeContext
+from runtime.api.sinks import Sink, SinkWriter
 
 
 def _serializer(kind: str | Callable[[Any], bytes]) -> Callable[[Any], bytes | None]:

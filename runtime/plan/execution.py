@@ -1,7 +1,7 @@
 """The execution graph: one attempt's subtasks, their channels and writers, built from the job graph.
 
 :func:`build_subtask` builds one :class:`~actors.task.StreamTask` (operators, chaining outputs,
-record writers, input gate) from the :class:`~runtime.graph.JobGraph` alone plus what the master
+record writers, input gate) from the :class:`~runtime.plan.graph.JobGraph` alone plus what the master
 decides per attempt (channel endpoints, splits, restored state, restore context, attempt), so the
 job master in this process and a TaskManager in another build subtasks with the same code.
 :class:`LocalChannels` makes the endpoints of channels whose both ends run in one process.
@@ -27,9 +27,9 @@ from actors.operator import (
 from actors.protocol import TaskId
 from actors.task import StreamTask, TaskListener
 from actors.writer import RecordWriter
+from runtime.api.sources import SourceOperator, assign_splits
 from runtime.config import ExecutionConfig
-from runtime.graph import JobEdge, JobGraph, JobVertex
-from runtime.sources import SourceOperator, assign_splits
+from runtime.plan.graph import JobEdge, JobGraph, JobVertex
 from state.keygroups import key_group_range_for_subtask
 from state.snapshot import RestoredState
 

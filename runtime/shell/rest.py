@@ -26,7 +26,7 @@ from aiohttp import web
 
 from actors.protocol import TaskState
 from runtime.config import DEFAULT_REST_HOST, DEFAULT_REST_PORT
-from runtime.coordinator import CheckpointFailedError, CheckpointStatus, TaskHandle
+from runtime.master.coordinator import CheckpointFailedError, CheckpointStatus, TaskHandle
 from state.storage import CheckpointKind, CompletedCheckpoint
 
 

@@ -49,7 +49,7 @@ from actors.protocol import (
     TaskStateChanged,
     TriggerCheckpoint,
 )
-from runtime.config import CheckpointConfig as CheckpointConfig
+from runtime.config import CheckpointConfig
 from state.operator import has_union_state
 from state.storage import CheckpointKind, CompletedCheckpoint, OperatorCheckpoint, SnapshotMap
 

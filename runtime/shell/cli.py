@@ -2,7 +2,7 @@
 
 Exit codes: 0 success (also a stop with savepoint, on request or on SIGTERM); 1 the job failed;
 2 bad usage or a bad job file; 130 cancelled by Ctrl-C or through the control endpoint; 143 ended
-by SIGTERM without a savepoint (see ``runtime.shutdown``).
+by SIGTERM without a savepoint (see ``runtime.shell.shutdown``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 
 from actors.barriers import CheckpointingMode
 from actors.operator import NewerOutputPolicy, UserFunctionError
-from runtime.api import JobDefinitionError
+from runtime.api.durations import format_duration, parse_duration
+from runtime.api.streams import JobDefinitionError
 from runtime.config import (
     DEFAULT_MAX_PARALLELISM,
     DEFAULT_PARALLELISM,
@@ -30,14 +31,13 @@ from runtime.config import (
     CheckpointConfig,
     ExecutionConfig,
 )
-from runtime.durations import format_duration, parse_duration
-from runtime.executor import JobFailedError, JobMaster
-from runtime.progress import ProgressReporter
-from runtime.rest import ControlClientError, ControlServer, call
-from runtime.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
-from runtime.restore import RestoreMismatchError, RestoreReport
-from runtime.runner import JobFileError, build_graph, load_job_file, run_coroutine
-from runtime.shutdown import EXIT_TERMINATED, GracefulShutdown
+from runtime.master.jobmaster import JobFailedError, JobMaster
+from runtime.master.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
+from runtime.plan.restore import RestoreMismatchError, RestoreReport
+from runtime.shell.progress import ProgressReporter
+from runtime.shell.rest import ControlClientError, ControlServer, call
+from runtime.shell.runner import JobFileError, build_graph, load_job_file, run_coroutine
+from runtime.shell.shutdown import EXIT_TERMINATED, GracefulShutdown
 from runtime.testing import arm_from_params
 from state.keygroups import UPPER_BOUND_MAX_PARALLELISM
 from state.refusal import restore_refusal

@@ -1,6 +1,6 @@
 """Local execution: the job master deploys every subtask of a job as an actor on one event loop.
 
-The :class:`JobMaster` turns the :class:`~runtime.graph.JobGraph` into tasks, channels and writers
+The :class:`JobMaster` turns the :class:`~runtime.plan.graph.JobGraph` into tasks, channels and writers
 (the execution graph, :mod:`runtime.plan.execution`), runs them under one ``asyncio.TaskGroup``
 together with the checkpoint coordinator, and on a task failure cancels the attempt (``close()``
 runs, ``finish()`` does not), asks the restart strategy, and restarts from the latest completed
@@ -31,12 +31,12 @@ from actors.protocol import (
     TaskStateChanged,
 )
 from actors.task import StreamTask
-from runtime.config import ExecutionConfig as ExecutionConfig
-from runtime.coordinator import CheckpointCoordinator, CheckpointedOperator, TaskHandle
-from runtime.graph import JobGraph, JobVertex
+from runtime.api.sources import SPLITS_STATE
+from runtime.config import ExecutionConfig
+from runtime.master.coordinator import CheckpointCoordinator, CheckpointedOperator, TaskHandle
 from runtime.plan.execution import LocalChannels, build_subtask, upstream_task_ids
-from runtime.restore import assign_restored_state
-from runtime.sources import SPLITS_STATE
+from runtime.plan.graph import JobGraph, JobVertex
+from runtime.plan.restore import assign_restored_state
 from state.operator import list_state_items
 from state.refusal import restore_refusal
 from state.storage import (
@@ -249,7 +249,7 @@ class JobMaster:
         runs everywhere), the savepoint goes into ``target_dir`` (default
         ``<checkpoint-dir>/savepoints``) and commits like a final checkpoint, and :meth:`run`
         then returns with ``stopped_with_savepoint`` set. Raises
-        :class:`~runtime.coordinator.CheckpointFailedError` when the savepoint cannot complete;
+        :class:`~runtime.master.coordinator.CheckpointFailedError` when the savepoint cannot complete;
         tasks whose sources had already stopped then fail the attempt.
         """
         return await self.coordinator.request_trigger(

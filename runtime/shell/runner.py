@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.api import Job
+from runtime.api.streams import Job
 from runtime.config import DEFAULT_PARALLELISM, ExecutionConfig
-from runtime.executor import JobMaster, JobResult
-from runtime.graph import JobGraph, build_job_graph
+from runtime.master.jobmaster import JobMaster, JobResult
+from runtime.plan.graph import JobGraph, build_job_graph
 from state.keygroups import DEFAULT_MAX_PARALLELISM
 
 BuildFunction = Callable[[Job], Any]
