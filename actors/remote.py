@@ -94,7 +94,7 @@ from actors.network import (
     InputGate,
     ResultSubpartition,
 )
-from actors.wire import WireFormatError, frame, read_frame, wire_message
+from actors.wire import MAX_FRAME_BYTES, WireFormatError, frame, read_frame, wire_message
 from state.serde import SUPPORTED_TYPES, describe_unencodable, packb, unpackb
 from state.storage import CheckpointKind
 
@@ -118,6 +118,9 @@ _END_OF_DATA = 3
 _END_OF_PARTITION = 4
 
 Address = tuple[str, int]
+
+MAX_BUFFER_BYTES = MAX_FRAME_BYTES - 1024
+"""The largest encoded buffer a frame carries, with room for the frame's other fields."""
 
 _DECODE_ERRORS = (
     ValueError,
@@ -703,7 +706,7 @@ def _wire_key(channel_id: ChannelId) -> list[int]:
 
 def _encode_buffer(buffer: Buffer, sender: str, receiver: str) -> bytes:
     try:
-        return packb([buffer.values, buffer.timestamps])
+        encoded = packb([buffer.values, buffer.timestamps])
     except (TypeError, ValueError, OverflowError) as exc:
         problem = f"? ({exc})"
         for record in buffer.values:
@@ -719,6 +722,14 @@ def _encode_buffer(buffer: Buffer, sender: str, receiver: str) -> bytes:
             "dataclasses.asdict(record)), or run the job in one TaskManager"
         )
         raise RecordEncodingError(msg) from exc
+    if len(encoded) > MAX_BUFFER_BYTES:
+        msg = (
+            f"{sender}: a buffer of {len(buffer)} records for {receiver} encodes to "
+            f"{len(encoded)} bytes, more than a frame between processes holds "
+            f"({MAX_BUFFER_BYTES}); lower the buffer size (records per buffer) or the records' size"
+        )
+        raise RecordEncodingError(msg)
+    return encoded
 
 
 def _encode_event(event: Event) -> list[Any]:

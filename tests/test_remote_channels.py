@@ -52,7 +52,7 @@ from actors.remote import (
     RemoteChannelError,
     RemoteSender,
 )
-from actors.wire import frame
+from actors.wire import decode_message, encode_message, frame
 from actors.writer import RecordWriter
 from state.serde import packb
 from state.storage import CheckpointKind
@@ -610,6 +610,27 @@ async def test_a_record_msgpack_cannot_hold_fails_the_sending_task_with_what_to_
     await writer.emit([{"user": "u1", "at": 1}, dataclasses.asdict(Click("u2", 2))], None)
     _, item = await take_and_recycle(gate)
     assert item.values == [{"user": "u1", "at": 1}, {"user": "u2", "at": 2}]
+
+
+@pytest.mark.asyncio
+async def test_a_buffer_too_large_for_a_frame_fails_the_sending_task(
+    planes: tuple[DataPlane, DataPlane], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sender_plane, receiver_plane = planes
+    monkeypatch.setattr("actors.remote.MAX_BUFFER_BYTES", 64)
+    sub, _, gate, _ = remote_channel(sender_plane, receiver_plane, ChannelId(0, 0, 0, 0))
+    gate.open()
+    await sub.add_buffer(Buffer(["small"]))
+    with pytest.raises(RecordEncodingError, match=r"sender \(1/2\): a buffer of 2 records for "):
+        await sub.add_buffer(Buffer(["x" * 40, "y" * 40]))
+    _, item = await take_and_recycle(gate)
+    assert item.values == ["small"]
+    assert sub.buffers_sent == 1
+
+
+def test_a_channel_id_is_a_wire_message() -> None:
+    channel_id = ChannelId(attempt=4, edge=2, sender=1, receiver=3)
+    assert decode_message(encode_message(channel_id)) == channel_id
 
 
 @pytest.mark.asyncio
