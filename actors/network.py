@@ -25,6 +25,11 @@ buffers that were sent before them, so they never overtake data.
 
 Everything here runs on one event loop; methods are called by the sending task (``add_*``), by the
 receiving task (``poll_next``, ``recycle``, blocking), and by each other (credit, delivery).
+
+A channel whose two ends run in different processes keeps both classes: :mod:`actors.remote`
+puts a stand-in for the missing peer on each side (a :class:`BufferConsumer` behind the
+subpartition, a :class:`ChannelSender` in front of the input channel) and sets the subpartition's
+``prepare_send`` hook, so that the sending task encodes what it sends.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from actors.events import EndOfPartition, Event
 from actors.mailbox import Wakeup
@@ -47,13 +53,16 @@ class Buffer:
     """A list of records (and, when the stream has event time, their timestamps).
 
     Buffers are read-only once emitted: a broadcast hands the same buffer to every channel.
+    ``encoded`` is the buffer's wire form, made once by the first channel to another process that
+    sends it (see :mod:`actors.remote`); ``None`` while only local channels had it.
     """
 
-    __slots__ = ("timestamps", "values")
+    __slots__ = ("encoded", "timestamps", "values")
 
     def __init__(self, values: list[Any], timestamps: list[int] | None = None) -> None:
         self.values = values
         self.timestamps = timestamps
+        self.encoded: bytes | None = None
 
     def __len__(self) -> int:
         return len(self.values)
@@ -64,6 +73,31 @@ class Buffer:
 
 class ChannelProtocolError(RuntimeError):
     """A channel saw something the credit protocol forbids (a bug, never user error)."""
+
+
+class BufferConsumer(Protocol):
+    """What a :class:`ResultSubpartition` delivers to: an :class:`InputChannel`, or the stand-in
+    of a receiver in another process."""
+
+    def on_buffer(self, buffer: Buffer, backlog: int) -> None: ...
+
+    def on_event(self, event: Event) -> None: ...
+
+
+class ChannelSender(Protocol):
+    """What an :class:`InputChannel` needs of its sender: a :class:`ResultSubpartition`, or the
+    stand-in of a sender in another process (whose ``credit`` mirrors the remote sender's)."""
+
+    name: str
+    credit: int
+
+    def connect(self, channel: InputChannel) -> None: ...
+
+    def add_credit(self, credit: int) -> None: ...
+
+
+PrepareSend = Callable[[Buffer | Event], None]
+"""Called by the sending task with each buffer and event before it is queued; may raise."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +119,10 @@ class ResultSubpartition:
         self.credit = 0
         self._queue: deque[Buffer | Event] = deque()
         self._queued_buffers = 0
-        self._channel: InputChannel | None = None
+        self._channel: BufferConsumer | None = None
+        self.prepare_send: PrepareSend | None = None
+        """Set by a channel to another process: encodes each buffer in the sending task (so that an
+        unencodable record fails that task) and raises once the channel's connection is lost."""
         self._draining = False
         self._space = asyncio.Event()
         self._space.set()
@@ -95,7 +132,7 @@ class ResultSubpartition:
         self.backpressured_seconds = 0.0
         self.released = False
 
-    def connect(self, channel: InputChannel) -> None:
+    def connect(self, channel: BufferConsumer) -> None:
         self._channel = channel
 
     @property
@@ -107,6 +144,8 @@ class ResultSubpartition:
 
     async def add_buffer(self, buffer: Buffer) -> None:
         """Queue ``buffer`` for sending; waits while the sender-side queue is full (backpressure)."""
+        if self.prepare_send is not None:
+            self.prepare_send(buffer)
         if self._queued_buffers >= self.max_queued_buffers:
             self.backpressure_waits += 1
             started = time.perf_counter()
@@ -120,6 +159,8 @@ class ResultSubpartition:
 
     def add_event(self, event: Event) -> None:
         """Queue ``event`` behind every buffer added before it; events need no credit."""
+        if self.prepare_send is not None:
+            self.prepare_send(event)
         self._queue.append(event)
         self._drain()
 
@@ -189,7 +230,7 @@ class InputChannel:
         self,
         gate: InputGate,
         index: int,
-        sender: ResultSubpartition,
+        sender: ChannelSender,
         exclusive_credits: int,
         input_index: int = 0,
         description: str = "",
@@ -294,10 +335,11 @@ class InputGate:
         self._with_data: deque[InputChannel] = deque()
         self._queued: set[int] = set()
         self._blocked: set[int] = set()
+        self._failure: BaseException | None = None
 
     def add_channel(
         self,
-        sender: ResultSubpartition,
+        sender: ChannelSender,
         exclusive_credits: int = DEFAULT_EXCLUSIVE_CREDITS,
         input_index: int = 0,
         description: str = "",
@@ -320,7 +362,11 @@ class InputGate:
             channel.open()
 
     def poll_next(self) -> tuple[InputChannel, Buffer | Event] | None:
-        """The next item of an unblocked channel that has one, or ``None``."""
+        """The next item of an unblocked channel that has one, or ``None``.
+
+        Raises the error a channel failed with (see :meth:`fail`)."""
+        if self._failure is not None:
+            raise self._failure
         with_data = self._with_data
         while with_data:
             channel = with_data.popleft()
@@ -347,6 +393,18 @@ class InputGate:
                 self._with_data.append(channel)
                 self._queued.add(index)
         self.wakeup.set()
+
+    def fail(self, error: BaseException) -> None:
+        """A channel can deliver nothing more (its connection to another process was lost): wake
+        the task, whose next :meth:`poll_next` raises ``error`` (the first one, if several)."""
+        if self._failure is None:
+            self._failure = error
+        self.wakeup.set()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error a channel failed with, if one did."""
+        return self._failure
 
     @property
     def blocked_channels(self) -> frozenset[int]:

@@ -22,6 +22,8 @@ class Partitioner:
     name = "partitioner"
     pointwise = False
     """True if subtask *i* only ever sends to subtask *i* (one channel per sender)."""
+    broadcast = False
+    """True if every record goes to every channel (the writer then hands one buffer to all)."""
 
     def route(self, values: list[Any], timestamps: list[int] | None, channels: int) -> Routed:
         raise NotImplementedError
@@ -66,6 +68,7 @@ class BroadcastPartitioner(Partitioner):
     """Every record to every channel."""
 
     name = "broadcast"
+    broadcast = True
 
     def route(self, values: list[Any], timestamps: list[int] | None, channels: int) -> Routed:
         return [(target, values, timestamps) for target in range(channels)]

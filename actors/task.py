@@ -41,8 +41,8 @@ from actors.barriers import (
     Action,
     CheckpointBarrierHandler,
     CheckpointingMode,
-    TriggerCheckpoint,
 )
+from actors.barriers import TriggerCheckpoint as AlignedCheckpoint
 from actors.events import (
     END_OF_PARTITION,
     MAX_TIMESTAMP,
@@ -59,6 +59,25 @@ from actors.faults import InjectedCrash, crash_point
 from actors.mailbox import Mailbox, Wakeup
 from actors.network import Buffer, InputChannel, InputGate
 from actors.operator import StreamOperator, UserFunctionError
+from actors.protocol import (
+    AcknowledgeCheckpoint,
+    AddSplits,
+    CancelTask,
+    DeclineCheckpoint,
+    NotifyCheckpointAborted,
+    NotifyCheckpointComplete,
+    OperatorRecords,
+    TaskCommand,
+    TaskFailureInfo,
+    TaskId,
+    TaskMetrics,
+    TaskReport,
+    TaskStateChanged,
+    TriggerCheckpoint,
+    failure_info,
+)
+from actors.protocol import TaskFailure as TaskFailure
+from actors.protocol import TaskState as TaskState
 from actors.writer import RecordWriter
 from state.serde import check_encodable
 from state.snapshot import OperatorSnapshot, RestoredState
@@ -66,21 +85,6 @@ from state.snapshot import OperatorSnapshot, RestoredState
 log = logging.getLogger(__name__)
 
 DEFAULT_BUFFER_TIMEOUT_S = 0.005
-
-
-class TaskState(enum.Enum):
-    CREATED = "created"
-    INITIALIZING = "initializing"
-    RUNNING = "running"
-    FINISHING = "finishing"
-    """Data ended and EndOfData was sent; waiting for the final checkpoint (FLIP-147)."""
-    FINISHED = "finished"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELED)
 
 
 class InputStatus(enum.Enum):
@@ -115,54 +119,18 @@ class SourceOperatorBase(StreamOperator):
 
 
 @dataclass(frozen=True)
-class StopRequest:
-    """Stop with savepoint: end the sources (draining or not) before taking the savepoint."""
-
-    drain: bool
-
-
-@dataclass(frozen=True)
-class TriggerCheckpointMail:
-    barrier: CheckpointBarrier
-    stop: StopRequest | None = None
-
-
-@dataclass(frozen=True)
-class CheckpointCompleteMail:
-    checkpoint_id: int
-
-
-@dataclass(frozen=True)
-class CheckpointAbortedMail:
-    checkpoint_id: int
-    reason: str = ""
-
-
-@dataclass(frozen=True)
 class ProcessingTimerMail:
+    """A processing-time timer is due (task-internal: the task schedules it for itself)."""
+
     timestamp_ms: int
 
 
-@dataclass(frozen=True)
-class AddSplitsMail:
-    splits: list[Any]
-
-
 class TaskListener(Protocol):
-    """What a task reports to its job master. Called on the task's actor; must not block."""
+    """Where a task's reports go (the job master, or a TaskManager's control connection).
 
-    def task_state_changed(self, task: StreamTask, state: TaskState) -> None: ...
+    Called on the task's actor, in the order the task sends them; must not block."""
 
-    def acknowledge_checkpoint(
-        self,
-        task: StreamTask,
-        checkpoint_id: int,
-        snapshots: dict[str, Any],
-        finished: bool,
-        alignment_ms: float,
-    ) -> None: ...
-
-    def decline_checkpoint(self, task: StreamTask, checkpoint_id: int, reason: str) -> None: ...
+    def report(self, message: TaskReport) -> None: ...
 
 
 class StreamTask:
@@ -185,9 +153,10 @@ class StreamTask:
         checkpointing_mode: CheckpointingMode = CheckpointingMode.EXACTLY_ONCE,
         buffer_timeout_s: float = DEFAULT_BUFFER_TIMEOUT_S,
         num_inputs: int = 1,
+        attempt: int = 0,
     ) -> None:
         self.name = name
-        self.task_id = f"{vertex_id}/{subtask_index}"
+        self.task_id = TaskId(vertex_id, subtask_index, attempt)
         self.vertex_id = vertex_id
         self.subtask_index = subtask_index
         self.parallelism = parallelism
@@ -208,8 +177,9 @@ class StreamTask:
         self._finishing_snapshots: list[int] = []
         self._final_checkpoint_done = False
         self._stop_savepoint_id: int | None = None
-        self._rpc_trigger: TriggerCheckpointMail | None = None
+        self._rpc_trigger: TriggerCheckpoint | None = None
         self._timer_handles: list[asyncio.TimerHandle] = []
+        self._runner: asyncio.Task[Any] | None = None
         self._closed = False
         self.is_source = isinstance(self.head, SourceOperatorBase)
         self.source_ended = False
@@ -229,6 +199,7 @@ class StreamTask:
 
     async def run(self) -> None:
         """Run the task to its end. Raises on failure; ``CancelledError`` on cancel."""
+        self._runner = asyncio.current_task()
         try:
             self._set_state(TaskState.INITIALIZING)
             if self._restored_finished:
@@ -248,15 +219,17 @@ class StreamTask:
             await self._close_after_error()
             self._set_state(TaskState.CANCELED)
             raise
-        except UserFunctionError:
+        except UserFunctionError as exc:
             await self._close_after_error()
-            self._set_state(TaskState.FAILED)
+            self._set_state(TaskState.FAILED, failure_info(exc, self.name))
             raise
         except Exception as exc:
             await self._close_after_error()
-            self._set_state(TaskState.FAILED)
             msg = f"task {self.name} failed: {type(exc).__name__}: {exc}"
-            raise TaskFailure(msg, self.name) from exc
+            failure = TaskFailure(msg, self.name)
+            failure.__cause__ = exc
+            self._set_state(TaskState.FAILED, failure_info(failure))
+            raise failure from exc
 
     async def _initialize(self) -> None:
         for op in self.operators:
@@ -318,9 +291,9 @@ class StreamTask:
             except Exception:
                 log.exception("%s: close() of operator %r failed", self.name, op.name)
 
-    def _set_state(self, state: TaskState) -> None:
+    def _set_state(self, state: TaskState, failure: TaskFailureInfo | None = None) -> None:
         self.state = state
-        self.listener.task_state_changed(self, state)
+        self.listener.report(TaskStateChanged(self.task_id, state, failure))
 
     def _source_position(self) -> str | None:
         if self.is_source:
@@ -374,8 +347,8 @@ class StreamTask:
             polled = gate.poll_next()
             if polled is None:
                 if self._rpc_trigger is not None and all(c.ended for c in gate.channels):
-                    mail, self._rpc_trigger = self._rpc_trigger, None
-                    await self._perform_checkpoint(mail.barrier, 0.0)
+                    trigger, self._rpc_trigger = self._rpc_trigger, None
+                    await self._perform_checkpoint(trigger.barrier, 0.0)
                     continue
                 await self._idle()
                 continue
@@ -479,7 +452,37 @@ class StreamTask:
         await self._broadcast(EndOfData(drain=drain))
         self._set_state(TaskState.FINISHING)
 
-    # ---------------------------------------------------------------- mail
+    # ---------------------------------------------------------------- commands and mail
+
+    def handle_command(self, command: TaskCommand) -> bool:
+        """Take a command of the job master; False when the task can take none any more.
+
+        ``CancelTask`` cancels the task's coroutine at once (also while it waits for credit);
+        every other command is mail, served between buffers in the order it arrived.
+        """
+        if type(command) is CancelTask:
+            runner = self._runner
+            if runner is None or runner.done():
+                return False
+            runner.cancel(command.reason or None)
+            return True
+        return self.mailbox.try_put(command)
+
+    def metrics_report(self) -> TaskMetrics:
+        """Records in and out per operator so far, and a source task's lag per split."""
+        lag = None
+        if self.state in (TaskState.RUNNING, TaskState.FINISHING):
+            reader_lag = getattr(getattr(self.head, "reader", None), "lag", None)
+            if reader_lag is not None:
+                lag = reader_lag()
+        return TaskMetrics(
+            self.task_id,
+            {
+                op.uid: OperatorRecords(op.metrics.records_in, op.metrics.records_out)
+                for op in self.operators
+            },
+            lag,
+        )
 
     async def _drain_mail(self) -> None:
         mailbox = self.mailbox
@@ -491,42 +494,42 @@ class StreamTask:
 
     async def _handle_mail(self, mail: Any) -> None:
         kind = type(mail)
-        if kind is TriggerCheckpointMail:
+        if kind is TriggerCheckpoint:
             await self._on_trigger(mail)
-        elif kind is CheckpointCompleteMail:
+        elif kind is NotifyCheckpointComplete:
             await self._on_checkpoint_complete(mail.checkpoint_id)
-        elif kind is CheckpointAbortedMail:
+        elif kind is NotifyCheckpointAborted:
             await self._on_checkpoint_aborted(mail.checkpoint_id, mail.reason)
         elif kind is ProcessingTimerMail:
             if not self._closed:
                 for op in self.operators:
                     await op.fire_processing_timers(mail.timestamp_ms)
-        elif kind is AddSplitsMail:
+        elif kind is AddSplits:
             add = getattr(self.head, "add_splits", None)
             if add is None:
                 msg = f"{self.name}: head operator {self.head.name!r} takes no splits"
                 raise TypeError(msg)
-            add(mail.splits)
+            add(list(mail.splits))
         else:
             msg = f"{self.name}: unknown mail {mail!r}"
             raise TypeError(msg)
 
-    async def _on_trigger(self, mail: TriggerCheckpointMail) -> None:
-        if mail.stop is not None:
-            self._stop_savepoint_id = mail.barrier.checkpoint_id
+    async def _on_trigger(self, trigger: TriggerCheckpoint) -> None:
+        if trigger.stop is not None:
+            self._stop_savepoint_id = trigger.checkpoint_id
             if self.state is TaskState.RUNNING and self.is_source:
                 self.source_ended = True
-                await self._end_of_data(drain=mail.stop.drain)
+                await self._end_of_data(drain=trigger.stop.drain)
         if self.gate is not None and not all(c.ended for c in self.gate.channels):
             # Triggered because every upstream task finished: the barrier goes behind the data
             # still queued in the channels, so that no record is left out of the snapshot.
-            self._rpc_trigger = mail
+            self._rpc_trigger = trigger
             return
-        await self._perform_checkpoint(mail.barrier, 0.0)
+        await self._perform_checkpoint(trigger.barrier, 0.0)
 
     async def _run_actions(self, actions: list[Action]) -> None:
         for action in actions:
-            if isinstance(action, TriggerCheckpoint):
+            if isinstance(action, AlignedCheckpoint):
                 await self._perform_checkpoint(action.barrier, action.alignment_ms)
             elif isinstance(action, AbortCheckpoint):
                 await self._broadcast(CancelCheckpointMarker(action.checkpoint_id))
@@ -534,7 +537,7 @@ class StreamTask:
     async def _perform_checkpoint(self, barrier: CheckpointBarrier, alignment_ms: float) -> None:
         checkpoint_id = barrier.checkpoint_id
         crash_point("before-snapshot", f"{self.name}, checkpoint {checkpoint_id}")
-        snapshots: dict[str, Any] = {}
+        snapshots: dict[str, bytes] = {}
         try:
             for op in self.operators:
                 snapshot = await op.snapshot_state(checkpoint_id)
@@ -546,13 +549,15 @@ class StreamTask:
             reason = f"{self.name}: snapshot for checkpoint {checkpoint_id} failed: {exc}"
             log.warning("%s", reason)
             await self._broadcast(CancelCheckpointMarker(checkpoint_id))
-            self.listener.decline_checkpoint(self, checkpoint_id, reason)
+            self.listener.report(DeclineCheckpoint(self.task_id, checkpoint_id, reason))
             return
         await self._broadcast(barrier)
         if self.state is TaskState.FINISHING:
             self._finishing_snapshots.append(checkpoint_id)
-        self.listener.acknowledge_checkpoint(
-            self, checkpoint_id, snapshots, self._operators_finished, alignment_ms
+        self.listener.report(
+            AcknowledgeCheckpoint(
+                self.task_id, checkpoint_id, snapshots, self._operators_finished, alignment_ms
+            )
         )
 
     async def _on_checkpoint_complete(self, checkpoint_id: int) -> None:
@@ -608,14 +613,6 @@ def encode_snapshot(operator_name: str, subtask_index: int, snapshot: OperatorSn
                     f"operator {operator_name!r} subtask {subtask_index}: {part} state {name!r}",
                 )
         raise
-
-
-class TaskFailure(RuntimeError):
-    """A task failed for a reason other than user code (which raises ``UserFunctionError``)."""
-
-    def __init__(self, message: str, task_name: str) -> None:
-        super().__init__(message)
-        self.task_name = task_name
 
 
 class StopWithSavepointFailed(RuntimeError):

@@ -3,6 +3,9 @@
 Records are appended to a per-channel partial buffer; a full buffer (``buffer_size`` records) is
 sent at once, a partial one when the task flushes: before every event, after the buffer timeout,
 and at the end. Sending a buffer waits for room in the channel (credit-based backpressure).
+
+A broadcast edge keeps one partial buffer and hands each buffer to every channel: the buffer is
+built (and, for channels to other processes, encoded) once, not once per channel.
 """
 
 from __future__ import annotations
@@ -28,27 +31,33 @@ class RecordWriter:
         self.subpartitions = subpartitions
         self.partitioner = partitioner
         self.buffer_size = buffer_size
-        n = len(subpartitions)
+        self._broadcast = partitioner.broadcast
+        # Per routed channel, the subpartitions its buffers go to: one each, or all for broadcast.
+        self._targets = [subpartitions] if self._broadcast else [[s] for s in subpartitions]
+        n = len(self._targets)
         self._values: list[list[Any]] = [[] for _ in range(n)]
         self._timestamps: list[list[int] | None] = [None] * n
         self.has_pending = False
 
     async def emit(self, values: list[Any], timestamps: list[int] | None) -> None:
         size = self.buffer_size
-        for channel, vals, stamps in self.partitioner.route(
-            values, timestamps, len(self.subpartitions)
-        ):
+        routed = (
+            [(0, values, timestamps)]
+            if self._broadcast
+            else self.partitioner.route(values, timestamps, len(self.subpartitions))
+        )
+        for channel, vals, stamps in routed:
             pending = self._values[channel]
             pending_ts = self._timestamps[channel]
             if not pending and len(vals) >= size and pending_ts is None:
                 # Fast path: whole buffers straight from the emitted list, no copy into a partial.
                 full = len(vals) - len(vals) % size
-                sub = self.subpartitions[channel]
+                targets = self._targets[channel]
                 for start in range(0, full, size):
                     end = start + size
-                    await sub.add_buffer(
-                        Buffer(vals[start:end], None if stamps is None else stamps[start:end])
-                    )
+                    buffer = Buffer(vals[start:end], None if stamps is None else stamps[start:end])
+                    for sub in targets:
+                        await sub.add_buffer(buffer)
                 vals = vals[full:]
                 stamps = None if stamps is None else stamps[full:]
                 if not vals:
@@ -67,13 +76,15 @@ class RecordWriter:
         pending = self._values[channel]
         pending_ts = self._timestamps[channel]
         size = self.buffer_size
-        sub = self.subpartitions[channel]
+        targets = self._targets[channel]
         full = len(pending) - len(pending) % size
         for start in range(0, full, size):
             end = start + size
-            await sub.add_buffer(
-                Buffer(pending[start:end], None if pending_ts is None else pending_ts[start:end])
+            buffer = Buffer(
+                pending[start:end], None if pending_ts is None else pending_ts[start:end]
             )
+            for sub in targets:
+                await sub.add_buffer(buffer)
         self._values[channel] = pending[full:]
         self._timestamps[channel] = None if pending_ts is None else pending_ts[full:]
         self._refresh_pending()
@@ -90,7 +101,9 @@ class RecordWriter:
                 stamps = self._timestamps[channel]
                 self._values[channel] = []
                 self._timestamps[channel] = None
-                await self.subpartitions[channel].add_buffer(Buffer(pending, stamps))
+                buffer = Buffer(pending, stamps)
+                for sub in self._targets[channel]:
+                    await sub.add_buffer(buffer)
         self.has_pending = False
 
     async def broadcast_event(self, event: Event) -> None:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from connectors import CollectionSource
 from runtime import (
+    CheckpointConfig,
     Collector,
     ExecutionConfig,
     Job,
@@ -34,9 +35,9 @@ from runtime import (
     Sink,
     SinkWriter,
 )
-from runtime.coordinator import CheckpointConfig, CheckpointStatus
-from runtime.executor import JobMaster
-from runtime.runner import build_graph, run_coroutine
+from runtime.master.coordinator import CheckpointStatus
+from runtime.master.jobmaster import JobMaster
+from runtime.shell.runner import build_graph, run_coroutine
 from state import ValueStateDescriptor
 from state.storage import CheckpointStorage, load_checkpoint, load_latest_valid
 

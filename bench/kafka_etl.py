@@ -54,16 +54,16 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from file_etl import purchases_per_user  # noqa: E402
 
-from connectors.kafka import (  # noqa: E402
-    FETCH_MAX_BYTES,
-    PARTITION_FETCH_MAX_BYTES,
-    KafkaSink,
-    KafkaSource,
+from connectors.kafka import KafkaSink, KafkaSource  # noqa: E402
+from connectors.kafka.broker import LocalKafkaBroker  # noqa: E402
+from connectors.kafka.source import FETCH_MAX_BYTES, PARTITION_FETCH_MAX_BYTES  # noqa: E402
+from runtime import (  # noqa: E402
+    CheckpointConfig,
+    ExecutionConfig,
+    Job,
+    JobResult,
 )
-from runtime import ExecutionConfig, Job, JobResult  # noqa: E402
-from runtime.coordinator import CheckpointConfig  # noqa: E402
-from runtime.devbroker import LocalKafkaBroker  # noqa: E402
-from runtime.runner import run_coroutine, run_job  # noqa: E402
+from runtime.shell.runner import run_coroutine, run_job  # noqa: E402
 
 TARGET_RATIO = 0.6
 PARTITIONS = 4

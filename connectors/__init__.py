@@ -8,7 +8,7 @@ from connectors.files import (
     TwoPhaseCommitFileSink,
     committed_files,
 )
-from runtime.sinks import PrintSink
+from runtime.api.sinks import PrintSink
 
 __all__ = [
     "CollectSink",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from runtime.sources import (
+from runtime.api.sources import (
     END_OF_INPUT,
     EndOfInput,
     Source,

@@ -22,9 +22,9 @@ import aiofiles.os
 import orjson
 
 from actors.operator import NewerOutputPolicy
-from runtime.functions import RuntimeContext
-from runtime.sinks import Sink, SinkWriter
-from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.api.functions import RuntimeContext
+from runtime.api.sinks import Sink, SinkWriter
+from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
 from state.refusal import RestoreRefusedError
 from state.storage import format_local_time
 

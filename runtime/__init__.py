@@ -5,17 +5,7 @@ build function from Python with :func:`run_job`.
 """
 
 from actors.operator import NewerOutputPolicy
-from runtime.api import (
-    ConnectedStreams,
-    DataStream,
-    Job,
-    JobDefinitionError,
-    JobParameters,
-    KeyedStream,
-)
-from runtime.config import CheckpointConfig, ExecutionConfig
-from runtime.executor import JobFailedError, JobResult
-from runtime.functions import (
+from runtime.api.functions import (
     Collector,
     FilterFunction,
     FlatMapFunction,
@@ -27,9 +17,19 @@ from runtime.functions import (
     RichFunction,
     RuntimeContext,
 )
-from runtime.runner import load_job_file, run_job, run_job_async
-from runtime.sinks import PrintSink, Sink, SinkWriter
-from runtime.sources import Source, SourceReader
+from runtime.api.sinks import PrintSink, Sink, SinkWriter
+from runtime.api.sources import Source, SourceReader
+from runtime.api.streams import (
+    ConnectedStreams,
+    DataStream,
+    Job,
+    JobDefinitionError,
+    JobParameters,
+    KeyedStream,
+)
+from runtime.config import CheckpointConfig, ExecutionConfig
+from runtime.master.jobmaster import JobFailedError, JobResult
+from runtime.shell.runner import load_job_file, run_job, run_job_async
 
 __all__ = [
     "CheckpointConfig",

@@ -4,7 +4,7 @@ constant that defines it (``actors`` and ``state`` sit below ``runtime`` and can
 
 The CLI takes its option defaults, and the defaults its ``--help`` shows, from these dataclasses and
 constants, so a default changes in one place. Durations are seconds (``*_s``); the CLI parses them
-from text like ``500ms``, ``5s``, ``1min`` (:func:`runtime.durations.parse_duration`).
+from text like ``500ms``, ``5s``, ``1min`` (:func:`runtime.api.durations.parse_duration`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from actors.operator import NewerOutputPolicy
 from actors.task import DEFAULT_BUFFER_TIMEOUT_S
 from actors.timers import Clock, SystemClock
 from actors.writer import DEFAULT_BUFFER_SIZE
-from runtime.restart import NoRestart, RestartStrategy
+from runtime.master.restart import NoRestart, RestartStrategy
 from state.keygroups import DEFAULT_MAX_PARALLELISM as DEFAULT_MAX_PARALLELISM
 
 DEFAULT_PARALLELISM = 1

@@ -18,9 +18,9 @@ import os
 from typing import Any
 
 from actors.faults import POINTS, InjectedCrash, arm, crash_point, disarm_all
-from runtime.functions import RuntimeContext
-from runtime.sinks import Sink, SinkWriter
-from runtime.sources import (
+from runtime.api.functions import RuntimeContext
+from runtime.api.sinks import Sink, SinkWriter
+from runtime.api.sources import (
     END_OF_INPUT,
     EndOfInput,
     Source,

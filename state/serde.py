@@ -205,6 +205,14 @@ def check_encodable(value: Any, what: str) -> None:
         raise StateSerializationError(msg) from exc
 
 
+def describe_unencodable(value: Any, exc: BaseException) -> str:
+    """What about ``value`` made :func:`packb` raise ``exc``, for an error message: its type
+    (marked when it is a dataclass), or its type and the encoder's complaint about what is inside."""
+    if isinstance(exc, _UnencodableError) and exc.obj is value:
+        return exc.description
+    return f"{_type_name(value)} ({exc})"
+
+
 SNAPSHOT_SCALAR_TYPES: frozenset[type] = frozenset(
     {str, int, float, bool, bytes, type(None), dt.date, dt.timedelta, decimal.Decimal, uuid.UUID}
 )
@@ -251,10 +259,7 @@ def check_state_value(value: Any, owner: str, kind: str, name: str) -> None:
         packb(value)
     except (TypeError, ValueError, OverflowError) as exc:
         where = f"{owner}: " if owner else ""
-        if isinstance(exc, _UnencodableError) and exc.obj is value:
-            problem = exc.description
-        else:
-            problem = f"{_type_name(value)} ({exc})"
+        problem = describe_unencodable(value, exc)
         msg = (
             f"{where}{kind} state {name!r} cannot store a {problem}: snapshots hold only "
             f"{SUPPORTED_TYPES}; convert the value (for a dataclass: dataclasses.asdict(value)) "

@@ -1,12 +1,12 @@
 """Kafka for tests: the ``kafka_bootstrap`` fixture and small helpers around it.
 
-``kafka_bootstrap`` is session-scoped: one in-memory Tansu broker (``runtime.devbroker``) serves the
+``kafka_bootstrap`` is session-scoped: one in-memory Tansu broker (``connectors.kafka.broker``) serves the
 whole test run, started on a free port on first use and stopped at the end. Set
 ``KAFKA_BOOTSTRAP_SERVERS=host:port`` to run the same tests against an existing cluster instead
 (nothing is started then). Tests share the broker, so each one uses topics with unique names
 (:func:`unique_name`) and never relies on the cluster being empty.
 
-Tansu 0.6 quirks the helpers account for (see ``runtime/devbroker.py``): a fetch cut in the middle
+Tansu 0.6 quirks the helpers account for (see ``connectors/kafka/broker.py``): a fetch cut in the middle
 of a record batch can stall a consumer, hence :data:`CONSUMER_FETCH_LIMITS`.
 """
 
@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from cli_helpers import ROOT, run_command
 
-from runtime.devbroker import LocalKafkaBroker
+from connectors.kafka.broker import LocalKafkaBroker
 
 KAFKA_BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 

@@ -25,6 +25,7 @@ from actors.operator import UserFunctionError
 from actors.task import TaskState
 from connectors.files import TwoPhaseCommitFileSink, committed_files
 from runtime import (
+    CheckpointConfig,
     Collector,
     ExecutionConfig,
     JobFailedError,
@@ -38,17 +39,16 @@ from runtime import (
     SourceReader,
     testing,
 )
-from runtime.coordinator import (
-    CheckpointConfig,
+from runtime.api.sources import END_OF_INPUT
+from runtime.master.coordinator import (
     CheckpointCoordinator,
     CheckpointFailedError,
     CheckpointStatus,
     TooManyCheckpointFailures,
 )
-from runtime.executor import JobMaster
-from runtime.restart import FixedDelayRestart, NoRestart
-from runtime.runner import build_graph
-from runtime.sources import END_OF_INPUT
+from runtime.master.jobmaster import JobMaster
+from runtime.master.restart import FixedDelayRestart, NoRestart
+from runtime.shell.runner import build_graph
 from runtime.testing import InjectedCrash, arm, disarm_all
 from state import (
     DEFAULT_MAX_PARALLELISM,
@@ -1038,7 +1038,7 @@ async def test_a_checkpoint_not_triggered_leaves_no_unretrieved_future_error() -
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: reported.append(context))
     try:
-        coordinator = CheckpointCoordinator(CheckpointConfig(), None, dict)
+        coordinator = CheckpointCoordinator(CheckpointConfig(), None, {})
         waited = coordinator.trigger(CheckpointKind.CHECKPOINT)
         with pytest.raises(CheckpointFailedError, match="not triggered"):
             await waited

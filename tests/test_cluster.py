@@ -46,7 +46,7 @@ from runtime.cluster.messages import LossCause, TaskManagerRegistered
 from runtime.cluster.placement import LocalProcessPlacement
 from runtime.cluster.taskmanager import DEFAULT_EXIT_GRACE_S
 from runtime.config import CheckpointConfig, ExecutionConfig
-from runtime.restart import FixedDelayRestart
+from runtime.master.restart import FixedDelayRestart
 
 JOB = """
 import sys

@@ -8,10 +8,11 @@ import re
 
 import pytest
 
-from runtime import cli, config
+from runtime import config
+from runtime.api.durations import format_duration
 from runtime.config import CheckpointConfig, ExecutionConfig
-from runtime.durations import format_duration
-from runtime.restart import default_restart_strategy
+from runtime.master.restart import default_restart_strategy
+from runtime.shell import cli
 
 DERIVED_BY_THE_CLI = {"restart_strategy"}
 """ExecutionConfig fields the CLI computes from other options rather than defaulting."""

@@ -26,9 +26,16 @@ from typing import Any
 
 import orjson
 import pytest
+from loop_helpers import ScriptedTaskHandle
 
-from actors.mailbox import Mailbox
-from actors.task import StopRequest, TaskState, TriggerCheckpointMail
+from actors.protocol import (
+    AcknowledgeCheckpoint,
+    StopRequest,
+    TaskReport,
+    TaskState,
+    TaskStateChanged,
+    TriggerCheckpoint,
+)
 from connectors import (
     CollectionSource,
     CollectSink,
@@ -37,7 +44,9 @@ from connectors import (
     committed_files,
 )
 from runtime import (
+    CheckpointConfig,
     Collector,
+    ExecutionConfig,
     Job,
     JobFailedError,
     KeyedCoProcessFunction,
@@ -45,18 +54,18 @@ from runtime import (
     RuntimeContext,
     run_job,
 )
-from runtime.coordinator import (
-    CheckpointConfig,
+from runtime.api.sinks import Sink, SinkWriter
+from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.master.coordinator import (
     CheckpointCoordinator,
+    CheckpointedOperator,
     CheckpointFailedError,
     CheckpointStatus,
 )
-from runtime.executor import ExecutionConfig, JobMaster, JobResult
-from runtime.restart import FixedDelayRestart
-from runtime.restore import RestoreMismatchError, RestoreReport
-from runtime.runner import build_graph, run_coroutine
-from runtime.sinks import Sink, SinkWriter
-from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.master.jobmaster import JobMaster, JobResult
+from runtime.master.restart import FixedDelayRestart
+from runtime.plan.restore import RestoreMismatchError, RestoreReport
+from runtime.shell.runner import build_graph, run_coroutine
 from runtime.testing import arm, disarm_all
 from state.storage import CheckpointKind, CheckpointStorage, load_checkpoint, load_latest_valid
 
@@ -224,7 +233,7 @@ class ProbedMaster(JobMaster):
         coordinator = ProbedCoordinator(
             self.config.checkpoint,
             self.storage,
-            self._describe_operators,
+            self.coordinator.operators,
             first_checkpoint_id=self.coordinator.next_id,
         )
         coordinator.signal = self.signal
@@ -232,10 +241,13 @@ class ProbedMaster(JobMaster):
         self.events: list[tuple[str, TaskState, list[int]]] = []
         """(vertex id, state, ids of the checkpoints completed at that moment)."""
 
-    def task_state_changed(self, task: Any, state: TaskState) -> None:
-        super().task_state_changed(task, state)
-        self.events.append((task.vertex_id, state, list(self.coordinator.completed_ids)))
-        self.signal.fire()
+    def report(self, message: TaskReport) -> None:
+        super().report(message)
+        if isinstance(message, TaskStateChanged):
+            self.events.append(
+                (message.task.vertex_id, message.state, list(self.coordinator.completed_ids))
+            )
+            self.signal.fire()
 
     def state_of(self, vertex_id: str) -> TaskState:
         states = {t.state for t in self.tasks if t.vertex_id == vertex_id}
@@ -661,42 +673,24 @@ def test_kill_after_bounded_source_finished_then_restore_skips_it(
 # 4. A checkpoint triggered while its target finishes is aborted; the next one completes.
 
 
-class _FakeOperator:
-    def __init__(self, uid: str) -> None:
-        self.uid = uid
-
-
-class _FakeTask:
-    def __init__(self, name: str, state: TaskState) -> None:
-        self.name = name
-        self.vertex_id = name
-        self.task_id = f"{name}/0"
-        self.subtask_index = 0
-        self.state = state
-        self.mailbox = Mailbox(name)
-        self.operators = [_FakeOperator(name)]
-
-
 @pytest.mark.asyncio
 async def test_trigger_refused_by_a_finishing_task_aborts_and_next_checkpoint_completes() -> None:
-    """Driven with fake tasks: the trigger target's mailbox refuses the mail because the task just
-    finished (its state report has not been seen yet)."""
-    source = _FakeTask("source", TaskState.FINISHED)
-    middle = _FakeTask("middle", TaskState.FINISHING)
-    sink = _FakeTask("sink", TaskState.RUNNING)
-    other = _FakeTask("other", TaskState.RUNNING)
-    tasks: list[Any] = [source, middle, sink, other]
+    """Driven with scripted task handles: the trigger cannot be delivered to its target because
+    the task just finished (its state report has not been seen yet)."""
+    source = ScriptedTaskHandle("source", state=TaskState.FINISHED)
+    middle = ScriptedTaskHandle("middle", state=TaskState.FINISHING, upstream=(source.task_id,))
+    sink = ScriptedTaskHandle("sink", upstream=(middle.task_id,))
+    other = ScriptedTaskHandle("other")
+    tasks = [source, middle, sink, other]
     coordinator = CheckpointCoordinator(
         CheckpointConfig(tolerable_failures=0),
         None,
-        lambda: {t.name: (t.name, 1, 128, False) for t in tasks},
+        {t.task_id.vertex_id: CheckpointedOperator(t.name, 1, 128) for t in tasks},
     )
-    coordinator.attach(
-        tasks, {"source/0": [], "middle/0": [source], "sink/0": [middle], "other/0": []}
-    )
+    coordinator.attach(tasks)
     runner = asyncio.create_task(coordinator.run())
     try:
-        middle.mailbox.close()  # it finished just now: the mail cannot be delivered
+        middle.accepts = False  # it finished just now: the trigger cannot be delivered
         first = coordinator.trigger(CheckpointKind.CHECKPOINT)
         with pytest.raises(CheckpointFailedError, match="finished"):
             await first
@@ -710,17 +704,17 @@ async def test_trigger_refused_by_a_finishing_task_aborts_and_next_checkpoint_co
 
         # The task's FINISHED report arrives; the next trigger takes the new set of targets.
         middle.state = TaskState.FINISHED
-        coordinator.on_task_state(middle, TaskState.FINISHED)
+        coordinator.on_report(TaskStateChanged(middle.task_id, TaskState.FINISHED))
         second = coordinator.trigger(CheckpointKind.CHECKPOINT)
         triggered = {
-            t.name: [m for m in t.mailbox.close() if isinstance(m, TriggerCheckpointMail)]
+            t.task_id.vertex_id: [m for m in t.sent if isinstance(m, TriggerCheckpoint)]
             for t in (sink, other)
         }
         assert {name: len(mails) for name, mails in triggered.items()} == {"sink": 1, "other": 1}
-        second_id = triggered["sink"][0].barrier.checkpoint_id
+        second_id = triggered["sink"][0].checkpoint_id
         assert second_id > stats.checkpoint_id
         for task in (sink, other):
-            coordinator.on_ack(task, second_id, {}, False, 0.0)  # type: ignore[arg-type]
+            coordinator.on_report(AcknowledgeCheckpoint(task.task_id, second_id, {}, False, 0.0))
         completed = await asyncio.wait_for(second, 5)
         assert completed.checkpoint_id == second_id
         assert completed.operators["source"].fully_finished

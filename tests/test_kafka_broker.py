@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import KafkaError
 from kafka_fixtures import CONSUMER_FETCH_LIMITS, create_topics, unique_name
 
-from connectors.kafka_txn import create_transactional_producer
-from runtime.devbroker import BrokerStartError, LocalKafkaBroker
+from connectors.kafka.broker import BrokerStartError, LocalKafkaBroker
+from connectors.kafka.transactions import create_transactional_producer
 
 # The session-wide broker fixture. Once tests/conftest.py imports it for every module, drop this
 # line: a second registration here would start a second broker for this module.

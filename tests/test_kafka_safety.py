@@ -40,7 +40,7 @@ from actors.faults import arm, disarm_all
 from connectors import CollectSink
 from connectors.kafka import KafkaRecord, KafkaSink, KafkaSource
 from runtime import ExecutionConfig, JobFailedError, run_job_async
-from runtime.restart import FixedDelayRestart
+from runtime.master.restart import FixedDelayRestart
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
 

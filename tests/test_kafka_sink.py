@@ -34,12 +34,11 @@ from kafka_fixtures import (
 
 from connectors import CollectionSource
 from connectors.kafka import KafkaSink, KafkaSource
-from connectors.kafka_sink_eos import TransactionCommitError
-from runtime import ExecutionConfig, JobFailedError, RuntimeContext, run_job_async
-from runtime.coordinator import CheckpointConfig
-from runtime.executor import JobMaster
-from runtime.restart import FixedDelayRestart
-from runtime.runner import build_graph
+from connectors.kafka.exactly_once import TransactionCommitError
+from runtime import CheckpointConfig, ExecutionConfig, JobFailedError, RuntimeContext, run_job_async
+from runtime.master.jobmaster import JobMaster
+from runtime.master.restart import FixedDelayRestart
+from runtime.shell.runner import build_graph
 from state.storage import CheckpointKind
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
@@ -215,7 +214,7 @@ def sigkill_after_checkpoints(command: list[str], chk: Path, stderr_path: Path, 
 
 
 def sink_of(master: JobMaster) -> Any:
-    from runtime.sinks import SinkOperator
+    from runtime.api.sinks import SinkOperator
 
     return [op.writer for t in master.tasks for op in t.operators if isinstance(op, SinkOperator)]
 
@@ -541,7 +540,7 @@ async def test_aborted_transactions_are_invisible_on_real_kafka(kafka_bootstrap:
     """Only on real Kafka: a failed attempt leaves an open transaction with records; the next
     attempt fences (aborts) it, so a read_committed consumer sees every record exactly once even
     though the log holds the aborted ones too. Tansu 0.6 does not hide aborted records from
-    read_committed consumers (see ``connectors/kafka_txn.py``), so on Tansu this would see the
+    read_committed consumers (see ``connectors/kafka/transactions.py``), so on Tansu this would see the
     aborted records as duplicates; hence the skip unless KAFKA_BOOTSTRAP_SERVERS is set."""
     source, output = unique_name("abort-in"), unique_name("abort-out")
     await create_topics(kafka_bootstrap, source)

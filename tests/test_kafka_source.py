@@ -23,16 +23,25 @@ import kafka_fixtures
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from cli_helpers import get_json
 from kafka_fixtures import CONSUMER_FETCH_LIMITS, create_topics, unique_name
 
 from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, DEFAULT_SENDER_QUEUE
 from connectors import CollectSink
-from connectors.kafka import MAX_QUEUED_BATCHES, KafkaRecord, KafkaSource, KafkaSourceReader
-from runtime import ExecutionConfig, JobFailedError, Sink, SinkWriter, run_job_async
-from runtime.coordinator import CheckpointConfig
-from runtime.executor import JobMaster
-from runtime.runner import build_graph
-from runtime.sources import DEFAULT_SOURCE_BATCH, SourceOperator
+from connectors.kafka import KafkaRecord, KafkaSource
+from connectors.kafka.source import MAX_QUEUED_BATCHES, KafkaSourceReader
+from runtime import (
+    CheckpointConfig,
+    ExecutionConfig,
+    JobFailedError,
+    Sink,
+    SinkWriter,
+    run_job_async,
+)
+from runtime.api.sources import DEFAULT_SOURCE_BATCH, SourceOperator
+from runtime.master.jobmaster import JobMaster
+from runtime.shell.rest import ControlServer
+from runtime.shell.runner import build_graph
 from state.storage import CheckpointKind
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
@@ -664,6 +673,15 @@ async def test_slow_sink_keeps_the_source_buffers_bounded_and_lag_shows_it(
         position = sum(s["offset"] for s in reader.splits.values())
         assert sum(lag.values()) == count - position
         assert sum(lag.values()) >= count - in_flight_bound - queued_bound
+        # The control endpoint shows the same lag, per source task.
+        server = ControlServer(master, lambda: None, port=0)
+        address = await server.start()
+        try:
+            status = await asyncio.to_thread(get_json, address, "/status")
+        finally:
+            await server.stop()
+        [source_task] = [t for t in master.tasks if t.head is source_op]
+        assert status["source_lag"] == {source_task.name: lag}
         sink.release.set()
         await asyncio.wait_for(job, WAIT_S)
     assert sink.count == count

@@ -25,9 +25,9 @@ from runtime import (
     run_job,
     run_job_async,
 )
-from runtime.executor import JobMaster, JobResult
-from runtime.runner import build_graph
-from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.master.jobmaster import JobMaster, JobResult
+from runtime.shell.runner import build_graph
 
 LOG: list[tuple[str, int, str, Any]] = []
 """(label, subtask, call, detail) for every lifecycle call and record seen."""

@@ -30,7 +30,7 @@ from etl_expectations import committed_records
 from actors.partitioner import KeyGroupPartitioner
 from connectors import CollectionSource
 from runtime import Job, JobDefinitionError, KeyedCoProcessFunction
-from runtime.graph import JobGraph, build_job_graph
+from runtime.plan.graph import JobGraph, build_job_graph
 from state.keyed import (
     IncompatibleStateError,
     KeyedStateBackend,

@@ -37,9 +37,9 @@ from test_kafka_sink import as_row, read_until, topic_consumer
 
 from connectors import CollectionSource
 from runtime import Job, JobFailedError, RuntimeContext
-from runtime.executor import JobMaster
-from runtime.runner import build_graph
-from runtime.sinks import Sink, SinkWriter
+from runtime.api.sinks import Sink, SinkWriter
+from runtime.master.jobmaster import JobMaster
+from runtime.shell.runner import build_graph
 from state.storage import load_checkpoint
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
@@ -93,7 +93,7 @@ import time
 from pathlib import Path
 
 from connectors import GeneratorSource, JsonLinesFileSink
-from runtime.sinks import Sink, SinkWriter
+from runtime.api.sinks import Sink, SinkWriter
 
 
 class HangingSink(Sink):
@@ -135,7 +135,7 @@ def build(job):
 
 FAILING_SAVEPOINT_JOB = '''
 from connectors import GeneratorSource, JsonLinesFileSink
-from runtime.sinks import Sink, SinkWriter
+from runtime.api.sinks import Sink, SinkWriter
 
 
 class UnsnapshottableSink(Sink):

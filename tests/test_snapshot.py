@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from runtime import Job, KeyedProcessFunction, RuntimeContext, testing
-from runtime.executor import ExecutionConfig, JobMaster
-from runtime.functions import Collector, KeyedProcessContext
-from runtime.runner import build_graph, run_coroutine
-from runtime.sources import SPLITS_STATE, contiguous_splits
+from runtime import ExecutionConfig, Job, KeyedProcessFunction, RuntimeContext, testing
+from runtime.api.functions import Collector, KeyedProcessContext
+from runtime.api.sources import SPLITS_STATE, contiguous_splits
+from runtime.master.jobmaster import JobMaster
+from runtime.shell.runner import build_graph, run_coroutine
 from state import (
     DEFAULT_MAX_PARALLELISM,
     KeyedStateBackend,

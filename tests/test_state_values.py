@@ -23,6 +23,7 @@ from test_checkpointing import GATE, GatedSource
 
 from connectors import CollectionSource, CollectSink
 from runtime import (
+    CheckpointConfig,
     Collector,
     ExecutionConfig,
     JobFailedError,
@@ -32,10 +33,9 @@ from runtime import (
     run_job,
     testing,
 )
-from runtime.coordinator import CheckpointConfig
-from runtime.executor import JobMaster
-from runtime.restart import FixedDelayRestart
-from runtime.runner import build_graph
+from runtime.master.jobmaster import JobMaster
+from runtime.master.restart import FixedDelayRestart
+from runtime.shell.runner import build_graph
 from state import (
     KeyedStateBackend,
     KeyGroupRange,

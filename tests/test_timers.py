@@ -21,9 +21,9 @@ from runtime import (
     KeyedProcessFunction,
     run_job,
 )
-from runtime.executor import JobMaster, JobResult
-from runtime.runner import build_graph
-from runtime.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.master.jobmaster import JobMaster, JobResult
+from runtime.shell.runner import build_graph
 
 FAR = 10**9
 

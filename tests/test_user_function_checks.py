@@ -31,9 +31,9 @@ from runtime import (
     MapFunction,
     RuntimeContext,
 )
-from runtime.executor import JobMaster
-from runtime.restart import NoRestart
-from runtime.runner import build_graph
+from runtime.master.jobmaster import JobMaster
+from runtime.master.restart import NoRestart
+from runtime.shell.runner import build_graph
 
 WAIT_S = 10.0
 THIS_FILE = Path(__file__).name

@@ -17,8 +17,8 @@ from actors.barriers import CheckpointingMode
 from actors.operator import NewerOutputPolicy
 from actors.wire import wire_message
 from runtime.config import CheckpointConfig, ExecutionConfig
-from runtime.graph import JobGraph
-from runtime.runner import build_graph, load_job_file
+from runtime.plan.graph import JobGraph
+from runtime.plan.jobfile import build_graph, load_job_file
 
 JOB_MANAGER_ONLY_FIELDS = frozenset({"restart_strategy", "clock"})
 """The :class:`ExecutionConfig` fields a TaskManager never gets: the restart strategy decides on
@@ -143,7 +143,7 @@ class JobSpec:
 
     def build_graph(self) -> JobGraph:
         """Import the job file and build its graph, as the JobManager did; raises what
-        :func:`~runtime.runner.load_job_file` and ``build(job)`` raise."""
+        :func:`~runtime.plan.jobfile.load_job_file` and ``build(job)`` raise."""
         build = load_job_file(self.job_file)
         return build_graph(
             build, self.params, self.parallelism, self.max_parallelism, name=self.job_name

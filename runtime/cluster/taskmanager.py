@@ -1,7 +1,7 @@
 """A TaskManager: registers with its JobManager, builds the job graph itself, serves commands.
 
 :func:`run_taskmanager` is the whole life of one TaskManager; ``python -m runtime taskmanager``
-runs it in a process of its own (:func:`main`), and a Ray actor can await it as it is.
+runs it in a process of its own, and a Ray actor can await it as it is.
 
 The control connection is served by two threads of its own (:class:`ControlLink`), not by the
 event loop: the loop runs the subtasks' user functions, and one that computes for a second must
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.wire import WireFormatError, decode_message, encode_message, frame, read_frame_blocking
-from runtime.api import JobDefinitionError
+from runtime.api.streams import JobDefinitionError
 from runtime.cluster.jobspec import GraphFingerprint, JobSpec
 from runtime.cluster.messages import (
     Heartbeat,
@@ -38,8 +38,8 @@ from runtime.cluster.messages import (
     ShutdownTaskManager,
     TaskManagerRegistered,
 )
-from runtime.graph import JobGraph
-from runtime.runner import JobFileError, run_coroutine
+from runtime.plan.graph import JobGraph
+from runtime.plan.jobfile import JobFileError
 
 log = logging.getLogger(__name__)
 
@@ -381,25 +381,3 @@ def _connect(host: str, port: int) -> socket.socket:
         if hasattr(socket, option):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     return sock
-
-
-def main(jobmanager_host: str, jobmanager_port: int, tm_id: str, slots: int) -> int:
-    """``python -m runtime taskmanager``: run one TaskManager in this process; its exit code."""
-    outcome: TaskManagerExit = run_coroutine(
-        run_taskmanager(
-            jobmanager_host,
-            jobmanager_port,
-            tm_id,
-            slots,
-            parent_pid=os.getppid(),
-            exit_grace_s=DEFAULT_EXIT_GRACE_S,
-        )
-    )
-    if outcome.code == EXIT_SHUT_DOWN:
-        log.info("TaskManager %s %s", tm_id, outcome.reason)
-    else:
-        # Its stderr may be a pipe to the JobManager that is gone.
-        with contextlib.suppress(OSError):
-            sys.stderr.write(f"error: TaskManager {tm_id} {outcome.reason}\n")
-            sys.stderr.flush()
-    return outcome.code

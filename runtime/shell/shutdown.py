@@ -2,7 +2,7 @@
 
 1. With a checkpoint directory, the job stops with a savepoint into ``<checkpoint-dir>/savepoints``
    (no drain, as ``python -m runtime stop`` without ``--drain``; the same
-   :meth:`~runtime.executor.JobMaster.stop_with_savepoint` as the control endpoint's ``/stop``)
+   :meth:`~runtime.master.jobmaster.JobMaster.stop_with_savepoint` as the control endpoint's ``/stop``)
    and the process exits 0, printing where the savepoint is.
 2. Otherwise, or when that savepoint fails, the job is cancelled gracefully: ``close()`` runs
    everywhere (sinks flush what they were given), ``finish()`` nowhere; exit 143. A job with a
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from actors.task import StopWithSavepointFailed
-from runtime.coordinator import CheckpointFailedError
-from runtime.durations import format_duration
+from runtime.api.durations import format_duration
+from runtime.master.coordinator import CheckpointFailedError
 
 EXIT_TERMINATED = 128 + signal.SIGTERM
 FORCED_CLOSE_S = 1.0

@@ -24,8 +24,9 @@ from typing import Any
 
 from aiohttp import web
 
+from actors.protocol import TaskState
 from runtime.config import DEFAULT_REST_HOST, DEFAULT_REST_PORT
-from runtime.coordinator import CheckpointFailedError, CheckpointStatus
+from runtime.master.coordinator import CheckpointFailedError, CheckpointStatus, TaskHandle
 from state.storage import CheckpointKind, CompletedCheckpoint
 
 
@@ -71,7 +72,7 @@ class ControlServer:
                 "job": master.graph.name,
                 "status": master.status,
                 "attempt": master.attempt,
-                "tasks": [{"name": t.name, "state": t.state.value} for t in master.tasks],
+                "tasks": [{"name": t.name, "state": t.state.value} for t in master.handles],
                 "operators": [
                     {
                         "uid": s.uid,
@@ -82,7 +83,7 @@ class ControlServer:
                     }
                     for s in master.operator_summaries(include_live=True)
                 ],
-                "source_lag": _source_lag(master.tasks),
+                "source_lag": _source_lag(master.handles),
             }
         )
 
@@ -143,14 +144,16 @@ class ControlServer:
         return web.json_response({"status": "cancelling"})
 
 
-def _source_lag(tasks: list[Any]) -> dict[str, dict[str, int]]:
-    """Per source task, records behind the end of each split (Kafka: per partition)."""
+def _source_lag(tasks: list[TaskHandle]) -> dict[str, dict[str, int]]:
+    """Per running source task, records behind the end of each split (Kafka: per partition), as
+    its latest metrics report says."""
     result: dict[str, dict[str, int]] = {}
     for task in tasks:
-        reader = getattr(task.head, "reader", None)
-        lag = getattr(reader, "lag", None)
-        if lag is not None and task.state.value in ("running", "finishing"):
-            result[task.name] = lag()
+        if task.state not in (TaskState.RUNNING, TaskState.FINISHING):
+            continue
+        metrics = task.latest_metrics()
+        if metrics is not None and metrics.source_lag is not None:
+            result[task.name] = metrics.source_lag
     return result
 
 

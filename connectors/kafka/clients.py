@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient
 
-from connectors.kafka_txn import TransactionalProducer
+from connectors.kafka.transactions import TransactionalProducer
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class KafkaClients:
     def transactional_producer(
         self, purpose: str, transactional_id: str, transaction_timeout_ms: int
     ) -> TransactionalProducer:
-        """See :func:`connectors.kafka_txn.create_transactional_producer`."""
+        """See :func:`connectors.kafka.transactions.create_transactional_producer`."""
         required = {
             "transactional_id": transactional_id,
             "transaction_timeout_ms": transaction_timeout_ms,

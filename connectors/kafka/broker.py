@@ -15,7 +15,7 @@ same port can never be mistaken for ours.
 
 Known differences from Apache Kafka that matter to clients (Tansu 0.6.0):
 
-- InitProducerId v0 (all aiokafka knows) is rejected: use ``connectors.kafka_txn`` for transactions.
+- InitProducerId v0 (all aiokafka knows) is rejected: use ``connectors.kafka.transactions`` for transactions.
 - Records of aborted transactions are not hidden from ``read_committed`` consumers.
 - ListOffsets "latest" is the start of the last record batch + 1, not the log end.
 - A fetch cut in the middle of a record batch can stall a consumer: use generous fetch limits.

@@ -27,15 +27,15 @@ from actors.partitioner import (
     Partitioner,
     RebalancePartitioner,
 )
-from runtime.config import DEFAULT_PARALLELISM
-from runtime.functions import (
+from runtime.api.functions import (
     ASYNC_ALTERNATIVE,
     KeyedCoProcessFunction,
     KeyedProcessFunction,
     find_async_callable,
 )
-from runtime.sinks import PrintSink, Sink
-from runtime.sources import Source
+from runtime.api.sinks import PrintSink, Sink
+from runtime.api.sources import Source
+from runtime.config import DEFAULT_PARALLELISM
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
 
 
@@ -221,19 +221,19 @@ class DataStream:
         return DataStream(self.job, t)
 
     def map(self, fn: Callable[[Any], Any], name: str | None = None) -> DataStream:
-        from runtime.operators import MapOperator
+        from runtime.api.operators import MapOperator
 
         _require_sync("map()", fn)
         return self._operator(MapOperator, "Map", fn, name, self._key_selector())
 
     def filter(self, fn: Callable[[Any], bool], name: str | None = None) -> DataStream:
-        from runtime.operators import FilterOperator
+        from runtime.api.operators import FilterOperator
 
         _require_sync("filter()", fn)
         return self._operator(FilterOperator, "Filter", fn, name, self._key_selector())
 
     def flat_map(self, fn: Callable[[Any], Iterable[Any]], name: str | None = None) -> DataStream:
-        from runtime.operators import FlatMapOperator
+        from runtime.api.operators import FlatMapOperator
 
         _require_sync("flat_map()", fn)
         return self._operator(FlatMapOperator, "FlatMap", fn, name, self._key_selector())
@@ -246,7 +246,7 @@ class DataStream:
     ) -> DataStream:
         """Event time: each record's timestamp (ms) from ``timestamp_fn``, and watermarks that
         trail the highest timestamp seen by ``max_out_of_orderness_ms``."""
-        from runtime.operators import TimestampsAndWatermarksOperator
+        from runtime.api.operators import TimestampsAndWatermarksOperator
 
         _require_sync("assign_timestamps_and_watermarks()", timestamp_fn)
 
@@ -309,7 +309,7 @@ class DataStream:
         return ConnectedStreams(self, other)
 
     def sink_to(self, sink: Sink, name: str | None = None) -> DataStream:
-        from runtime.sinks import SinkOperator
+        from runtime.api.sinks import SinkOperator
 
         if not isinstance(sink, Sink):
             msg = f"sink_to() needs a runtime.Sink, got {type(sink).__name__}"
@@ -342,7 +342,7 @@ class KeyedStream(DataStream):
 
     def reduce(self, fn: Callable[[Any, Any], Any], name: str | None = None) -> DataStream:
         """The running reduction per key, emitted after every record."""
-        from runtime.operators import KeyedReduceOperator
+        from runtime.api.operators import KeyedReduceOperator
 
         _require_sync("reduce()", fn)
         return self._operator(KeyedReduceOperator, "Reduce", fn, name, self.key_selector)
@@ -351,7 +351,7 @@ class KeyedStream(DataStream):
         self, fn: KeyedProcessFunction[Any, Any, Any], name: str | None = None
     ) -> DataStream:
         """Run a :class:`KeyedProcessFunction` with keyed state, timers and a collector."""
-        from runtime.operators import KeyedProcessOperator
+        from runtime.api.operators import KeyedProcessOperator
 
         if not isinstance(fn, KeyedProcessFunction):
             msg = f"process() needs a KeyedProcessFunction, got {type(fn).__name__}"
@@ -406,7 +406,7 @@ class ConnectedStreams:
     def process(
         self, fn: KeyedCoProcessFunction[Any, Any, Any], name: str | None = None
     ) -> DataStream:
-        from runtime.operators import KeyedCoProcessOperator
+        from runtime.api.operators import KeyedCoProcessOperator
 
         first, second = self.first, self.second
         if not (isinstance(first, KeyedStream) and isinstance(second, KeyedStream)):

@@ -1,12 +1,13 @@
-"""Load a job file and run it: the programmatic entry point behind ``python -m runtime run``.
+"""A job file and its graph: import the file, run its ``build(job)``, get the :class:`JobGraph`.
 
-``run_job(build, ...)`` runs a ``build(job)`` function; ``load_job_file(path)`` imports a job file
-and returns its ``build``. Both raise :class:`JobFileError` with a message that says what to fix.
+Here, below the master, the cluster and the shell, because each process builds the graph itself:
+``python -m runtime run`` and every TaskManager. :func:`load_job_file` and :func:`build_graph`
+raise :class:`JobFileError` (or :class:`~runtime.api.streams.JobDefinitionError`) with a message
+that says what to fix.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import sys
 import traceback
@@ -14,10 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.api import Job
-from runtime.config import DEFAULT_PARALLELISM, ExecutionConfig
-from runtime.executor import JobMaster, JobResult
-from runtime.graph import JobGraph, build_job_graph
+from runtime.api.streams import Job
+from runtime.config import DEFAULT_PARALLELISM
+from runtime.plan.graph import JobGraph, build_job_graph
 from state.keygroups import DEFAULT_MAX_PARALLELISM
 
 BuildFunction = Callable[[Job], Any]
@@ -69,41 +69,3 @@ def build_graph(
     job = Job(params=params, parallelism=parallelism, max_parallelism=max_parallelism, name=name)
     build(job)
     return build_job_graph(job)
-
-
-async def run_job_async(
-    build: BuildFunction,
-    params: dict[str, str] | None = None,
-    parallelism: int = DEFAULT_PARALLELISM,
-    config: ExecutionConfig | None = None,
-    name: str = "job",
-    max_parallelism: int = DEFAULT_MAX_PARALLELISM,
-    **master_kw: Any,
-) -> JobResult:
-    graph = build_graph(build, params, parallelism, max_parallelism, name=name)
-    master = JobMaster(graph, config, **master_kw)
-    return await master.run()
-
-
-def run_job(
-    build: BuildFunction,
-    params: dict[str, str] | None = None,
-    parallelism: int = DEFAULT_PARALLELISM,
-    config: ExecutionConfig | None = None,
-    name: str = "job",
-    max_parallelism: int = DEFAULT_MAX_PARALLELISM,
-) -> JobResult:
-    """Run a job to its end on a fresh event loop (uvloop when installed)."""
-    result: JobResult = run_coroutine(
-        run_job_async(build, params, parallelism, config, name, max_parallelism)
-    )
-    return result
-
-
-def run_coroutine(coro: Any) -> Any:
-    """Run ``coro`` to completion on uvloop (or asyncio's loop when uvloop is missing)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)

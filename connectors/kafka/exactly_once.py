@@ -57,8 +57,8 @@ from aiokafka.protocol.transaction import EndTxnRequest
 
 from actors.faults import crash_point
 from actors.operator import NewerOutputPolicy
-from runtime.functions import RuntimeContext
-from runtime.sinks import SinkWriter
+from runtime.api.functions import RuntimeContext
+from runtime.api.sinks import SinkWriter
 from state.refusal import RestoreRefusedError
 
 if TYPE_CHECKING:

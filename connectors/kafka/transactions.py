@@ -199,7 +199,7 @@ class TransactionalProducer(AIOKafkaProducer):  # type: ignore[misc]
             # The swap below relies on aiokafka internals (0.12-0.14); fail loudly rather than
             # silently sending v0 again after an aiokafka upgrade moved things around.
             msg = (
-                "connectors.kafka_txn does not support this aiokafka version "
+                "connectors.kafka.transactions does not support this aiokafka version "
                 f"({type(sender).__module__}.{type(sender).__qualname__} has no _do_init_pid)"
             )
             raise RuntimeError(msg)

@@ -5,8 +5,10 @@ Protocol for checkpoint *n* (numbered as in DESIGN.md "Checkpoints"):
 1. Trigger (periodically, on demand for a savepoint, or at once when every running task only waits
    for a final checkpoint), honouring max concurrent checkpoints and the minimum pause.
 2. Send the trigger to the *running tasks whose upstream tasks have all finished*, computed from
-   the latest task states; every task that has not finished must acknowledge. If a trigger cannot
-   be delivered because its task just finished, abort *n* (the next checkpoint takes the new set).
+   the latest task states the handles know; every task that has not finished must acknowledge.
+   If a trigger cannot be delivered because its task just finished (the handle's ``send`` says so,
+   the task declines it as ended, or its FINISHED report arrives before its acknowledgement), abort
+   *n* without counting it as a failure (the next checkpoint takes the new set).
 3. Tasks snapshot, forward the barrier and acknowledge (see ``actors.task``).
 4. (Alignment happens in the tasks.)
 5. When every task acknowledged: build the checkpoint (operators whose every subtask finished are
@@ -14,8 +16,12 @@ Protocol for checkpoint *n* (numbered as in DESIGN.md "Checkpoints"):
    running task, and drop subsumed checkpoints. A timeout, a decline or a lost task aborts it and
    notifies the tasks; more consecutive failures than tolerated fail the job.
 
-The coordinator is an actor: tasks report through its mailbox, and only its own coroutine changes
-its state.
+The coordinator works over :class:`TaskHandle` objects (a task in this process, or one in another
+process whose state it knows only from its reports, possibly late) and talks to tasks only in
+messages of :mod:`actors.protocol`. Its decisions are a state machine driven by :meth:`handle`
+(one report) and :meth:`tick` (time passed, read from an injected :class:`CoordinatorClock`); the
+actor loop :meth:`run` only feeds them from its mailbox and sleeps until the next deadline, so
+tests drive the decisions with scripted reports and virtual time.
 """
 
 from __future__ import annotations
@@ -24,21 +30,26 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from actors.events import CheckpointBarrier
 from actors.mailbox import Mailbox
-from actors.task import (
-    CheckpointAbortedMail,
-    CheckpointCompleteMail,
+from actors.protocol import (
+    AcknowledgeCheckpoint,
+    DeclineCheckpoint,
+    NotifyCheckpointAborted,
+    NotifyCheckpointComplete,
     StopRequest,
-    StreamTask,
+    TaskCommand,
+    TaskId,
+    TaskMetrics,
+    TaskReport,
     TaskState,
-    TriggerCheckpointMail,
+    TaskStateChanged,
+    TriggerCheckpoint,
 )
-from runtime.config import CheckpointConfig as CheckpointConfig
+from runtime.config import CheckpointConfig
 from state.operator import has_union_state
 from state.storage import CheckpointKind, CompletedCheckpoint, OperatorCheckpoint, SnapshotMap
 
@@ -54,12 +65,68 @@ class CheckpointStatus(enum.StrEnum):
     FAILED = "failed"
 
 
-@dataclass
-class TaskAck:
-    snapshots: dict[str, Any]
-    finished: bool
-    alignment_ms: float
-    acked_at: float
+class CoordinatorClock(Protocol):
+    """The coordinator's time: monotonic seconds for its deadlines, wall ms for the records."""
+
+    def monotonic_s(self) -> float: ...
+
+    def wall_ms(self) -> int: ...
+
+
+class SystemClock:
+    def monotonic_s(self) -> float:
+        return time.monotonic()
+
+    def wall_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+SYSTEM_CLOCK = SystemClock()
+
+
+class TaskHandle(Protocol):
+    """The job master's view of one deployed task, in this process or another.
+
+    ``state`` is the latest state the master knows, which for a task in another process is its
+    latest ``TaskStateChanged`` report: it may lag behind the task (a task believed RUNNING may
+    have finished). Everything the coordinator decides stays correct under such a lag.
+    """
+
+    @property
+    def task_id(self) -> TaskId: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state(self) -> TaskState: ...
+
+    @property
+    def operator_uids(self) -> tuple[str, ...]:
+        """The uids of the task's operator chain, head first."""
+        ...
+
+    @property
+    def upstream(self) -> tuple[TaskId, ...]:
+        """The tasks that send to this one."""
+        ...
+
+    def send(self, command: TaskCommand) -> bool:
+        """Deliver ``command`` to the task; False when it cannot be (the task has ended)."""
+        ...
+
+    def latest_metrics(self) -> TaskMetrics | None:
+        """The task's latest records in/out and source lag (None before its first report)."""
+        ...
+
+
+@dataclass(frozen=True)
+class CheckpointedOperator:
+    """What a completed checkpoint records of an operator besides its subtasks' state."""
+
+    name: str
+    parallelism: int
+    max_parallelism: int
 
 
 @dataclass
@@ -96,12 +163,12 @@ class PendingCheckpoint:
     kind: CheckpointKind
     trigger_time: float
     timestamp_ms: int
-    awaiting: set[str]
-    finished_at_trigger: set[str]
+    awaiting: set[TaskId]
+    finished_at_trigger: set[TaskId]
     target_dir: str | None
     stop: StopRequest | None
     future: asyncio.Future[CompletedCheckpoint]
-    acks: dict[str, TaskAck] = field(default_factory=dict)
+    acks: dict[TaskId, AcknowledgeCheckpoint] = field(default_factory=dict)
     stats: CheckpointStats | None = None
 
 
@@ -113,6 +180,20 @@ class TooManyCheckpointFailures(RuntimeError):
     """More consecutive checkpoint failures than ``tolerable_failures``: the job fails over."""
 
 
+@dataclass(frozen=True)
+class _TriggerRequest:
+    """A trigger asked for from outside the coordinator's actor (the control endpoint)."""
+
+    kind: CheckpointKind
+    target_dir: str | None
+    stop: StopRequest | None
+    result: asyncio.Future[CompletedCheckpoint]
+
+
+_STOP = object()
+"""Mail: every task finished, the coordinator ends."""
+
+
 class CheckpointCoordinator:
     """Lives for the whole job, across failover attempts; checkpoint ids never repeat."""
 
@@ -120,152 +201,170 @@ class CheckpointCoordinator:
         self,
         config: CheckpointConfig,
         storage: CheckpointStorage | None,
-        describe_operators: Callable[[], dict[str, tuple[str, int, int, bool]]],
+        operators: Mapping[str, CheckpointedOperator],
         first_checkpoint_id: int = 1,
+        clock: CoordinatorClock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
         self.storage = storage
-        self._describe_operators = describe_operators
-        """uid → (name, parallelism, max parallelism, uses union state)."""
+        self.operators = dict(operators)
+        """uid → what a checkpoint records of every operator of the job."""
+        self.clock = clock
         self.next_id = first_checkpoint_id
         self.pending: dict[int, PendingCheckpoint] = {}
         self.completed: list[CompletedCheckpoint] = []
         self.history: list[CheckpointStats] = []
         self.consecutive_failures = 0
         self.mailbox = Mailbox("checkpoint-coordinator")
-        self.tasks: list[StreamTask] = []
-        self.upstream: dict[str, list[StreamTask]] = {}
+        self.tasks: list[TaskHandle] = []
+        self._by_id: dict[TaskId, TaskHandle] = {}
         self._last_completion = 0.0
         self._next_periodic: float | None = None
-        self._failure: BaseException | None = None
-        self._finishing_since: dict[str, int] = {}
-        """Task name → the first checkpoint id that could cover it after it became FINISHING."""
+        self.failure: BaseException | None = None
+        """Set when the job must fail over (too many consecutive checkpoint failures)."""
+        self._finishing_since: dict[TaskId, int] = {}
+        """Task → the first checkpoint id that could cover it after it became FINISHING."""
         self.completed_ids: list[int] = []
         self.stop_savepoint_path: str | None = None
 
     # ---------------------------------------------------------------- attempt wiring
 
-    def attach(self, tasks: list[StreamTask], upstream: dict[str, list[StreamTask]]) -> None:
+    def attach(self, tasks: Sequence[TaskHandle]) -> None:
         """A new job attempt starts with these tasks; pending checkpoints of the old one abort."""
         for pending in list(self.pending.values()):
             self._abort(pending, "the job attempt ended")
-        self.tasks = tasks
-        self.upstream = upstream
+        self.tasks = list(tasks)
+        self._by_id = {task.task_id: task for task in self.tasks}
         self._finishing_since = {}
-        self._failure = None
+        self.failure = None
         if self.config.interval_s:
-            self._next_periodic = time.monotonic() + self.config.interval_s
+            self._next_periodic = self.clock.monotonic_s() + self.config.interval_s
 
     @property
     def latest_completed(self) -> CompletedCheckpoint | None:
         return self.completed[-1] if self.completed else None
 
-    # ---------------------------------------------------------------- called by tasks (mail)
+    # ---------------------------------------------------------------- mail (from any actor)
 
-    def on_task_state(self, task: StreamTask, state: TaskState) -> None:
-        self.mailbox.try_put(("state", task, state))
+    def on_report(self, report: TaskReport) -> None:
+        """A task's report, served in order by the coordinator's actor."""
+        self.mailbox.try_put(report)
 
-    def on_ack(
-        self,
-        task: StreamTask,
-        checkpoint_id: int,
-        snapshots: dict[str, Any],
-        finished: bool,
-        alignment_ms: float,
-    ) -> None:
-        self.mailbox.try_put(
-            (
-                "ack",
-                task,
-                checkpoint_id,
-                TaskAck(snapshots, finished, alignment_ms, time.monotonic()),
-            )
-        )
+    def request_trigger(
+        self, kind: CheckpointKind, target_dir: str | None = None, stop: StopRequest | None = None
+    ) -> asyncio.Future[CompletedCheckpoint]:
+        """Trigger from outside the coordinator's actor (e.g. the control endpoint)."""
+        result: asyncio.Future[CompletedCheckpoint] = asyncio.get_running_loop().create_future()
+        self.mailbox.put(_TriggerRequest(kind, target_dir, stop, result))
+        return result
 
-    def on_decline(self, task: StreamTask, checkpoint_id: int, reason: str) -> None:
-        self.mailbox.try_put(("decline", task, checkpoint_id, reason))
+    def request_stop(self) -> None:
+        """Every task finished: serve the mail before this, then end :meth:`run`."""
+        self.mailbox.put(_STOP)
 
     # ---------------------------------------------------------------- the actor loop
 
     async def run(self) -> None:
-        """Serve mail and timers until a ``("stop",)`` mail (every task finished) or cancel.
+        """Serve mail and deadlines until :meth:`request_stop` (every task finished) or cancel.
 
         Mail is served in order, so acknowledgements sent before the tasks finished complete
         their checkpoint (metadata written, retention applied) before the coordinator stops.
+        Raises :attr:`failure` when the job must fail over.
         """
         mailbox = self.mailbox
         while True:
             mailbox.wakeup.clear()
             while mailbox.has_mail():
                 mail = mailbox.take_nowait()
-                if mail == ("stop",):
-                    for pending in list(self.pending.values()):
-                        self._abort(pending, "every task finished", counts=False)
+                if mail is _STOP:
+                    self.end()
                     return
-                await self._handle(mail)
-            if self._failure is not None:
-                raise self._failure
-            now = time.monotonic()
-            self._expire(now)
-            if self._failure is not None:
-                raise self._failure
-            if self._next_periodic is not None and now >= self._next_periodic:
-                self._next_periodic = now + (self.config.interval_s or 0)
-                self._trigger_periodic()
-            if self._wants_final_checkpoint():
-                self.trigger(CheckpointKind.CHECKPOINT)
-            await mailbox.wakeup.wait(self._next_wakeup(now))
+                await self.handle(mail)
+            if self.failure is None:
+                self.tick()
+            if self.failure is not None:
+                raise self.failure
+            await mailbox.wakeup.wait(self.next_wakeup())
 
-    def _next_wakeup(self, now: float) -> float | None:
+    # ---------------------------------------------------------------- decisions
+
+    async def handle(self, message: Any) -> None:
+        """Act on one report of a task (or a trigger request): the state machine's input."""
+        kind = type(message)
+        if kind is AcknowledgeCheckpoint:
+            await self._on_ack(message)
+        elif kind is DeclineCheckpoint:
+            pending = self.pending.get(message.checkpoint_id)
+            if pending is not None:
+                self._abort(pending, message.reason, counts=not message.task_ended)
+        elif kind is TaskStateChanged:
+            self._on_task_state(message)
+        elif kind is TaskMetrics:
+            return
+        elif kind is _TriggerRequest:
+            inner = self.trigger(message.kind, message.target_dir, message.stop)
+            inner.add_done_callback(lambda f: _chain_future(f, message.result))
+        else:
+            msg = f"checkpoint coordinator: unknown mail {message!r}"
+            raise TypeError(msg)
+
+    def tick(self) -> None:
+        """Time passed: expire overdue checkpoints, trigger the periodic or the final one."""
+        now = self.clock.monotonic_s()
+        self._expire(now)
+        if self.failure is not None:
+            return
+        if self._next_periodic is not None and now >= self._next_periodic:
+            self._next_periodic = now + (self.config.interval_s or 0)
+            self._trigger_periodic()
+        if self._wants_final_checkpoint():
+            self.trigger(CheckpointKind.CHECKPOINT)
+
+    def next_wakeup(self) -> float | None:
+        """Seconds until :meth:`tick` has something to do, or None when only mail can wake it."""
         deadlines = [p.trigger_time + self.config.timeout_s for p in self.pending.values()]
         if self._next_periodic is not None:
             deadlines.append(self._next_periodic)
         if not deadlines:
             return None
-        return max(0.0, min(deadlines) - now)
+        return max(0.0, min(deadlines) - self.clock.monotonic_s())
 
-    async def _handle(self, mail: Any) -> None:
-        kind = mail[0]
-        if kind == "ack":
-            _, task, checkpoint_id, ack = mail
-            pending = self.pending.get(checkpoint_id)
-            if pending is None or task.task_id not in pending.awaiting:
-                return
-            pending.awaiting.discard(task.task_id)
-            pending.acks[task.task_id] = ack
-            if not pending.awaiting:
-                await self._complete(pending)
-        elif kind == "decline":
-            _, task, checkpoint_id, reason = mail
-            pending = self.pending.get(checkpoint_id)
-            if pending is not None:
-                self._abort(pending, reason, counts=True)
-        elif kind == "state":
-            _, task, state = mail
-            if state is TaskState.FINISHING:
-                # A task that finishes because of a stop with savepoint is covered by that very
-                # savepoint (as the task itself waits for it), not by a checkpoint after it.
-                stopping = [p.checkpoint_id for p in self.pending.values() if p.stop is not None]
-                self._finishing_since[task.task_id] = min(stopping, default=self.next_id)
-            if state is TaskState.FINISHED:
-                for pending in list(self.pending.values()):
-                    if task.task_id in pending.awaiting:
-                        self._abort(
-                            pending, f"task {task.name} finished before acknowledging", counts=False
-                        )
-        elif kind == "trigger":
-            _, request = mail
-            request()
-        else:
-            msg = f"checkpoint coordinator: unknown mail {mail!r}"
-            raise TypeError(msg)
+    def end(self) -> None:
+        """Every task finished: what is still pending can never complete."""
+        for pending in list(self.pending.values()):
+            self._abort(pending, "every task finished", counts=False)
+
+    async def _on_ack(self, ack: AcknowledgeCheckpoint) -> None:
+        pending = self.pending.get(ack.checkpoint_id)
+        if pending is None or ack.task not in pending.awaiting:
+            return
+        pending.awaiting.discard(ack.task)
+        pending.acks[ack.task] = ack
+        if not pending.awaiting:
+            await self._complete(pending)
+
+    def _on_task_state(self, report: TaskStateChanged) -> None:
+        task = self._by_id.get(report.task)
+        if task is None:
+            return  # a task of an earlier attempt
+        if report.state is TaskState.FINISHING:
+            # A task that finishes because of a stop with savepoint is covered by that very
+            # savepoint (as the task itself waits for it), not by a checkpoint after it.
+            stopping = [p.checkpoint_id for p in self.pending.values() if p.stop is not None]
+            self._finishing_since[report.task] = min(stopping, default=self.next_id)
+        if report.state is TaskState.FINISHED:
+            for pending in list(self.pending.values()):
+                if report.task in pending.awaiting:
+                    self._abort(
+                        pending, f"task {task.name} finished before acknowledging", counts=False
+                    )
 
     # ---------------------------------------------------------------- triggering
 
     def _trigger_periodic(self) -> None:
         if len(self.pending) >= self.config.max_concurrent:
             return
-        if time.monotonic() - self._last_completion < self.config.min_pause_s:
+        if self.clock.monotonic_s() - self._last_completion < self.config.min_pause_s:
             return
         self.trigger(CheckpointKind.CHECKPOINT)
 
@@ -278,6 +377,13 @@ class CheckpointCoordinator:
             return False
         covered = self.completed_ids[-1] if self.completed_ids else 0
         return any(self._finishing_since.get(t.task_id, 0) > covered for t in alive)
+
+    def _upstream_finished(self, task: TaskHandle) -> bool:
+        for upstream_id in task.upstream:
+            upstream = self._by_id.get(upstream_id)
+            if upstream is None or upstream.state is not TaskState.FINISHED:
+                return False
+        return True
 
     def trigger(
         self,
@@ -305,17 +411,14 @@ class CheckpointCoordinator:
             return future
         self.next_id += 1
         finished = {t.task_id for t in self.tasks if t.state is TaskState.FINISHED}
-        targets = [
-            t
-            for t in alive
-            if all(u.state is TaskState.FINISHED for u in self.upstream.get(t.task_id, []))
-        ]
-        now = time.monotonic()
-        stats = CheckpointStats(checkpoint_id, kind.value, CheckpointStatus.IN_PROGRESS, _wall_ms())
+        targets = [t for t in alive if self._upstream_finished(t)]
+        stats = CheckpointStats(
+            checkpoint_id, kind.value, CheckpointStatus.IN_PROGRESS, self.clock.wall_ms()
+        )
         pending = PendingCheckpoint(
             checkpoint_id,
             kind,
-            now,
+            self.clock.monotonic_s(),
             stats.trigger_time_ms,
             {t.task_id for t in alive},
             finished,
@@ -331,9 +434,9 @@ class CheckpointCoordinator:
             self._next_periodic = None
         self.history.append(stats)
         del self.history[:-100]
-        barrier = CheckpointBarrier(checkpoint_id, stats.trigger_time_ms, kind)
+        command = TriggerCheckpoint(checkpoint_id, stats.trigger_time_ms, kind, stop)
         for task in targets:
-            if not task.mailbox.try_put(TriggerCheckpointMail(barrier, stop)):
+            if not task.send(command):
                 self._abort(
                     pending,
                     f"task {task.name} finished while being triggered (state {task.state.value})",
@@ -342,45 +445,32 @@ class CheckpointCoordinator:
                 break
         return future
 
-    def request_trigger(
-        self, kind: CheckpointKind, target_dir: str | None = None, stop: StopRequest | None = None
-    ) -> asyncio.Future[CompletedCheckpoint]:
-        """Trigger from outside the coordinator's actor (e.g. the control endpoint)."""
-        loop = asyncio.get_running_loop()
-        outer: asyncio.Future[CompletedCheckpoint] = loop.create_future()
-
-        def start() -> None:
-            inner = self.trigger(kind, target_dir, stop)
-            inner.add_done_callback(lambda f: _chain_future(f, outer))
-
-        self.mailbox.put(("trigger", start))
-        return outer
-
     # ---------------------------------------------------------------- completion and abort
 
     async def _complete(self, pending: PendingCheckpoint) -> None:
         """Step 5."""
-        operators: dict[str, OperatorCheckpoint] = {}
-        for uid, (name, parallelism, max_parallelism, _) in self._describe_operators().items():
-            operators[uid] = OperatorCheckpoint(
-                uid, name, parallelism, max_parallelism, SnapshotMap(), set()
+        operators: dict[str, OperatorCheckpoint] = {
+            uid: OperatorCheckpoint(
+                uid, op.name, op.parallelism, op.max_parallelism, SnapshotMap(), set()
             )
+            for uid, op in self.operators.items()
+        }
         for task in self.tasks:
             ack = pending.acks.get(task.task_id)
             finished = task.task_id in pending.finished_at_trigger or (
                 ack is not None and ack.finished
             )
-            for op in task.operators:
-                entry = operators[op.uid]
+            subtask_index = task.task_id.subtask_index
+            for uid in task.operator_uids:
+                entry = operators[uid]
                 if finished:
-                    entry.finished_subtasks.add(task.subtask_index)
-                if ack is not None and op.uid in ack.snapshots:
-                    entry.subtask_states.set_encoded(task.subtask_index, ack.snapshots[op.uid])
+                    entry.finished_subtasks.add(subtask_index)
+                if ack is not None and uid in ack.snapshots:
+                    entry.subtask_states.set_encoded(subtask_index, ack.snapshots[uid])
         # FLIP-147: union state of a partially finished operator cannot be redistributed safely.
-        for uid, (_, _, _, uses_union) in self._describe_operators().items():
-            entry = operators[uid]
+        for entry in operators.values():
             partially = 0 < len(entry.finished_subtasks) < entry.parallelism
-            if uses_union and partially and _has_union_state(entry):
+            if partially and _has_union_state(entry):
                 self._abort(
                     pending,
                     f"operator {entry.name!r} uses union list state and is partially finished",
@@ -398,7 +488,7 @@ class CheckpointCoordinator:
                 self._abort(pending, f"writing the checkpoint failed: {exc}", counts=True)
                 return
         del self.pending[pending.checkpoint_id]
-        self._last_completion = time.monotonic()
+        self._last_completion = self.clock.monotonic_s()
         self.consecutive_failures = 0
         stats = pending.stats
         assert stats is not None
@@ -406,7 +496,7 @@ class CheckpointCoordinator:
         stats.duration_ms = (self._last_completion - pending.trigger_time) * 1000.0
         stats.state_size = checkpoint.state_size
         stats.path = checkpoint.path
-        stats.alignment_ms = {name: a.alignment_ms for name, a in pending.acks.items()}
+        stats.alignment_ms = {task.key: ack.alignment_ms for task, ack in pending.acks.items()}
         if pending.kind is CheckpointKind.CHECKPOINT:
             self.completed.append(checkpoint)
             subsumed = self.completed[: -self.config.retained]
@@ -425,9 +515,10 @@ class CheckpointCoordinator:
             self.stop_savepoint_path = checkpoint.path
         if pending.kind is CheckpointKind.CHECKPOINT or pending.stop is not None:
             self.completed_ids.append(pending.checkpoint_id)
+            notice = NotifyCheckpointComplete(pending.checkpoint_id)
             for task in self.tasks:
                 if task.state is not TaskState.FINISHED:
-                    task.mailbox.try_put(CheckpointCompleteMail(pending.checkpoint_id))
+                    task.send(notice)
         log.info(
             "%s %d completed in %.0f ms (%d bytes)",
             pending.kind.value,
@@ -445,11 +536,12 @@ class CheckpointCoordinator:
         if stats is not None:
             stats.status = CheckpointStatus.FAILED
             stats.failure = reason
-            stats.duration_ms = (time.monotonic() - pending.trigger_time) * 1000.0
+            stats.duration_ms = (self.clock.monotonic_s() - pending.trigger_time) * 1000.0
         log.warning("%s %d aborted: %s", pending.kind.value, pending.checkpoint_id, reason)
+        notice = NotifyCheckpointAborted(pending.checkpoint_id, reason)
         for task in self.tasks:
             if task.state is not TaskState.FINISHED:
-                task.mailbox.try_put(CheckpointAbortedMail(pending.checkpoint_id, reason))
+                task.send(notice)
         if not pending.future.done():
             pending.future.set_exception(
                 CheckpointFailedError(
@@ -460,7 +552,7 @@ class CheckpointCoordinator:
         if counts and pending.kind is CheckpointKind.CHECKPOINT:
             self.consecutive_failures += 1
             if self.consecutive_failures > self.config.tolerable_failures:
-                self._failure = TooManyCheckpointFailures(
+                self.failure = TooManyCheckpointFailures(
                     f"{self.consecutive_failures} consecutive checkpoint failures (tolerated: "
                     f"{self.config.tolerable_failures}); last: checkpoint {pending.checkpoint_id} "
                     f"{reason}"
@@ -489,7 +581,3 @@ def _chain_future(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> N
         target.set_exception(source.exception())  # type: ignore[arg-type]
     else:
         target.set_result(source.result())
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TextIO
 
-from runtime.executor import JobMaster, JobResult
+from runtime.master.jobmaster import JobMaster, JobResult
 
 
 def _rate(n: float) -> str:

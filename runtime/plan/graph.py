@@ -22,7 +22,7 @@ from actors.partitioner import (
     Partitioner,
     RebalancePartitioner,
 )
-from runtime.api import Job, JobDefinitionError, Transformation, default_uids
+from runtime.api.streams import Job, JobDefinitionError, Transformation, default_uids
 
 
 @dataclass(eq=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from runtime.durations import format_duration, parse_duration
+from runtime.api.durations import format_duration, parse_duration
 
 DEFAULT_INITIAL_DELAY_S = 1.0
 DEFAULT_MAX_DELAY_S = 60.0

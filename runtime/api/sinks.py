@@ -12,7 +12,7 @@ import sys
 from typing import Any, TextIO
 
 from actors.operator import StreamOperator
-from runtime.functions import RuntimeContext
+from runtime.api.functions import RuntimeContext
 from state.operator import OperatorStateStore
 from state.snapshot import OperatorSnapshot, RestoredState
 

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success (also a stop with savepoint, on request or on SIGTERM); 1 the job failed;
 2 bad usage or a bad job file; 130 cancelled by Ctrl-C or through the control endpoint; 143 ended
-by SIGTERM without a savepoint (see ``runtime.shutdown``).
+by SIGTERM without a savepoint (see ``runtime.shell.shutdown``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 import traceback
@@ -20,7 +21,8 @@ from typing import Any
 
 from actors.barriers import CheckpointingMode
 from actors.operator import NewerOutputPolicy, UserFunctionError
-from runtime.api import JobDefinitionError
+from runtime.api.durations import format_duration, parse_duration
+from runtime.api.streams import JobDefinitionError
 from runtime.config import (
     DEFAULT_MAX_PARALLELISM,
     DEFAULT_PARALLELISM,
@@ -30,14 +32,13 @@ from runtime.config import (
     CheckpointConfig,
     ExecutionConfig,
 )
-from runtime.durations import format_duration, parse_duration
-from runtime.executor import JobFailedError, JobMaster
-from runtime.progress import ProgressReporter
-from runtime.rest import ControlClientError, ControlServer, call
-from runtime.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
-from runtime.restore import RestoreMismatchError, RestoreReport
-from runtime.runner import JobFileError, build_graph, load_job_file, run_coroutine
-from runtime.shutdown import EXIT_TERMINATED, GracefulShutdown
+from runtime.master.jobmaster import JobFailedError, JobMaster
+from runtime.master.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
+from runtime.plan.restore import RestoreMismatchError, RestoreReport
+from runtime.shell.progress import ProgressReporter
+from runtime.shell.rest import ControlClientError, ControlServer, call
+from runtime.shell.runner import JobFileError, build_graph, load_job_file, run_coroutine
+from runtime.shell.shutdown import EXIT_TERMINATED, GracefulShutdown
 from runtime.testing import arm_from_params
 from state.keygroups import UPPER_BOUND_MAX_PARALLELISM
 from state.refusal import restore_refusal
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "taskmanager":
         return _taskmanager(args)
     if args.command == "broker":
-        from runtime.devbroker import run_broker_forever
+        from connectors.kafka.broker import run_broker_forever
 
         code: int = run_broker_forever(args.port)
         return code
@@ -476,13 +477,28 @@ def _run(args: Any) -> int:
 
 
 def _taskmanager(args: Any) -> int:
-    from runtime.cluster.taskmanager import main as taskmanager_main
+    from runtime.cluster.taskmanager import DEFAULT_EXIT_GRACE_S, EXIT_SHUT_DOWN, run_taskmanager
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     host, port = args.jobmanager
-    return taskmanager_main(host, port, args.id, args.slots)
+    outcome = run_coroutine(
+        run_taskmanager(
+            host,
+            port,
+            args.id,
+            args.slots,
+            parent_pid=os.getppid(),
+            exit_grace_s=DEFAULT_EXIT_GRACE_S,
+        )
+    )
+    if outcome.code != EXIT_SHUT_DOWN:
+        # Its stderr may be a pipe to the JobManager that is gone.
+        with contextlib.suppress(OSError):
+            _error(f"TaskManager {args.id} {outcome.reason}")
+    code: int = outcome.code
+    return code
 
 
 def execution_config(args: Any, restart: RestartStrategy) -> ExecutionConfig:

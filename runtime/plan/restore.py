@@ -17,7 +17,7 @@ from state.operator import redistribute_operator_state
 from state.snapshot import RestoredState
 
 if TYPE_CHECKING:
-    from runtime.graph import JobGraph
+    from runtime.plan.graph import JobGraph
     from state.storage import CompletedCheckpoint, OperatorCheckpoint
 
 

@@ -1,9 +1,11 @@
 """Local execution: the job master deploys every subtask of a job as an actor on one event loop.
 
-The :class:`JobMaster` turns the :class:`~runtime.graph.JobGraph` into tasks, channels and writers
-(the execution graph), runs them under one ``asyncio.TaskGroup`` together with the checkpoint
-coordinator, and on a task failure cancels the attempt (``close()`` runs, ``finish()`` does not),
-asks the restart strategy, and restarts from the latest completed checkpoint.
+The :class:`JobMaster` turns the :class:`~runtime.plan.graph.JobGraph` into tasks, channels and writers
+(the execution graph, :mod:`runtime.plan.execution`), runs them under one ``asyncio.TaskGroup``
+together with the checkpoint coordinator, and on a task failure cancels the attempt (``close()``
+runs, ``finish()`` does not), asks the restart strategy, and restarts from the latest completed
+checkpoint. Tasks report to it in :mod:`actors.protocol` messages; it and the coordinator reach
+them through :class:`LocalTaskHandle`.
 """
 
 from __future__ import annotations
@@ -16,39 +18,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.mailbox import Wakeup
-from actors.network import (
-    InputGate,
-    ResultSubpartition,
-)
-from actors.operator import (
-    ChainedOutput,
-    DiscardingOutput,
-    FanOutOutput,
-    OperatorContext,
-    Output,
-    RestoreContext,
-    StreamOperator,
-    UserFunctionError,
-    WriterOutput,
-)
-from actors.task import (
-    AddSplitsMail,
+from actors.operator import RestoreContext, UserFunctionError
+from actors.protocol import (
+    AddSplits,
     StopRequest,
-    StreamTask,
+    TaskCommand,
     TaskFailure,
+    TaskId,
+    TaskMetrics,
+    TaskReport,
     TaskState,
+    TaskStateChanged,
 )
-from actors.writer import RecordWriter
-from runtime.config import ExecutionConfig as ExecutionConfig
-from runtime.coordinator import CheckpointCoordinator
-from runtime.graph import JobGraph, JobVertex
-from runtime.restore import assign_restored_state
-from runtime.sources import SPLITS_STATE, SourceOperator, assign_splits
-from state.keygroups import key_group_range_for_subtask
+from actors.task import StreamTask
+from runtime.api.sources import SPLITS_STATE
+from runtime.config import ExecutionConfig
+from runtime.master.coordinator import CheckpointCoordinator, CheckpointedOperator, TaskHandle
+from runtime.plan.execution import LocalChannels, build_subtask, upstream_task_ids
+from runtime.plan.graph import JobGraph, JobVertex
+from runtime.plan.restore import assign_restored_state
 from state.operator import list_state_items
 from state.refusal import restore_refusal
-from state.snapshot import RestoredState
 from state.storage import (
     CheckpointKind,
     CheckpointStorage,
@@ -82,6 +72,39 @@ class JobResult:
     stopped_with_savepoint: str | None = None
 
 
+class LocalTaskHandle:
+    """A task running in this process: its state is the task's own (never late), commands go
+    through :meth:`StreamTask.handle_command`, metrics are read when asked for."""
+
+    def __init__(self, task: StreamTask, upstream: tuple[TaskId, ...]) -> None:
+        self.task = task
+        self.task_id = task.task_id
+        self.name = task.name
+        self.operator_uids = tuple(op.uid for op in task.operators)
+        self.upstream = upstream
+
+    @property
+    def state(self) -> TaskState:
+        return self.task.state
+
+    def send(self, command: TaskCommand) -> bool:
+        return self.task.handle_command(command)
+
+    def latest_metrics(self) -> TaskMetrics:
+        return self.task.metrics_report()
+
+    def __repr__(self) -> str:
+        return f"<LocalTaskHandle {self.name} {self.state.value}>"
+
+
+def checkpointed_operators(graph: JobGraph) -> dict[str, CheckpointedOperator]:
+    """What every checkpoint of ``graph`` records of each operator, by uid."""
+    return {
+        node.uid: CheckpointedOperator(node.name, node.parallelism, node.max_parallelism)
+        for node in graph.operators.values()
+    }
+
+
 class JobFailedError(RuntimeError):
     """The job failed and the restart strategy gave up; ``cause`` is the root failure."""
 
@@ -112,7 +135,7 @@ class JobMaster:
         self.coordinator = coordinator or CheckpointCoordinator(
             self.config.checkpoint,
             self.storage,
-            self._describe_operators,
+            checkpointed_operators(graph),
             first_checkpoint_id=first_id + 1,
         )
         if (
@@ -125,6 +148,8 @@ class JobMaster:
             # Restored from this checkpoint directory: it is ours to retain and later subsume.
             self.coordinator.completed.append(restored)
         self.tasks: list[StreamTask] = []
+        self.handles: list[TaskHandle] = []
+        """The tasks of the current attempt, as the coordinator and the control endpoint see them."""
         self.attempt = 0
         self.started = time.monotonic()
         self._all_finished = asyncio.Event()
@@ -139,25 +164,19 @@ class JobMaster:
 
     # ---------------------------------------------------------------- TaskListener
 
-    def task_state_changed(self, task: StreamTask, state: TaskState) -> None:
-        self.coordinator.on_task_state(task, state)
-        if state in _PAST_RESTORE and all(t.state in _PAST_RESTORE for t in self.tasks):
-            self._all_restored.set()
-        if state is TaskState.FINISHED and all(t.state is TaskState.FINISHED for t in self.tasks):
-            self._all_finished.set()
-
-    def acknowledge_checkpoint(
-        self,
-        task: StreamTask,
-        checkpoint_id: int,
-        snapshots: dict[str, Any],
-        finished: bool,
-        alignment_ms: float,
-    ) -> None:
-        self.coordinator.on_ack(task, checkpoint_id, snapshots, finished, alignment_ms)
-
-    def decline_checkpoint(self, task: StreamTask, checkpoint_id: int, reason: str) -> None:
-        self.coordinator.on_decline(task, checkpoint_id, reason)
+    def report(self, message: TaskReport) -> None:
+        """A task's report: checkpoint and state reports go to the coordinator (metrics of tasks
+        in this process are read from them when asked for)."""
+        if type(message) is TaskMetrics:
+            return
+        self.coordinator.on_report(message)
+        if type(message) is TaskStateChanged:
+            state = message.state
+            handles = self.handles
+            if state in _PAST_RESTORE and all(t.state in _PAST_RESTORE for t in handles):
+                self._all_restored.set()
+            if state is TaskState.FINISHED and all(t.state is TaskState.FINISHED for t in handles):
+                self._all_finished.set()
 
     # ---------------------------------------------------------------- running
 
@@ -170,8 +189,10 @@ class JobMaster:
             self.attempt += 1
             self._all_finished = asyncio.Event()
             self.restore_context = self._restore_context(self.restore_point)
-            self.tasks = self._deploy(self.restore_point)
-            self.coordinator.attach(self.tasks, self._upstream_map())
+            handles = self._deploy(self.restore_point)
+            self.tasks = [handle.task for handle in handles]
+            self.handles = list(handles)
+            self.coordinator.attach(self.handles)
             self.status = "running"
             if self.on_attempt_started is not None:
                 self.on_attempt_started(self)
@@ -228,7 +249,7 @@ class JobMaster:
         runs everywhere), the savepoint goes into ``target_dir`` (default
         ``<checkpoint-dir>/savepoints``) and commits like a final checkpoint, and :meth:`run`
         then returns with ``stopped_with_savepoint`` set. Raises
-        :class:`~runtime.coordinator.CheckpointFailedError` when the savepoint cannot complete;
+        :class:`~runtime.master.coordinator.CheckpointFailedError` when the savepoint cannot complete;
         tasks whose sources had already stopped then fail the attempt.
         """
         return await self.coordinator.request_trigger(
@@ -256,7 +277,7 @@ class JobMaster:
             await self._all_finished.wait()
             for helper in helpers[1:]:
                 helper.cancel()
-            self.coordinator.mailbox.put(("stop",))
+            self.coordinator.request_stop()
 
     async def _mark_abandoned_once_restored(
         self, restored: CompletedCheckpoint, newer: tuple[int, ...]
@@ -310,7 +331,7 @@ class JobMaster:
             entry = self.restore_point.operators[node.uid]
             for _, snapshot in entry.subtask_states.snapshots():
                 known.extend(list_state_items(snapshot.operator or {}, SPLITS_STATE))
-        tasks = [t for t in self.tasks if t.vertex_id == vertex.id]
+        tasks = [t for t in self.handles if t.task_id.vertex_id == vertex.id]
         while True:
             await asyncio.sleep(source.discovery_interval_s)
             new = await source.discover_new_splits(known)
@@ -318,7 +339,7 @@ class JobMaster:
                 index = len(known)
                 known.append(split)
                 target = source.assign_split(split, index, vertex.parallelism)
-                tasks[target].mailbox.try_put(AddSplitsMail([split]))
+                tasks[target].send(AddSplits((split,)))
 
     # ---------------------------------------------------------------- metrics
 
@@ -330,10 +351,13 @@ class JobMaster:
 
     def _live_metrics(self) -> dict[str, tuple[int, int]]:
         result: dict[str, tuple[int, int]] = {}
-        for task in self.tasks:
-            for op in task.operators:
-                prev = result.get(op.uid, (0, 0))
-                result[op.uid] = (prev[0] + op.metrics.records_in, prev[1] + op.metrics.records_out)
+        for task in self.handles:
+            metrics = task.latest_metrics()
+            if metrics is None:
+                continue
+            for uid, records in metrics.records.items():
+                prev = result.get(uid, (0, 0))
+                result[uid] = (prev[0] + records.records_in, prev[1] + records.records_out)
         return result
 
     def operator_summaries(self, include_live: bool = False) -> list[OperatorSummary]:
@@ -353,41 +377,6 @@ class JobMaster:
 
     # ---------------------------------------------------------------- deployment
 
-    def _describe_operators(self) -> dict[str, tuple[str, int, int, bool]]:
-        result: dict[str, tuple[str, int, int, bool]] = {}
-        union_uids = set()
-        for task in self.tasks:
-            for op in task.operators:
-                store = getattr(op, "operator_state", None) or getattr(op, "_state", None)
-                if store is not None and getattr(store, "uses_union_state", False):
-                    union_uids.add(op.uid)
-        for node in self.graph.operators.values():
-            result[node.uid] = (
-                node.name,
-                node.parallelism,
-                node.max_parallelism,
-                node.uid in union_uids,
-            )
-        return result
-
-    def _upstream_map(self) -> dict[str, list[StreamTask]]:
-        by_vertex: dict[str, list[StreamTask]] = {}
-        for task in self.tasks:
-            by_vertex.setdefault(task.vertex_id, []).append(task)
-        result: dict[str, list[StreamTask]] = {}
-        for task in self.tasks:
-            upstream: list[StreamTask] = []
-            for edge in self.graph.edges:
-                if edge.target_vertex.id != task.vertex_id:
-                    continue
-                senders = by_vertex[edge.source_vertex.id]
-                if edge.pointwise:
-                    upstream.append(senders[task.subtask_index])
-                else:
-                    upstream.extend(senders)
-            result[task.task_id] = upstream
-        return result
-
     def _restore_context(self, restore_point: CompletedCheckpoint | None) -> RestoreContext:
         config = self.config
         checkpoint_id = restore_point.checkpoint_id if restore_point is not None else None
@@ -404,137 +393,30 @@ class JobMaster:
             checkpoint_dir=str(self.storage.directory) if self.storage.directory else None,
         )
 
-    def _deploy(self, restore_point: CompletedCheckpoint | None) -> list[StreamTask]:
+    def _deploy(self, restore_point: CompletedCheckpoint | None) -> list[LocalTaskHandle]:
         graph = self.graph
         restored_state = assign_restored_state(graph, restore_point)
-        subpartitions: dict[int, list[list[ResultSubpartition]]] = {}
-        for edge in graph.edges:
-            sender_p = edge.source_vertex.parallelism
-            receiver_p = edge.target_vertex.parallelism
-            per_sender = []
-            for u in range(sender_p):
-                count = 1 if edge.pointwise else receiver_p
-                per_sender.append(
-                    [
-                        ResultSubpartition(f"{edge.source_vertex.name} ({u + 1}/{sender_p})")
-                        for _ in range(count)
-                    ]
-                )
-            subpartitions[id(edge)] = per_sender
-        splits = self._splits
-        tasks: list[StreamTask] = []
+        channels = LocalChannels(graph)
+        handles: list[LocalTaskHandle] = []
         for vertex in graph.vertices:
             for index in range(vertex.parallelism):
-                tasks.append(
-                    self._deploy_subtask(vertex, index, subpartitions, splits, restored_state)
-                )
-        return tasks
-
-    def _deploy_subtask(
-        self,
-        vertex: JobVertex,
-        index: int,
-        subpartitions: dict[int, list[list[ResultSubpartition]]],
-        splits: dict[str, list[Any]],
-        restored_state: dict[tuple[str, int], tuple[dict[str, RestoredState], bool]],
-    ) -> StreamTask:
-        graph = self.graph
-        config = self.config
-        p = vertex.parallelism
-        name = f"{vertex.name} ({index + 1}/{p})"
-        wakeup = Wakeup()
-        inputs = graph.inputs_of(vertex)
-        gate: InputGate | None = None
-        if inputs:
-            gate = InputGate(name, wakeup, config.floating_buffers)
-            for edge in inputs:
-                senders = subpartitions[id(edge)]
-                for u, subs in enumerate(senders):
-                    if edge.pointwise:
-                        if u == index:
-                            gate.add_channel(
-                                subs[0], config.exclusive_credits, edge.input_index, subs[0].name
-                            )
-                    else:
-                        gate.add_channel(
-                            subs[index],
-                            config.exclusive_credits,
-                            edge.input_index,
-                            subs[index].name,
-                        )
-        operators: dict[int, StreamOperator] = {}
-        for node in vertex.operators:
-            t = node.transformation
-            if t.kind == "source":
-                assert t.source is not None
-                operators[t.id] = SourceOperator(
-                    node.name,
-                    node.uid,
-                    t.source,
-                    assign_splits(t.source, splits.get(node.uid, []), p, index),
-                )
-            else:
-                assert t.operator_factory is not None
-                operators[t.id] = t.operator_factory(node.name, node.uid)
-        writers_by_op: dict[int, list[RecordWriter]] = {}
-        all_writers: list[RecordWriter] = []
-        for edge in graph.outputs_of(vertex):
-            writer = RecordWriter(
-                subpartitions[id(edge)][index], edge.partitioner_factory(), config.buffer_size
-            )
-            writers_by_op.setdefault(edge.source_operator.transformation.id, []).append(writer)
-            all_writers.append(writer)
-        restored, finished = restored_state.get((vertex.id, index), ({}, False))
-        task = StreamTask(
-            name,
-            vertex.id,
-            index,
-            p,
-            [operators[n.transformation.id] for n in vertex.operators],
-            gate,
-            all_writers,
-            self,
-            wakeup,
-            restored=restored,
-            restored_finished=finished,
-            checkpointing_mode=config.checkpoint.mode,
-            buffer_timeout_s=config.buffer_timeout_s,
-        )
-        for node in vertex.operators:
-            op = operators[node.transformation.id]
-            outputs: list[Output] = [
-                ChainedOutput(op, operators[c.transformation.id])
-                for c in vertex.chained.get(node.transformation.id, [])
-            ]
-            writers = writers_by_op.get(node.transformation.id)
-            if writers:
-                outputs.append(WriterOutput(op, writers))
-            output: Output
-            if not outputs:
-                output = DiscardingOutput()
-            elif len(outputs) == 1:
-                output = outputs[0]
-            else:
-                output = FanOutOutput(outputs)
-            op.setup(
-                OperatorContext(
-                    operator_name=node.name,
-                    operator_uid=node.uid,
-                    task_name=name,
-                    subtask_index=index,
-                    parallelism=p,
-                    max_parallelism=node.max_parallelism,
+                restored, finished = restored_state.get((vertex.id, index), ({}, False))
+                task = build_subtask(
+                    graph,
+                    vertex,
+                    index,
+                    channels.endpoints(vertex, index),
+                    splits=self._splits,
+                    restored=restored,
+                    restored_finished=finished,
+                    restore_context=self.restore_context,
                     attempt=self.attempt,
-                    params=graph.params,
-                    clock=config.clock,
-                    key_groups=key_group_range_for_subtask(node.max_parallelism, p, index),
-                    scheduler=task,
-                    checkpoint_interval_s=self.config.checkpoint.interval_s,
-                    restore=self.restore_context,
-                ),
-                output,
-            )
-        return task
+                    config=self.config,
+                    listener=self,
+                )
+                upstream = upstream_task_ids(graph, vertex, index, self.attempt)
+                handles.append(LocalTaskHandle(task, upstream))
+        return handles
 
 
 def root_cause(group: BaseException) -> BaseException:

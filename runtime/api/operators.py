@@ -19,7 +19,7 @@ from typing import Any
 from actors.events import MAX_TIMESTAMP, Watermark
 from actors.operator import StreamOperator, UserFunctionError
 from actors.timers import TimerService
-from runtime.functions import (
+from runtime.api.functions import (
     ASYNC_ALTERNATIVE,
     Collector,
     KeyedProcessContext,

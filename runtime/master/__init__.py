@@ -1,0 +1,1 @@
+"""The job master: deployment and failover, the checkpoint coordinator, restart strategies, configuration."""

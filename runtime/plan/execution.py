@@ -1,0 +1,208 @@
+"""The execution graph: one attempt's subtasks, their channels and writers, built from the job graph.
+
+:func:`build_subtask` builds one :class:`~actors.task.StreamTask` (operators, chaining outputs,
+record writers, input gate) from the :class:`~runtime.plan.graph.JobGraph` alone plus what the master
+decides per attempt (channel endpoints, splits, restored state, restore context, attempt), so the
+job master in this process and a TaskManager in another build subtasks with the same code.
+:class:`LocalChannels` makes the endpoints of channels whose both ends run in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from actors.mailbox import Wakeup
+from actors.network import InputGate, ResultSubpartition
+from actors.operator import (
+    ChainedOutput,
+    DiscardingOutput,
+    FanOutOutput,
+    OperatorContext,
+    Output,
+    RestoreContext,
+    StreamOperator,
+    WriterOutput,
+)
+from actors.protocol import TaskId
+from actors.task import StreamTask, TaskListener
+from actors.writer import RecordWriter
+from runtime.api.sources import SourceOperator, assign_splits
+from runtime.config import ExecutionConfig
+from runtime.plan.graph import JobEdge, JobGraph, JobVertex
+from state.keygroups import key_group_range_for_subtask
+from state.snapshot import RestoredState
+
+
+@dataclass(frozen=True)
+class InputEndpoint:
+    """One channel of a subtask's input gate: the sending end it reads, for which input."""
+
+    sender: ResultSubpartition
+    input_index: int
+
+
+@dataclass(frozen=True)
+class SubtaskEndpoints:
+    """The ends of every channel one subtask reads and writes."""
+
+    inputs: tuple[InputEndpoint, ...]
+    """Gate channels in order: per input edge (``graph.inputs_of``), per sending subtask."""
+    outputs: tuple[tuple[ResultSubpartition, ...], ...]
+    """Per output edge (``graph.outputs_of``), the subpartitions this subtask writes: one per
+    receiving subtask, or one for a pointwise edge."""
+
+
+def subtask_name(vertex: JobVertex, index: int) -> str:
+    return f"{vertex.name} ({index + 1}/{vertex.parallelism})"
+
+
+class LocalChannels:
+    """Every channel of one attempt with both ends in this process: a subpartition per pair of a
+    sending and a receiving subtask (per sender, one for a pointwise edge)."""
+
+    def __init__(self, graph: JobGraph) -> None:
+        self.graph = graph
+        self._by_edge: dict[int, list[list[ResultSubpartition]]] = {}
+        for edge in graph.edges:
+            sender_p = edge.source_vertex.parallelism
+            count = 1 if edge.pointwise else edge.target_vertex.parallelism
+            self._by_edge[id(edge)] = [
+                [ResultSubpartition(subtask_name(edge.source_vertex, u)) for _ in range(count)]
+                for u in range(sender_p)
+            ]
+
+    def _senders(self, edge: JobEdge) -> list[list[ResultSubpartition]]:
+        return self._by_edge[id(edge)]
+
+    def endpoints(self, vertex: JobVertex, index: int) -> SubtaskEndpoints:
+        inputs: list[InputEndpoint] = []
+        for edge in self.graph.inputs_of(vertex):
+            for u, subs in enumerate(self._senders(edge)):
+                if edge.pointwise:
+                    if u == index:
+                        inputs.append(InputEndpoint(subs[0], edge.input_index))
+                else:
+                    inputs.append(InputEndpoint(subs[index], edge.input_index))
+        outputs = tuple(tuple(self._senders(edge)[index]) for edge in self.graph.outputs_of(vertex))
+        return SubtaskEndpoints(tuple(inputs), outputs)
+
+
+def upstream_task_ids(
+    graph: JobGraph, vertex: JobVertex, index: int, attempt: int
+) -> tuple[TaskId, ...]:
+    """The subtasks that send to subtask ``index`` of ``vertex``."""
+    result: list[TaskId] = []
+    for edge in graph.inputs_of(vertex):
+        sender = edge.source_vertex
+        if edge.pointwise:
+            result.append(TaskId(sender.id, index, attempt))
+        else:
+            result.extend(TaskId(sender.id, u, attempt) for u in range(sender.parallelism))
+    return tuple(result)
+
+
+def build_subtask(
+    graph: JobGraph,
+    vertex: JobVertex,
+    index: int,
+    endpoints: SubtaskEndpoints,
+    *,
+    splits: Mapping[str, list[object]],
+    restored: Mapping[str, RestoredState],
+    restored_finished: bool,
+    restore_context: RestoreContext,
+    attempt: int,
+    config: ExecutionConfig,
+    listener: TaskListener,
+) -> StreamTask:
+    """Subtask ``index`` of ``vertex`` as a task ready to run.
+
+    ``splits`` holds every split of each source (by operator uid); the subtask takes its share by
+    the source's assignment. ``restored`` is this subtask's share of the restored state by
+    operator uid, ``restored_finished`` whether all its operators had finished (FLIP-147).
+    """
+    p = vertex.parallelism
+    name = subtask_name(vertex, index)
+    wakeup = Wakeup()
+    gate: InputGate | None = None
+    if graph.inputs_of(vertex):
+        gate = InputGate(name, wakeup, config.floating_buffers)
+        for endpoint in endpoints.inputs:
+            gate.add_channel(
+                endpoint.sender,
+                config.exclusive_credits,
+                endpoint.input_index,
+                endpoint.sender.name,
+            )
+    operators: dict[int, StreamOperator] = {}
+    for node in vertex.operators:
+        t = node.transformation
+        if t.kind == "source":
+            assert t.source is not None
+            operators[t.id] = SourceOperator(
+                node.name,
+                node.uid,
+                t.source,
+                assign_splits(t.source, list(splits.get(node.uid, [])), p, index),
+            )
+        else:
+            assert t.operator_factory is not None
+            operators[t.id] = t.operator_factory(node.name, node.uid)
+    writers_by_op: dict[int, list[RecordWriter]] = {}
+    all_writers: list[RecordWriter] = []
+    for edge, subpartitions in zip(graph.outputs_of(vertex), endpoints.outputs, strict=True):
+        writer = RecordWriter(list(subpartitions), edge.partitioner_factory(), config.buffer_size)
+        writers_by_op.setdefault(edge.source_operator.transformation.id, []).append(writer)
+        all_writers.append(writer)
+    task = StreamTask(
+        name,
+        vertex.id,
+        index,
+        p,
+        [operators[n.transformation.id] for n in vertex.operators],
+        gate,
+        all_writers,
+        listener,
+        wakeup,
+        restored=dict(restored),
+        restored_finished=restored_finished,
+        checkpointing_mode=config.checkpoint.mode,
+        buffer_timeout_s=config.buffer_timeout_s,
+        attempt=attempt,
+    )
+    for node in vertex.operators:
+        op = operators[node.transformation.id]
+        outputs: list[Output] = [
+            ChainedOutput(op, operators[c.transformation.id])
+            for c in vertex.chained.get(node.transformation.id, [])
+        ]
+        writers = writers_by_op.get(node.transformation.id)
+        if writers:
+            outputs.append(WriterOutput(op, writers))
+        output: Output
+        if not outputs:
+            output = DiscardingOutput()
+        elif len(outputs) == 1:
+            output = outputs[0]
+        else:
+            output = FanOutOutput(outputs)
+        op.setup(
+            OperatorContext(
+                operator_name=node.name,
+                operator_uid=node.uid,
+                task_name=name,
+                subtask_index=index,
+                parallelism=p,
+                max_parallelism=node.max_parallelism,
+                attempt=attempt,
+                params=graph.params,
+                clock=config.clock,
+                key_groups=key_group_range_for_subtask(node.max_parallelism, p, index),
+                scheduler=task,
+                checkpoint_interval_s=config.checkpoint.interval_s,
+                restore=restore_context,
+            ),
+            output,
+        )
+    return task
