@@ -10,7 +10,8 @@ tag registered here, never by an importable path.
   and dict values) included. Fields hold data only: what :mod:`state.serde` encodes, or other
   registered messages.
 - :func:`frame` prefixes a payload with its length; :func:`read_frame` reads one frame back from an
-  ``asyncio.StreamReader`` (``None`` at a clean end of stream).
+  ``asyncio.StreamReader`` (``None`` at a clean end of stream), :func:`read_frame_blocking` from a
+  blocking binary stream (for a thread that must read while its event loop is busy).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 import dataclasses
 import struct
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import msgpack
 
@@ -154,3 +155,30 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
         msg = f"frame of {length} bytes exceeds the limit of {MAX_FRAME_BYTES}"
         raise WireFormatError(msg)
     return await reader.readexactly(length)
+
+
+def read_frame_blocking(stream: BinaryIO) -> bytes | None:
+    """:func:`read_frame` for a blocking binary stream, such as a socket's ``makefile("rb")``.
+
+    Returns ``None`` when the stream ended cleanly between frames; raises
+    :class:`WireFormatError` when it ends inside a frame or the length is one no frame can have.
+    """
+    header = stream.read(_HEADER.size)
+    if not header:
+        return None
+    (length,) = _HEADER.unpack(_read_rest(stream, header, _HEADER.size))
+    if length > MAX_FRAME_BYTES:
+        msg = f"frame of {length} bytes exceeds the limit of {MAX_FRAME_BYTES}"
+        raise WireFormatError(msg)
+    return _read_rest(stream, b"", length)
+
+
+def _read_rest(stream: BinaryIO, data: bytes, size: int) -> bytes:
+    """``data`` completed to ``size`` bytes from ``stream``."""
+    while len(data) < size:
+        more = stream.read(size - len(data))
+        if not more:
+            msg = f"the stream ended inside a frame ({len(data)} of {size} bytes)"
+            raise WireFormatError(msg)
+        data += more
+    return data

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -285,3 +285,32 @@ def write_savepoint(
 
 def stderr_contains(stderr: Path, text: str) -> bool:
     return stderr.exists() and text in stderr.read_text()
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` in ``/proc`` (``R``, ``S``, ``Z`` for a zombie: ended,
+    not reaped yet...), or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs; a zombie does not."""
+    return process_state(pid) not in (None, "Z")
+
+
+def wait_until_gone(pids: Iterable[int], what: str, timeout: float = WAIT_S) -> float:
+    """Poll until none of ``pids`` runs (see :func:`process_alive`); the seconds it took."""
+    pids = list(pids)
+    started = time.monotonic()
+    while True:
+        alive = [pid for pid in pids if process_alive(pid)]
+        if not alive:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            msg = f"timed out waiting for {what}: pids {alive} still run"
+            raise AssertionError(msg)
+        time.sleep(0.01)

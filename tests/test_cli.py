@@ -53,7 +53,7 @@ def test_job_file_that_cannot_be_imported_exits_2_naming_the_file(tmp_path: Path
     assert proc.returncode == 2, proc.stderr
     assert "broken_syntax.py" in proc.stderr
     assert "SyntaxError" in proc.stderr or "never closed" in proc.stderr
-    assert "runtime/shell/runner.py" not in proc.stderr
+    assert "runtime/plan/jobfile.py" not in proc.stderr
 
 
 def test_job_file_with_a_failing_import_exits_2(tmp_path: Path) -> None:

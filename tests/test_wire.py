@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import io
 from dataclasses import dataclass
 
 import msgpack
@@ -15,6 +16,7 @@ from actors.wire import (
     encode_message,
     frame,
     read_frame,
+    read_frame_blocking,
     wire_message,
 )
 from state.serde import packb
@@ -114,3 +116,14 @@ async def test_a_stream_cut_inside_a_frame_is_an_incomplete_read() -> None:
     reader.feed_eof()
     with pytest.raises(asyncio.IncompleteReadError):
         await read_frame(reader)
+
+
+def test_a_blocking_stream_reads_the_same_frames() -> None:
+    payloads = [b"", b"abc", b"x" * 100_000]
+    stream = io.BytesIO(b"".join(frame(p) for p in payloads))
+    assert [read_frame_blocking(stream) for _ in payloads] == payloads
+    assert read_frame_blocking(stream) is None
+    with pytest.raises(WireFormatError, match="inside a frame"):
+        read_frame_blocking(io.BytesIO(frame(b"abcdef")[:5]))
+    with pytest.raises(WireFormatError, match="exceeds the limit"):
+        read_frame_blocking(io.BytesIO(b"\xff\xff\xff\xff"))

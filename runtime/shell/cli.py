@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 import traceback
@@ -81,6 +82,14 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        msg = f"expected HOST:PORT, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return host, int(port)
 
 
 def _positive_int(text: str) -> int:
@@ -330,6 +339,27 @@ def make_parser() -> argparse.ArgumentParser:
         "--set", dest="params", type=_key_value, action="append", default=[], metavar="KEY=VALUE"
     )
 
+    taskmanager = sub.add_parser(
+        "taskmanager",
+        help="run a TaskManager for the JobManager at HOST:PORT (run --taskmanagers starts them)",
+    )
+    taskmanager.add_argument(
+        "--jobmanager",
+        required=True,
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="the JobManager's control address",
+    )
+    taskmanager.add_argument("--id", required=True, help="the id the JobManager gave it")
+    _add_option(
+        taskmanager,
+        "--slots",
+        type=_positive_int,
+        default=1,
+        help="subtasks of each vertex it can run",
+    )
+    taskmanager.add_argument("--log-level", default="WARNING")
+
     broker = sub.add_parser("broker", help="start the local Kafka-protocol broker for the dev loop")
     broker.add_argument("--port", type=int, default=9092)
     return parser
@@ -344,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         return _control(args)
     if args.command == "checkpoints":
         return _checkpoints(args)
+    if args.command == "taskmanager":
+        return _taskmanager(args)
     if args.command == "broker":
         from connectors.kafka.broker import run_broker_forever
 
@@ -442,6 +474,31 @@ def _run(args: Any) -> int:
         if args.checkpoint_dir:
             _record_stop_savepoint(args.checkpoint_dir, path)
     return EXIT_OK
+
+
+def _taskmanager(args: Any) -> int:
+    from runtime.cluster.taskmanager import DEFAULT_EXIT_GRACE_S, EXIT_SHUT_DOWN, run_taskmanager
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    host, port = args.jobmanager
+    outcome = run_coroutine(
+        run_taskmanager(
+            host,
+            port,
+            args.id,
+            args.slots,
+            parent_pid=os.getppid(),
+            exit_grace_s=DEFAULT_EXIT_GRACE_S,
+        )
+    )
+    if outcome.code != EXIT_SHUT_DOWN:
+        # Its stderr may be a pipe to the JobManager that is gone.
+        with contextlib.suppress(OSError):
+            _error(f"TaskManager {args.id} {outcome.reason}")
+    code: int = outcome.code
+    return code
 
 
 def execution_config(args: Any, restart: RestartStrategy) -> ExecutionConfig:

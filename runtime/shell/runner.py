@@ -1,74 +1,22 @@
 """Load a job file and run it: the programmatic entry point behind ``python -m runtime run``.
 
 ``run_job(build, ...)`` runs a ``build(job)`` function; ``load_job_file(path)`` imports a job file
-and returns its ``build``. Both raise :class:`JobFileError` with a message that says what to fix.
+and returns its ``build`` (both from :mod:`runtime.plan.jobfile`, where TaskManagers find them
+too). Both raise :class:`JobFileError` with a message that says what to fix.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-import traceback
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from runtime.api.streams import Job
 from runtime.config import DEFAULT_PARALLELISM, ExecutionConfig
 from runtime.master.jobmaster import JobMaster, JobResult
-from runtime.plan.graph import JobGraph, build_job_graph
+from runtime.plan.jobfile import BuildFunction as BuildFunction
+from runtime.plan.jobfile import JobFileError as JobFileError
+from runtime.plan.jobfile import build_graph as build_graph
+from runtime.plan.jobfile import load_job_file as load_job_file
 from state.keygroups import DEFAULT_MAX_PARALLELISM
-
-BuildFunction = Callable[[Job], Any]
-
-
-class JobFileError(RuntimeError):
-    """The job file is missing, cannot be imported, or defines no ``build(job)``."""
-
-
-def load_job_file(path: str | Path) -> BuildFunction:
-    file = Path(path)
-    if not file.exists():
-        msg = f"job file {str(file)!r} not found"
-        raise JobFileError(msg)
-    if not file.is_file():
-        msg = f"job file {str(file)!r} is not a file"
-        raise JobFileError(msg)
-    module_name = f"_job_{abs(hash(str(file.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, file)
-    if spec is None or spec.loader is None:
-        msg = f"job file {str(file)!r} cannot be imported as Python"
-        raise JobFileError(msg)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    # The job's own directory first, so a job can import its helper modules.
-    sys.path.insert(0, str(file.resolve().parent))
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        detail = "".join(traceback.format_exception(exc, limit=-3))
-        msg = f"job file {str(file)!r} cannot be imported: {type(exc).__name__}: {exc}\n{detail}"
-        raise JobFileError(msg) from exc
-    finally:
-        sys.path.remove(str(file.resolve().parent))
-    build = getattr(module, "build", None)
-    if build is None or not callable(build):
-        msg = f"job file {str(file)!r} defines no build(job) function"
-        raise JobFileError(msg)
-    return build  # type: ignore[no-any-return]
-
-
-def build_graph(
-    build: BuildFunction,
-    params: dict[str, str] | None = None,
-    parallelism: int = DEFAULT_PARALLELISM,
-    max_parallelism: int = DEFAULT_MAX_PARALLELISM,
-    name: str = "job",
-) -> JobGraph:
-    job = Job(params=params, parallelism=parallelism, max_parallelism=max_parallelism, name=name)
-    build(job)
-    return build_job_graph(job)
 
 
 async def run_job_async(
