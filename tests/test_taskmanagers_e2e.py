@@ -2,7 +2,8 @@
 subtasks run on N TaskManager processes, and what users rely on holds across them.
 
 - SIGKILL of the whole job (the JobManager) with 2 TaskManagers takes the TaskManagers with it, and
-  ``--restore latest`` on 1 or 3 TaskManagers commits the file ETL's output exactly once.
+  ``--restore latest`` on 1 (no TaskManager process) or 3 TaskManagers, at another parallelism,
+  commits the file ETL's output exactly once.
 - The Kafka ETL (4 partitions) on 2 TaskManagers, bounded, uninterrupted or with the JobManager
   killed once, commits exactly once through the two-phase file sink.
 - A stop with savepoint on 2 TaskManagers (``/stop`` or SIGTERM) resumes on 1 TaskManager at
@@ -29,6 +30,7 @@ from cli_helpers import (
     ROOT,
     RUN_TIMEOUT_S,
     file_etl_args,
+    get_json,
     kill_leftover_taskmanagers,
     kill_when,
     max_completed,
@@ -129,11 +131,31 @@ def test_sigkill_of_the_jobmanager_takes_its_taskmanagers_and_restore_latest_is_
     # Killed in the middle: part of the output is committed, not all of it.
     assert 0 < len(committed_records(out)) < total_expected()
 
-    restored = run_cli(
-        *file_etl_args(out, chk, "-p", str(parallelism), "--taskmanagers", str(taskmanagers))
-    )
-    assert restored.returncode == 0, restored.stderr
-    assert f"restoring checkpoint {killed_at} from " in restored.stderr, restored.stderr
+    # The restored run is throttled too, so that its placement can be seen while it runs.
+    (chk / "rest-address").unlink()  # the killed job's
+    restored_stderr = tmp_path / "restored.stderr"
+    extra = ("-p", str(parallelism), "--taskmanagers", str(taskmanagers))
+    proc = start_cli(restored_stderr, *file_etl_args(out, chk, *extra, rate=1000, rest=True))
+    try:
+        address = wait_for(
+            lambda: read_address(chk), "the rest-address file", proc, restored_stderr
+        )
+        if taskmanagers > 1:
+            deployed = deployed_taskmanagers(
+                address, taskmanagers, proc, restored_stderr, taskmanager_pids
+            )
+            assert_tasks_on(address, deployed)
+        else:
+            status = get_json(address, "/status")
+            assert status["taskmanagers"] == [], status
+            assert all(task["taskmanager"] is None for task in status["tasks"]), status
+        returncode = proc.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        stop_process(proc)
+    text = restored_stderr.read_text()
+    assert returncode == 0, text
+    assert f"restoring checkpoint {killed_at} from " in text, text
+    wait_until_gone(taskmanager_pids, "the TaskManagers of the ended job", timeout=NO_ORPHANS_S)
     assert_exact_output(out)
 
 
@@ -141,6 +163,8 @@ def test_sigkill_of_the_jobmanager_takes_its_taskmanagers_and_restore_latest_is_
 
 
 def kafka_sources_on_two_taskmanagers(address: str, deployed: list[dict[str, Any]]) -> None:
+    """The Kafka source's two subtasks (two partitions each) run on two TaskManagers, and every
+    task on one of ``deployed``."""
     sources = {
         task["name"]: task["taskmanager"]
         for task in status_tasks(address)
