@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from actors.protocol import (
@@ -58,6 +58,7 @@ from runtime.cluster.jobmanager import (
 )
 from runtime.cluster.jobspec import GraphFingerprint, JobSpec
 from runtime.cluster.messages import (
+    AttemptReleased,
     DeployAttempt,
     ReleaseAttempt,
     RestoreContextData,
@@ -82,6 +83,9 @@ LOSS_AFTER_CHANNEL_FAILURE_S = 1.0
 the other end (seen within a second), which is then the failure reported."""
 
 EXIT_AFTER_FENCE_S = 5.0
+
+RELEASE_TIMEOUT_S = 5.0
+"""How long a TaskManager may take to answer the release of an attempt."""
 
 _TASK_REPORTS = (TaskStateChanged, AcknowledgeCheckpoint, DeclineCheckpoint)
 
@@ -162,7 +166,10 @@ class ClusterDeployment(Deployment):
         self._listener: TaskListener | None = None
         self._failure: asyncio.Future[tuple[BaseException, bool]] | None = None
         """The attempt's first task failure, and whether a broken channel caused it."""
-        self._state_changed = asyncio.Event()
+        self._changed = asyncio.Event()
+        """Set by every task state change and release answer (for the waits of end_attempt)."""
+        self._released: set[str] = set()
+        """The TaskManagers that released the current attempt."""
         self._not_armed: set[str] = set()
         """TaskManagers the job started with that have not armed their crash points yet."""
 
@@ -234,6 +241,7 @@ class ClusterDeployment(Deployment):
         self._attempt = attempt.attempt
         self._listener = listener
         self.handles = {handle.task_id: handle for handle in handles}
+        self._released = set()
         self._failure = asyncio.get_running_loop().create_future()
         addresses = tuple(_address(handle) for handle in taskmanagers)
         restore_context = RestoreContextData.of(attempt.restore_context)
@@ -288,22 +296,34 @@ class ClusterDeployment(Deployment):
         for handle in running:
             handle.send(cancel)
         await self._wait_ended(running)
-        for taskmanager in pool.taskmanagers:
-            taskmanager.send(ReleaseAttempt(self._attempt))
+        releasing = [h for h in pool.taskmanagers if h.send(ReleaseAttempt(self._attempt))]
+        # Until each answered, a channel of the attempt may still be registered there (and fail
+        # noisily when another TaskManager exits).
+        await self._wait_for(
+            lambda: all(h.tm_id in self._released or not h.connected for h in releasing),
+            RELEASE_TIMEOUT_S,
+        )
 
-    async def _wait_ended(self, handles: list[RemoteTaskHandle]) -> None:
+    async def _wait_for(self, condition: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until ``condition`` holds, checked at every report; False after ``timeout_s``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.cancel_timeout_s
-        while True:
-            alive = [h for h in handles if not h.state.is_terminal and h.taskmanager.connected]
-            if not alive:
-                return
+        deadline = loop.time() + timeout_s
+        while not condition():
             remaining = deadline - loop.time()
             if remaining <= 0:
-                break
-            self._state_changed.clear()
+                return False
+            self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._state_changed.wait(), remaining)
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True
+
+    async def _wait_ended(self, handles: list[RemoteTaskHandle]) -> None:
+        def ended() -> bool:
+            return not any(not h.state.is_terminal and h.taskmanager.connected for h in handles)
+
+        if await self._wait_for(ended, self.cancel_timeout_s):
+            return
+        alive = [h for h in handles if not h.state.is_terminal and h.taskmanager.connected]
         stuck = {h.taskmanager.tm_id: h.taskmanager for h in alive}
         for taskmanager in stuck.values():
             names = ", ".join(h.name for h in alive if h.taskmanager is taskmanager)
@@ -321,6 +341,11 @@ class ClusterDeployment(Deployment):
     # ---------------------------------------------------------------- reports
 
     def _on_message(self, taskmanager: TaskManagerHandle, message: Any) -> None:
+        if type(message) is AttemptReleased:
+            if message.attempt == self._attempt:
+                self._released.add(taskmanager.tm_id)
+                self._changed.set()
+            return
         if type(message) is TaskMetrics:
             handle = self.handles.get(message.task)
             if handle is not None:
@@ -336,7 +361,7 @@ class ClusterDeployment(Deployment):
             return  # a task of an attempt that was released
         if type(message) is TaskStateChanged:
             handle.state = message.state
-            self._state_changed.set()
+            self._changed.set()
             if message.state is TaskState.FAILED:
                 self._task_failed(handle, message.failure)
         assert self._listener is not None

@@ -16,7 +16,7 @@ task messages of :mod:`actors.protocol` (:mod:`actors.wire` frames and encodes b
    :class:`~actors.protocol.CommandForTask`. TaskManager → JobManager: the tasks' reports
    (:mod:`actors.protocol`: state changes, checkpoint acknowledgements and declines, metrics).
    When every task of the attempt ended (cancelled if need be), JobManager → TaskManager:
-   :class:`ReleaseAttempt`.
+   :class:`ReleaseAttempt`, which the TaskManager answers with :class:`AttemptReleased`.
 6. At the end, JobManager → TaskManager: :class:`ShutdownTaskManager`, after which the
    TaskManager exits. A TaskManager also exits when the connection ends: it never outlives its
    JobManager.
@@ -225,5 +225,13 @@ class DeployAttempt:
 class ReleaseAttempt:
     """Every task of ``attempt`` ended: forget them and the channels of the attempt (frames of
     it that still arrive are dropped)."""
+
+    attempt: int
+
+
+@wire_message("cluster.attempt-released")
+@dataclass(frozen=True)
+class AttemptReleased:
+    """TaskManager → JobManager: it released ``attempt`` (:class:`ReleaseAttempt`)."""
 
     attempt: int

@@ -37,7 +37,12 @@ from actors.protocol import (
 )
 from actors.remote import ChannelId, DataPlane
 from actors.task import StreamTask
-from runtime.cluster.messages import DeployAttempt, ReleaseAttempt, TaskManagerAddress
+from runtime.cluster.messages import (
+    AttemptReleased,
+    DeployAttempt,
+    ReleaseAttempt,
+    TaskManagerAddress,
+)
 from runtime.config import ExecutionConfig
 from runtime.plan.execution import InputEndpoint, SubtaskEndpoints, build_subtask, subtask_name
 from runtime.plan.graph import JobEdge, JobGraph, JobVertex
@@ -257,6 +262,7 @@ class TaskManagerTasks:
 
     def release(self, message: ReleaseAttempt) -> None:
         self.plane.release(message.attempt)
+        self._send(AttemptReleased(message.attempt))
 
     # ---------------------------------------------------------------- metrics and the end
 
