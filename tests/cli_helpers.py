@@ -229,10 +229,7 @@ def file_etl_args(
     return [
         "run",
         str(ROOT / "examples" / "file_etl.py"),
-        "--set",
-        f"output={out}",
-        "--set",
-        f"rate={rate}",
+        *set_args(output=out, rate=rate),
         "--checkpoint-dir",
         str(chk),
         "--checkpoint-interval",

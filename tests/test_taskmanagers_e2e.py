@@ -41,8 +41,8 @@ from cli_helpers import (
     operator_records_in,
     operator_records_out,
     printed_address,
-    read_address,
     run_cli,
+    set_args,
     start_cli,
     status_tasks,
     stderr_contains,
@@ -83,27 +83,49 @@ def total_expected() -> int:
     return sum(len(rows) for rows in expected_output().values())
 
 
-def deployed_taskmanagers(
-    address: str, count: int, proc: subprocess.Popen[bytes], stderr: Path, pids: list[int]
-) -> list[dict[str, Any]]:
-    """Waits until ``count`` TaskManagers run subtasks, checks they are ``count`` processes
-    other than the job process, and adds their pids to ``pids``."""
+def on_taskmanagers(
+    proc: subprocess.Popen[bytes], stderr: Path, count: int, pids: list[int]
+) -> tuple[str, list[dict[str, Any]]]:
+    """The control endpoint of the job ``proc`` and its TaskManagers, once ``count`` of them run
+    subtasks: checks they are ``count`` processes other than the job process and that every task
+    runs on one of them, as their subtask lists say; adds their pids to ``pids``."""
+    address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
     taskmanagers = wait_for_taskmanagers(address, count, proc, stderr)
     found = [tm["pid"] for tm in taskmanagers]
     pids.extend(found)
     assert len(set(found)) == count, taskmanagers
     assert proc.pid not in found, taskmanagers
     assert len({tm["id"] for tm in taskmanagers}) == count, taskmanagers
-    return taskmanagers
-
-
-def assert_tasks_on(address: str, taskmanagers: list[dict[str, Any]]) -> None:
-    """Every task of ``/status`` runs on one of ``taskmanagers``, as their subtask lists say."""
-    ids = {tm["id"] for tm in taskmanagers}
+    by_id = {tm["id"]: tm for tm in taskmanagers}
     for task in status_tasks(address):
-        assert task["taskmanager"] in ids, task
-        owner = next(tm for tm in taskmanagers if tm["id"] == task["taskmanager"])
-        assert task["name"] in owner["subtasks"], (task, owner)
+        assert task["taskmanager"] in by_id, task
+        assert task["name"] in by_id[task["taskmanager"]]["subtasks"], (task, taskmanagers)
+    return address, taskmanagers
+
+
+def kill_jobmanager_mid_run(
+    proc: subprocess.Popen[bytes],
+    stderr: Path,
+    chk: Path,
+    out: Path,
+    pids: list[int],
+    checkpoints: int,
+) -> int:
+    """SIGKILLs the job ``proc`` once ``checkpoints`` checkpoints completed and output was
+    committed, checks that its TaskManagers (``pids``) exit within :data:`NO_ORPHANS_S` and that
+    only part of the output is committed; returns the latest completed checkpoint's id."""
+    kill_when(
+        lambda: max_completed(chk) >= checkpoints and committed_records(out),
+        f"{checkpoints} completed checkpoints and committed output",
+        proc,
+        stderr,
+    )
+    assert proc.returncode == -signal.SIGKILL, stderr.read_text()
+    # No orphans: the TaskManagers notice their JobManager is gone and exit.
+    wait_until_gone(pids, "the TaskManagers of the killed job", timeout=NO_ORPHANS_S)
+    # Killed in the middle: part of the output is committed, not all of it.
+    assert 0 < len(committed_records(out)) < total_expected()
+    return max_completed(chk)
 
 
 # --------------------------------------------------------------------------- JobManager killed
@@ -120,40 +142,25 @@ def test_sigkill_of_the_jobmanager_takes_its_taskmanagers_and_restore_latest_is_
         *file_etl_args(out, chk, "-p", "2", "--taskmanagers", "2", rate=1000, rest=True),
     )
     try:
-        address = wait_for(lambda: read_address(chk), "the rest-address file", proc, stderr)
-        deployed = deployed_taskmanagers(address, 2, proc, stderr, taskmanager_pids)
-        assert_tasks_on(address, deployed)
-        kill_when(
-            lambda: max_completed(chk) >= 2 and committed_records(out),
-            "two completed checkpoints and committed output",
-            proc,
-            stderr,
-        )
+        on_taskmanagers(proc, stderr, 2, taskmanager_pids)
+        killed_at = kill_jobmanager_mid_run(proc, stderr, chk, out, taskmanager_pids, 2)
     finally:
         stop_process(proc)
-    assert proc.returncode == -signal.SIGKILL, stderr.read_text()
-    killed_at = max_completed(chk)
-
-    # No orphans: the TaskManagers notice their JobManager is gone and exit.
-    wait_until_gone(taskmanager_pids, "the TaskManagers of the killed job", timeout=NO_ORPHANS_S)
-    # Killed in the middle: part of the output is committed, not all of it.
-    assert 0 < len(committed_records(out)) < total_expected()
 
     # The restored run is throttled too, so that its placement can be seen while it runs.
-    (chk / "rest-address").unlink()  # the killed job's
     restored_stderr = tmp_path / "restored.stderr"
     extra = ("-p", str(parallelism), "--taskmanagers", str(taskmanagers))
     proc = start_cli(restored_stderr, *file_etl_args(out, chk, *extra, rate=1000, rest=True))
     try:
-        address = wait_for(
-            lambda: read_address(chk), "the rest-address file", proc, restored_stderr
-        )
         if taskmanagers > 1:
-            deployed = deployed_taskmanagers(
-                address, taskmanagers, proc, restored_stderr, taskmanager_pids
-            )
-            assert_tasks_on(address, deployed)
+            on_taskmanagers(proc, restored_stderr, taskmanagers, taskmanager_pids)
         else:
+            address = wait_for(
+                lambda: printed_address(restored_stderr),
+                "the control endpoint",
+                proc,
+                restored_stderr,
+            )
             status = get_json(address, "/status")
             assert status["taskmanagers"] == [], status
             assert all(task["taskmanager"] is None for task in status["tasks"]), status
@@ -187,8 +194,7 @@ def test_a_taskmanager_lost_while_the_failed_attempt_is_cancelled_ends_the_attem
         *file_etl_args(out, chk, "-p", "2", "--taskmanagers", "2", *restarts, rate=1000, rest=True),
     )
     try:
-        address = wait_for(lambda: read_address(chk), "the rest-address file", proc, stderr)
-        first, second = deployed_taskmanagers(address, 2, proc, stderr, taskmanager_pids)
+        _, (first, second) = on_taskmanagers(proc, stderr, 2, taskmanager_pids)
         wait_for(lambda: max_completed(chk) >= 1, "a completed checkpoint", proc, stderr)
         # The second cannot answer the cancel of its tasks that follows the first one's loss, so
         # the job master waits for them; then the second dies too.
@@ -254,9 +260,8 @@ def test_a_taskmanager_lost_without_restarts_fails_the_job_in_one_clear_line(
 # --------------------------------------------------------------------------- Kafka ETL
 
 
-def kafka_sources_on_two_taskmanagers(address: str, deployed: list[dict[str, Any]]) -> None:
-    """The Kafka source's two subtasks (two partitions each) run on two TaskManagers, and every
-    task on one of ``deployed``."""
+def kafka_sources_on_two_taskmanagers(address: str) -> None:
+    """The Kafka source's two subtasks (two partitions each) run on two TaskManagers."""
     sources = {
         task["name"]: task["taskmanager"]
         for task in status_tasks(address)
@@ -264,7 +269,22 @@ def kafka_sources_on_two_taskmanagers(address: str, deployed: list[dict[str, Any
     }
     assert len(sources) == 2, sources
     assert len(set(sources.values())) == 2, f"the source subtasks share a TaskManager: {sources}"
-    assert_tasks_on(address, deployed)
+
+
+def kafka_etl_on_two_taskmanagers(
+    bootstrap: str, topic: str, out: Path, chk: Path, *extra: str, rest: bool = False
+) -> list[str]:
+    """:func:`kafka_etl_args` of the bounded ETL from ``topic`` into the two-phase file sink in
+    ``out``, at parallelism 2 on 2 TaskManagers, checkpoints every 100ms in ``chk``."""
+    return kafka_etl_args(
+        bootstrap,
+        topic,
+        chk,
+        *set_args(output=out),
+        *("-p", "2", "--taskmanagers", "2", "--checkpoint-interval", "100ms"),
+        *extra,
+        rest=rest,
+    )
 
 
 @pytest.mark.slow
@@ -274,27 +294,13 @@ def test_kafka_etl_of_four_partitions_on_two_taskmanagers_commits_exactly_once(
     topic = unique_name("tm-etl-in")
     load_sample_events(kafka_bootstrap, topic, partitions=4)
     out, chk, stderr = tmp_path / "out", tmp_path / "chk", tmp_path / "job.stderr"
-    args = kafka_etl_args(
-        kafka_bootstrap,
-        topic,
-        chk,
-        "--set",
-        f"output={out}",
-        "--set",
-        "rate=500",
-        "-p",
-        "2",
-        "--taskmanagers",
-        "2",
-        "--checkpoint-interval",
-        "100ms",
-        rest=True,
+    args = kafka_etl_on_two_taskmanagers(
+        kafka_bootstrap, topic, out, chk, *set_args(rate=500), rest=True
     )
     proc = start_cli(stderr, *args)
     try:
-        address = wait_for(lambda: read_address(chk), "the rest-address file", proc, stderr)
-        deployed = deployed_taskmanagers(address, 2, proc, stderr, taskmanager_pids)
-        kafka_sources_on_two_taskmanagers(address, deployed)
+        address, _ = on_taskmanagers(proc, stderr, 2, taskmanager_pids)
+        kafka_sources_on_two_taskmanagers(address)
         returncode = proc.wait(timeout=RUN_TIMEOUT_S)
     finally:
         stop_process(proc)
@@ -314,39 +320,15 @@ def test_kafka_etl_on_two_taskmanagers_killed_then_restored_commits_exactly_once
     out, chk, stderr = tmp_path / "out", tmp_path / "chk", tmp_path / "job.stderr"
 
     def etl(*extra: str, rest: bool = False) -> list[str]:
-        return kafka_etl_args(
-            kafka_bootstrap,
-            topic,
-            chk,
-            "--set",
-            f"output={out}",
-            "-p",
-            "2",
-            "--taskmanagers",
-            "2",
-            "--checkpoint-interval",
-            "100ms",
-            *extra,
-            rest=rest,
-        )
+        return kafka_etl_on_two_taskmanagers(kafka_bootstrap, topic, out, chk, *extra, rest=rest)
 
-    proc = start_cli(stderr, *etl("--set", "rate=300", rest=True))
+    proc = start_cli(stderr, *etl(*set_args(rate=300), rest=True))
     try:
-        address = wait_for(lambda: read_address(chk), "the rest-address file", proc, stderr)
-        deployed = deployed_taskmanagers(address, 2, proc, stderr, taskmanager_pids)
-        kafka_sources_on_two_taskmanagers(address, deployed)
-        kill_when(
-            lambda: max_completed(chk) >= 3 and committed_records(out),
-            "three completed checkpoints and committed output",
-            proc,
-            stderr,
-        )
+        address, _ = on_taskmanagers(proc, stderr, 2, taskmanager_pids)
+        kafka_sources_on_two_taskmanagers(address)
+        killed_at = kill_jobmanager_mid_run(proc, stderr, chk, out, taskmanager_pids, 3)
     finally:
         stop_process(proc)
-    assert proc.returncode == -signal.SIGKILL, stderr.read_text()
-    killed_at = max_completed(chk)
-    wait_until_gone(taskmanager_pids, "the TaskManagers of the killed job", timeout=NO_ORPHANS_S)
-    assert 0 < len(committed_records(out)) < total_expected()
 
     restored = run_cli(*etl())
     assert restored.returncode == 0, restored.stderr
@@ -368,8 +350,7 @@ def test_stop_with_savepoint_on_two_taskmanagers_resumes_on_one_at_another_paral
         *file_etl_args(out, chk, "-p", "2", "--taskmanagers", "2", rate=1000, rest=True),
     )
     try:
-        address = wait_for(lambda: read_address(chk), "the rest-address file", proc, stderr)
-        deployed_taskmanagers(address, 2, proc, stderr, taskmanager_pids)
+        address, _ = on_taskmanagers(proc, stderr, 2, taskmanager_pids)
         wait_for(
             lambda: operator_records_in(address, "running-totals") >= 200, "progress", proc, stderr
         )
@@ -445,9 +426,7 @@ def test_a_sink_held_in_another_taskmanager_holds_its_source_back_within_the_cre
         "0",
     )
     try:
-        address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
-        deployed = deployed_taskmanagers(address, 2, proc, stderr, taskmanager_pids)
-        assert_tasks_on(address, deployed)
+        address, deployed = on_taskmanagers(proc, stderr, 2, taskmanager_pids)
         placement = {task["name"]: task["taskmanager"] for task in status_tasks(address)}
         source_tm = placement["numbers (1/1)"]
         sinks = {name: tm for name, tm in placement.items() if name.startswith("held ")}
