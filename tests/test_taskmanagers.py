@@ -319,6 +319,35 @@ def test_a_taskmanager_killed_mid_run_is_replaced_and_the_output_is_exactly_once
 
 
 @pytest.mark.slow
+def test_a_taskmanager_lost_without_a_restart_fails_the_job_in_one_line(tmp_path: Path) -> None:
+    job = write_job(tmp_path, "pids.py", PIDS_JOB)
+    stderr = tmp_path / "stderr.txt"
+    proc = start_cli(
+        stderr,
+        *("run", str(job), "--parallelism", "2", "--taskmanagers", "2"),
+        *("--set", f"output={tmp_path / 'pids.jsonl'}", "--restart-strategy", "none"),
+        *("--rest-port", "0", "--no-progress"),
+    )
+    try:
+        address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
+        status = wait_for(lambda: running_status(address, 2), "every task to run", proc, stderr)
+        victim = status["taskmanagers"][1]
+        os.kill(victim["pid"], signal.SIGKILL)
+        assert proc.wait(timeout=30) == 1, stderr.read_text()
+    finally:
+        stop_process(proc)
+    err = stderr.read_text()
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert line.startswith(
+        f"error: job failed: TaskManagerLostError: TaskManager {victim['id']} "
+        f"(pid {victim['pid']}) lost: "
+    ), line
+    assert "killed by SIGKILL" in line
+    wait_until_gone([tm["pid"] for tm in status["taskmanagers"]], "the TaskManagers to exit")
+
+
+@pytest.mark.slow
 def test_a_crash_point_that_ends_a_taskmanager_recovers_and_is_not_armed_in_its_replacement(
     tmp_path: Path,
 ) -> None:
