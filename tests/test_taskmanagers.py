@@ -545,3 +545,31 @@ def test_splits_discovered_while_running_reach_readers_in_taskmanagers(tmp_path:
         (inputs / "b.json").write_bytes(orjson.dumps(list(range(5, 12))))
         wait_for(lambda: operator_records_in(address, "forward") == 12, "b.json", proc, stderr)
         assert len({t["taskmanager"] for t in running.status["tasks"]}) == 2
+
+
+PROCESS_DEPENDENT_JOB = """
+import sys
+
+from connectors import CollectionSource
+from runtime import Job
+
+
+def build(job: Job) -> None:
+    numbers = job.from_source(CollectionSource(list(range(10))))
+    if "taskmanager" in sys.argv:
+        numbers = numbers.filter(lambda x: x % 2 == 0, name="only in TaskManagers")
+    numbers.print()
+"""
+
+
+@pytest.mark.slow
+def test_a_job_file_that_builds_another_graph_in_a_taskmanager_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    job = write_job(tmp_path, "depends.py", PROCESS_DEPENDENT_JOB)
+    proc = run_cli("run", str(job), "--taskmanagers", "2", *QUIET)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "built another job graph" in line
+    assert "only in TaskManagers" in line
