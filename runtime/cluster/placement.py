@@ -208,3 +208,16 @@ def _same_runtime_environment() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
+
+
+PLACEMENTS = ("local",)
+"""The kinds of :func:`make_placement`."""
+
+
+def make_placement(kind: str, slots: int) -> TaskManagerPlacement:
+    """The placement ``kind`` names, for TaskManagers of ``slots`` slots each: ``local`` starts
+    them as child processes of this one."""
+    if kind == "local":
+        return LocalProcessPlacement(slots)
+    msg = f"unknown TaskManager placement {kind!r}; known: {', '.join(PLACEMENTS)}"
+    raise ValueError(msg)
