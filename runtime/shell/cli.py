@@ -25,7 +25,7 @@ from actors.protocol import RemoteFailureCause
 from runtime.api.durations import format_duration, parse_duration
 from runtime.api.streams import JobDefinitionError
 from runtime.cluster.deployment import taskmanager_deployment
-from runtime.cluster.jobmanager import TaskManagerStartError
+from runtime.cluster.jobmanager import TaskManagerLostError, TaskManagerStartError
 from runtime.config import (
     DEFAULT_MAX_PARALLELISM,
     DEFAULT_PARALLELISM,
@@ -827,6 +827,10 @@ def _checkpoints(args: Any) -> int:
 
 def _report_failure(exc: JobFailedError) -> None:
     cause = exc.cause
+    if isinstance(cause, TaskManagerLostError):
+        # Infrastructure, not code: the line says which TaskManager and how it ended.
+        _error(f"job failed: {exc}")
+        return
     user_exc = cause.cause if isinstance(cause, UserFunctionError) else cause.__cause__ or cause
     if isinstance(user_exc, RemoteFailureCause):
         # Raised in a TaskManager: its traceback there, as it would print here.
