@@ -193,18 +193,33 @@ def operator_records_out(address: str, uid: str) -> int:
     return sum(op["records_out"] for op in status["operators"] if op["uid"] == uid)
 
 
-def wait_for_taskmanagers(
-    address: str, count: int, proc: subprocess.Popen[bytes], stderr: Path
-) -> list[dict[str, Any]]:
-    """The ``taskmanagers`` entries of ``/status`` once ``count`` TaskManagers run subtasks of
-    the job at ``address`` (id, pid, host, slots, state, subtasks)."""
+def job_on_taskmanagers(
+    proc: subprocess.Popen[bytes], stderr: Path, count: int, pids: list[int] | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """The control endpoint of the job ``proc`` (from its start-up line) and the ``taskmanagers``
+    entries of its ``/status`` (id, pid, host, slots, state, subtasks), once ``count``
+    TaskManagers run subtasks. Checks that they are ``count`` processes other than the job's and
+    that every task runs on one of them, as their subtask lists say; adds their pids to ``pids``
+    (for a clean-up with :func:`kill_leftover_taskmanagers`)."""
+    address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
 
     def all_deployed() -> list[dict[str, Any]] | None:
         taskmanagers: list[dict[str, Any]] = get_json(address, "/status")["taskmanagers"]
         ready = len(taskmanagers) == count and all(tm["subtasks"] for tm in taskmanagers)
         return taskmanagers if ready else None
 
-    return wait_for(all_deployed, f"{count} TaskManagers running subtasks", proc, stderr)
+    taskmanagers = wait_for(all_deployed, f"{count} TaskManagers running subtasks", proc, stderr)
+    found = [tm["pid"] for tm in taskmanagers]
+    if pids is not None:
+        pids.extend(found)
+    assert len(set(found)) == count, taskmanagers
+    assert proc.pid not in found, taskmanagers
+    by_id = {tm["id"]: tm for tm in taskmanagers}
+    assert len(by_id) == count, taskmanagers
+    for name, tm_id in task_placement(address).items():
+        assert tm_id in by_id, (name, tm_id, taskmanagers)
+        assert name in by_id[tm_id]["subtasks"], (name, taskmanagers)
+    return address, taskmanagers
 
 
 def status_tasks(address: str) -> list[dict[str, Any]]:
