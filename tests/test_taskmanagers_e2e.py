@@ -158,12 +158,6 @@ def test_sigkill_of_the_jobmanager_takes_its_taskmanagers_and_restore_latest_is_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue9-deploy (8489f50, in main): ClusterDeployment._wait_ended waits for task state "
-    "changes only; the loss of the TaskManager it waits for does not wake it, so the attempt fails "
-    "only after CANCEL_TIMEOUT_S (10s)",
-)
 def test_a_taskmanager_lost_while_the_failed_attempt_is_cancelled_ends_the_attempt_at_once(
     tmp_path: Path, taskmanager_pids: list[int]
 ) -> None:
