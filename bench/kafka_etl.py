@@ -41,6 +41,7 @@ import pstats
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,10 +260,18 @@ def run_hand(bootstrap: str, output: str, ends: dict[TopicPartition, int]) -> tu
 # ----------------------------------------------------------------------------- verification
 
 
-async def read_output(
-    bootstrap: str, topic: str, isolation_level: str
-) -> tuple[int, dict[str, tuple[int, float]]]:
-    """Records in ``topic`` and, per user, the highest n with its total."""
+@dataclass
+class Output:
+    """What an output topic holds: its records, per user the highest n with its total, and the
+    span of the records' timestamps (when the sink wrote its first and last record)."""
+
+    count: int
+    last: dict[str, tuple[int, float]]
+    first_timestamp_ms: int
+    last_timestamp_ms: int
+
+
+async def read_output(bootstrap: str, topic: str, isolation_level: str) -> Output:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -274,6 +283,7 @@ async def read_output(
     await consumer.start()
     count = 0
     last: dict[str, tuple[int, float]] = {}
+    first_ms, last_ms = 1 << 62, 0
     try:
         consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
         idle = 0
@@ -285,6 +295,8 @@ async def read_output(
             idle = 0
             for records in batches.values():
                 count += len(records)
+                first_ms = min(first_ms, records[0].timestamp)
+                last_ms = max(last_ms, records[-1].timestamp)
                 for record in records:
                     row = orjson.loads(record.value)
                     seen = last.get(row["user"])
@@ -292,7 +304,7 @@ async def read_output(
                         last[row["user"]] = (row["n"], row["total"])
     finally:
         await consumer.stop()
-    return count, last
+    return Output(count, last, first_ms, last_ms)
 
 
 async def stuck_partitions(bootstrap: str, topic: str) -> list[int]:
@@ -315,11 +327,12 @@ def verify(
     purchases: int,
     expected: dict[str, tuple[int, float]],
 ) -> str:
-    count, last = run_coroutine(read_output(bootstrap, topic, isolation_level))
+    output = run_coroutine(read_output(bootstrap, topic, isolation_level))
+    count, last = output.count, output.last
     if isolation_level == "read_committed" and count != purchases:
         # Tell a runtime loss from a broker that holds back committed transactions: with no
         # failure there is nothing aborted, so read_uncommitted must see exactly the output.
-        written, _ = run_coroutine(read_output(bootstrap, topic, "read_uncommitted"))
+        written = run_coroutine(read_output(bootstrap, topic, "read_uncommitted")).count
         stuck = run_coroutine(stuck_partitions(bootstrap, topic))
         if written == purchases and stuck:
             return (
