@@ -201,10 +201,13 @@ class LocalProcessPlacement(TaskManagerPlacement):
 
 
 def _same_runtime_environment() -> dict[str, str]:
-    """This process's environment, with this checkout of the runtime first on the import path:
-    a TaskManager must run the JobManager's code (its messages and its graph building), whatever
-    the directory or the installed copy."""
-    env = dict(os.environ)
+    """This process's environment, with :func:`runtime_import_path`."""
+    return {**os.environ, "PYTHONPATH": runtime_import_path()}
+
+
+def runtime_import_path() -> str:
+    """A ``PYTHONPATH`` with this checkout of the runtime first: a TaskManager must run the
+    JobManager's code (its messages and its graph building), whatever the directory or the
+    installed copy."""
     root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
