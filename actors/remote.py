@@ -568,11 +568,20 @@ class DataPlane:
         """Add to ``gate`` (of a local receiving task) the input channel whose sender runs in the
         process whose plane is at ``peer_host:peer_port``; like ``gate.add_channel``, in the
         gate's channel order. ``description`` names the sender (its subpartition's name)."""
+        sender = self.remote_sender(channel_id, peer_host, peer_port, description)
+        return gate.add_channel(sender, exclusive_credits, input_index, description)
+
+    def remote_sender(
+        self, channel_id: ChannelId, peer_host: str, peer_port: int, description: str = ""
+    ) -> RemoteSender:
+        """The sender of an input channel whose sender runs in the process whose plane is at
+        ``peer_host:peer_port``, for a gate that is built later: add it to the gate with
+        ``gate.add_channel`` (in the gate's channel order) before the receiving task starts.
+        :meth:`incoming` does both at once."""
         peer = self._peer(channel_id, peer_host, peer_port)
         sender = RemoteSender(peer, channel_id, description or f"subtask {channel_id.sender}")
-        channel = gate.add_channel(sender, exclusive_credits, input_index, description)
         peer.incoming[channel_id] = sender
-        return channel
+        return sender
 
     def release(self, attempt: int) -> None:
         """Forget the channels of ``attempt`` (its tasks are gone): their frames are dropped."""

@@ -215,20 +215,29 @@ class StreamTask:
             await self._broadcast(END_OF_PARTITION)
             self.mailbox.close()
             self._set_state(TaskState.FINISHED)
+        # The last state is reported even when a cancel cuts the closing short (the attempt is
+        # cancelled while this task closes after its failure): a task in another process is
+        # known to have ended only by that report.
         except asyncio.CancelledError:
-            await self._close_after_error()
-            self._set_state(TaskState.CANCELED)
+            try:
+                await self._close_after_error()
+            finally:
+                self._set_state(TaskState.CANCELED)
             raise
         except UserFunctionError as exc:
-            await self._close_after_error()
-            self._set_state(TaskState.FAILED, failure_info(exc, self.name))
+            try:
+                await self._close_after_error()
+            finally:
+                self._set_state(TaskState.FAILED, failure_info(exc, self.name))
             raise
         except Exception as exc:
-            await self._close_after_error()
             msg = f"task {self.name} failed: {type(exc).__name__}: {exc}"
             failure = TaskFailure(msg, self.name)
             failure.__cause__ = exc
-            self._set_state(TaskState.FAILED, failure_info(failure))
+            try:
+                await self._close_after_error()
+            finally:
+                self._set_state(TaskState.FAILED, failure_info(failure))
             raise failure from exc
 
     async def _initialize(self) -> None:

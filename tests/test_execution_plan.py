@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from loop_helpers import wait_until
 
+from actors.faults import InjectedCrash
 from actors.operator import RestoreContext, UserFunctionError
 from actors.protocol import (
     AcknowledgeCheckpoint,
@@ -25,6 +26,8 @@ from actors.protocol import (
 from actors.task import StreamTask
 from actors.wire import decode_message, encode_message
 from connectors import CollectionSource, CollectSink, GeneratorSource
+from runtime.api.functions import RuntimeContext
+from runtime.api.sinks import Sink, SinkWriter
 from runtime.config import ExecutionConfig
 from runtime.master.jobmaster import describe_failure
 from runtime.plan.execution import LocalChannels, build_subtask, upstream_task_ids
@@ -167,3 +170,58 @@ async def test_a_failed_task_reports_a_failure_the_master_can_rebuild() -> None:
     assert isinstance(rebuilt, UserFunctionError)
     assert describe_failure(rebuilt) == describe_failure(raised.value)
     assert "three is not allowed" in describe_failure(rebuilt)
+
+
+class _CloseOnSignal(Sink):
+    """A sink whose ``close()`` waits until the test lets it end (a sink flushing a while)."""
+
+    def __init__(self) -> None:
+        self.closing = asyncio.Event()
+        self.may_close = asyncio.Event()
+
+    def create_writer(self, context: RuntimeContext) -> SinkWriter:
+        sink = self
+
+        class Writer(SinkWriter):
+            async def write(self, values: list[Any]) -> None:
+                pass
+
+            async def close(self) -> None:
+                sink.closing.set()
+                await sink.may_close.wait()
+
+        return Writer()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("cause", ["user function", "task failure"])
+async def test_a_task_cancelled_while_it_closes_after_a_failure_still_reports_it_failed(
+    cause: str,
+) -> None:
+    # A TaskManager tells its JobManager that a task ended only through its last state report:
+    # the cancel of the attempt, arriving while the failed task still closes, must not lose it.
+    def fail_on_three(x: int) -> int:
+        if x == 3:
+            if cause == "user function":
+                raise ValueError("three is not allowed")
+            raise InjectedCrash("injected crash at three")
+        return x
+
+    sink = _CloseOnSignal()
+
+    def build(job: Any) -> None:
+        job.from_source(CollectionSource(range(5))).map(fail_on_three, name="check").sink_to(sink)
+
+    listener = WireListener()
+    [task] = await deploy(build_graph(build, parallelism=1), listener)
+    runner = asyncio.create_task(task.run())
+    await asyncio.wait_for(sink.closing.wait(), WAIT_S)
+    assert task.handle_command(CancelTask("the attempt ended"))
+    sink.may_close.set()
+    with pytest.raises(BaseException):  # noqa: B017, PT011 (whichever: failure or cancel)
+        await asyncio.wait_for(runner, WAIT_S)
+    states = listener.states(task.task_id)
+    assert states[-1] is TaskState.FAILED, states
+    [failed] = [r for r in listener.reports if isinstance(r, TaskStateChanged) and r.failure]
+    assert failed.failure is not None
+    assert "three" in failed.failure.message

@@ -275,6 +275,12 @@ class TaskManagerPool:
         assert handle.loss is not None
         raise TaskManagerLostError(self._with_exit(handle, handle.loss))
 
+    def fence(self, handle: TaskManagerHandle) -> None:
+        """Kill a TaskManager that does not do as told (its tasks did not end when cancelled), so
+        that it cannot go on with work that was given up; it is then lost (:meth:`watch`), and
+        :meth:`replace_lost` replaces it."""
+        self._kill(handle, fence=True)
+
     async def shutdown(
         self, reason: str = "the job ended", timeout_s: float = DEFAULT_STOP_TIMEOUT_S
     ) -> None:

@@ -211,3 +211,16 @@ def runtime_import_path() -> str:
     installed copy."""
     root = str(Path(__file__).resolve().parents[2])
     return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
+PLACEMENTS = ("local",)
+"""The kinds of :func:`make_placement`."""
+
+
+def make_placement(kind: str, slots: int) -> TaskManagerPlacement:
+    """The placement ``kind`` names, for TaskManagers of ``slots`` slots each: ``local`` starts
+    them as child processes of this one."""
+    if kind == "local":
+        return LocalProcessPlacement(slots)
+    msg = f"unknown TaskManager placement {kind!r}; known: {', '.join(PLACEMENTS)}"
+    raise ValueError(msg)

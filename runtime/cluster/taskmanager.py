@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import queue
@@ -26,19 +27,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from actors.protocol import CommandForTask
+from actors.remote import DataPlane
 from actors.wire import WireFormatError, decode_message, encode_message, frame, read_frame_blocking
 from runtime.api.streams import JobDefinitionError
 from runtime.cluster.jobspec import GraphFingerprint, JobSpec
 from runtime.cluster.messages import (
     CheckpointDirectoryUnwritable,
+    DeployAttempt,
     Heartbeat,
     JobGraphFailed,
     JobGraphReady,
     RegisterTaskManager,
     RegistrationRefused,
+    ReleaseAttempt,
     ShutdownTaskManager,
     TaskManagerRegistered,
 )
+from runtime.cluster.tasks import TaskManagerTasks
 from runtime.plan.graph import JobGraph
 from runtime.plan.jobfile import JobFileError
 
@@ -253,7 +259,8 @@ class _Watchdog:
 
 class TaskManager:
     """The control side of one TaskManager: it registers, builds the job graph the JobManager
-    names, and serves the JobManager's commands until it is shut down or loses the JobManager.
+    names, and serves the JobManager's deployments and commands (:mod:`runtime.cluster.tasks`)
+    until it is shut down or loses the JobManager; then the tasks still running are cancelled.
 
     Handlers run on the event loop, one message at a time, in the order the JobManager sent them.
     """
@@ -265,15 +272,34 @@ class TaskManager:
         self.link = link
         self.job: JobSpec | None = None
         self.graph: JobGraph | None = None
-        self._handlers: dict[type, Callable[[Any], TaskManagerExit | None]] = {
+        self.plane = DataPlane(link.local_host)
+        """Channels to the subtasks of the other TaskManagers, at the address the JobManager
+        reaches this one from (loopback for local TaskManagers)."""
+        self.tasks: TaskManagerTasks | None = None
+        self._handlers: dict[type, Callable[[Any], Any]] = {
             TaskManagerRegistered: self._on_registered,
             RegistrationRefused: self._on_refused,
             ShutdownTaskManager: self._on_shutdown,
+            DeployAttempt: self._on_deploy,
+            CommandForTask: self._on_command,
+            ReleaseAttempt: self._on_release,
         }
 
     async def run(self) -> TaskManagerExit:
+        await self.plane.start()
+        try:
+            return await self._serve()
+        finally:
+            if self.tasks is not None:
+                await self.tasks.close()
+            else:
+                await self.plane.close()
+
+    async def _serve(self) -> TaskManagerExit:
         self.link.send(
-            RegisterTaskManager(self.tm_id, os.getpid(), self.link.local_host, None, self.slots)
+            RegisterTaskManager(
+                self.tm_id, os.getpid(), self.link.local_host, self.plane.port, self.slots
+            )
         )
         while True:
             try:
@@ -289,8 +315,10 @@ class TaskManager:
                     f"got a {type(message).__name__} it cannot handle from the JobManager",
                 )
             outcome = handler(message)
+            if inspect.isawaitable(outcome):
+                outcome = await outcome
             if outcome is not None:
-                return outcome
+                return outcome  # type: ignore[no-any-return]
 
     def _on_registered(self, message: TaskManagerRegistered) -> None:
         self.link.start_heartbeats(Heartbeat(self.tm_id), message.heartbeat_interval_s)
@@ -312,7 +340,25 @@ class TaskManager:
                 )
             self.link.send(JobGraphFailed(reason))
             return
+        self.tasks = TaskManagerTasks(
+            self.tm_id, self.graph, message.job.config.to_config(), self.plane, self.link.send
+        )
         self.link.send(JobGraphReady(GraphFingerprint.of(self.graph)))
+
+    def _deployed_tasks(self, message: Any) -> TaskManagerTasks:
+        if self.tasks is None:
+            msg = f"got a {type(message).__name__} before the job graph was built"
+            raise RuntimeError(msg)
+        return self.tasks
+
+    async def _on_deploy(self, message: DeployAttempt) -> None:
+        await self._deployed_tasks(message).deploy(message)
+
+    def _on_command(self, message: CommandForTask) -> None:
+        self._deployed_tasks(message).command(message)
+
+    def _on_release(self, message: ReleaseAttempt) -> None:
+        self._deployed_tasks(message).release(message)
 
     def _on_refused(self, message: RegistrationRefused) -> TaskManagerExit:
         return TaskManagerExit(

@@ -5,7 +5,9 @@ The :class:`JobMaster` turns the :class:`~runtime.plan.graph.JobGraph` into task
 together with the checkpoint coordinator, and on a task failure cancels the attempt (``close()``
 runs, ``finish()`` does not), asks the restart strategy, and restarts from the latest completed
 checkpoint. Tasks report to it in :mod:`actors.protocol` messages; it and the coordinator reach
-them through :class:`LocalTaskHandle`.
+them through :class:`LocalTaskHandle`. Where the subtasks run is a :class:`~runtime.master.deployment.Deployment`:
+:class:`LocalDeployment` (this process) unless the job master is given another (TaskManager
+processes, ``runtime.cluster.deployment``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,11 @@ from actors.protocol import (
     TaskState,
     TaskStateChanged,
 )
-from actors.task import StreamTask
+from actors.task import StreamTask, TaskListener
 from runtime.api.sources import SPLITS_STATE
 from runtime.config import ExecutionConfig
 from runtime.master.coordinator import CheckpointCoordinator, CheckpointedOperator, TaskHandle
+from runtime.master.deployment import AttemptDeployment, Deployment
 from runtime.plan.execution import LocalChannels, build_subtask, upstream_task_ids
 from runtime.plan.graph import JobGraph, JobVertex
 from runtime.plan.restore import assign_restored_state
@@ -97,6 +100,59 @@ class LocalTaskHandle:
         return f"<LocalTaskHandle {self.name} {self.state.value}>"
 
 
+class LocalDeployment(Deployment):
+    """Every subtask of an attempt as a :class:`StreamTask` on this process's event loop, with
+    channels that hand Python objects over."""
+
+    def __init__(self, graph: JobGraph, config: ExecutionConfig) -> None:
+        self.graph = graph
+        self.config = config
+        self.tasks: list[StreamTask] = []
+
+    async def start(self) -> None:
+        pass  # the tasks run in this process: nothing to start
+
+    async def deploy(
+        self, attempt: AttemptDeployment, listener: TaskListener
+    ) -> list[LocalTaskHandle]:
+        graph = self.graph
+        channels = LocalChannels(graph)
+        handles: list[LocalTaskHandle] = []
+        for vertex in graph.vertices:
+            for index in range(vertex.parallelism):
+                restored, finished = attempt.restored.get((vertex.id, index), ({}, False))
+                task = build_subtask(
+                    graph,
+                    vertex,
+                    index,
+                    channels.endpoints(vertex, index),
+                    splits=attempt.splits,
+                    restored=restored,
+                    restored_finished=finished,
+                    restore_context=attempt.restore_context,
+                    attempt=attempt.attempt,
+                    config=self.config,
+                    listener=listener,
+                )
+                upstream = upstream_task_ids(graph, vertex, index, attempt.attempt)
+                handles.append(LocalTaskHandle(task, upstream))
+        self.tasks = [handle.task for handle in handles]
+        return handles
+
+    def run(self, group: asyncio.TaskGroup) -> list[asyncio.Task[Any]]:
+        # The tasks end by themselves; one that fails makes the group cancel the others.
+        for task in self.tasks:
+            group.create_task(task.run(), name=task.name)
+        return []
+
+    async def end_attempt(self) -> None:
+        # The attempt's task group ended: every task ended with it (cancelled ones closed).
+        self.tasks = []
+
+    async def close(self) -> None:
+        pass
+
+
 def checkpointed_operators(graph: JobGraph) -> dict[str, CheckpointedOperator]:
     """What every checkpoint of ``graph`` records of each operator, by uid."""
     return {
@@ -123,9 +179,12 @@ class JobMaster:
         storage: Any = None,
         restored: CompletedCheckpoint | None = None,
         coordinator: CheckpointCoordinator | None = None,
+        deployment: Deployment | None = None,
     ) -> None:
         self.graph = graph
         self.config = config or ExecutionConfig()
+        self.deployment = deployment or LocalDeployment(graph, self.config)
+        """Where the subtasks run (this process unless told otherwise)."""
         self.storage = storage if storage is not None else CheckpointStorage(None, graph.name)
         self.restore_point = restored
         first_id = max(
@@ -148,6 +207,7 @@ class JobMaster:
             # Restored from this checkpoint directory: it is ours to retain and later subsume.
             self.coordinator.completed.append(restored)
         self.tasks: list[StreamTask] = []
+        """The tasks of the current attempt that run in this process (none with TaskManagers)."""
         self.handles: list[TaskHandle] = []
         """The tasks of the current attempt, as the coordinator and the control endpoint see them."""
         self.attempt = 0
@@ -183,20 +243,27 @@ class JobMaster:
     async def run(self) -> JobResult:
         """Run attempts until the job ends; raises :class:`JobFailedError` when it fails for good."""
         self.started = time.monotonic()
+        await self.deployment.start()
+        try:
+            return await self._run_attempts()
+        finally:
+            await self.deployment.close()
+
+    async def _run_attempts(self) -> JobResult:
         strategy = self.config.restart_strategy
         await self._discover_splits()
         while True:
             self.attempt += 1
             self._all_finished = asyncio.Event()
             self.restore_context = self._restore_context(self.restore_point)
-            handles = self._deploy(self.restore_point)
-            self.tasks = [handle.task for handle in handles]
+            handles = await self._deploy(self.restore_point)
+            self.tasks = [h.task for h in handles if isinstance(h, LocalTaskHandle)]
             self.handles = list(handles)
             self.coordinator.attach(self.handles)
             self.status = "running"
             if self.on_attempt_started is not None:
                 self.on_attempt_started(self)
-            failure: BaseException
+            failure: BaseException | None = None
             try:
                 await self._run_attempt()
             except asyncio.CancelledError:
@@ -206,7 +273,9 @@ class JobMaster:
                 failure = root_cause(group)
             except Exception as exc:
                 failure = exc
-            else:
+            finally:
+                await self.deployment.end_attempt()
+            if failure is None:
                 break
             self._accumulate_metrics()
             # A refused restore would be refused again by every further attempt; once the job is
@@ -259,15 +328,14 @@ class JobMaster:
     async def _run_attempt(self) -> None:
         self._all_restored = asyncio.Event()
         async with asyncio.TaskGroup() as group:
-            for task in self.tasks:
-                group.create_task(task.run(), name=task.name)
+            helpers = self.deployment.run(group)
             abandoned = self.restore_context.newer_completed_checkpoints
             if self.restore_point is not None and abandoned:
                 group.create_task(
                     self._mark_abandoned_once_restored(self.restore_point, abandoned),
                     name="mark-abandoned-checkpoints",
                 )
-            helpers = [group.create_task(self.coordinator.run(), name="checkpoint-coordinator")]
+            group.create_task(self.coordinator.run(), name="checkpoint-coordinator")
             for vertex in self.graph.vertices:
                 source = vertex.head.transformation.source
                 if source is not None and source.discovery_interval_s and not source.bounded:
@@ -275,7 +343,7 @@ class JobMaster:
                         group.create_task(self._watch_new_splits(vertex), name="split-discovery")
                     )
             await self._all_finished.wait()
-            for helper in helpers[1:]:
+            for helper in helpers:
                 helper.cancel()
             self.coordinator.request_stop()
 
@@ -393,30 +461,14 @@ class JobMaster:
             checkpoint_dir=str(self.storage.directory) if self.storage.directory else None,
         )
 
-    def _deploy(self, restore_point: CompletedCheckpoint | None) -> list[LocalTaskHandle]:
-        graph = self.graph
-        restored_state = assign_restored_state(graph, restore_point)
-        channels = LocalChannels(graph)
-        handles: list[LocalTaskHandle] = []
-        for vertex in graph.vertices:
-            for index in range(vertex.parallelism):
-                restored, finished = restored_state.get((vertex.id, index), ({}, False))
-                task = build_subtask(
-                    graph,
-                    vertex,
-                    index,
-                    channels.endpoints(vertex, index),
-                    splits=self._splits,
-                    restored=restored,
-                    restored_finished=finished,
-                    restore_context=self.restore_context,
-                    attempt=self.attempt,
-                    config=self.config,
-                    listener=self,
-                )
-                upstream = upstream_task_ids(graph, vertex, index, self.attempt)
-                handles.append(LocalTaskHandle(task, upstream))
-        return handles
+    async def _deploy(self, restore_point: CompletedCheckpoint | None) -> Sequence[TaskHandle]:
+        plan = AttemptDeployment(
+            self.attempt,
+            assign_restored_state(self.graph, restore_point),
+            self._splits,
+            self.restore_context,
+        )
+        return await self.deployment.deploy(plan, self)
 
 
 def root_cause(group: BaseException) -> BaseException:

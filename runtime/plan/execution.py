@@ -4,7 +4,8 @@
 record writers, input gate) from the :class:`~runtime.plan.graph.JobGraph` alone plus what the master
 decides per attempt (channel endpoints, splits, restored state, restore context, attempt), so the
 job master in this process and a TaskManager in another build subtasks with the same code.
-:class:`LocalChannels` makes the endpoints of channels whose both ends run in one process.
+:class:`LocalChannels` makes the endpoints of channels whose both ends run in one process (a
+TaskManager makes its own, for channels to subtasks in other processes too).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from actors.mailbox import Wakeup
-from actors.network import InputGate, ResultSubpartition
+from actors.network import ChannelSender, InputGate, ResultSubpartition
 from actors.operator import (
     ChainedOutput,
     DiscardingOutput,
@@ -38,7 +39,9 @@ from state.snapshot import RestoredState
 class InputEndpoint:
     """One channel of a subtask's input gate: the sending end it reads, for which input."""
 
-    sender: ResultSubpartition
+    sender: ChannelSender
+    """The sending subtask's subpartition when it runs in this process, else the stand-in of
+    the one in another process (:meth:`actors.remote.DataPlane.remote_sender`)."""
     input_index: int
 
 

@@ -21,8 +21,11 @@ from typing import Any
 
 from actors.barriers import CheckpointingMode
 from actors.operator import NewerOutputPolicy, UserFunctionError
+from actors.protocol import RemoteFailureCause
 from runtime.api.durations import format_duration, parse_duration
 from runtime.api.streams import JobDefinitionError
+from runtime.cluster.deployment import taskmanager_deployment
+from runtime.cluster.jobmanager import TaskManagerLostError, TaskManagerStartError
 from runtime.config import (
     DEFAULT_MAX_PARALLELISM,
     DEFAULT_PARALLELISM,
@@ -32,6 +35,7 @@ from runtime.config import (
     CheckpointConfig,
     ExecutionConfig,
 )
+from runtime.master.deployment import DeploymentError
 from runtime.master.jobmaster import JobFailedError, JobMaster
 from runtime.master.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
 from runtime.plan.restore import RestoreMismatchError, RestoreReport
@@ -307,6 +311,16 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="how long a partly filled network buffer may wait before it is sent",
     )
+    _add_option(
+        run,
+        "--taskmanagers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run the subtasks on N TaskManager processes, this process being the JobManager "
+        "(job master, checkpoint coordinator, control endpoint); 1: every subtask in this "
+        "process",
+    )
     run.add_argument("--no-progress", action="store_true", help="do not show progress")
     run.add_argument("--log-level", default="WARNING")
 
@@ -433,7 +447,18 @@ def _run(args: Any) -> int:
         _error(str(exc))
         return EXIT_USAGE
     storage = CheckpointStorage(args.checkpoint_dir, graph.name)
-    master = JobMaster(graph, config, storage=storage, restored=restored)
+    deployment = None
+    if args.taskmanagers > 1:
+        deployment = taskmanager_deployment(
+            args.file,
+            params,
+            args.parallelism,
+            args.max_parallelism,
+            graph,
+            config,
+            args.taskmanagers,
+        )
+    master = JobMaster(graph, config, storage=storage, restored=restored, deployment=deployment)
     reporter = None if args.no_progress else ProgressReporter(master)
     shutdown = GracefulShutdown(
         master, args.checkpoint_dir, args.checkpoint_interval, args.shutdown_timeout
@@ -445,6 +470,9 @@ def _run(args: Any) -> int:
         _error("cancelled (Ctrl-C): every task was closed")
         _cleanup_on_cancel(master, args)
         return EXIT_INTERRUPTED
+    except (TaskManagerStartError, DeploymentError) as exc:
+        _error(str(exc))
+        return EXIT_FAILED
     except JobFailedError as exc:
         refusal = restore_refusal(exc.cause)
         if refusal is not None:
@@ -799,8 +827,16 @@ def _checkpoints(args: Any) -> int:
 
 def _report_failure(exc: JobFailedError) -> None:
     cause = exc.cause
+    if isinstance(cause, TaskManagerLostError):
+        # Infrastructure, not code: the line says which TaskManager and how it ended.
+        _error(f"job failed: {exc}")
+        return
     user_exc = cause.cause if isinstance(cause, UserFunctionError) else cause.__cause__ or cause
-    sys.stderr.write("".join(traceback.format_exception(user_exc)))
+    if isinstance(user_exc, RemoteFailureCause):
+        # Raised in a TaskManager: its traceback there, as it would print here.
+        sys.stderr.write(user_exc.remote_traceback)
+    else:
+        sys.stderr.write("".join(traceback.format_exception(user_exc)))
     _error(f"job failed: {exc}")
 
 

@@ -2,8 +2,10 @@
 
 Routes:
 
-- ``GET /status``: job status, attempt, tasks and their states, records in/out per operator, and
-  per source task the lag of each split (Kafka: records behind each partition's high watermark).
+- ``GET /status``: job status, attempt, tasks and their states (and the TaskManager each runs in,
+  ``null`` when every subtask runs in the job's process), the TaskManagers (id, pid, host, slots,
+  state, subtasks; none without ``--taskmanagers``), records in/out per operator, and per source
+  task the lag of each split (Kafka: records behind each partition's high watermark).
 - ``GET /checkpoints``: counts, the latest completed checkpoint, and the history (id, kind,
   status, trigger time, duration, alignment per task, state size, failure).
 - ``POST /savepoints`` with ``{"dir": DIR}``: take a savepoint into DIR; answers with its path.
@@ -72,7 +74,15 @@ class ControlServer:
                 "job": master.graph.name,
                 "status": master.status,
                 "attempt": master.attempt,
-                "tasks": [{"name": t.name, "state": t.state.value} for t in master.handles],
+                "tasks": [
+                    {
+                        "name": t.name,
+                        "state": t.state.value,
+                        "taskmanager": master.deployment.taskmanager_of(t.task_id),
+                    }
+                    for t in master.handles
+                ],
+                "taskmanagers": master.deployment.taskmanagers(),
                 "operators": [
                     {
                         "uid": s.uid,
