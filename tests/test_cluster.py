@@ -103,9 +103,7 @@ def write_job(
     return path
 
 
-def job_spec(
-    job_file: Path, parallelism: int = 2, checkpoint_dir: Path | None = None
-) -> JobSpec:
+def job_spec(job_file: Path, parallelism: int = 2, checkpoint_dir: Path | None = None) -> JobSpec:
     return JobSpec.create(
         job_file,
         {"run": "test"},

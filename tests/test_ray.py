@@ -12,13 +12,34 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
-from cli_helpers import listening_sockets, process_alive, process_tree, wait_until_gone
+from cli_helpers import (
+    ROOT,
+    completed_checkpoint_ids,
+    get_json,
+    listening_sockets,
+    printed_address,
+    process_alive,
+    process_tree,
+    read_address,
+    run_cli,
+    start_cli,
+    stop_process,
+    wait_for,
+    wait_until_gone,
+)
+from etl_expectations import assert_exact_output, committed_records
 from test_cluster import job_spec, write_job
+from test_taskmanagers import FILE_ETL, PIDS_JOB, WORDCOUNT, running_status
 
 from runtime.cluster.jobmanager import (
     TaskManagerLostError,
@@ -43,8 +64,10 @@ RAY_CPUS = 4
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """A local Ray instance on loopback for the module; its address (``RAY_ADDRESS`` form)."""
-    outer = os.environ.pop("RAY_ADDRESS", None)
+    """A local Ray instance on loopback for the module; its address (``RAY_ADDRESS`` form).
+    The environment Ray was started with (see :func:`connect_ray`) is restored at the end."""
+    environment = dict(os.environ)
+    os.environ.pop("RAY_ADDRESS", None)
     try:
         assert connect_ray(num_cpus=RAY_CPUS), "this process was connected to Ray already"
         import ray
@@ -52,8 +75,15 @@ def ray_address() -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
     finally:
         disconnect_ray()
-        if outer is not None:
-            os.environ["RAY_ADDRESS"] = outer
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+@pytest.fixture
+def on_the_test_cluster(ray_address: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``python -m runtime`` children run against the module's Ray instance (``RAY_ADDRESS``)."""
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    return ray_address
 
 
 def ray_pool(tmp_path: Path, placement: RayPlacement) -> TaskManagerPool:
@@ -175,8 +205,7 @@ async def test_an_actor_ray_cannot_place_fails_the_start_in_one_line(
     assert str(failed.value) == (
         "cannot start TaskManager tm-1: Ray did not start the actor of TaskManager tm-1 within "
         f"1s: it asks for {RAY_CPUS * 16} CPU; the cluster has {RAY_CPUS} of {RAY_CPUS} CPUs "
-        "free; run fewer TaskManagers (--taskmanagers), ask for fewer CPUs each (--ray-cpus) or "
-        "add nodes to the cluster"
+        "free; run fewer TaskManagers (--taskmanagers), or add nodes to the cluster"
     )
     assert not actor_exists(placement, "tm-1")
 
@@ -197,4 +226,161 @@ async def test_an_actor_checks_that_it_can_write_into_the_checkpoint_directory(
     assert (
         f"on host 127.0.0.1 cannot write into the checkpoint directory {unreachable}: "
         "[Errno 2] No such file or directory;" in str(failed.value)
+    )
+
+
+# --------------------------------------------------------------------------- python -m runtime run
+
+QUIET = ("--no-progress", "--rest-port", "-1")
+
+
+def test_wordcount_on_two_ray_taskmanagers_counts_as_in_one_process(
+    on_the_test_cluster: str, tmp_path: Path
+) -> None:
+    counts = {}
+    for cluster in ("ray", "single process"):
+        out = tmp_path / f"counts-{cluster}.jsonl"
+        on_ray = ("--cluster", "ray", "--taskmanagers", "2") if cluster == "ray" else ()
+        proc = run_cli(
+            *("run", str(WORDCOUNT), "--parallelism", "4", *on_ray),
+            *("--set", f"output={out}", *QUIET),
+        )
+        assert proc.returncode == 0, proc.stderr
+        counts[cluster] = sorted(out.read_text().splitlines())
+    assert counts["single process"], "the single-process run counted nothing"
+    assert counts["ray"] == counts["single process"]
+
+
+def test_cluster_ray_runs_every_subtask_in_one_taskmanager_actor_by_default(
+    on_the_test_cluster: str, tmp_path: Path
+) -> None:
+    job = tmp_path / "pids.py"
+    job.write_text(textwrap.dedent(PIDS_JOB))
+    out = tmp_path / "pids.jsonl"
+    stderr = tmp_path / "stderr.txt"
+    proc = start_cli(
+        stderr,
+        *("run", str(job), "--parallelism", "2", "--cluster", "ray"),
+        *("--set", f"output={out}", "--rest-port", "0", "--no-progress"),
+    )
+    try:
+        address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
+        status = wait_for(lambda: running_status(address, 1), "every task to run", proc, stderr)
+        [taskmanager] = status["taskmanagers"]
+        assert taskmanager["host"] == "127.0.0.1" and taskmanager["pid"] != proc.pid
+        assert {t["taskmanager"] for t in status["tasks"]} == {taskmanager["id"]}
+        wait_for(out.exists, "records", proc, stderr)
+        assert run_cli("cancel", "--address", address).returncode == 0
+        assert proc.wait(timeout=30) == 130, stderr.read_text()
+        wait_until_gone([taskmanager["pid"]], "the TaskManager actor to end with the job")
+    finally:
+        stop_process(proc)
+    pids = {orjson.loads(line)["pid"] for line in out.read_bytes().splitlines()}
+    assert pids == {taskmanager["pid"]}
+
+
+def test_a_killed_taskmanager_actor_is_replaced_and_the_output_is_exactly_once(
+    on_the_test_cluster: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    chk = tmp_path / "chk"
+    stderr = tmp_path / "stderr.txt"
+    proc = start_cli(
+        stderr,
+        *("run", str(FILE_ETL), "--parallelism", "4", "--cluster", "ray", "--taskmanagers", "2"),
+        *("--set", f"output={out}", "--set", "rate=1000"),
+        *("--checkpoint-interval", "100ms", "--checkpoint-dir", str(chk)),
+        *("--restart-strategy", "fixed-delay:3:100ms", "--rest-port", "0", "--no-progress"),
+    )
+    try:
+        address = wait_for(lambda: read_address(chk), "the control endpoint", proc, stderr)
+        status = wait_for(lambda: running_status(address, 2), "every task to run", proc, stderr)
+        wait_for(lambda: len(completed_checkpoint_ids(chk)) >= 2, "two checkpoints", proc, stderr)
+        victim = status["taskmanagers"][0]
+        os.kill(victim["pid"], signal.SIGKILL)  # the actor's worker process
+        recovered = wait_for(
+            lambda: get_json(address, "/status")["attempt"] == 2 and running_status(address, 2),
+            "the job to run again on two TaskManager actors",
+            proc,
+            stderr,
+        )
+        assert proc.wait(timeout=60) == 0, stderr.read_text()
+    finally:
+        stop_process(proc)
+    assert victim["id"] not in {tm["id"] for tm in recovered["taskmanagers"]}
+    assert victim["pid"] not in {tm["pid"] for tm in recovered["taskmanagers"]}
+    assert f"TaskManager {victim['id']} (pid {victim['pid']}) lost" in stderr.read_text()
+    assert_exact_output(out)
+    assert committed_records(out)
+
+
+def test_no_taskmanager_actor_outlives_a_sigkilled_jobmanager(
+    on_the_test_cluster: str, tmp_path: Path
+) -> None:
+    job = tmp_path / "pids.py"
+    job.write_text(textwrap.dedent(PIDS_JOB))
+    stderr = tmp_path / "stderr.txt"
+    proc = start_cli(
+        stderr,
+        *("run", str(job), "--parallelism", "2", "--cluster", "ray", "--taskmanagers", "2"),
+        *("--set", f"output={tmp_path / 'out.jsonl'}", "--rest-port", "0", "--no-progress"),
+    )
+    try:
+        address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
+        status = wait_for(lambda: running_status(address, 2), "every task to run", proc, stderr)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == -signal.SIGKILL
+    pids = [tm["pid"] for tm in status["taskmanagers"]]
+    assert wait_until_gone(pids, "the TaskManager actors to end", timeout=20.0) < 5.0
+
+
+def test_the_single_machine_path_imports_nothing_from_ray(tmp_path: Path) -> None:
+    out = tmp_path / "counts.jsonl"
+    result = run_main_in_a_child(
+        *("run", str(WORDCOUNT), "--taskmanagers", "2", "--set", f"output={out}", *QUIET),
+        before="import runtime, runtime.cluster.placement, runtime.cluster.deployment",
+        after="assert 'ray' not in sys.modules, 'Ray was imported'",
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.read_text()
+
+
+def run_main_in_a_child(
+    *args: str, before: str = "", after: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """``runtime.shell.cli.main(args)`` in a fresh interpreter, between ``before`` and ``after``;
+    it exits with what ``main`` returned."""
+    script = "\n".join(
+        [
+            "import sys",
+            before,
+            "from runtime.shell.cli import main",
+            f"code = main({list(args)!r})",
+            after,
+            "sys.exit(code)",
+        ]
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cluster_ray_without_ray_installed_is_a_usage_error() -> None:
+    # As if Ray were not installed: an import of it finds nothing.
+    result = run_main_in_a_child(
+        *("run", str(WORDCOUNT), "--cluster", "ray"), before="sys.modules['ray'] = None"
+    )
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        "error: --cluster ray needs Ray, an optional extra of this runtime: "
+        "pip install -e '.[ray]' (or pip install 'ray>=2.60')\n"
+    )
+
+
+def test_a_jobmanager_host_without_taskmanagers_is_a_usage_error() -> None:
+    result = run_cli("run", str(WORDCOUNT), "--jobmanager-host", "localhost")
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        "error: --jobmanager-host needs TaskManagers (--taskmanagers N, or --cluster ray)\n"
     )

@@ -213,14 +213,19 @@ def runtime_import_path() -> str:
     return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
 
 
-PLACEMENTS = ("local",)
+PLACEMENTS = ("local", "ray")
 """The kinds of :func:`make_placement`."""
 
 
 def make_placement(kind: str, slots: int) -> TaskManagerPlacement:
     """The placement ``kind`` names, for TaskManagers of ``slots`` slots each: ``local`` starts
-    them as child processes of this one."""
+    them as child processes of this one, ``ray`` as Ray actors (:mod:`runtime.cluster.ray`).
+    Raises ``ValueError`` for a kind that is unknown, or whose optional extra is not installed."""
     if kind == "local":
         return LocalProcessPlacement(slots)
+    if kind == "ray":
+        from runtime.cluster.ray import ray_placement  # Ray is an optional extra: only here
+
+        return ray_placement(slots)
     msg = f"unknown TaskManager placement {kind!r}; known: {', '.join(PLACEMENTS)}"
     raise ValueError(msg)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -105,6 +106,9 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> b
         return False
     for name, value in DRIVER_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    if not sys.stdout.isatty():
+        # Ray colours the prefix of the lines it forwards from the actors: not into a file.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if address is None or _is_loopback(address):
         _keep_ray_on_loopback(ray_imported=imported is not None)
     import ray
@@ -312,6 +316,19 @@ class RayTaskManagerProcess(TaskManagerProcess):
         return int(code)
 
 
+def ray_placement(slots: int) -> RayPlacement:
+    """``--cluster ray``: TaskManagers of ``slots`` slots as Ray actors of one CPU each, on the
+    cluster at ``RAY_ADDRESS`` or a local instance. Raises ``ValueError`` when Ray is not
+    installed."""
+    if importlib.util.find_spec("ray") is None:
+        msg = (
+            "--cluster ray needs Ray, an optional extra of this runtime: "
+            "pip install -e '.[ray]' (or pip install 'ray>=2.60')"
+        )
+        raise ValueError(msg)
+    return RayPlacement(slots)
+
+
 class RayPlacement(TaskManagerPlacement):
     """TaskManagers as Ray actors, each with ``slots`` slots, asking for ``cpus_per_taskmanager``
     CPUs. Connects to Ray at the first :meth:`start` (``address``, default ``RAY_ADDRESS``, or a
@@ -405,6 +422,5 @@ class RayPlacement(TaskManagerPlacement):
         return (
             f"Ray did not start the actor of TaskManager {tm_id} within "
             f"{self.placement_timeout_s:g}s: it asks for {self.cpus_per_taskmanager:g} CPU"
-            f"{resources}; run fewer TaskManagers (--taskmanagers), ask for fewer CPUs each "
-            "(--ray-cpus) or add nodes to the cluster"
+            f"{resources}; run fewer TaskManagers (--taskmanagers), or add nodes to the cluster"
         )
