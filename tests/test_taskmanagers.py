@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import re
 import signal
+import subprocess
 import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,6 @@ from cli_helpers import (
     get_json,
     operator_records_in,
     printed_address,
-    read_address,
     run_cli,
     start_cli,
     stop_process,
@@ -75,6 +78,40 @@ def running_status(address: str, taskmanagers: int) -> dict[str, Any] | None:
     return status
 
 
+@dataclass
+class RunningJob:
+    proc: subprocess.Popen[bytes]
+    stderr: Path
+    address: str
+    status: dict[str, Any]
+    """``/status`` once every task ran."""
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Its exit code, once it ended."""
+        return self.proc.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def job_on_two_taskmanagers(
+    tmp_path: Path, job_file: Path, parallelism: int, *args: str
+) -> Iterator[RunningJob]:
+    """``job_file`` running on two TaskManagers, once every task of it runs; killed at the end
+    if it still runs."""
+    stderr = tmp_path / "stderr.txt"
+    proc = start_cli(
+        stderr,
+        *("run", str(job_file), "--parallelism", str(parallelism), "--taskmanagers", "2"),
+        *args,
+        *("--rest-port", "0", "--no-progress"),
+    )
+    try:
+        address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
+        status = wait_for(lambda: running_status(address, 2), "every task to run", proc, stderr)
+        yield RunningJob(proc, stderr, address, status)
+    finally:
+        stop_process(proc)
+
+
 # --------------------------------------------------------------------------- placement
 
 
@@ -121,6 +158,16 @@ def test_a_deployment_crosses_the_wire_with_its_restored_state_intact() -> None:
 # --------------------------------------------------------------------------- same output
 
 
+def run_at_parallelism_4(job_file: Path, taskmanagers: int, *args: str) -> None:
+    """Run ``job_file`` to its end at parallelism 4 on ``taskmanagers`` TaskManagers."""
+    proc = run_cli(
+        *("run", str(job_file), "--parallelism", "4", "--taskmanagers", str(taskmanagers)),
+        *args,
+        *QUIET,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.slow
 def test_wordcount_at_parallelism_4_on_two_taskmanagers_counts_as_in_one_process(
     tmp_path: Path,
@@ -128,18 +175,7 @@ def test_wordcount_at_parallelism_4_on_two_taskmanagers_counts_as_in_one_process
     counts = {}
     for taskmanagers in (1, 2):
         out = tmp_path / f"counts-{taskmanagers}.jsonl"
-        proc = run_cli(
-            "run",
-            str(WORDCOUNT),
-            "--parallelism",
-            "4",
-            "--taskmanagers",
-            str(taskmanagers),
-            "--set",
-            f"output={out}",
-            *QUIET,
-        )
-        assert proc.returncode == 0, proc.stderr
+        run_at_parallelism_4(WORDCOUNT, taskmanagers, "--set", f"output={out}")
         counts[taskmanagers] = sorted(out.read_text().splitlines())
     assert counts[1], "the single-process run counted nothing"
     assert counts[2] == counts[1]
@@ -152,22 +188,13 @@ def test_file_etl_at_parallelism_4_on_two_taskmanagers_commits_what_one_process_
     outputs = {}
     for taskmanagers in (1, 2):
         out = tmp_path / f"out-{taskmanagers}"
-        proc = run_cli(
-            "run",
-            str(FILE_ETL),
-            "--parallelism",
-            "4",
-            "--taskmanagers",
-            str(taskmanagers),
-            "--set",
-            f"output={out}",
-            "--checkpoint-interval",
-            "100ms",
-            "--checkpoint-dir",
-            str(tmp_path / f"chk-{taskmanagers}"),
-            *QUIET,
+        chk = tmp_path / f"chk-{taskmanagers}"
+        run_at_parallelism_4(
+            FILE_ETL,
+            taskmanagers,
+            *("--set", f"output={out}", "--checkpoint-interval", "100ms"),
+            *("--checkpoint-dir", str(chk)),
         )
-        assert proc.returncode == 0, proc.stderr
         assert_exact_output(out)
         outputs[taskmanagers] = sorted(orjson.dumps(r) for r in committed_records(out))
     assert outputs[2] == outputs[1]
@@ -208,33 +235,27 @@ def test_the_subtasks_run_in_two_taskmanager_processes_not_in_the_job_process(
 ) -> None:
     job = write_job(tmp_path, "pids.py", PIDS_JOB)
     out = tmp_path / "pids.jsonl"
-    stderr = tmp_path / "stderr.txt"
-    proc = start_cli(
-        stderr,
-        *("run", str(job), "--parallelism", "4", "--taskmanagers", "2"),
-        *("--set", f"output={out}", "--rest-port", "0", "--no-progress"),
-    )
-    try:
-        address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
-        status = wait_for(lambda: running_status(address, 2), "every task to run", proc, stderr)
-        taskmanagers = status["taskmanagers"]
+    with job_on_two_taskmanagers(tmp_path, job, 4, "--set", f"output={out}") as running:
+        taskmanagers = running.status["taskmanagers"]
         pids = {tm["id"]: tm["pid"] for tm in taskmanagers}
         assert len(set(pids.values())) == 2
-        assert proc.pid not in pids.values()
+        assert running.proc.pid not in pids.values()
         assert all(tm["state"] == "ready" and tm["host"] == "127.0.0.1" for tm in taskmanagers)
         assert all(tm["slots"] == 2 for tm in taskmanagers)
         # Every task runs on one of them, as each TaskManager lists it; each has its share.
         listed = {name: tm["id"] for tm in taskmanagers for name in tm["subtasks"]}
-        assert {t["name"]: t["taskmanager"] for t in status["tasks"]} == listed
+        assert {t["name"]: t["taskmanager"] for t in running.status["tasks"]} == listed
         assert all(len(tm["subtasks"]) >= 2 for tm in taskmanagers)
         wait_for(
-            lambda: operator_records_in(address, "where") >= 400, "records to flow", proc, stderr
+            lambda: operator_records_in(running.address, "where") >= 400,
+            "records to flow",
+            running.proc,
+            running.stderr,
         )
-        assert run_cli("cancel", "--address", address).returncode == 0
-        assert proc.wait(timeout=30) == 130, stderr.read_text()
+        assert run_cli("cancel", "--address", running.address).returncode == 0
+        assert running.wait() == 130, running.stderr.read_text()
         wait_until_gone(pids.values(), "the TaskManagers to exit with the job")
-    finally:
-        stop_process(proc)
+        status = running.status
     # The records say where the map ran: each subtask in the TaskManager /status named.
     seen: dict[int, set[int]] = collections.defaultdict(set)
     for line in out.read_bytes().splitlines():
@@ -281,17 +302,20 @@ def test_a_taskmanager_killed_mid_run_is_replaced_and_the_output_is_exactly_once
 ) -> None:
     out = tmp_path / "out"
     chk = tmp_path / "chk"
-    stderr = tmp_path / "stderr.txt"
-    proc = start_cli(
-        stderr,
-        *("run", str(FILE_ETL), "--parallelism", "4", "--taskmanagers", "2"),
+    with job_on_two_taskmanagers(
+        tmp_path,
+        FILE_ETL,
+        4,
         *("--set", f"output={out}", "--set", "rate=1000"),
         *("--checkpoint-interval", "100ms", "--checkpoint-dir", str(chk)),
-        *("--restart-strategy", "fixed-delay:3:100ms", "--rest-port", "0", "--no-progress"),
-    )
-    try:
-        address = wait_for(lambda: read_address(chk), "the control endpoint", proc, stderr)
-        status = wait_for(lambda: running_status(address, 2), "every task to run", proc, stderr)
+        *("--restart-strategy", "fixed-delay:3:100ms"),
+    ) as running:
+        proc, stderr, address, status = (
+            running.proc,
+            running.stderr,
+            running.address,
+            running.status,
+        )
         wait_for(lambda: len(completed_checkpoint_ids(chk)) >= 2, "two checkpoints", proc, stderr)
         [reading] = [
             t["taskmanager"]
@@ -306,9 +330,7 @@ def test_a_taskmanager_killed_mid_run_is_replaced_and_the_output_is_exactly_once
             proc,
             stderr,
         )
-        assert proc.wait(timeout=60) == 0, stderr.read_text()
-    finally:
-        stop_process(proc)
+        assert running.wait() == 0, stderr.read_text()
     ids = {tm["id"] for tm in recovered["taskmanagers"]}
     assert reading not in ids and len(ids) == 2
     assert victim["pid"] not in {tm["pid"] for tm in recovered["taskmanagers"]}
@@ -321,21 +343,17 @@ def test_a_taskmanager_killed_mid_run_is_replaced_and_the_output_is_exactly_once
 @pytest.mark.slow
 def test_a_taskmanager_lost_without_a_restart_fails_the_job_in_one_line(tmp_path: Path) -> None:
     job = write_job(tmp_path, "pids.py", PIDS_JOB)
-    stderr = tmp_path / "stderr.txt"
-    proc = start_cli(
-        stderr,
-        *("run", str(job), "--parallelism", "2", "--taskmanagers", "2"),
+    with job_on_two_taskmanagers(
+        tmp_path,
+        job,
+        2,
         *("--set", f"output={tmp_path / 'pids.jsonl'}", "--restart-strategy", "none"),
-        *("--rest-port", "0", "--no-progress"),
-    )
-    try:
-        address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
-        status = wait_for(lambda: running_status(address, 2), "every task to run", proc, stderr)
+    ) as running:
+        status = running.status
         victim = status["taskmanagers"][1]
         os.kill(victim["pid"], signal.SIGKILL)
-        assert proc.wait(timeout=30) == 1, stderr.read_text()
-    finally:
-        stop_process(proc)
+        assert running.wait(timeout=30) == 1, running.stderr.read_text()
+    stderr = running.stderr
     err = stderr.read_text()
     assert "Traceback" not in err
     [line] = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -372,19 +390,18 @@ FAILING_JOB = """
 from connectors import CollectionSource, CollectSink
 
 
-def parse_amount(record):
-    if record["amount"] == "twelve":
-        raise ValueError(f"amount is not a number: {record['amount']!r}")
-    return int(record["amount"])
+def count_letters(word):
+    if word == "zebra":
+        raise LookupError(f"no letters known for {word!r}")
+    return {"word": word, "letters": len(word)}
 
 
 def build(job):
-    records = [{"id": i, "amount": str(i)} for i in range(20)]
-    records[13] = {"id": 13, "amount": "twelve"}
+    words = ["apple", "pear", "zebra", "fig"] * 5
     (
-        job.from_source(CollectionSource(records))
-        .rebalance()
-        .map(parse_amount, name="parse amounts")
+        job.from_source(CollectionSource(words))
+        .key_by(lambda word: word)
+        .map(count_letters, name="count letters")
         .sink_to(CollectSink())
     )
 """
@@ -392,19 +409,20 @@ def build(job):
 
 @pytest.mark.slow
 def test_a_user_function_error_in_a_taskmanager_reads_as_in_one_process(tmp_path: Path) -> None:
-    job = write_job(tmp_path, "failing.py", FAILING_JOB)
+    job = write_job(tmp_path, "letters.py", FAILING_JOB)
     proc = run_cli("run", str(job), "--parallelism", "2", "--taskmanagers", "2", *QUIET)
     assert proc.returncode == 1, proc.stderr
     err = proc.stderr
-    assert "error: job failed: " in err
-    assert "'parse amounts'" in err
-    assert "{'id': 13, 'amount': 'twelve'}" in err
-    assert "ValueError: amount is not a number: 'twelve'" in err
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: job failed: ")
+    assert "'count letters'" in line
+    assert "'zebra'" in line
+    assert "LookupError: no letters known for 'zebra'" in line
     # The user's own traceback, from the TaskManager: their file, function and line.
     assert "Traceback" in err
-    assert "failing.py" in err
-    assert "in parse_amount" in err
-    assert 'raise ValueError(f"amount is not a number' in err
+    assert "letters.py" in err
+    assert "in count_letters" in err
+    assert 'raise LookupError(f"no letters known' in err
 
 
 @pytest.mark.slow
@@ -520,19 +538,38 @@ def test_splits_discovered_while_running_reach_readers_in_taskmanagers(tmp_path:
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "a.json").write_bytes(orjson.dumps(list(range(5))))
-    stderr = tmp_path / "stderr.txt"
-    proc = start_cli(
-        stderr,
-        *("run", str(job), "--parallelism", "2", "--taskmanagers", "2"),
-        *("--set", f"input={inputs}", "--rest-port", "0", "--no-progress"),
-    )
-    try:
-        address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
+    with job_on_two_taskmanagers(tmp_path, job, 2, "--set", f"input={inputs}") as running:
+        address, proc, stderr = running.address, running.proc, running.stderr
         wait_for(lambda: operator_records_in(address, "forward") == 5, "a.json", proc, stderr)
         # The second split goes to the other subtask: the reader in the other TaskManager.
         (inputs / "b.json").write_bytes(orjson.dumps(list(range(5, 12))))
         wait_for(lambda: operator_records_in(address, "forward") == 12, "b.json", proc, stderr)
-        status = get_json(address, "/status")
-        assert len({t["taskmanager"] for t in status["tasks"]}) == 2
-    finally:
-        stop_process(proc)
+        assert len({t["taskmanager"] for t in running.status["tasks"]}) == 2
+
+
+PROCESS_DEPENDENT_JOB = """
+import sys
+
+from connectors import CollectionSource
+from runtime import Job
+
+
+def build(job: Job) -> None:
+    numbers = job.from_source(CollectionSource(list(range(10))))
+    if "taskmanager" in sys.argv:
+        numbers = numbers.filter(lambda x: x % 2 == 0, name="only in TaskManagers")
+    numbers.print()
+"""
+
+
+@pytest.mark.slow
+def test_a_job_file_that_builds_another_graph_in_a_taskmanager_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    job = write_job(tmp_path, "depends.py", PROCESS_DEPENDENT_JOB)
+    proc = run_cli("run", str(job), "--taskmanagers", "2", *QUIET)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "built another job graph" in line
+    assert "only in TaskManagers" in line

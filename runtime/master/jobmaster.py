@@ -5,9 +5,9 @@ The :class:`JobMaster` turns the :class:`~runtime.plan.graph.JobGraph` into task
 together with the checkpoint coordinator, and on a task failure cancels the attempt (``close()``
 runs, ``finish()`` does not), asks the restart strategy, and restarts from the latest completed
 checkpoint. Tasks report to it in :mod:`actors.protocol` messages; it and the coordinator reach
-them through :class:`LocalTaskHandle`. Where the subtasks run is a :class:`~runtime.master.deployment.Deployment`:
-:class:`LocalDeployment` (this process) unless the job master is given another (TaskManager
-processes, ``runtime.cluster.deployment``).
+them through :class:`LocalTaskHandle`. Where the subtasks run is a
+:class:`~runtime.master.deployment.Deployment`: :class:`LocalDeployment` (this process) unless the
+job master is given another (TaskManager processes, ``runtime.cluster.deployment``).
 """
 
 from __future__ import annotations
