@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,22 +25,25 @@ import orjson
 import pytest
 from cli_helpers import (
     ROOT,
-    completed_checkpoint_ids,
-    get_json,
     listening_sockets,
-    printed_address,
     process_alive,
     process_tree,
-    read_address,
     run_cli,
-    start_cli,
     stop_process,
     wait_for,
     wait_until_gone,
 )
-from etl_expectations import assert_exact_output, committed_records
 from test_cluster import job_spec, write_job
-from test_taskmanagers import FILE_ETL, PIDS_JOB, WORDCOUNT, running_status
+from test_taskmanagers import (
+    PIDS_JOB,
+    QUIET,
+    WORDCOUNT,
+    assert_a_killed_taskmanager_is_replaced_exactly_once,
+    job_on_taskmanagers,
+    job_on_two_taskmanagers,
+    run_at_parallelism_4,
+)
+from test_taskmanagers import write_job as write_job_file
 
 from runtime.cluster.jobmanager import (
     TaskManagerLostError,
@@ -233,50 +235,34 @@ async def test_an_actor_checks_that_it_can_write_into_the_checkpoint_directory(
 
 # --------------------------------------------------------------------------- python -m runtime run
 
-QUIET = ("--no-progress", "--rest-port", "-1")
+ON_RAY = ("--cluster", "ray")
 
 
 def test_wordcount_on_two_ray_taskmanagers_counts_as_in_one_process(
     on_the_test_cluster: str, tmp_path: Path
 ) -> None:
     counts = {}
-    for cluster in ("ray", "single process"):
-        out = tmp_path / f"counts-{cluster}.jsonl"
-        on_ray = ("--cluster", "ray", "--taskmanagers", "2") if cluster == "ray" else ()
-        proc = run_cli(
-            *("run", str(WORDCOUNT), "--parallelism", "4", *on_ray),
-            *("--set", f"output={out}", *QUIET),
-        )
-        assert proc.returncode == 0, proc.stderr
-        counts[cluster] = sorted(out.read_text().splitlines())
-    assert counts["single process"], "the single-process run counted nothing"
-    assert counts["ray"] == counts["single process"]
+    for taskmanagers, placement in ((1, ()), (2, ON_RAY)):
+        out = tmp_path / f"counts-{taskmanagers}.jsonl"
+        run_at_parallelism_4(WORDCOUNT, taskmanagers, *placement, "--set", f"output={out}")
+        counts[taskmanagers] = sorted(out.read_text().splitlines())
+    assert counts[1], "the single-process run counted nothing"
+    assert counts[2] == counts[1]
 
 
-def test_cluster_ray_runs_every_subtask_in_one_taskmanager_actor_by_default(
+def test_cluster_ray_runs_every_subtask_in_one_taskmanager_actor_with_one_taskmanager(
     on_the_test_cluster: str, tmp_path: Path
 ) -> None:
-    job = tmp_path / "pids.py"
-    job.write_text(textwrap.dedent(PIDS_JOB))
+    job = write_job_file(tmp_path, "pids.py", PIDS_JOB)
     out = tmp_path / "pids.jsonl"
-    stderr = tmp_path / "stderr.txt"
-    proc = start_cli(
-        stderr,
-        *("run", str(job), "--parallelism", "2", "--cluster", "ray"),
-        *("--set", f"output={out}", "--rest-port", "0", "--no-progress"),
-    )
-    try:
-        address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
-        status = wait_for(lambda: running_status(address, 1), "every task to run", proc, stderr)
-        [taskmanager] = status["taskmanagers"]
-        assert taskmanager["host"] == "127.0.0.1" and taskmanager["pid"] != proc.pid
-        assert {t["taskmanager"] for t in status["tasks"]} == {taskmanager["id"]}
-        wait_for(out.exists, "records", proc, stderr)
-        assert run_cli("cancel", "--address", address).returncode == 0
-        assert proc.wait(timeout=30) == 130, stderr.read_text()
-        wait_until_gone([taskmanager["pid"]], "the TaskManager actor to end with the job")
-    finally:
-        stop_process(proc)
+    with job_on_taskmanagers(tmp_path, job, 2, 1, *ON_RAY, "--set", f"output={out}") as running:
+        [taskmanager] = running.status["taskmanagers"]
+        assert taskmanager["host"] == "127.0.0.1" and taskmanager["pid"] != running.proc.pid
+        assert {t["taskmanager"] for t in running.status["tasks"]} == {taskmanager["id"]}
+        wait_for(out.exists, "records", running.proc, running.stderr)
+        assert run_cli("cancel", "--address", running.address).returncode == 0
+        assert running.wait(timeout=30) == 130, running.stderr.read_text()
+    wait_until_gone([taskmanager["pid"]], "the TaskManager actor to end with the job")
     pids = {orjson.loads(line)["pid"] for line in out.read_bytes().splitlines()}
     assert pids == {taskmanager["pid"]}
 
@@ -284,56 +270,19 @@ def test_cluster_ray_runs_every_subtask_in_one_taskmanager_actor_by_default(
 def test_a_killed_taskmanager_actor_is_replaced_and_the_output_is_exactly_once(
     on_the_test_cluster: str, tmp_path: Path
 ) -> None:
-    out = tmp_path / "out"
-    chk = tmp_path / "chk"
-    stderr = tmp_path / "stderr.txt"
-    proc = start_cli(
-        stderr,
-        *("run", str(FILE_ETL), "--parallelism", "4", "--cluster", "ray", "--taskmanagers", "2"),
-        *("--set", f"output={out}", "--set", "rate=1000"),
-        *("--checkpoint-interval", "100ms", "--checkpoint-dir", str(chk)),
-        *("--restart-strategy", "fixed-delay:3:100ms", "--rest-port", "0", "--no-progress"),
-    )
-    try:
-        address = wait_for(lambda: read_address(chk), "the control endpoint", proc, stderr)
-        status = wait_for(lambda: running_status(address, 2), "every task to run", proc, stderr)
-        wait_for(lambda: len(completed_checkpoint_ids(chk)) >= 2, "two checkpoints", proc, stderr)
-        victim = status["taskmanagers"][0]
-        os.kill(victim["pid"], signal.SIGKILL)  # the actor's worker process
-        recovered = wait_for(
-            lambda: get_json(address, "/status")["attempt"] == 2 and running_status(address, 2),
-            "the job to run again on two TaskManager actors",
-            proc,
-            stderr,
-        )
-        assert proc.wait(timeout=60) == 0, stderr.read_text()
-    finally:
-        stop_process(proc)
-    assert victim["id"] not in {tm["id"] for tm in recovered["taskmanagers"]}
-    assert victim["pid"] not in {tm["pid"] for tm in recovered["taskmanagers"]}
-    assert f"TaskManager {victim['id']} (pid {victim['pid']}) lost" in stderr.read_text()
-    assert_exact_output(out)
-    assert committed_records(out)
+    # The TaskManager's actor process is SIGKILLed, as a node that fails would end it.
+    assert_a_killed_taskmanager_is_replaced_exactly_once(tmp_path, *ON_RAY)
 
 
 def test_no_taskmanager_actor_outlives_a_sigkilled_jobmanager(
     on_the_test_cluster: str, tmp_path: Path
 ) -> None:
-    job = tmp_path / "pids.py"
-    job.write_text(textwrap.dedent(PIDS_JOB))
-    stderr = tmp_path / "stderr.txt"
-    proc = start_cli(
-        stderr,
-        *("run", str(job), "--parallelism", "2", "--cluster", "ray", "--taskmanagers", "2"),
-        *("--set", f"output={tmp_path / 'out.jsonl'}", "--rest-port", "0", "--no-progress"),
-    )
-    try:
-        address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
-        status = wait_for(lambda: running_status(address, 2), "every task to run", proc, stderr)
-    finally:
-        stop_process(proc)
-    assert proc.returncode == -signal.SIGKILL
-    pids = [tm["pid"] for tm in status["taskmanagers"]]
+    job = write_job_file(tmp_path, "pids.py", PIDS_JOB)
+    out = tmp_path / "out.jsonl"
+    with job_on_two_taskmanagers(tmp_path, job, 2, *ON_RAY, "--set", f"output={out}") as running:
+        stop_process(running.proc)
+    assert running.proc.returncode == -signal.SIGKILL
+    pids = [tm["pid"] for tm in running.status["taskmanagers"]]
     assert wait_until_gone(pids, "the TaskManager actors to end", timeout=20.0) < 5.0
 
 

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -193,11 +193,16 @@ class LocalProcessPlacement(TaskManagerPlacement):
         return started
 
     async def close(self) -> None:
-        for process in self._processes:
-            process.kill()
-        for process in self._processes:
-            await process.wait()
+        await end_all(self._processes)
         self._processes.clear()
+
+
+async def end_all(processes: Sequence[TaskManagerProcess]) -> None:
+    """Kill each of ``processes`` that still runs, then wait until every one ended."""
+    for process in processes:
+        process.kill()
+    for process in processes:
+        await process.wait()
 
 
 def _same_runtime_environment() -> dict[str, str]:

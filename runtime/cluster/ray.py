@@ -47,7 +47,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from runtime.cluster.placement import TaskManagerPlacement, TaskManagerProcess, runtime_import_path
+from runtime.cluster.placement import (
+    TaskManagerPlacement,
+    TaskManagerProcess,
+    end_all,
+    runtime_import_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -394,10 +399,7 @@ class RayPlacement(TaskManagerPlacement):
         return process
 
     async def close(self) -> None:
-        for process in self._processes:
-            process.kill()
-        for process in self._processes:
-            await process.wait()
+        await end_all(self._processes)
         self._processes.clear()
         if self._ray_thread is not None:
             if self._disconnect_at_close:
