@@ -430,7 +430,9 @@ def test_status_checkpoints_endpoints_and_cancel(tmp_path: Path) -> None:
         assert status["job"] == "tracked"
         assert status["attempt"] == 1
         assert len(status["tasks"]) >= 2
-        assert all(set(t) == {"name", "state"} for t in status["tasks"])
+        assert all(set(t) == {"name", "state", "taskmanager"} for t in status["tasks"])
+        assert all(t["taskmanager"] is None for t in status["tasks"])
+        assert status["taskmanagers"] == []
         by_uid = {op["uid"]: op for op in status["operators"]}
         assert {"gen", "tracker", "out"} <= set(by_uid)
         for op in status["operators"]:
