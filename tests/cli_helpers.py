@@ -188,6 +188,77 @@ def operator_records_in(address: str, uid: str) -> int:
     return sum(op["records_in"] for op in status["operators"] if op["uid"] == uid)
 
 
+def operator_records_out(address: str, uid: str) -> int:
+    """Records the operator ``uid`` emitted so far, over all its subtasks (from ``/status``)."""
+    status = get_json(address, "/status")
+    return sum(op["records_out"] for op in status["operators"] if op["uid"] == uid)
+
+
+def job_on_taskmanagers(
+    proc: subprocess.Popen[bytes], stderr: Path, count: int, pids: list[int] | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """The control endpoint of the job ``proc`` (from its start-up line) and the ``taskmanagers``
+    entries of its ``/status`` (id, pid, host, slots, state, subtasks), once ``count``
+    TaskManagers run subtasks. Checks that they are ``count`` processes other than the job's and
+    that every task runs on one of them, as their subtask lists say; adds their pids to ``pids``
+    (for a clean-up with :func:`kill_leftover_taskmanagers`)."""
+    address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
+
+    def all_deployed() -> list[dict[str, Any]] | None:
+        taskmanagers: list[dict[str, Any]] = get_json(address, "/status")["taskmanagers"]
+        ready = len(taskmanagers) == count and all(tm["subtasks"] for tm in taskmanagers)
+        return taskmanagers if ready else None
+
+    taskmanagers = wait_for(all_deployed, f"{count} TaskManagers running subtasks", proc, stderr)
+    found = [tm["pid"] for tm in taskmanagers]
+    if pids is not None:
+        pids.extend(found)
+    assert len(set(found)) == count, taskmanagers
+    assert proc.pid not in found, taskmanagers
+    by_id = {tm["id"]: tm for tm in taskmanagers}
+    assert len(by_id) == count, taskmanagers
+    for name, tm_id in task_placement(address).items():
+        assert tm_id in by_id, (name, tm_id, taskmanagers)
+        assert name in by_id[tm_id]["subtasks"], (name, taskmanagers)
+    return address, taskmanagers
+
+
+def status_tasks(address: str) -> list[dict[str, Any]]:
+    """The ``tasks`` of ``/status``: name, state and the id of the TaskManager each runs on
+    (``taskmanager``; None in the job process)."""
+    tasks: list[dict[str, Any]] = get_json(address, "/status")["tasks"]
+    return tasks
+
+
+def task_placement(address: str) -> dict[str, str | None]:
+    """Per task name, the id of the TaskManager it runs on (None: in the job process)."""
+    return {task["name"]: task["taskmanager"] for task in status_tasks(address)}
+
+
+def file_etl_args(
+    out: Path, chk: Path, *extra: str, rate: int = 0, restore: str = "latest", rest: bool = False
+) -> list[str]:
+    """``run examples/file_etl.py`` arguments (for :func:`run_cli`): output into ``out``,
+    ``rate`` records per second per source subtask (0: unlimited), checkpoints every 100ms in
+    ``chk``, ``--restore restore``, no progress; the control endpoint on a free port (its address
+    in ``chk/rest-address``) only if ``rest``; ``extra`` (parallelism, ...) last."""
+    return [
+        "run",
+        str(ROOT / "examples" / "file_etl.py"),
+        *set_args(output=out, rate=rate),
+        "--checkpoint-dir",
+        str(chk),
+        "--checkpoint-interval",
+        "100ms",
+        "--restore",
+        restore,
+        "--no-progress",
+        "--rest-port",
+        "0" if rest else "-1",
+        *extra,
+    ]
+
+
 def set_args(**params: object) -> list[str]:
     """``--set KEY=VALUE`` arguments for each job parameter."""
     return [arg for key, value in params.items() for arg in ("--set", f"{key}={value}")]
@@ -316,6 +387,22 @@ def wait_until_gone(pids: Iterable[int], what: str, timeout: float = WAIT_S) -> 
             msg = f"timed out waiting for {what}: pids {alive} still run"
             raise AssertionError(msg)
         time.sleep(0.01)
+
+
+def kill_leftover_taskmanagers(pids: Iterable[int]) -> None:
+    """SIGKILL each of ``pids`` that still runs as a TaskManager (``python -m runtime
+    taskmanager``): the clean-up of a test whose TaskManagers should have ended by themselves.
+    A pid whose command line is no TaskManager's (the pid was reused) is left alone."""
+    for pid in pids:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if process_alive(pid) and b"taskmanager" in command:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def process_tree(pid: int) -> list[int]:

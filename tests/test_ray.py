@@ -39,8 +39,8 @@ from test_taskmanagers import (
     QUIET,
     WORDCOUNT,
     assert_a_killed_taskmanager_is_replaced_exactly_once,
-    job_on_taskmanagers,
     job_on_two_taskmanagers,
+    job_running_on_taskmanagers,
     run_at_parallelism_4,
 )
 from test_taskmanagers import write_job as write_job_file
@@ -255,7 +255,9 @@ def test_cluster_ray_runs_every_subtask_in_one_taskmanager_actor_with_one_taskma
 ) -> None:
     job = write_job_file(tmp_path, "pids.py", PIDS_JOB)
     out = tmp_path / "pids.jsonl"
-    with job_on_taskmanagers(tmp_path, job, 2, 1, *ON_RAY, "--set", f"output={out}") as running:
+    with job_running_on_taskmanagers(
+        tmp_path, job, 2, 1, *ON_RAY, "--set", f"output={out}"
+    ) as running:
         [taskmanager] = running.status["taskmanagers"]
         assert taskmanager["host"] == "127.0.0.1" and taskmanager["pid"] != running.proc.pid
         assert {t["taskmanager"] for t in running.status["tasks"]} == {taskmanager["id"]}

@@ -94,12 +94,12 @@ class RunningJob:
 def job_on_two_taskmanagers(
     tmp_path: Path, job_file: Path, parallelism: int, *args: str
 ) -> contextlib.AbstractContextManager[RunningJob]:
-    """``job_file`` running on two TaskManagers (see :func:`job_on_taskmanagers`)."""
-    return job_on_taskmanagers(tmp_path, job_file, parallelism, 2, *args)
+    """``job_file`` running on two TaskManagers (see :func:`job_running_on_taskmanagers`)."""
+    return job_running_on_taskmanagers(tmp_path, job_file, parallelism, 2, *args)
 
 
 @contextlib.contextmanager
-def job_on_taskmanagers(
+def job_running_on_taskmanagers(
     tmp_path: Path, job_file: Path, parallelism: int, taskmanagers: int, *args: str
 ) -> Iterator[RunningJob]:
     """``job_file`` running on ``taskmanagers`` TaskManagers, once every task of it runs; killed

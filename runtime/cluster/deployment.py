@@ -198,6 +198,7 @@ class ClusterDeployment(Deployment):
             GraphFingerprint.of(self.graph),
             heartbeat=self.heartbeat,
             on_message=self._on_message,
+            on_lost=lambda _: self._changed.set(),
             host=self.jobmanager_host,
         )
         try:
@@ -320,7 +321,8 @@ class ClusterDeployment(Deployment):
         )
 
     async def _wait_for(self, condition: Callable[[], bool], timeout_s: float) -> bool:
-        """Wait until ``condition`` holds, checked at every report; False after ``timeout_s``."""
+        """Wait until ``condition`` holds, checked at every report and TaskManager loss; False
+        after ``timeout_s``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while not condition():

@@ -191,7 +191,9 @@ class TaskManagerPool:
     control connection, gets ``job`` and must build a graph with the fingerprint ``expected``.
 
     ``on_message(handle, message)`` gets every message that is not the pool's own (task state,
-    checkpoint acknowledgements...), on the event loop, in the order each TaskManager sent them.
+    checkpoint acknowledgements...), on the event loop, in the order each TaskManager sent them;
+    ``on_lost(handle)`` is called when a ready TaskManager is declared lost (for whoever waits on
+    its tasks: they will not report any more).
     Use it as ``async with pool:`` or call :meth:`shutdown` at the end.
     """
 
@@ -204,6 +206,7 @@ class TaskManagerPool:
         heartbeat: HeartbeatConfig | None = None,
         registration_timeout_s: float = DEFAULT_REGISTRATION_TIMEOUT_S,
         on_message: Callable[[TaskManagerHandle, Any], None] | None = None,
+        on_lost: Callable[[TaskManagerHandle], None] | None = None,
         host: str = "127.0.0.1",
     ) -> None:
         self.placement = placement
@@ -212,6 +215,7 @@ class TaskManagerPool:
         self.heartbeat = heartbeat or HeartbeatConfig()
         self.registration_timeout_s = registration_timeout_s
         self.on_message = on_message
+        self.on_lost = on_lost
         self.host = host
         self.losses: list[TaskManagerLost] = []
         """Every loss so far, oldest first (replaced TaskManagers leave the pool, not this)."""
@@ -550,6 +554,8 @@ class TaskManagerPool:
             log.warning("%s", handle.loss.describe())
             self.losses.append(handle.loss)
             self._lost.set()
+            if self.on_lost is not None:
+                self.on_lost(handle)
 
     def _kill(self, handle: TaskManagerHandle, fence: bool = False) -> None:
         """Kill its process if it may still run; ``fence``: it was alive, the pool ends it (so
