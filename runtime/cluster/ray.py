@@ -62,6 +62,9 @@ PLACEMENT_TIMEOUT_S = 60.0
 """From asking Ray for a TaskManager's actor to the actor running: Ray must find a node with the
 CPUs free and start a worker process there."""
 
+ACTOR_END_TIMEOUT_S = 10.0
+"""How long Ray may take to report the end of an actor that was killed."""
+
 RAY_CONNECT_TIMEOUT_S = 5.0
 """How long the Ray cluster named by ``RAY_ADDRESS`` may take to accept a TCP connection; Ray
 itself would retry for minutes."""
@@ -215,8 +218,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 class TaskManagerActor:
-    """The Ray actor that hosts one TaskManager (see the module docstring). Its methods run one
-    at a time, in the order the placement calls them: :meth:`identity`, then :meth:`run`."""
+    """The Ray actor that hosts one TaskManager (see the module docstring). The placement calls
+    :meth:`identity`, then :meth:`run` and :meth:`until_ended`, which run side by side (two
+    method calls at a time: ``max_concurrency=2``)."""
 
     def __init__(self, tm_id: str) -> None:
         self.tm_id = tm_id
@@ -261,6 +265,11 @@ class TaskManagerActor:
             raise failure[0]
         return outcome[0]
 
+    def until_ended(self) -> None:
+        """Returns never: the call fails once Ray has the actor for dead, which is how the
+        placement learns that it ended."""
+        threading.Event().wait()
+
 
 def _run_on_own_loop(coro: Any) -> Any:
     try:
@@ -274,13 +283,17 @@ class RayTaskManagerProcess(TaskManagerProcess):
     """A TaskManager's Ray actor, as its placement sees it. ``pid`` and ``host``: the actor's
     worker process and the address of its node, as the actor reported them."""
 
-    def __init__(self, tm_id: str, pid: int, host: str, actor: Any, running: Any) -> None:
+    def __init__(
+        self, tm_id: str, pid: int, host: str, actor: Any, running: Any, lifetime: Any
+    ) -> None:
         self.tm_id = tm_id
         self.pid = pid
         self.host = host
         self.actor = actor
         self._running = running
         """The ObjectRef of the actor's ``run`` call: its outcome, or the actor's death."""
+        self._lifetime = lifetime
+        """The ObjectRef of its ``until_ended`` call, which fails once Ray has it for dead."""
         self._ended: asyncio.Task[int | None] | None = None
         self._output: list[str] = []
 
@@ -303,11 +316,12 @@ class RayTaskManagerProcess(TaskManagerProcess):
     async def _wait_ended(self) -> int | None:
         from ray.exceptions import RayActorError, RayError
 
+        code: int | None
         try:
             code, reason = await self._running
         except RayActorError as exc:
             log.info("the actor of TaskManager %s ended: %s", self.tm_id, _first_line(exc))
-            return None
+            code = None
         except RayError as exc:
             # run() raised: a bug, not a TaskManager that ended in an orderly way.
             self._output.append(f"its actor failed: {_first_line(exc)}")
@@ -318,7 +332,17 @@ class RayTaskManagerProcess(TaskManagerProcess):
         # The TaskManager ended; its actor goes too, so that its CPUs return to Ray. Killed, not
         # left to exit by itself: Ray keeps the name of an actor that did so registered.
         self.kill()
-        return int(code)
+        try:
+            await asyncio.wait_for(self._lifetime, ACTOR_END_TIMEOUT_S)
+        except RayError:
+            pass  # how the call ends once Ray has the actor for dead
+        except TimeoutError:
+            log.warning(
+                "Ray did not report the end of the actor of TaskManager %s within %ss",
+                self.tm_id,
+                ACTOR_END_TIMEOUT_S,
+            )
+        return code
 
 
 def ray_placement(slots: int) -> RayPlacement:
@@ -381,6 +405,7 @@ class RayPlacement(TaskManagerPlacement):
             num_cpus=self.cpus_per_taskmanager,
             max_restarts=0,
             max_task_retries=0,
+            max_concurrency=2,
             runtime_env={"env_vars": {"PYTHONPATH": runtime_import_path()}},
         ).remote(tm_id)
         try:
@@ -393,7 +418,9 @@ class RayPlacement(TaskManagerPlacement):
             msg = f"Ray could not start the actor of TaskManager {tm_id}: {_first_line(exc)}"
             raise RayPlacementError(msg) from exc
         running = actor.run.remote(jobmanager_host, jobmanager_port, self.slots)
-        process = RayTaskManagerProcess(tm_id, pid, host, actor, running)
+        process = RayTaskManagerProcess(
+            tm_id, pid, host, actor, running, actor.until_ended.remote()
+        )
         self._processes.append(process)
         log.info("started TaskManager %s as a Ray actor (pid %d on %s)", tm_id, pid, host)
         return process
