@@ -32,6 +32,10 @@ DEFAULT_REST_HOST = "127.0.0.1"
 DEFAULT_REST_PORT = 0
 """Port of the control endpoint: 0 lets the system pick a free one."""
 
+DEFAULT_JOBMANAGER_HOST = "127.0.0.1"
+"""The JobManager listens for its TaskManagers' control connections on loopback only unless asked
+otherwise (TaskManagers on other machines must reach it)."""
+
 
 @dataclass
 class CheckpointConfig:

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -102,14 +103,25 @@ def write_job(
     return path
 
 
-def job_spec(job_file: Path, parallelism: int = 2) -> JobSpec:
-    return JobSpec.create(job_file, {"run": "test"}, parallelism, 128, "job", ExecutionConfig())
+def job_spec(job_file: Path, parallelism: int = 2, checkpoint_dir: Path | None = None) -> JobSpec:
+    return JobSpec.create(
+        job_file,
+        {"run": "test"},
+        parallelism,
+        128,
+        "job",
+        ExecutionConfig(),
+        checkpoint_dir=checkpoint_dir,
+    )
 
 
 def pool_for(
-    job_file: Path, slots: int = 1, heartbeat: HeartbeatConfig | None = None
+    job_file: Path,
+    slots: int = 1,
+    heartbeat: HeartbeatConfig | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> TaskManagerPool:
-    spec = job_spec(job_file)
+    spec = job_spec(job_file, checkpoint_dir=checkpoint_dir)
     return TaskManagerPool(
         LocalProcessPlacement(slots),
         spec,
@@ -142,8 +154,9 @@ def test_the_job_spec_carries_every_shippable_execution_config_field() -> None:
         on_newer_committed_output=NewerOutputPolicy.KEEP,
         allow_existing_output=True,
     )
-    spec = JobSpec.create("job.py", {"a": "1"}, 3, 64, "name", config)
+    spec = JobSpec.create("job.py", {"a": "1"}, 3, 64, "name", config, checkpoint_dir="chk")
     assert Path(spec.job_file).is_absolute()
+    assert spec.checkpoint_dir == str(Path("chk").resolve())
     shipped = decode_message(encode_message(TaskManagerRegistered(spec, 1.0))).job
     assert shipped == spec
     received = shipped.config.to_config()
@@ -353,6 +366,28 @@ async def test_a_taskmanager_that_cannot_load_the_job_file_is_one_clear_line(
     message = await start_failure(pool, 1)
     assert message.startswith("TaskManager tm-1 (pid ")
     assert f"could not build the job graph: job file {str(missing)!r} not found" in message
+
+
+@pytest.mark.asyncio
+async def test_taskmanagers_check_that_they_can_write_into_the_checkpoint_directory(
+    tmp_path: Path,
+) -> None:
+    checkpoints = tmp_path / "chk"
+    checkpoints.mkdir()
+    async with pool_for(write_job(tmp_path), checkpoint_dir=checkpoints) as pool:
+        assert len(await pool.start(2)) == 2
+    assert list(checkpoints.iterdir()) == []  # their probe files are gone
+    # A directory that is not there for them, as on a node without the shared file system.
+    unreachable = tmp_path / "not-mounted" / "chk"
+    message = await start_failure(pool_for(write_job(tmp_path), checkpoint_dir=unreachable), 2)
+    assert re.match(
+        rf"TaskManager tm-[12] \(pid \d+\) on host 127\.0\.0\.1 cannot write into the "
+        rf"checkpoint directory {re.escape(str(unreachable))}: \[Errno 2\] No such file or "
+        "directory;",
+        message,
+    )
+    assert "every TaskManager must reach the checkpoint directory" in message
+    assert not unreachable.parent.exists()  # a TaskManager never creates it
 
 
 @pytest.mark.asyncio

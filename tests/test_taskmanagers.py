@@ -91,22 +91,30 @@ class RunningJob:
         return self.proc.wait(timeout=timeout)
 
 
-@contextlib.contextmanager
 def job_on_two_taskmanagers(
     tmp_path: Path, job_file: Path, parallelism: int, *args: str
+) -> contextlib.AbstractContextManager[RunningJob]:
+    """``job_file`` running on two TaskManagers (see :func:`job_running_on_taskmanagers`)."""
+    return job_running_on_taskmanagers(tmp_path, job_file, parallelism, 2, *args)
+
+
+@contextlib.contextmanager
+def job_running_on_taskmanagers(
+    tmp_path: Path, job_file: Path, parallelism: int, taskmanagers: int, *args: str
 ) -> Iterator[RunningJob]:
-    """``job_file`` running on two TaskManagers, once every task of it runs; killed at the end
-    if it still runs."""
+    """``job_file`` running on ``taskmanagers`` TaskManagers, once every task of it runs; killed
+    at the end if it still runs."""
     stderr = tmp_path / "stderr.txt"
     proc = start_cli(
         stderr,
-        *("run", str(job_file), "--parallelism", str(parallelism), "--taskmanagers", "2"),
-        *args,
-        *("--rest-port", "0", "--no-progress"),
+        *("run", str(job_file), "--parallelism", str(parallelism)),
+        *("--taskmanagers", str(taskmanagers), *args, "--rest-port", "0", "--no-progress"),
     )
     try:
         address = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
-        status = wait_for(lambda: running_status(address, 2), "every task to run", proc, stderr)
+        status = wait_for(
+            lambda: running_status(address, taskmanagers), "every task to run", proc, stderr
+        )
         yield RunningJob(proc, stderr, address, status)
     finally:
         stop_process(proc)
@@ -300,6 +308,14 @@ async def test_status_in_one_process_names_no_taskmanager() -> None:
 def test_a_taskmanager_killed_mid_run_is_replaced_and_the_output_is_exactly_once(
     tmp_path: Path,
 ) -> None:
+    err = assert_a_killed_taskmanager_is_replaced_exactly_once(tmp_path)
+    assert "killed by SIGKILL" in err
+
+
+def assert_a_killed_taskmanager_is_replaced_exactly_once(tmp_path: Path, *args: str) -> str:
+    """Run the file ETL at parallelism 4 on two TaskManagers (``args`` added), SIGKILL the one
+    that reads the first split once two checkpoints completed, and check that a fresh one
+    replaces it and the job ends with its output exactly once; the job's stderr."""
     out = tmp_path / "out"
     chk = tmp_path / "chk"
     with job_on_two_taskmanagers(
@@ -308,7 +324,7 @@ def test_a_taskmanager_killed_mid_run_is_replaced_and_the_output_is_exactly_once
         4,
         *("--set", f"output={out}", "--set", "rate=1000"),
         *("--checkpoint-interval", "100ms", "--checkpoint-dir", str(chk)),
-        *("--restart-strategy", "fixed-delay:3:100ms"),
+        *("--restart-strategy", "fixed-delay:3:100ms", *args),
     ) as running:
         proc, stderr, address, status = (
             running.proc,
@@ -336,8 +352,8 @@ def test_a_taskmanager_killed_mid_run_is_replaced_and_the_output_is_exactly_once
     assert victim["pid"] not in {tm["pid"] for tm in recovered["taskmanagers"]}
     err = stderr.read_text()
     assert f"TaskManager {reading} (pid {victim['pid']}) lost" in err
-    assert "killed by SIGKILL" in err
     assert_exact_output(out)
+    return err
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 where they are placed.
 
 - :mod:`runtime.cluster.placement`: starts and stops TaskManagers (:class:`TaskManagerPlacement`;
-  :class:`LocalProcessPlacement` runs them as child processes of this machine).
+  :class:`LocalProcessPlacement` runs them as child processes of this machine);
+  :mod:`runtime.cluster.ray`: as Ray actors (``--cluster ray``, an optional extra).
 - :mod:`runtime.cluster.jobmanager`: the JobManager's side of the control connections
   (:class:`TaskManagerPool`: start, registration, heartbeats, loss, replacement, shutdown).
 - :mod:`runtime.cluster.taskmanager`: a TaskManager's side (:func:`run_taskmanager`, behind

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from actors.protocol import (
@@ -67,7 +68,7 @@ from runtime.cluster.messages import (
     TaskManagerAddress,
 )
 from runtime.cluster.placement import TaskManagerPlacement, make_placement
-from runtime.config import ExecutionConfig
+from runtime.config import DEFAULT_JOBMANAGER_HOST, ExecutionConfig
 from runtime.master.deployment import AttemptDeployment, Deployment, DeploymentError
 from runtime.plan.execution import subtask_name, upstream_task_ids
 from runtime.plan.graph import JobGraph
@@ -152,12 +153,16 @@ class ClusterDeployment(Deployment):
         *,
         heartbeat: HeartbeatConfig | None = None,
         cancel_timeout_s: float = CANCEL_TIMEOUT_S,
+        jobmanager_host: str = DEFAULT_JOBMANAGER_HOST,
     ) -> None:
         self.graph = graph
         self.job = job
         self.placement = placement
         self.count = taskmanagers
         self.heartbeat = heartbeat
+        self.jobmanager_host = jobmanager_host
+        """Where the pool listens for the TaskManagers' control connections: an address of this
+        machine that they reach."""
         self.cancel_timeout_s = cancel_timeout_s
         self.pool: TaskManagerPool | None = None
         self.handles: dict[TaskId, RemoteTaskHandle] = {}
@@ -178,6 +183,15 @@ class ClusterDeployment(Deployment):
     async def start(self) -> None:
         """Start the TaskManagers and wait until each built the job graph; raises
         :class:`~runtime.cluster.jobmanager.TaskManagerStartError` when one does not."""
+        if self.job.checkpoint_dir is not None:
+            # Created here, before the TaskManagers check that they can write into it.
+            try:
+                await asyncio.to_thread(
+                    Path(self.job.checkpoint_dir).mkdir, parents=True, exist_ok=True
+                )
+            except OSError as exc:
+                msg = f"cannot create the checkpoint directory {self.job.checkpoint_dir}: {exc}"
+                raise DeploymentError(msg) from exc
         self.pool = TaskManagerPool(
             self.placement,
             self.job,
@@ -185,6 +199,7 @@ class ClusterDeployment(Deployment):
             heartbeat=self.heartbeat,
             on_message=self._on_message,
             on_lost=lambda _: self._changed.set(),
+            host=self.jobmanager_host,
         )
         try:
             started = await self.pool.start(self.count)
@@ -417,10 +432,29 @@ def taskmanager_deployment(
     config: ExecutionConfig,
     taskmanagers: int,
     placement: str = "local",
+    *,
+    jobmanager_host: str = DEFAULT_JOBMANAGER_HOST,
+    checkpoint_dir: str | None = None,
 ) -> ClusterDeployment:
     """The deployment of ``graph``, built from ``job_file`` with ``params``, ``parallelism`` and
     ``max_parallelism``, onto ``taskmanagers`` TaskManagers of the ``placement`` kind
-    (:func:`~runtime.cluster.placement.make_placement`), each with the slots its share needs."""
-    job = JobSpec.create(job_file, params, parallelism, max_parallelism, graph.name, config)
+    (:func:`~runtime.cluster.placement.make_placement`), each with the slots its share needs,
+    which connect to the JobManager at ``jobmanager_host`` and check that they can write into
+    ``checkpoint_dir``. Raises ``ValueError`` for a placement that is unknown or not installed."""
+    job = JobSpec.create(
+        job_file,
+        params,
+        parallelism,
+        max_parallelism,
+        graph.name,
+        config,
+        checkpoint_dir=checkpoint_dir,
+    )
     slots = slots_per_taskmanager(graph, taskmanagers)
-    return ClusterDeployment(graph, job, make_placement(placement, slots), taskmanagers)
+    return ClusterDeployment(
+        graph,
+        job,
+        make_placement(placement, slots),
+        taskmanagers,
+        jobmanager_host=jobmanager_host,
+    )

@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from actors.wire import WireFormatError, decode_message, encode_message, frame, read_frame
 from runtime.cluster.jobspec import GraphFingerprint, JobSpec
 from runtime.cluster.messages import (
+    CheckpointDirectoryUnwritable,
     Heartbeat,
     JobGraphFailed,
     JobGraphReady,
@@ -477,6 +478,8 @@ class TaskManagerPool:
                 handle,
                 _NotReady(f"could not build the job graph: {message.reason}", False),
             )
+        elif isinstance(message, CheckpointDirectoryUnwritable):
+            self._not_ready(handle, _NotReady(message.describe(), False))
         elif self.on_message is not None:
             self.on_message(handle, message)
         else:

@@ -121,6 +121,9 @@ class JobSpec:
     max_parallelism: int
     job_name: str
     config: ExecutionConfigSpec
+    checkpoint_dir: str | None = None
+    """Absolute; every TaskManager checks at its start that it can write there (the JobManager
+    creates it before). None: checkpoints stay in the JobManager's memory."""
 
     @classmethod
     def create(
@@ -131,6 +134,8 @@ class JobSpec:
         max_parallelism: int,
         job_name: str,
         config: ExecutionConfig,
+        *,
+        checkpoint_dir: str | Path | None = None,
     ) -> JobSpec:
         return cls(
             str(Path(job_file).resolve()),
@@ -139,6 +144,7 @@ class JobSpec:
             max_parallelism,
             job_name,
             ExecutionConfigSpec.of(config),
+            str(Path(checkpoint_dir).resolve()) if checkpoint_dir is not None else None,
         )
 
     def build_graph(self) -> JobGraph:

@@ -10,7 +10,7 @@ task messages of :mod:`actors.protocol` (:mod:`actors.wire` frames and encodes b
    a thread of its own, so a user function that keeps the TaskManager's event loop busy does not
    stop them.
 4. TaskManager → JobManager: :class:`JobGraphReady` with the fingerprint of the graph it built,
-   or :class:`JobGraphFailed`.
+   or :class:`JobGraphFailed`, or :class:`CheckpointDirectoryUnwritable`.
 5. Per job attempt, JobManager → TaskManager: :class:`DeployAttempt` (the subtasks it runs, with
    their restored state, and where every other subtask runs); then task commands, each in a
    :class:`~actors.protocol.CommandForTask`. TaskManager → JobManager: the tasks' reports
@@ -67,6 +67,25 @@ class RegistrationRefused:
 @dataclass(frozen=True)
 class Heartbeat:
     tm_id: str
+
+
+@wire_message("cluster.checkpoint-dir-unwritable")
+@dataclass(frozen=True)
+class CheckpointDirectoryUnwritable:
+    """Instead of :class:`JobGraphReady`: this TaskManager cannot write into the job's checkpoint
+    directory, so the job cannot start."""
+
+    directory: str
+    host: str
+    error: str
+
+    def describe(self) -> str:
+        """Completes "TaskManager tm-1 (pid 42) ..."."""
+        return (
+            f"on host {self.host} cannot write into the checkpoint directory {self.directory}: "
+            f"{self.error}; every TaskManager must reach the checkpoint directory and write "
+            "there (on several machines: a shared file system mounted at the same path)"
+        )
 
 
 @wire_message("cluster.graph-ready")

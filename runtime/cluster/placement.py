@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -193,31 +193,44 @@ class LocalProcessPlacement(TaskManagerPlacement):
         return started
 
     async def close(self) -> None:
-        for process in self._processes:
-            process.kill()
-        for process in self._processes:
-            await process.wait()
+        await end_all(self._processes)
         self._processes.clear()
 
 
+async def end_all(processes: Sequence[TaskManagerProcess]) -> None:
+    """Kill each of ``processes`` that still runs, then wait until every one ended."""
+    for process in processes:
+        process.kill()
+    for process in processes:
+        await process.wait()
+
+
 def _same_runtime_environment() -> dict[str, str]:
-    """This process's environment, with this checkout of the runtime first on the import path:
-    a TaskManager must run the JobManager's code (its messages and its graph building), whatever
-    the directory or the installed copy."""
-    env = dict(os.environ)
+    """This process's environment, with :func:`runtime_import_path`."""
+    return {**os.environ, "PYTHONPATH": runtime_import_path()}
+
+
+def runtime_import_path() -> str:
+    """A ``PYTHONPATH`` with this checkout of the runtime first: a TaskManager must run the
+    JobManager's code (its messages and its graph building), whatever the directory or the
+    installed copy."""
     root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
 
 
-PLACEMENTS = ("local",)
+PLACEMENTS = ("local", "ray")
 """The kinds of :func:`make_placement`."""
 
 
 def make_placement(kind: str, slots: int) -> TaskManagerPlacement:
     """The placement ``kind`` names, for TaskManagers of ``slots`` slots each: ``local`` starts
-    them as child processes of this one."""
+    them as child processes of this one, ``ray`` as Ray actors (:mod:`runtime.cluster.ray`).
+    Raises ``ValueError`` for a kind that is unknown, or whose optional extra is not installed."""
     if kind == "local":
         return LocalProcessPlacement(slots)
+    if kind == "ray":
+        from runtime.cluster.ray import ray_placement  # Ray is an optional extra: only here
+
+        return ray_placement(slots)
     msg = f"unknown TaskManager placement {kind!r}; known: {', '.join(PLACEMENTS)}"
     raise ValueError(msg)

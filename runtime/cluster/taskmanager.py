@@ -33,6 +33,7 @@ from actors.wire import WireFormatError, decode_message, encode_message, frame, 
 from runtime.api.streams import JobDefinitionError
 from runtime.cluster.jobspec import GraphFingerprint, JobSpec
 from runtime.cluster.messages import (
+    CheckpointDirectoryUnwritable,
     DeployAttempt,
     Heartbeat,
     JobGraphFailed,
@@ -322,6 +323,10 @@ class TaskManager:
     def _on_registered(self, message: TaskManagerRegistered) -> None:
         self.link.start_heartbeats(Heartbeat(self.tm_id), message.heartbeat_interval_s)
         self.job = message.job
+        unwritable = probe_checkpoint_directory(message.job, self.tm_id, self.link.local_host)
+        if unwritable is not None:
+            self.link.send(unwritable)
+            return
         # On the event loop, where the tasks will use the graph; heartbeats go on from their thread.
         try:
             self.graph = message.job.build_graph()
@@ -363,6 +368,26 @@ class TaskManager:
 
     def _on_shutdown(self, message: ShutdownTaskManager) -> TaskManagerExit:
         return TaskManagerExit(EXIT_SHUT_DOWN, f"shut down by the JobManager: {message.reason}")
+
+
+def probe_checkpoint_directory(
+    job: JobSpec, tm_id: str, host: str
+) -> CheckpointDirectoryUnwritable | None:
+    """Create and remove a file in the job's checkpoint directory; what went wrong, if anything.
+    Never creates the directory (the JobManager did): on a node where the shared file system is
+    not mounted, the directory is not there, and that must fail the start, not go unnoticed."""
+    if job.checkpoint_dir is None:
+        return None
+    probe = os.path.join(job.checkpoint_dir, f".taskmanager-probe-{tm_id}-{os.getpid()}")
+    try:
+        with open(probe, "xb") as file:
+            file.write(b"probe")
+        os.remove(probe)
+    except OSError as exc:
+        log.error("TaskManager %s cannot write into %s: %s", tm_id, job.checkpoint_dir, exc)
+        error = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
+        return CheckpointDirectoryUnwritable(job.checkpoint_dir, host, error)
+    return None
 
 
 def _one_line(exc: Exception, job_file: str) -> str:

@@ -26,7 +26,9 @@ from runtime.api.durations import format_duration, parse_duration
 from runtime.api.streams import JobDefinitionError
 from runtime.cluster.deployment import taskmanager_deployment
 from runtime.cluster.jobmanager import TaskManagerLostError, TaskManagerStartError
+from runtime.cluster.placement import PLACEMENTS
 from runtime.config import (
+    DEFAULT_JOBMANAGER_HOST,
     DEFAULT_MAX_PARALLELISM,
     DEFAULT_PARALLELISM,
     DEFAULT_REST_HOST,
@@ -321,6 +323,23 @@ def make_parser() -> argparse.ArgumentParser:
         "(job master, checkpoint coordinator, control endpoint); 1: every subtask in this "
         "process",
     )
+    _add_option(
+        run,
+        "--cluster",
+        choices=list(PLACEMENTS),
+        default="local",
+        help="where the TaskManagers run: local, as child processes of this one; ray, as Ray "
+        "actors on the cluster at RAY_ADDRESS, else on a local Ray instance (then even "
+        "--taskmanagers 1 is one TaskManager actor, which runs every subtask)",
+    )
+    _add_option(
+        run,
+        "--jobmanager-host",
+        default=DEFAULT_JOBMANAGER_HOST,
+        metavar="HOST",
+        help="the address this process listens on for its TaskManagers' control connections; "
+        "on a Ray cluster of several machines, one of this machine's that the nodes reach",
+    )
     run.add_argument("--no-progress", action="store_true", help="do not show progress")
     run.add_argument("--log-level", default="WARNING")
 
@@ -448,16 +467,26 @@ def _run(args: Any) -> int:
         return EXIT_USAGE
     storage = CheckpointStorage(args.checkpoint_dir, graph.name)
     deployment = None
-    if args.taskmanagers > 1:
-        deployment = taskmanager_deployment(
-            args.file,
-            params,
-            args.parallelism,
-            args.max_parallelism,
-            graph,
-            config,
-            args.taskmanagers,
-        )
+    if args.taskmanagers > 1 or args.cluster != "local":
+        try:
+            deployment = taskmanager_deployment(
+                args.file,
+                params,
+                args.parallelism,
+                args.max_parallelism,
+                graph,
+                config,
+                args.taskmanagers,
+                args.cluster,
+                jobmanager_host=args.jobmanager_host,
+                checkpoint_dir=args.checkpoint_dir,
+            )
+        except ValueError as exc:
+            _error(str(exc))
+            return EXIT_USAGE
+    elif args.jobmanager_host != DEFAULT_JOBMANAGER_HOST:
+        _error("--jobmanager-host needs TaskManagers (--taskmanagers N, or --cluster ray)")
+        return EXIT_USAGE
     master = JobMaster(graph, config, storage=storage, restored=restored, deployment=deployment)
     reporter = None if args.no_progress else ProgressReporter(master)
     shutdown = GracefulShutdown(
