@@ -1,6 +1,6 @@
 """Scale-out: the same jobs on one process and on TaskManager processes, measured in one run.
 
-    python bench/scaleout.py [--records 1000000] [--events 300000] [--skip-kafka]
+    python bench/scaleout.py [--records 1000000] [--events 300000] [--repeat 3] [--skip-kafka]
 
 Two pipelines, each run with ``python -m runtime run ... --parallelism 2`` once with
 ``--taskmanagers 1`` (every subtask on the job process's event loop) and once with
@@ -14,11 +14,14 @@ Two pipelines, each run with ``python -m runtime run ... --parallelism 2`` once 
 For each run it prints the processing time: from the sinks' first write to their last (in memory:
 the ``SPAN`` lines its sink subtasks print; Kafka ETL: the timestamps of the first and last output
 record), so that starting processes and loading the job are not in it; input records per second of
-that time; the job's duration from its summary line; the whole command's wall time; the CPU seconds of the process tree (the job process and
-its TaskManagers, from ``RUSAGE_CHILDREN``; the broker is not counted) and the peak resident memory
-of the process tree (sampled every 20 ms from /proc). Then the speed-up (processing time at 1
-TaskManager / at 2) against the targets of a 2-core machine: 1.7x in memory, 1.5x for Kafka ETL (the
-broker shares the cores). Each run's records in/out are checked against the expected counts.
+that time; the job's duration from its summary line; the whole command's wall time; the CPU seconds
+of the process tree (the job process and its TaskManagers, from ``RUSAGE_CHILDREN``; the broker is
+not counted) and the peak resident memory of the process tree (sampled every 20 ms from /proc).
+Each way runs ``--repeat`` times, alternating; the speed-up is the best processing time at 1
+TaskManager over the best at 2 (this machine's speed varies by a third from one second to the next;
+other load only ever adds time), with the ratio of each pair of runs to show the noise, against the
+targets of a 2-core machine: 1.7x in memory, 1.5x for Kafka ETL (the broker shares the cores). Each
+run's records in/out are checked against the expected counts.
 """
 
 from __future__ import annotations
@@ -161,13 +164,19 @@ def report(runs: list[Run], inputs: dict[str, int]) -> bool:
     met = True
     print()
     for pipeline, target in TARGETS.items():
-        pair = {r.taskmanagers: r for r in runs if r.pipeline == pipeline}
-        if len(pair) < 2:
+        one = [r.processing_s for r in runs if r.pipeline == pipeline and r.taskmanagers == 1]
+        two = [r.processing_s for r in runs if r.pipeline == pipeline and r.taskmanagers == 2]
+        if not one or not two:
             continue
-        speedup = pair[1].processing_s / pair[2].processing_s
+        # Best against best: other load on the machine only ever adds time.
+        speedup = min(one) / min(two)
+        pairs = ", ".join(f"{a / b:.2f}" for a, b in zip(one, two, strict=True))
         verdict = "meets" if speedup >= target else "BELOW"
         met &= speedup >= target
-        print(f"{pipeline}: speed-up {speedup:.2f}x with 2 TaskManagers: {verdict} {target}x")
+        print(
+            f"{pipeline}: speed-up {speedup:.2f}x with 2 TaskManagers (best/best; per pair "
+            f"{pairs}): {verdict} {target}x"
+        )
     return met
 
 
@@ -176,6 +185,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each")
     parser.add_argument("--skip-kafka", action="store_true")
     args = parser.parse_args()
     print(f"{os.cpu_count()} cores; in-memory: {args.records:,} records, {args.users:,} users")
@@ -184,7 +194,7 @@ def main() -> None:
     purchases = expected_in_memory(args.records, args.users)
     job = ["bench/jobs/scaleout_pipeline.py", "--set", f"records={args.records}"]
     job += ["--set", f"users={args.users}"]
-    for taskmanagers in (1, 2):
+    for taskmanagers in (1, 2) * args.repeat:
         run = run_job_command("in-memory", taskmanagers, job)
         counted = run.operators.get("count", (0, 0))[0]
         if counted != purchases:
@@ -201,18 +211,31 @@ def main() -> None:
             ends = run_coroutine(load(bootstrap, events))
             assert sum(ends.values()) == args.events, ends
             del events
-            for taskmanagers in (1, 2):
-                output = f"scaleout-out-{taskmanagers}"
+            for attempt, taskmanagers in enumerate((1, 2) * args.repeat):
+                output = f"scaleout-out-{attempt}"
                 run_coroutine(create_topics(bootstrap, [output], PARTITIONS))
                 kafka_job = ["examples/kafka_etl.py", "--set", f"bootstrap={bootstrap}"]
                 kafka_job += ["--set", f"input_topic={INPUT_TOPIC}", "--set", "bounded=true"]
                 kafka_job += ["--set", f"output_topic={output}", "--checkpoint-interval", "1s"]
                 run = run_job_command("Kafka ETL", taskmanagers, kafka_job)
+                received = run.operators.get("Sink: Kafka totals", (0, 0))[0]
+                if received != kafka_purchases:
+                    msg = (
+                        f"Kafka ETL at {taskmanagers} TM: the sink received {received}, expected "
+                        f"{kafka_purchases}"
+                    )
+                    raise SystemExit(msg)
+                # A Tansu 0.6 fetch can stall a consumer before the end: read again before calling
+                # records missing.
                 written = run_coroutine(read_output(bootstrap, output, "read_uncommitted"))
+                for _ in range(2):
+                    if written.count == kafka_purchases:
+                        break
+                    written = run_coroutine(read_output(bootstrap, output, "read_uncommitted"))
                 if written.count != kafka_purchases:
                     msg = (
-                        f"Kafka ETL at {taskmanagers} TM: wrote {written.count}, expected "
-                        f"{kafka_purchases}"
+                        f"Kafka ETL at {taskmanagers} TM: the output topic holds {written.count} "
+                        f"records after three reads, the sink received {kafka_purchases}"
                     )
                     raise SystemExit(msg)
                 run.processing_s = (written.last_timestamp_ms - written.first_timestamp_ms) / 1e3
