@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runtime.cluster.messages import LossCause
 from state.keygroups import DEFAULT_MAX_PARALLELISM
 from state.storage import (
     CheckpointKind,
@@ -370,20 +371,25 @@ def process_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
+LOST_AT_ONCE = frozenset(LossCause) - {LossCause.HEARTBEAT_TIMEOUT}
+"""How a TaskManager that died is lost: its connection's or process's end is seen at once; only a
+live but silent one waits for the heartbeat timeout."""
+
+
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` still runs; a zombie does not."""
     return process_state(pid) not in (None, "Z")
 
 
-def wait_until_gone(pids: Iterable[int], what: str, timeout: float = WAIT_S) -> float:
-    """Poll until none of ``pids`` runs (see :func:`process_alive`); the seconds it took."""
+def wait_until_gone(pids: Iterable[int], what: str, timeout: float = WAIT_S) -> None:
+    """Poll until none of ``pids`` runs (see :func:`process_alive`); fail after ``timeout``."""
     pids = list(pids)
-    started = time.monotonic()
+    deadline = time.monotonic() + timeout
     while True:
         alive = [pid for pid in pids if process_alive(pid)]
         if not alive:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
+            return
+        if time.monotonic() > deadline:
             msg = f"timed out waiting for {what}: pids {alive} still run"
             raise AssertionError(msg)
         time.sleep(0.01)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import (
+    LOST_AT_ONCE,
     ROOT,
     process_alive,
     run_cli,
@@ -219,15 +220,17 @@ async def test_a_chatty_taskmanager_never_blocks_and_its_output_is_not_lost(
 
 
 @pytest.mark.asyncio
-async def test_a_sigkilled_taskmanager_is_detected_within_a_second(tmp_path: Path) -> None:
+async def test_a_sigkilled_taskmanager_is_lost_by_its_connection_end_not_by_heartbeats(
+    tmp_path: Path,
+) -> None:
+    # Detected at once: the end of its connection or process, never the heartbeat timeout.
     async with pool_for(write_job(tmp_path)) as pool:
         victim, survivor = await pool.start(2)
         watch = asyncio.create_task(pool.watch())
-        killed_at = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
         with pytest.raises(TaskManagerLostError) as lost:
             await watch
-        assert time.monotonic() - killed_at < 1.0
+        assert lost.value.loss.cause in LOST_AT_ONCE
         assert lost.value.loss.tm_id == victim.tm_id
         assert f"TaskManager tm-1 (pid {victim.pid}) lost" in str(lost.value)
         assert "killed by SIGKILL" in str(lost.value)
@@ -488,7 +491,7 @@ def start_jobmanager(tmp_path: Path, job_file: Path, state: str) -> tuple[list[i
 @pytest.mark.slow
 def test_no_taskmanager_outlives_a_sigkilled_jobmanager(tmp_path: Path) -> None:
     pids, _ = start_jobmanager(tmp_path, write_job(tmp_path), "ready")
-    assert wait_until_gone(pids, "the TaskManagers to exit", timeout=10.0) < 3.0
+    wait_until_gone(pids, "the TaskManagers to exit", timeout=3.0)
 
 
 @pytest.mark.slow
@@ -497,8 +500,7 @@ def test_a_taskmanager_stuck_in_a_user_function_still_exits_when_its_jobmanager_
 ) -> None:
     # build(job) computes for a minute in the TaskManagers: their event loop never gets to run.
     pids, _ = start_jobmanager(tmp_path, write_job(tmp_path, busy_s=60.0), "registered")
-    took = wait_until_gone(pids, "the TaskManagers to exit", timeout=DEFAULT_EXIT_GRACE_S + 10.0)
-    assert took < DEFAULT_EXIT_GRACE_S + 3.0
+    wait_until_gone(pids, "the TaskManagers to exit", timeout=DEFAULT_EXIT_GRACE_S + 3.0)
 
 
 PARENT = """

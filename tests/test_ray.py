@@ -17,13 +17,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 from cli_helpers import (
+    LOST_AT_ONCE,
     ROOT,
     listening_sockets,
     process_alive,
@@ -159,11 +159,10 @@ async def test_a_killed_actor_is_a_lost_taskmanager_and_a_fresh_actor_replaces_i
         watch = asyncio.create_task(pool.watch())
         await asyncio.sleep(0)
         assert not watch.done()
-        killed_at = time.monotonic()
         ray.kill(ray.get_actor(victim.tm_id, namespace=placement.namespace))
         with pytest.raises(TaskManagerLostError) as lost:
             await watch
-        assert time.monotonic() - killed_at < 5.0
+        assert lost.value.loss.cause in LOST_AT_ONCE
         assert lost.value.loss.tm_id == victim.tm_id
         assert f"TaskManager tm-1 (pid {victim.pid}) lost" in str(lost.value)
         assert survivor.state is TaskManagerState.READY
@@ -285,7 +284,7 @@ def test_no_taskmanager_actor_outlives_a_sigkilled_jobmanager(
         stop_process(running.proc)
     assert running.proc.returncode == -signal.SIGKILL
     pids = [tm["pid"] for tm in running.status["taskmanagers"]]
-    assert wait_until_gone(pids, "the TaskManager actors to end", timeout=20.0) < 5.0
+    wait_until_gone(pids, "the TaskManager actors to end", timeout=5.0)
 
 
 def test_the_single_machine_path_imports_nothing_from_ray(tmp_path: Path) -> None:
