@@ -247,6 +247,15 @@ def file_etl_args(
         "run",
         str(ROOT / "examples" / "file_etl.py"),
         *set_args(output=out, rate=rate),
+        *checkpointed_run_args(chk, restore, rest),
+        *extra,
+    ]
+
+
+def checkpointed_run_args(chk: Path, restore: str = "latest", rest: bool = False) -> list[str]:
+    """The ``run`` options of a test job that checkpoints: every 100ms into ``chk``, ``--restore
+    restore``, no progress, the control endpoint on a free port only if ``rest``."""
+    return [
         "--checkpoint-dir",
         str(chk),
         "--checkpoint-interval",
@@ -256,7 +265,6 @@ def file_etl_args(
         "--no-progress",
         "--rest-port",
         "0" if rest else "-1",
-        *extra,
     ]
 
 

@@ -19,6 +19,7 @@ import pytest
 from cli_helpers import (
     ROOT,
     RUN_TIMEOUT_S,
+    checkpointed_run_args,
     max_completed,
     run_command,
     wait_for,
@@ -73,15 +74,7 @@ def etl_command(
         f"output={out}",
         "--set",
         f"rate={rate}",
-        "--checkpoint-dir",
-        str(chk),
-        "--checkpoint-interval",
-        "100ms",
-        "--restore",
-        restore,
-        "--no-progress",
-        "--rest-port",
-        "0" if rest else "-1",
+        *checkpointed_run_args(chk, restore, rest),
     ]
     if bounded:
         command += ["--set", "bounded=true"]
