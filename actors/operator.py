@@ -36,11 +36,14 @@ from state.snapshot import OperatorSnapshot, RestoredState
 class OperatorMetrics:
     """Records in and out of one operator in one subtask (read by the progress reporter)."""
 
-    __slots__ = ("records_in", "records_out")
+    __slots__ = ("late_records_dropped", "records_in", "records_out")
 
     def __init__(self) -> None:
         self.records_in = 0
         self.records_out = 0
+        self.late_records_dropped = 0
+        """Records a window operator dropped as later than its allowed lateness (no late-data
+        side output)."""
 
 
 class NewerOutputPolicy(enum.StrEnum):

@@ -238,6 +238,7 @@ class DeclineCheckpoint:
 class OperatorRecords:
     records_in: int
     records_out: int
+    late_records_dropped: int = 0
 
 
 @wire_message("control.task-metrics")

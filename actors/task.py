@@ -487,7 +487,9 @@ class StreamTask:
         return TaskMetrics(
             self.task_id,
             {
-                op.uid: OperatorRecords(op.metrics.records_in, op.metrics.records_out)
+                op.uid: OperatorRecords(
+                    op.metrics.records_in, op.metrics.records_out, op.metrics.late_records_dropped
+                )
                 for op in self.operators
             },
             lag,

@@ -25,3 +25,24 @@ def format_duration(seconds: float) -> str:
     if 0 < seconds < 1:
         return f"{seconds * 1000:g}ms"
     return f"{seconds:g}s"
+
+
+def duration_ms(value: int | str, what: str = "duration") -> int:
+    """Milliseconds in ``value``: an int is milliseconds already, a string is parsed as a duration
+    (``"10s"``, ``"1min"``, ``"250ms"``; a bare number in a string is seconds, as on the CLI).
+    Raises ValueError naming ``what`` for a negative value, a bool or a float."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        msg = f"{what} must be int milliseconds or a duration string like '10s', got {value!r}"
+        raise ValueError(msg)
+    if isinstance(value, str):
+        try:
+            millis = round(parse_duration(value) * 1000)
+        except ValueError as exc:
+            msg = f"{what}: {exc}"
+            raise ValueError(msg) from None
+    else:
+        millis = value
+    if millis < 0:
+        msg = f"{what} must not be negative, got {value!r}"
+        raise ValueError(msg)
+    return millis

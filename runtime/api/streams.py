@@ -19,7 +19,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.partitioner import (
     BroadcastPartitioner,
@@ -37,6 +37,9 @@ from runtime.api.sinks import PrintSink, Sink
 from runtime.api.sources import Source
 from runtime.config import DEFAULT_PARALLELISM
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
+
+if TYPE_CHECKING:
+    from runtime.api.windows import AllWindowedStream, WindowAssigner, WindowedStream
 
 
 class JobDefinitionError(ValueError):
@@ -308,6 +311,13 @@ class DataStream:
             raise JobDefinitionError(msg)
         return ConnectedStreams(self, other)
 
+    def window_all(self, assigner: WindowAssigner) -> AllWindowedStream:
+        """Group the whole (non-keyed) stream into windows of ``assigner``, evaluated by one
+        subtask (parallelism 1): an ``AllWindowedStream``."""
+        from runtime.api.windows import AllWindowedStream
+
+        return AllWindowedStream(self, assigner)
+
     def sink_to(self, sink: Sink, name: str | None = None) -> DataStream:
         from runtime.api.sinks import SinkOperator
 
@@ -346,6 +356,13 @@ class KeyedStream(DataStream):
 
         _require_sync("reduce()", fn)
         return self._operator(KeyedReduceOperator, "Reduce", fn, name, self.key_selector)
+
+    def window(self, assigner: WindowAssigner) -> WindowedStream:
+        """Group each key's records into the windows of ``assigner`` (``runtime.windows``):
+        a ``WindowedStream``, finished by ``reduce``, ``aggregate`` or ``process``."""
+        from runtime.api.windows import WindowedStream
+
+        return WindowedStream(self, assigner)
 
     def process(
         self, fn: KeyedProcessFunction[Any, Any, Any], name: str | None = None

@@ -1,0 +1,373 @@
+"""Windows: the output of tumbling, sliding and session windows over out-of-order events equals a
+plain Python computation of the same windows (written here), at parallelism 1, 2 and 4, with late
+records within the allowed lateness (updated results) and beyond it (dropped and counted);
+triggers; processing-time windows on an injected clock; window state in checkpoints.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from actors.events import MAX_TIMESTAMP, MIN_TIMESTAMP
+from connectors import CollectionSource, CollectSink
+from runtime import (
+    Collector,
+    ContinuousEventTimeTrigger,
+    CountTrigger,
+    EventTimeSessionWindows,
+    ExecutionConfig,
+    GlobalWindows,
+    JobDefinitionError,
+    KeyedProcessContext,
+    KeyedProcessFunction,
+    ProcessAllWindowFunction,
+    ProcessWindowFunction,
+    PurgingTrigger,
+    SlidingEventTimeWindows,
+    TimeWindow,
+    TumblingEventTimeWindows,
+    WindowContext,
+    run_job,
+)
+from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.master.jobmaster import JobMaster
+from runtime.shell.runner import build_graph, run_coroutine
+
+Window = tuple[int, int]
+Event = tuple[str, int, int]
+"""(key, event timestamp ms, amount)."""
+
+
+class OneByOneSource(Source[Any]):
+    """Emits its elements one per poll, from one split, so that the watermark of
+    ``assign_timestamps_and_watermarks`` follows every record (late records are deterministic)."""
+
+    def __init__(self, elements: list[Any]) -> None:
+        self.elements = list(elements)
+
+    def name(self) -> str:
+        return "OneByOne"
+
+    def create_splits(self, parallelism: int) -> list[Any]:
+        return [{"next": 0}]
+
+    def create_reader(self, context: SourceReaderContext) -> SourceReader[Any]:
+        return _OneByOneReader(self.elements)
+
+
+class _OneByOneReader(SourceReader[Any]):
+    def __init__(self, elements: list[Any]) -> None:
+        self.elements = elements
+        self.splits: list[dict[str, int]] = []
+
+    def add_splits(self, splits: list[Any]) -> None:
+        self.splits.extend(dict(s) for s in splits)
+
+    def poll(self, max_records: int) -> list[Any] | EndOfInput | None:
+        for split in self.splits:
+            if split["next"] < len(self.elements):
+                split["next"] += 1
+                return [self.elements[split["next"] - 1]]
+        return END_OF_INPUT
+
+    def snapshot_splits(self) -> list[Any]:
+        return [dict(s) for s in self.splits]
+
+
+class CountAndSum:
+    """An AggregateFunction: (count, sum of amounts) per window."""
+
+    def create_accumulator(self) -> list[int]:
+        return [0, 0]
+
+    def add(self, value: Event, accumulator: list[int]) -> list[int]:
+        accumulator[0] += 1
+        accumulator[1] += value[2]
+        return accumulator
+
+    def get_result(self, accumulator: list[int]) -> tuple[int, int]:
+        return accumulator[0], accumulator[1]
+
+    def merge(self, a: list[int], b: list[int]) -> list[int]:
+        return [a[0] + b[0], a[1] + b[1]]
+
+
+class WithWindow(ProcessWindowFunction[Any, Any, str]):
+    """Emits (key, start, end, result) for an aggregated or reduced value."""
+
+    def process(
+        self, key: str, context: WindowContext[str], elements: Any, out: Collector[Any]
+    ) -> None:
+        (result,) = list(elements)
+        out.collect((key, context.window.start, context.window.end, result))
+
+
+class CountAndSumOfElements(ProcessWindowFunction[Any, Any, str]):
+    """The same result from all elements of the window."""
+
+    def process(
+        self, key: str, context: WindowContext[str], elements: Any, out: Collector[Any]
+    ) -> None:
+        items = list(elements)
+        result = (len(items), sum(e[2] for e in items))
+        out.collect((key, context.window.start, context.window.end, result))
+
+
+def make_events(n: int, keys: int, seed: int, disorder: int, late_every: int) -> list[Event]:
+    """Events with timestamps increasing ~50 ms per event, out of order by up to ``disorder``
+    ms, and every ``late_every``-th event far in the past (late, some beyond any lateness)."""
+    rng = random.Random(seed)
+    events = []
+    for i in range(n):
+        ts = 10_000 + i * 50 + rng.randrange(disorder)
+        if i % late_every == late_every - 1:
+            ts -= rng.randrange(500, 8_000)
+        events.append((f"k{rng.randrange(keys)}", ts, rng.randrange(1, 100)))
+    return events
+
+
+class ForwardWithTimestamp(KeyedProcessFunction[Any, Any, Any]):
+    """Forwards each record with its timestamp: (timestamp, record)."""
+
+    def process_element(
+        self, value: Any, ctx: KeyedProcessContext[Any], out: Collector[Any]
+    ) -> None:
+        out.collect((ctx.timestamp, value))
+
+
+# ------------------------------------------------------------------------------ the reference
+
+
+def reference(
+    events: list[Event],
+    assign: Callable[[int], list[Window]],
+    out_of_orderness: int,
+    lateness: int,
+    session_gap: int | None = None,
+) -> tuple[list[tuple[str, int, int, tuple[int, int]]], int]:
+    """Flink's event-time window semantics with the default trigger, computed directly: every
+    firing as (key, start, end, (count, sum)), and the number of late records dropped. The
+    watermark after each record is ``max timestamp - out_of_orderness - 1``; MAX at the end."""
+    watermark = MIN_TIMESTAMP
+    highest = MIN_TIMESTAMP
+    contents: dict[tuple[str, Window], list[int]] = {}
+    fired: list[tuple[str, int, int, tuple[int, int]]] = []
+    dropped = 0
+
+    def fire(key: str, window: Window) -> None:
+        amounts = contents[(key, window)]
+        fired.append((key, window[0], window[1], (len(amounts), sum(amounts))))
+
+    def advance(new: int) -> None:
+        nonlocal watermark
+        for key, window in sorted(contents, key=lambda kw: (kw[1][1], kw[0], kw[1])):
+            max_ts = window[1] - 1
+            if watermark < max_ts <= new:
+                fire(key, window)
+        for key, window in list(contents):
+            if window[1] - 1 + lateness <= new:
+                del contents[(key, window)]
+        watermark = new
+
+    for key, ts, amount in events:
+        if session_gap is None:
+            windows = assign(ts)
+        else:
+            new = (ts, ts + session_gap)
+            mine = [w for k, w in contents if k == key and new[0] <= w[1] and new[1] >= w[0]]
+            if mine:
+                merged = (min(new[0], *(w[0] for w in mine)), max(new[1], *(w[1] for w in mine)))
+                amounts = [a for w in sorted(mine) for a in contents.pop((key, w))]
+                contents[(key, merged)] = amounts
+                new = merged
+            windows = [new]
+        live = [w for w in windows if w[1] - 1 + lateness > watermark]
+        if not live:
+            dropped += 1
+        for window in live:
+            contents.setdefault((key, window), []).append(amount)
+            if window[1] - 1 <= watermark:
+                fire(key, window)
+        highest = max(highest, ts)
+        if highest - out_of_orderness - 1 > watermark:
+            advance(highest - out_of_orderness - 1)
+    advance(MAX_TIMESTAMP)
+    return fired, dropped
+
+
+def tumbling(size: int) -> Callable[[int], list[Window]]:
+    return lambda ts: [(ts - ts % size, ts - ts % size + size)]
+
+
+def sliding(size: int, slide: int) -> Callable[[int], list[Window]]:
+    def assign(ts: int) -> list[Window]:
+        last = ts - ts % slide
+        return [(s, s + size) for s in range(last, ts - size, -slide)]
+
+    return assign
+
+
+# ------------------------------------------------------------------------------ the job
+
+
+def run_windows(
+    events: list[Event],
+    parallelism: int,
+    make_windowed: Callable[[Any], Any],
+    out_of_orderness: int,
+) -> tuple[list[Any], int]:
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        keyed = (
+            job.from_source(OneByOneSource(events))
+            .set_parallelism(1)
+            .assign_timestamps_and_watermarks(lambda e: e[1], out_of_orderness)
+            .set_parallelism(1)
+            .key_by(lambda e: e[0])
+        )
+        make_windowed(keyed).uid("windows").sink_to(sink)
+
+    master = JobMaster(build_graph(build, parallelism=parallelism), ExecutionConfig())
+    run_coroutine(master.run())
+    return sorted(sink.results), late_records_dropped(master, "windows")
+
+
+def late_records_dropped(master: JobMaster, uid: str) -> int:
+    """The late records the window operator ``uid`` dropped, over its subtasks."""
+    return sum(
+        op.metrics.late_records_dropped
+        for task in master.tasks
+        for op in task.operators
+        if op.uid == uid
+    )
+
+
+EVENTS = make_events(600, keys=7, seed=3, disorder=400, late_every=17)
+
+
+@pytest.mark.parametrize("parallelism", [1, 2, 4])
+def test_tumbling_windows_with_lateness_equal_the_reference(parallelism: int) -> None:
+    expected, dropped = reference(EVENTS, tumbling(1000), out_of_orderness=300, lateness=2000)
+    assert dropped > 0 and len(expected) > len({(k, s) for k, s, _, _ in expected})
+    got, got_dropped = run_windows(
+        EVENTS,
+        parallelism,
+        lambda keyed: (
+            keyed.window(TumblingEventTimeWindows.of("1s"))
+            .allowed_lateness("2s")
+            .aggregate(CountAndSum(), WithWindow())
+        ),
+        out_of_orderness=300,
+    )
+    assert got == sorted(expected)
+    assert got_dropped == dropped
+
+
+@pytest.mark.parametrize("parallelism", [1, 2, 4])
+def test_sliding_windows_with_lateness_equal_the_reference(parallelism: int) -> None:
+    expected, dropped = reference(EVENTS, sliding(1500, 500), out_of_orderness=300, lateness=1000)
+    assert dropped > 0 and len(expected) > len({(k, s) for k, s, _, _ in expected})
+    got, got_dropped = run_windows(
+        EVENTS,
+        parallelism,
+        lambda keyed: (
+            keyed.window(SlidingEventTimeWindows.of(1500, "500ms"))
+            .allowed_lateness(1000)
+            .process(CountAndSumOfElements())
+        ),
+        out_of_orderness=300,
+    )
+    assert got == sorted(expected)
+    assert got_dropped == dropped
+
+
+@pytest.mark.parametrize("parallelism", [1, 2, 4])
+def test_session_windows_merge_and_equal_the_reference(parallelism: int) -> None:
+    expected, dropped = reference(
+        EVENTS, tumbling(1), out_of_orderness=300, lateness=1000, session_gap=400
+    )
+    sessions = {(k, s, e) for k, s, e, _ in expected}
+    assert dropped > 0 and len(expected) > len(sessions)
+    assert any(e - s > 400 for _, s, e in sessions), "no session merged"
+    got, got_dropped = run_windows(
+        EVENTS,
+        parallelism,
+        lambda keyed: (
+            keyed.window(EventTimeSessionWindows.with_gap("400ms"))
+            .allowed_lateness("1s")
+            .aggregate(CountAndSum(), WithWindow())
+        ),
+        out_of_orderness=300,
+    )
+    assert got == sorted(expected)
+    assert got_dropped == dropped
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+def test_session_windows_with_all_elements_equal_the_reference(parallelism: int) -> None:
+    expected, dropped = reference(
+        EVENTS, tumbling(1), out_of_orderness=300, lateness=0, session_gap=400
+    )
+    got, got_dropped = run_windows(
+        EVENTS,
+        parallelism,
+        lambda keyed: keyed.window(EventTimeSessionWindows.with_gap(400)).process(
+            CountAndSumOfElements()
+        ),
+        out_of_orderness=300,
+    )
+    assert got == sorted(expected)
+    assert got_dropped == dropped
+
+
+def test_reduce_without_window_function_emits_the_reduced_value_at_the_window_end() -> None:
+    expected, _ = reference(EVENTS, tumbling(1000), out_of_orderness=300, lateness=0)
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(OneByOneSource(EVENTS))
+            .assign_timestamps_and_watermarks(lambda e: e[1], 300)
+            .key_by(lambda e: e[0])
+            .window(TumblingEventTimeWindows.of(1000))
+            .reduce(lambda a, b: (a[0], max(a[1], b[1]), a[2] + b[2]))
+            .map(lambda e: (e[0], e[2]))
+            .sink_to(sink)
+        )
+
+    run_job(build, parallelism=2)
+    assert sorted(sink.results) == sorted((k, total) for k, _, _, (_, total) in expected)
+
+
+def test_window_results_carry_the_window_max_timestamp() -> None:
+    class Stamps(ProcessWindowFunction[Any, Any, str]):
+        def process(self, key: str, context: Any, elements: Any, out: Collector[Any]) -> None:
+            out.collect((key, context.window, context.current_watermark(), len(list(elements))))
+
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(CollectionSource([("a", 5, 1), ("a", 1500, 1), ("b", 2500, 1)]))
+            .assign_timestamps_and_watermarks(lambda e: e[1])
+            .key_by(lambda e: e[0])
+            .window(TumblingEventTimeWindows.of("1s"))
+            .process(Stamps())
+            .key_by(lambda r: r[0])
+            .process(ForwardWithTimestamp())
+            .sink_to(sink)
+        )
+
+    run_job(build)
+    # The one buffer's watermark (2499) fires a's windows; b's fires at the end of the bounded
+    # input (MAX_WATERMARK), which fires every pending window.
+    assert sorted(sink.results) == [
+        (999, ("a", TimeWindow(0, 1000), 2499, 1)),
+        (1999, ("a", TimeWindow(1000, 2000), 2499, 1)),
+        (2999, ("b", TimeWindow(2000, 3000), MAX_TIMESTAMP, 1)),
+    ]
