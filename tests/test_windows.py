@@ -16,17 +16,11 @@ from actors.events import MAX_TIMESTAMP, MIN_TIMESTAMP
 from connectors import CollectionSource, CollectSink
 from runtime import (
     Collector,
-    ContinuousEventTimeTrigger,
-    CountTrigger,
     EventTimeSessionWindows,
     ExecutionConfig,
-    GlobalWindows,
-    JobDefinitionError,
     KeyedProcessContext,
     KeyedProcessFunction,
-    ProcessAllWindowFunction,
     ProcessWindowFunction,
-    PurgingTrigger,
     SlidingEventTimeWindows,
     TimeWindow,
     TumblingEventTimeWindows,
