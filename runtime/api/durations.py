@@ -25,3 +25,24 @@ def format_duration(seconds: float) -> str:
     if 0 < seconds < 1:
         return f"{seconds * 1000:g}ms"
     return f"{seconds:g}s"
+
+
+def duration_ms(value: int | str, what: str) -> int:
+    """Milliseconds from what job code passes for a window size, a gap, a lateness or a TTL: an
+    int of milliseconds, or a duration string (``"10s"``, ``"1min"``, ``"250ms"``). Raises
+    ValueError naming ``what`` otherwise (also for negative values)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        msg = f"{what}: expected milliseconds (an int) or a duration like '10s', got {value!r}"
+        raise ValueError(msg)
+    if isinstance(value, str):
+        try:
+            ms = round(parse_duration(value) * 1000)
+        except ValueError as exc:
+            msg = f"{what}: {exc}"
+            raise ValueError(msg) from None
+    else:
+        ms = value
+    if ms < 0:
+        msg = f"{what}: must not be negative, got {value!r}"
+        raise ValueError(msg)
+    return ms
