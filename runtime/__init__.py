@@ -6,6 +6,7 @@ build function from Python with :func:`run_job`.
 
 from actors.operator import NewerOutputPolicy
 from runtime.api.functions import (
+    AggregateFunction,
     Collector,
     FilterFunction,
     FlatMapFunction,
@@ -13,6 +14,7 @@ from runtime.api.functions import (
     KeyedProcessContext,
     KeyedProcessFunction,
     MapFunction,
+    OutputTag,
     ReduceFunction,
     RichFunction,
     RuntimeContext,
@@ -57,6 +59,7 @@ from runtime.master.jobmaster import JobFailedError, JobResult
 from runtime.shell.runner import load_job_file, run_job, run_job_async
 
 __all__ = [
+    "AggregateFunction",
     "AllWindowedStream",
     "CheckpointConfig",
     "Collector",
@@ -82,6 +85,7 @@ __all__ = [
     "KeyedStream",
     "MapFunction",
     "NewerOutputPolicy",
+    "OutputTag",
     "PrintSink",
     "ProcessAllWindowFunction",
     "ProcessWindowFunction",

@@ -11,6 +11,7 @@ import pytest
 
 PUBLIC = {
     "runtime": {
+        "AggregateFunction",
         "AllWindowedStream",
         "CheckpointConfig",
         "Collector",
@@ -36,6 +37,7 @@ PUBLIC = {
         "KeyedStream",
         "MapFunction",
         "NewerOutputPolicy",
+        "OutputTag",
         "PrintSink",
         "ProcessAllWindowFunction",
         "ProcessWindowFunction",

@@ -27,22 +27,22 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def duration_ms(value: int | str, what: str = "duration") -> int:
-    """Milliseconds in ``value``: an int is milliseconds already, a string is parsed as a duration
-    (``"10s"``, ``"1min"``, ``"250ms"``; a bare number in a string is seconds, as on the CLI).
-    Raises ValueError naming ``what`` for a negative value, a bool or a float."""
+def duration_ms(value: int | str, what: str) -> int:
+    """Milliseconds from what job code passes for a window size, a gap, a lateness or a TTL: an
+    int of milliseconds, or a duration string (``"10s"``, ``"1min"``, ``"250ms"``). Raises
+    ValueError naming ``what`` otherwise (also for negative values)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        msg = f"{what} must be int milliseconds or a duration string like '10s', got {value!r}"
+        msg = f"{what}: expected milliseconds (an int) or a duration like '10s', got {value!r}"
         raise ValueError(msg)
     if isinstance(value, str):
         try:
-            millis = round(parse_duration(value) * 1000)
+            ms = round(parse_duration(value) * 1000)
         except ValueError as exc:
             msg = f"{what}: {exc}"
             raise ValueError(msg) from None
     else:
-        millis = value
-    if millis < 0:
-        msg = f"{what} must not be negative, got {value!r}"
+        ms = value
+    if ms < 0:
+        msg = f"{what}: must not be negative, got {value!r}"
         raise ValueError(msg)
-    return millis
+    return ms
