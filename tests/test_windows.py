@@ -15,11 +15,13 @@ import pytest
 from actors.events import MAX_TIMESTAMP, MIN_TIMESTAMP
 from connectors import CollectionSource, CollectSink
 from runtime import (
+    AggregateFunction,
     Collector,
     EventTimeSessionWindows,
     ExecutionConfig,
     KeyedProcessContext,
     KeyedProcessFunction,
+    OutputTag,
     ProcessWindowFunction,
     SlidingEventTimeWindows,
     TimeWindow,
@@ -72,8 +74,8 @@ class _OneByOneReader(SourceReader[Any]):
         return [dict(s) for s in self.splits]
 
 
-class CountAndSum:
-    """An AggregateFunction: (count, sum of amounts) per window."""
+class CountAndSum(AggregateFunction[Event, list[int], tuple[int, int]]):
+    """(count, sum of amounts) per window."""
 
     def create_accumulator(self) -> list[int]:
         return [0, 0]
@@ -142,15 +144,15 @@ def reference(
     out_of_orderness: int,
     lateness: int,
     session_gap: int | None = None,
-) -> tuple[list[tuple[str, int, int, tuple[int, int]]], int]:
+) -> tuple[list[tuple[str, int, int, tuple[int, int]]], list[Event]]:
     """Flink's event-time window semantics with the default trigger, computed directly: every
-    firing as (key, start, end, (count, sum)), and the number of late records dropped. The
+    firing as (key, start, end, (count, sum)), and the records later than the lateness. The
     watermark after each record is ``max timestamp - out_of_orderness - 1``; MAX at the end."""
     watermark = MIN_TIMESTAMP
     highest = MIN_TIMESTAMP
     contents: dict[tuple[str, Window], list[int]] = {}
     fired: list[tuple[str, int, int, tuple[int, int]]] = []
-    dropped = 0
+    late: list[Event] = []
 
     def fire(key: str, window: Window) -> None:
         amounts = contents[(key, window)]
@@ -158,11 +160,9 @@ def reference(
 
     def advance(new: int) -> None:
         nonlocal watermark
-        for key, window in sorted(contents, key=lambda kw: (kw[1][1], kw[0], kw[1])):
-            max_ts = window[1] - 1
-            if watermark < max_ts <= new:
-                fire(key, window)
         for key, window in list(contents):
+            if watermark < window[1] - 1 <= new:
+                fire(key, window)
             if window[1] - 1 + lateness <= new:
                 del contents[(key, window)]
         watermark = new
@@ -171,6 +171,7 @@ def reference(
         if session_gap is None:
             windows = assign(ts)
         else:
+            # Merge first, then check lateness (as Flink's MergingWindowSet does).
             new = (ts, ts + session_gap)
             mine = [w for k, w in contents if k == key and new[0] <= w[1] and new[1] >= w[0]]
             if mine:
@@ -181,7 +182,7 @@ def reference(
             windows = [new]
         live = [w for w in windows if w[1] - 1 + lateness > watermark]
         if not live:
-            dropped += 1
+            late.append((key, ts, amount))
         for window in live:
             contents.setdefault((key, window), []).append(amount)
             if window[1] - 1 <= watermark:
@@ -190,7 +191,7 @@ def reference(
         if highest - out_of_orderness - 1 > watermark:
             advance(highest - out_of_orderness - 1)
     advance(MAX_TIMESTAMP)
-    return fired, dropped
+    return fired, late
 
 
 def tumbling(size: int) -> Callable[[int], list[Window]]:
@@ -213,8 +214,13 @@ def run_windows(
     parallelism: int,
     make_windowed: Callable[[Any], Any],
     out_of_orderness: int,
-) -> tuple[list[Any], int]:
+    late_tag: OutputTag | None = None,
+) -> tuple[list[Any], list[Any], int]:
+    """The window results, the late side output (of ``late_tag``) and the late records dropped,
+    for the windows ``make_windowed`` makes of ``events`` keyed by key (from one source subtask,
+    so that the watermark follows each record)."""
     sink = CollectSink()
+    late_sink = CollectSink()
 
     def build(job: Any) -> None:
         keyed = (
@@ -224,11 +230,15 @@ def run_windows(
             .set_parallelism(1)
             .key_by(lambda e: e[0])
         )
-        make_windowed(keyed).uid("windows").sink_to(sink)
+        windows = make_windowed(keyed).uid("windows")
+        windows.sink_to(sink)
+        if late_tag is not None:
+            windows.get_side_output(late_tag).sink_to(late_sink)
 
     master = JobMaster(build_graph(build, parallelism=parallelism), ExecutionConfig())
     run_coroutine(master.run())
-    return sorted(sink.results), late_records_dropped(master, "windows")
+    dropped = late_records_dropped(master, "windows")
+    return sorted(sink.results), sorted(late_sink.results), dropped
 
 
 def late_records_dropped(master: JobMaster, uid: str) -> int:
@@ -246,27 +256,31 @@ EVENTS = make_events(600, keys=7, seed=3, disorder=400, late_every=17)
 
 @pytest.mark.parametrize("parallelism", [1, 2, 4])
 def test_tumbling_windows_with_lateness_equal_the_reference(parallelism: int) -> None:
-    expected, dropped = reference(EVENTS, tumbling(1000), out_of_orderness=300, lateness=2000)
-    assert dropped > 0 and len(expected) > len({(k, s) for k, s, _, _ in expected})
-    got, got_dropped = run_windows(
+    expected, late = reference(EVENTS, tumbling(1000), out_of_orderness=300, lateness=2000)
+    # Some windows fired again for late records within the lateness; some records were later.
+    assert late and len(expected) > len({(k, s) for k, s, _, _ in expected})
+    tag = OutputTag("late")
+    got, got_late, dropped = run_windows(
         EVENTS,
         parallelism,
         lambda keyed: (
             keyed.window(TumblingEventTimeWindows.of("1s"))
             .allowed_lateness("2s")
+            .side_output_late_data(tag)
             .aggregate(CountAndSum(), WithWindow())
         ),
         out_of_orderness=300,
+        late_tag=tag,
     )
     assert got == sorted(expected)
-    assert got_dropped == dropped
+    assert (got_late, dropped) == (sorted(late), 0)
 
 
 @pytest.mark.parametrize("parallelism", [1, 2, 4])
 def test_sliding_windows_with_lateness_equal_the_reference(parallelism: int) -> None:
-    expected, dropped = reference(EVENTS, sliding(1500, 500), out_of_orderness=300, lateness=1000)
-    assert dropped > 0 and len(expected) > len({(k, s) for k, s, _, _ in expected})
-    got, got_dropped = run_windows(
+    expected, late = reference(EVENTS, sliding(1500, 500), out_of_orderness=300, lateness=1000)
+    assert late and len(expected) > len({(k, s) for k, s, _, _ in expected})
+    got, got_late, dropped = run_windows(
         EVENTS,
         parallelism,
         lambda keyed: (
@@ -277,37 +291,41 @@ def test_sliding_windows_with_lateness_equal_the_reference(parallelism: int) -> 
         out_of_orderness=300,
     )
     assert got == sorted(expected)
-    assert got_dropped == dropped
+    # Without a late-data side output, records later than the lateness are dropped and counted.
+    assert (got_late, dropped) == ([], len(late))
 
 
 @pytest.mark.parametrize("parallelism", [1, 2, 4])
 def test_session_windows_merge_and_equal_the_reference(parallelism: int) -> None:
-    expected, dropped = reference(
+    expected, late = reference(
         EVENTS, tumbling(1), out_of_orderness=300, lateness=1000, session_gap=400
     )
     sessions = {(k, s, e) for k, s, e, _ in expected}
-    assert dropped > 0 and len(expected) > len(sessions)
+    assert late and len(expected) > len(sessions)
     assert any(e - s > 400 for _, s, e in sessions), "no session merged"
-    got, got_dropped = run_windows(
+    tag = OutputTag("too-late")
+    got, got_late, dropped = run_windows(
         EVENTS,
         parallelism,
         lambda keyed: (
             keyed.window(EventTimeSessionWindows.with_gap("400ms"))
             .allowed_lateness("1s")
+            .side_output_late_data(tag)
             .aggregate(CountAndSum(), WithWindow())
         ),
         out_of_orderness=300,
+        late_tag=tag,
     )
     assert got == sorted(expected)
-    assert got_dropped == dropped
+    assert (got_late, dropped) == (sorted(late), 0)
 
 
 @pytest.mark.parametrize("parallelism", [1, 3])
 def test_session_windows_with_all_elements_equal_the_reference(parallelism: int) -> None:
-    expected, dropped = reference(
+    expected, late = reference(
         EVENTS, tumbling(1), out_of_orderness=300, lateness=0, session_gap=400
     )
-    got, got_dropped = run_windows(
+    got, _, dropped = run_windows(
         EVENTS,
         parallelism,
         lambda keyed: keyed.window(EventTimeSessionWindows.with_gap(400)).process(
@@ -316,7 +334,7 @@ def test_session_windows_with_all_elements_equal_the_reference(parallelism: int)
         out_of_orderness=300,
     )
     assert got == sorted(expected)
-    assert got_dropped == dropped
+    assert dropped == len(late)
 
 
 def test_reduce_without_window_function_emits_the_reduced_value_at_the_window_end() -> None:

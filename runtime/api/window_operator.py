@@ -34,7 +34,7 @@ from typing import Any
 
 from actors.events import MAX_TIMESTAMP, Watermark
 from actors.operator import UserFunctionError
-from runtime.api.functions import Collector, RichFunction, is_async_result
+from runtime.api.functions import Collector, OutputTag, RichFunction, is_async_result
 from runtime.api.operators import UserFunctionOperator, _async_result_error
 from runtime.api.windows import (
     EventTimeTrigger,
@@ -61,7 +61,7 @@ class WindowSpec:
     assigner: WindowAssigner
     trigger: Trigger
     allowed_lateness_ms: int
-    late_tag: Any
+    late_tag: OutputTag | None
     kind: str
     """``reduce``, ``aggregate`` or ``process``."""
     function: Any
@@ -672,5 +672,10 @@ class WindowOperator(UserFunctionOperator):
         values = self._late_values
         if not values:
             return
+        timestamps = self._late_timestamps
         self._late_values, self._late_timestamps = [], []
-        self.metrics.late_records_dropped += len(values)
+        tag = self.spec.late_tag
+        if tag is None:
+            self.metrics.late_records_dropped += len(values)
+        else:
+            await self.emit_side(tag.name, values, timestamps)

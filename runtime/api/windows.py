@@ -38,7 +38,7 @@ from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from actors.events import MAX_TIMESTAMP
 from runtime.api.durations import duration_ms
-from runtime.api.functions import Collector, RichFunction
+from runtime.api.functions import Collector, OutputTag, RichFunction
 from runtime.api.streams import DataStream, JobDefinitionError, KeyedStream, _require_sync
 from state.keyed import ReducingStateDescriptor
 
@@ -656,7 +656,7 @@ class WindowedStream:
         self._assigner = assigner
         self._trigger: Trigger = assigner.default_trigger()
         self._allowed_lateness = 0
-        self._late_tag: Any = None
+        self._late_tag: OutputTag | None = None
 
     def trigger(self, trigger: Trigger) -> WindowedStream:
         """Replace the assigner's default trigger."""
@@ -684,6 +684,9 @@ class WindowedStream:
     def side_output_late_data(self, tag: Any) -> WindowedStream:
         """Send records later than the allowed lateness to the side output ``tag`` (an
         ``OutputTag``), read with ``result.get_side_output(tag)``, instead of dropping them."""
+        if not isinstance(tag, OutputTag):
+            msg = f"side_output_late_data() needs an OutputTag, got {type(tag).__name__}"
+            raise JobDefinitionError(msg)
         self._late_tag = tag
         return self
 
