@@ -17,12 +17,19 @@ from connectors import CollectionSource, CollectSink
 from runtime import (
     AggregateFunction,
     Collector,
+    ContinuousEventTimeTrigger,
+    CountTrigger,
     EventTimeSessionWindows,
     ExecutionConfig,
+    GlobalWindows,
+    Job,
+    JobDefinitionError,
     KeyedProcessContext,
     KeyedProcessFunction,
     OutputTag,
+    ProcessAllWindowFunction,
     ProcessWindowFunction,
+    PurgingTrigger,
     SlidingEventTimeWindows,
     TimeWindow,
     TumblingEventTimeWindows,
@@ -383,3 +390,173 @@ def test_window_results_carry_the_window_max_timestamp() -> None:
         (1999, ("a", TimeWindow(1000, 2000), 2499, 1)),
         (2999, ("b", TimeWindow(2000, 3000), MAX_TIMESTAMP, 1)),
     ]
+
+
+# ------------------------------------------------------------------------------ triggers
+
+
+class Elements(ProcessWindowFunction[Any, Any, str]):
+    """Emits (key, the window's elements' amounts in arrival order)."""
+
+    def process(self, key: str, context: Any, elements: Any, out: Collector[Any]) -> None:
+        out.collect((key, [e[2] for e in elements]))
+
+
+class _NoMerge(CountTrigger):
+    def can_merge(self) -> bool:
+        return False
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+
+def per_key(results: list[Any]) -> dict[str, list[Any]]:
+    grouped: dict[str, list[Any]] = {}
+    for key, value in results:
+        grouped.setdefault(key, []).append(value)
+    return grouped
+
+
+COUNTED = [("a", 0, i) for i in range(1, 8)] + [("b", 0, i) for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_count_trigger_fires_the_global_window_every_n_elements_keeping_its_contents(
+    parallelism: int,
+) -> None:
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(CollectionSource(COUNTED))
+            .set_parallelism(1)
+            .key_by(lambda e: e[0])
+            .window(GlobalWindows.create())
+            .trigger(CountTrigger.of(3))
+            .process(Elements())
+            .sink_to(sink)
+        )
+
+    run_job(build, parallelism=parallelism)
+    # The global window never ends: the last elements of a (7) and b (4) never fire.
+    assert per_key(sink.results) == {"a": [[1, 2, 3], [1, 2, 3, 4, 5, 6]], "b": [[1, 2, 3]]}
+
+
+def test_purging_trigger_makes_each_count_firing_see_only_the_new_elements() -> None:
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(CollectionSource(COUNTED))
+            .set_parallelism(1)
+            .key_by(lambda e: e[0])
+            .window(GlobalWindows.create())
+            .trigger(PurgingTrigger.of(CountTrigger.of(3)))
+            .process(Elements())
+            .sink_to(sink)
+        )
+
+    run_job(build, parallelism=2)
+    assert per_key(sink.results) == {"a": [[1, 2, 3], [4, 5, 6]], "b": [[1, 2, 3]]}
+
+
+def test_count_trigger_state_merges_with_session_windows() -> None:
+    # Two sessions of a that merge once the bridging record arrives: their counts add up.
+    records = [("a", 0, 1), ("a", 1000, 2), ("a", 500, 3), ("a", 1100, 4)]
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(OneByOneSource(records))
+            .assign_timestamps_and_watermarks(lambda e: e[1], 5000)
+            .key_by(lambda e: e[0])
+            .window(EventTimeSessionWindows.with_gap(600))
+            .trigger(CountTrigger.of(4))
+            .process(Elements())
+            .sink_to(sink)
+        )
+
+    run_job(build)
+    # [0,600) and [1000,1600) merge through [500,1100) into [0,1600): their counts (1 + 1) and
+    # contents merge, so the 4th element fires it.
+    assert sink.results == [("a", [1, 2, 3, 4])]
+
+
+def test_continuous_event_time_trigger_fires_every_interval_and_at_the_window_end() -> None:
+    records = [("a", ts, 1) for ts in range(0, 3000, 100)]
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(OneByOneSource(records))
+            .assign_timestamps_and_watermarks(lambda e: e[1])
+            .key_by(lambda e: e[0])
+            .window(TumblingEventTimeWindows.of("3s"))
+            .trigger(ContinuousEventTimeTrigger.of("1s"))
+            .aggregate(CountAndSum(), WithWindow())
+            .sink_to(sink)
+        )
+
+    run_job(build)
+    # The watermark after each record is its timestamp - 1: it passes 1000 after the record at
+    # 1100 (12 records so far), 2000 after the one at 2100 (22); the window's end fires at the
+    # end of input with all 30.
+    assert sink.results == [
+        ("a", 0, 3000, (12, 12)),
+        ("a", 0, 3000, (22, 22)),
+        ("a", 0, 3000, (30, 30)),
+    ]
+
+
+# ------------------------------------------------------------------------------ window_all
+
+
+class SumAll(ProcessAllWindowFunction[Any, Any]):
+    def process(self, context: Any, elements: Any, out: Collector[Any]) -> None:
+        out.collect((context.window.start, sum(e[2] for e in elements)))
+
+
+def test_window_all_evaluates_every_record_in_one_subtask() -> None:
+    records = [(f"k{i % 5}", i * 100, i) for i in range(50)]
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(CollectionSource(records))
+            .assign_timestamps_and_watermarks(lambda e: e[1])
+            .window_all(TumblingEventTimeWindows.of("1s"))
+            .process(SumAll())
+            .uid("all")
+            .sink_to(sink)
+        )
+
+    result = run_job(build, parallelism=3)
+    assert sorted(sink.results) == [(s * 1000, sum(range(s * 10, s * 10 + 10))) for s in range(5)]
+    assert next(op for op in result.operators if op.uid == "all").parallelism == 1
+
+
+def test_window_all_refuses_another_parallelism() -> None:
+    def build(job: Any) -> None:
+        (
+            job.from_source(CollectionSource([1]))
+            .window_all(GlobalWindows.create())
+            .reduce(lambda a, b: a + b)
+            .set_parallelism(2)
+        )
+
+    with pytest.raises(JobDefinitionError, match=r"window_all\(\) runs at parallelism 1"):
+        run_job(build)
+
+
+def test_window_definition_errors_name_what_to_change() -> None:
+    keyed = Job().from_source(CollectionSource([1])).key_by(lambda v: v)
+    with pytest.raises(ValueError, match="window size must be positive"):
+        TumblingEventTimeWindows.of(0)
+    with pytest.raises(ValueError, match="session gap: invalid duration"):
+        EventTimeSessionWindows.with_gap("soon")
+    with pytest.raises(JobDefinitionError, match="needs an AggregateFunction"):
+        keyed.window(TumblingEventTimeWindows.of(10)).aggregate(lambda v: v)
+    with pytest.raises(JobDefinitionError, match="needs a ProcessWindowFunction"):
+        keyed.window(TumblingEventTimeWindows.of(10)).process(lambda v: v)
+    with pytest.raises(JobDefinitionError, match="does not support merging windows"):
+        keyed.window(EventTimeSessionWindows.with_gap(10)).trigger(_NoMerge())

@@ -736,8 +736,9 @@ class WindowedStream:
         expected: type = ProcessAllWindowFunction if self._window_all else ProcessWindowFunction
         if window_function is not None:
             if not isinstance(window_function, expected):
+                role = "" if kind == "process" else " as its window_function"
                 msg = (
-                    f"the window function must be a {expected.__name__}, got "
+                    f"{kind}() needs a {expected.__name__}{role}, got "
                     f"{type(window_function).__name__}"
                 )
                 raise JobDefinitionError(msg)
