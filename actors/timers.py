@@ -153,6 +153,10 @@ class TimerService:
         """Like :meth:`due_event_timer_entries`, for processing time."""
         return self._processing.pop_due(now_ms)
 
+    def event_timer_entries(self) -> list[tuple[int, Any, Any]]:
+        """Every pending event-time timer as (timestamp, key, namespace), in firing order."""
+        return self._event.entries()
+
     def next_processing_timer(self) -> int | None:
         return self._processing.peek()
 

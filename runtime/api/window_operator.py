@@ -32,8 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from actors.events import MAX_TIMESTAMP, Watermark
+from actors.events import MAX_TIMESTAMP, MIN_TIMESTAMP, Watermark
 from actors.operator import UserFunctionError
+from actors.timers import TimerService
 from runtime.api.functions import Collector, OutputTag, RichFunction, is_async_result
 from runtime.api.operators import UserFunctionOperator, _async_result_error
 from runtime.api.windows import (
@@ -41,17 +42,29 @@ from runtime.api.windows import (
     ProcessWindowFunction,
     Trigger,
     TriggerContext,
+    TumblingEventTimeWindows,
     WindowAssigner,
     WindowContext,
     max_timestamp_of,
     window_of,
+    window_start,
 )
-from state.keyed import IncompatibleStateError, MapStateDescriptor
+from state.keyed import IncompatibleStateError, KeyedStateBackend, MapStateDescriptor
 from state.serde import SNAPSHOT_SCALAR_TYPES, check_state_value
+from state.snapshot import OperatorSnapshot
 
 _MISSING: Any = object()
 _CONTENTS = MapStateDescriptor[Any, Any]("window-contents")
 _SESSIONS = MapStateDescriptor[Any, Any]("session-windows")
+
+
+def _swapped(add: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``AggregateFunction.add(value, acc)`` as ``(acc, value)``, the order of reduce functions."""
+
+    def add_to(accumulator: Any, value: Any) -> Any:
+        return add(value, accumulator)
+
+    return add_to
 
 
 @dataclass(frozen=True)
@@ -262,6 +275,7 @@ class WindowOperator(UserFunctionOperator):
             and assigner.is_event_time
             and not assigner.is_merging
         )
+        self._tumbling = self._fast and type(assigner) is TumblingEventTimeWindows
 
     def _functions(self) -> list[Any]:
         return [f for f in (self.spec.function, self.spec.window_function) if f is not None]
@@ -271,6 +285,9 @@ class WindowOperator(UserFunctionOperator):
         backend = self.keyed_backend
         self._contents = backend.get_state(_CONTENTS)
         self._table: dict[Any, dict[Any, Any]] = self._contents._values
+        self._panes = _Panes(self)
+        if self._fast:
+            self._load_panes()
         self._sessions = backend.get_state(_SESSIONS) if self.spec.assigner.is_merging else None
         self._trigger_ctx = _TriggerContext(self)
         self._window_ctx = _WindowContext(self)
@@ -321,9 +338,12 @@ class WindowOperator(UserFunctionOperator):
         if self._check_first_key:
             self._verify_first_key(key_of, values[0])
         try:
-            if self._fast:
+            if self._tumbling:
                 assert timestamps is not None
-                self._add_event_time(values, timestamps, key_of)
+                self._panes.add_tumbling(values, timestamps, key_of)
+            elif self._fast:
+                assert timestamps is not None
+                self._panes.add(values, timestamps, key_of)
             else:
                 self._add_with_trigger(values, timestamps, key_of)
         except UserFunctionError:
@@ -333,55 +353,47 @@ class WindowOperator(UserFunctionOperator):
         await self._emit_fired()
         await self._emit_late()
 
-    def _add_event_time(
-        self, values: list[Any], timestamps: list[int], key_of: Callable[[Any], Any]
-    ) -> None:
-        """Tumbling or sliding event-time windows with the default trigger (EventTimeTrigger)."""
-        backend = self.keyed_backend
+    def _load_panes(self) -> None:
+        """Move restored window contents into the panes; a restored (key, window) without its
+        trigger timer at the window's end already fired (the snapshot's timers say so)."""
         timers = self.timers
-        assert backend is not None and timers is not None
-        table = self._table
-        assign = self.spec.assigner.assign_windows
-        watermark = timers.current_watermark
-        lateness = self._lateness
-        new_contents, add_to = self._accumulate()
-        register = timers.register_event_time_timer
-        late_values = self._late_values
-        late_timestamps = self._late_timestamps
-        missing = _MISSING
-        unchecked = True
-        for value, timestamp in zip(values, timestamps, strict=True):
-            key = key_of(value)
-            backend.current_key = key
-            per_key = table.get(key)
-            skipped = True
-            for window in assign(timestamp, 0):
-                max_timestamp = window[1] - 1
-                if max_timestamp + lateness <= watermark:
-                    continue
-                skipped = False
-                if per_key is None:
-                    per_key = table[key] = {}
-                contents = per_key.get(window, missing)
-                if contents is missing:
-                    contents = per_key[window] = new_contents(value)
-                    if unchecked:
-                        unchecked = False
-                        self._check_contents(contents)
-                    if lateness:
-                        register(min(max_timestamp + lateness, MAX_TIMESTAMP), window)
-                    if max_timestamp > watermark:
-                        register(max_timestamp, window)
-                        continue
-                else:
-                    contents = per_key[window] = add_to(contents, value)
-                    if max_timestamp > watermark:
-                        continue
-                # Within the allowed lateness: the window fires again with this record.
-                self._fire(key, window, contents)
-            if skipped and timestamp + lateness <= watermark:
-                late_values.append(value)
-                late_timestamps.append(timestamp)
+        assert timers is not None
+        fired_before = {(key, window) for window, key in self._panes.load(self._contents._values)}
+        for timestamp, key, window in timers.event_timer_entries():
+            if window is not None and timestamp == window[1] - 1:
+                fired_before.discard((key, window))
+        self._panes.mark_fired(fired_before)
+        self._contents._values.clear()
+        timers.clear()  # the panes fire and clean up by themselves
+
+    async def snapshot_state(self, checkpoint_id: int) -> OperatorSnapshot | None:
+        if not self._fast:
+            return await super().snapshot_state(checkpoint_id)
+        assert self.timers is not None and self.keyed_backend is not None
+        backend = self.keyed_backend
+        # The snapshot has the layout of the timer-driven path (contents per key, the trigger's
+        # and cleanup timers), so either path restores it.
+        snapshot_timers = TimerService(lambda: backend.current_key, self.context.clock, None)
+        self._contents._values = self._panes.to_keyed(
+            snapshot_timers, self.timers.current_watermark, backend
+        )
+        try:
+            snapshot = await super().snapshot_state(checkpoint_id)
+        finally:
+            self._contents._values = {}
+        if snapshot is None:
+            return None
+        return OperatorSnapshot(
+            keyed=snapshot.keyed,
+            operator=snapshot.operator,
+            timers=snapshot_timers.snapshot(self.context.max_parallelism),
+        )
+
+    def _verify_first_key(self, key_of: Callable[[Any], Any], value: Any) -> None:
+        super()._verify_first_key(key_of, value)
+        assert self.keyed_backend is not None
+        if not self.keyed_backend.restored_key_types:
+            self._panes.clear()  # --allow-non-restored-state dropped the restored state
 
     def _add_with_trigger(
         self, values: list[Any], timestamps: list[int] | None, key_of: Callable[[Any], Any]
@@ -444,7 +456,7 @@ class WindowOperator(UserFunctionOperator):
             return (lambda value: value), function
         if kind == "aggregate":
             create, add = function.create_accumulator, function.add
-            return (lambda value: add(value, create())), (lambda acc, value: add(value, acc))
+            return (lambda value: add(value, create())), _swapped(add)
 
         def append(elements: list[Any], value: Any) -> list[Any]:
             elements.append(value)
@@ -558,6 +570,19 @@ class WindowOperator(UserFunctionOperator):
     async def process_watermark(self, watermark: Watermark) -> None:
         timers = self.timers
         assert timers is not None
+        if self._fast:
+            previous = timers.current_watermark
+            if watermark.timestamp > previous:
+                timers.current_watermark = watermark.timestamp
+                try:
+                    self._panes.on_watermark(previous, watermark.timestamp)
+                except UserFunctionError:
+                    raise
+                except Exception as exc:
+                    raise self.user_error(exc) from exc
+                await self._emit_fired()
+            await self.output.emit_watermark(watermark)
+            return
         # Firing may register timers that are already due (e.g. at MAX_WATERMARK): loop.
         while True:
             due = timers.due_event_timer_entries(watermark.timestamp)
@@ -582,7 +607,6 @@ class WindowOperator(UserFunctionOperator):
         trigger = self.spec.trigger
         ctx = self._trigger_ctx
         scope = self._scope
-        fast = self._fast
         cleans = event_time is self._event_time
         sessions = self._sessions
         try:
@@ -590,23 +614,18 @@ class WindowOperator(UserFunctionOperator):
                 backend.current_key = key
                 if sessions is not None and window not in sessions._values.get(key, ()):
                     continue  # merged into another window meanwhile
-                per_key = table.get(key)
-                contents = _MISSING if per_key is None else per_key.get(window, _MISSING)
-                if fast:
-                    fire = timestamp == window[1] - 1
-                    purge = False
-                else:
-                    scope.window = window
-                    api_window = window_of(window)
-                    result = (
-                        trigger.on_event_time(timestamp, api_window, ctx)
-                        if event_time
-                        else trigger.on_processing_time(timestamp, api_window, ctx)
-                    )
-                    fire, purge = result.fire, result.purge
-                if fire and contents is not _MISSING:
+                windows = table.get(key)
+                contents = _MISSING if windows is None else windows.get(window, _MISSING)
+                scope.window = window
+                api_window = window_of(window)
+                result = (
+                    trigger.on_event_time(timestamp, api_window, ctx)
+                    if event_time
+                    else trigger.on_processing_time(timestamp, api_window, ctx)
+                )
+                if result.fire and contents is not _MISSING:
                     self._fire(key, window, contents)
-                if purge:
+                if result.purge:
                     self._purge(key, window)
                 if cleans and timestamp == self._cleanup_time(window):
                     self._clear_all_state(key, window)
@@ -649,17 +668,19 @@ class WindowOperator(UserFunctionOperator):
     def _clear_all_state(self, key: Any, window: tuple[int, ...]) -> None:
         """The window's cleanup time came: contents, trigger state and window state go."""
         self._purge(key, window)
-        scope = self._scope
-        scope.window = window
+        self._scope.window = window
         api_window = window_of(window)
-        if not self._fast:
-            self.spec.trigger.clear(api_window, self._trigger_ctx)
-        window_function = self.spec.window_function
-        if window_function is not None:
-            self._window_ctx.window = api_window
-            window_function.clear(self._window_ctx)
+        self.spec.trigger.clear(api_window, self._trigger_ctx)
+        self._clear_window_function(window)
         if self._sessions is not None:
             self._retire_session(window)
+
+    def _clear_window_function(self, window: tuple[int, ...]) -> None:
+        window_function = self.spec.window_function
+        if window_function is not None:
+            self._scope.window = window
+            self._window_ctx.window = window_of(window)
+            window_function.clear(self._window_ctx)
 
     async def _emit_fired(self) -> None:
         values, timestamps = self._out._take()
@@ -679,3 +700,228 @@ class WindowOperator(UserFunctionOperator):
             self.metrics.late_records_dropped += len(values)
         else:
             await self.emit_side(tag.name, values, timestamps)
+
+
+class _Panes:
+    """The contents of event-time windows with the default trigger (``EventTimeTrigger``),
+    window-major: ``{window: {key: contents}}``. A window's records mostly arrive together, so
+    a record costs one lookup of its key in the current window's pane; and every key of a window
+    fires at the same watermark, so the panes fire and clean up by window, without a timer per
+    key and window. Firing order is Flink's timers' order: by window end, then by the first
+    element's arrival per key.
+
+    ``fired`` holds restored (key, window) pairs that had fired already (within the allowed
+    lateness when the snapshot was taken): they fire again only for a new element.
+    """
+
+    __slots__ = ("_fired", "_next_due", "_operator", "_panes", "_unchecked")
+
+    def __init__(self, operator: WindowOperator) -> None:
+        self._operator = operator
+        self._panes: dict[Any, dict[Any, Any]] = {}
+        self._fired: dict[Any, set[Any]] = {}
+        self._next_due = MAX_TIMESTAMP
+        """The lowest watermark at which some window fires or is cleaned up."""
+        self._unchecked = True
+
+    def clear(self) -> None:
+        self._panes.clear()
+        self._fired.clear()
+        self._next_due = MAX_TIMESTAMP
+
+    def _cleanup(self, window: tuple[int, ...]) -> int:
+        return min(window[1] - 1 + self._operator._lateness, MAX_TIMESTAMP)
+
+    def _new_pane(self, window: tuple[int, ...], watermark: int) -> dict[Any, Any]:
+        pane: dict[Any, Any] = {}
+        self._panes[window] = pane
+        max_timestamp = window[1] - 1
+        due = max_timestamp if max_timestamp > watermark else self._cleanup(window)
+        if due < self._next_due:
+            self._next_due = due
+        return pane
+
+    def _first(self, contents: Any) -> Any:
+        if self._unchecked:
+            self._unchecked = False
+            self._operator._check_contents(contents)
+        return contents
+
+    def add_tumbling(
+        self, values: list[Any], timestamps: list[int], key_of: Callable[[Any], Any]
+    ) -> None:
+        """Tumbling windows: one per record, computed here (consecutive records mostly share
+        it, so its bounds and pane are reused)."""
+        operator = self._operator
+        backend = operator.keyed_backend
+        timers = operator.timers
+        assert backend is not None and timers is not None
+        assigner = operator.spec.assigner
+        size: int = getattr(assigner, "size")  # noqa: B009
+        offset: int = getattr(assigner, "offset")  # noqa: B009
+        watermark = timers.current_watermark
+        lateness = operator._lateness
+        new_contents, add_to = operator._accumulate()
+        # An AggregateFunction's add is called directly: one call per record, not two.
+        add = operator.spec.function.add if operator.spec.kind == "aggregate" else None
+        late_values = operator._late_values
+        late_timestamps = operator._late_timestamps
+        panes = self._panes
+        fired = self._fired
+        missing = _MISSING
+        self._unchecked = True
+        start = window_start(timestamps[0], offset, size) - size  # not the first record's
+        end = start + size
+        window: tuple[int, int] = (start, end)
+        pane: dict[Any, Any] = {}
+        fired_before: set[Any] | None = None
+        live = on_time = False
+        for value, timestamp in zip(values, timestamps, strict=True):
+            if not start <= timestamp < end:
+                start = timestamp - (timestamp - offset) % size
+                end = start + size
+                window = (start, end)
+                live = end - 1 + lateness > watermark
+                on_time = end - 1 > watermark
+                if live:
+                    pane = panes.get(window) or self._new_pane(window, watermark)
+                    fired_before = fired.get(window) if fired else None
+            if not live:
+                if timestamp + lateness <= watermark:
+                    late_values.append(value)
+                    late_timestamps.append(timestamp)
+                continue
+            key = key_of(value)
+            contents = pane.get(key, missing)
+            if contents is missing:
+                contents = pane[key] = self._first(new_contents(value))
+            elif add is not None:
+                contents = pane[key] = add(value, contents)
+            else:
+                contents = pane[key] = add_to(contents, value)
+            if on_time:
+                if fired_before:
+                    fired_before.discard(key)  # a new element: it fires again at the end
+                continue
+            # Within the allowed lateness: the window fires again with this record.
+            backend.current_key = key
+            operator._fire(key, window, contents)
+
+    def add(self, values: list[Any], timestamps: list[int], key_of: Callable[[Any], Any]) -> None:
+        """Sliding (or any other non-merging) windows: the assigner's windows per record."""
+        operator = self._operator
+        backend = operator.keyed_backend
+        timers = operator.timers
+        assert backend is not None and timers is not None
+        assign = operator.spec.assigner.assign_windows
+        watermark = timers.current_watermark
+        lateness = operator._lateness
+        new_contents, add_to = operator._accumulate()
+        late_values = operator._late_values
+        late_timestamps = operator._late_timestamps
+        panes = self._panes
+        fired = self._fired
+        missing = _MISSING
+        self._unchecked = True
+        for value, timestamp in zip(values, timestamps, strict=True):
+            key = missing
+            for window in assign(timestamp, 0):
+                max_timestamp = window[1] - 1
+                if max_timestamp + lateness <= watermark:
+                    continue
+                if key is missing:
+                    key = key_of(value)
+                pane = panes.get(window) or self._new_pane(window, watermark)
+                contents = pane.get(key, missing)
+                if contents is missing:
+                    contents = pane[key] = self._first(new_contents(value))
+                else:
+                    contents = pane[key] = add_to(contents, value)
+                if max_timestamp > watermark:
+                    if fired and window in fired:
+                        fired[window].discard(key)
+                    continue
+                # Within the allowed lateness: the window fires again with this record.
+                backend.current_key = key
+                operator._fire(key, window, contents)
+            if key is missing and timestamp + lateness <= watermark:
+                late_values.append(value)
+                late_timestamps.append(timestamp)
+
+    def on_watermark(self, previous: int, watermark: int) -> None:
+        """Fire the windows whose end the watermark passed, then drop those past their
+        cleanup time (end + allowed lateness)."""
+        if watermark < self._next_due:
+            return
+        operator = self._operator
+        backend = operator.keyed_backend
+        assert backend is not None
+        fire = operator._fire
+        panes = self._panes
+        for window in sorted(panes, key=_window_end):
+            pane = panes[window]
+            max_timestamp = window[1] - 1
+            if previous < max_timestamp <= watermark:
+                fired_before = self._fired.pop(window, None)
+                for key, contents in pane.items():
+                    if fired_before is None or key not in fired_before:
+                        backend.current_key = key
+                        fire(key, window, contents)
+            if self._cleanup(window) <= watermark:
+                del panes[window]
+                self._fired.pop(window, None)
+                if operator.spec.window_function is not None:
+                    for key in pane:
+                        backend.current_key = key
+                        operator._clear_window_function(window)
+        self._next_due = min(
+            (
+                window[1] - 1 if window[1] - 1 > watermark else self._cleanup(window)
+                for window in panes
+            ),
+            default=MAX_TIMESTAMP,
+        )
+
+    def load(self, table: dict[Any, dict[Any, Any]]) -> list[tuple[Any, Any]]:
+        """Take restored contents (per key, per window); the (window, key) pairs taken."""
+        taken = []
+        panes = self._panes
+        for key, windows in table.items():
+            for window, contents in windows.items():
+                pane = panes.get(window)
+                if pane is None:
+                    pane = self._new_pane(window, MIN_TIMESTAMP)
+                pane[key] = contents
+                taken.append((window, key))
+        return taken
+
+    def mark_fired(self, pairs: set[tuple[Any, Any]]) -> None:
+        for key, window in pairs:
+            self._fired.setdefault(window, set()).add(key)
+
+    def to_keyed(
+        self, timers: TimerService, watermark: int, backend: KeyedStateBackend
+    ) -> dict[Any, dict[Any, Any]]:
+        """The contents per key and window, and into ``timers`` the timers the timer-driven
+        path would have for them."""
+        table: dict[Any, dict[Any, Any]] = {}
+        lateness = self._operator._lateness
+        for window, pane in self._panes.items():
+            max_timestamp = window[1] - 1
+            cleanup = self._cleanup(window)
+            fired_before = self._fired.get(window, ())
+            for key, contents in pane.items():
+                windows = table.get(key)
+                if windows is None:
+                    windows = table[key] = {}
+                windows[window] = contents
+                backend.current_key = key
+                if lateness:
+                    timers.register_event_time_timer(cleanup, window)
+                if max_timestamp > watermark and key not in fired_before:
+                    timers.register_event_time_timer(max_timestamp, window)
+        return table
+
+
+def _window_end(window: tuple[int, ...]) -> int:
+    return window[1]
