@@ -6,11 +6,14 @@ triggers; processing-time windows on an injected clock; window state in checkpoi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from loop_helpers import wait_until
 
 from actors.events import MAX_TIMESTAMP, MIN_TIMESTAMP
 from connectors import CollectionSource, CollectSink
@@ -20,10 +23,12 @@ from runtime import (
     ContinuousEventTimeTrigger,
     CountTrigger,
     EventTimeSessionWindows,
+    EventTimeTrigger,
     ExecutionConfig,
     GlobalWindows,
     Job,
     JobDefinitionError,
+    JobFailedError,
     KeyedProcessContext,
     KeyedProcessFunction,
     OutputTag,
@@ -39,6 +44,7 @@ from runtime import (
 from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
 from runtime.master.jobmaster import JobMaster
 from runtime.shell.runner import build_graph, run_coroutine
+from state.storage import CheckpointKind
 
 Window = tuple[int, int]
 Event = tuple[str, int, int]
@@ -151,13 +157,20 @@ def reference(
     out_of_orderness: int,
     lateness: int,
     session_gap: int | None = None,
+    restart_at: int | None = None,
 ) -> tuple[list[tuple[str, int, int, tuple[int, int]]], list[Event]]:
     """Flink's event-time window semantics with the default trigger, computed directly: every
     firing as (key, start, end, (count, sum)), and the records later than the lateness. The
-    watermark after each record is ``max timestamp - out_of_orderness - 1``; MAX at the end."""
+    watermark after each record is ``max timestamp - out_of_orderness - 1``; MAX at the end.
+
+    ``restart_at``: the job restarts from a checkpoint taken right before that event, so the
+    watermark starts again from nothing (watermarks are not checkpointed, window state is): a
+    window that fired already fires again only when it gets a new element."""
     watermark = MIN_TIMESTAMP
     highest = MIN_TIMESTAMP
     contents: dict[tuple[str, Window], list[int]] = {}
+    pending: set[tuple[str, Window]] = set()
+    """Windows whose trigger timer (at their end) is registered and not fired yet."""
     fired: list[tuple[str, int, int, tuple[int, int]]] = []
     late: list[Event] = []
 
@@ -168,13 +181,16 @@ def reference(
     def advance(new: int) -> None:
         nonlocal watermark
         for key, window in list(contents):
-            if watermark < window[1] - 1 <= new:
+            if (key, window) in pending and window[1] - 1 <= new:
+                pending.discard((key, window))
                 fire(key, window)
             if window[1] - 1 + lateness <= new:
                 del contents[(key, window)]
         watermark = new
 
-    for key, ts, amount in events:
+    for index, (key, ts, amount) in enumerate(events):
+        if index == restart_at:
+            watermark = highest = MIN_TIMESTAMP
         if session_gap is None:
             windows = assign(ts)
         else:
@@ -184,6 +200,7 @@ def reference(
             if mine:
                 merged = (min(new[0], *(w[0] for w in mine)), max(new[1], *(w[1] for w in mine)))
                 amounts = [a for w in sorted(mine) for a in contents.pop((key, w))]
+                pending.difference_update((key, w) for w in mine)
                 contents[(key, merged)] = amounts
                 new = merged
             windows = [new]
@@ -194,6 +211,8 @@ def reference(
             contents.setdefault((key, window), []).append(amount)
             if window[1] - 1 <= watermark:
                 fire(key, window)
+            else:
+                pending.add((key, window))
         highest = max(highest, ts)
         if highest - out_of_orderness - 1 > watermark:
             advance(highest - out_of_orderness - 1)
@@ -560,3 +579,159 @@ def test_window_definition_errors_name_what_to_change() -> None:
         keyed.window(TumblingEventTimeWindows.of(10)).process(lambda v: v)
     with pytest.raises(JobDefinitionError, match="does not support merging windows"):
         keyed.window(EventTimeSessionWindows.with_gap(10)).trigger(_NoMerge())
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+class HoldingSource(OneByOneSource):
+    """One element per poll; the first run holds at ``hold_at`` (nothing more comes), a run
+    restored from a checkpoint goes on from the restored position to the end."""
+
+    def __init__(self, elements: list[Any], hold_at: int | None) -> None:
+        super().__init__(elements)
+        self.hold_at = hold_at
+
+    def create_reader(self, context: SourceReaderContext) -> SourceReader[Any]:
+        return _HoldingReader(self.elements, self.hold_at)
+
+
+class _HoldingReader(_OneByOneReader):
+    def __init__(self, elements: list[Any], hold_at: int | None) -> None:
+        super().__init__(elements)
+        self.hold_at = hold_at
+
+    def poll(self, max_records: int) -> list[Any] | EndOfInput | None:
+        if any(split["next"] == self.hold_at for split in self.splits):
+            return None
+        return super().poll(max_records)
+
+
+def window_records_in(master: JobMaster) -> int:
+    return sum(
+        op.metrics.records_in
+        for task in master.tasks
+        for op in task.operators
+        if op.uid == "windows"
+    )
+
+
+async def run_restored_at_another_parallelism(
+    events: list[Event],
+    hold_at: int,
+    parallelisms: tuple[int, int],
+    make_windowed: Callable[[Any], Any],
+    out_of_orderness: int,
+    late_tag: OutputTag | None = None,
+) -> tuple[list[Any], list[Any]]:
+    """Run the windows over ``events[:hold_at]``, take a checkpoint once the window operator
+    has all of them, cancel; then restore that checkpoint at the second parallelism and run to
+    the end. The window results and late records of both runs together."""
+    sink, late_sink = CollectSink(), CollectSink()
+
+    def build_for(hold: int | None) -> Callable[[Any], None]:
+        def build(job: Any) -> None:
+            keyed = (
+                job.from_source(HoldingSource(events, hold))
+                .uid("events")
+                .set_parallelism(1)
+                .assign_timestamps_and_watermarks(lambda e: e[1], out_of_orderness)
+                .set_parallelism(1)
+                .key_by(lambda e: e[0])
+            )
+            windows = make_windowed(keyed).uid("windows")
+            windows.sink_to(sink).uid("sink")
+            if late_tag is not None:
+                windows.get_side_output(late_tag).sink_to(late_sink).uid("late-sink")
+
+        return build
+
+    first = JobMaster(
+        build_graph(build_for(hold_at), parallelism=parallelisms[0]), ExecutionConfig()
+    )
+    job = asyncio.create_task(first.run())
+    try:
+        await wait_until(lambda: window_records_in(first) == hold_at, "the held records", job)
+        checkpoint = await first.coordinator.request_trigger(CheckpointKind.CHECKPOINT)
+    finally:
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError, JobFailedError):
+            await job
+    second = JobMaster(
+        build_graph(build_for(None), parallelism=parallelisms[1]),
+        ExecutionConfig(),
+        restored=checkpoint,
+    )
+    await second.run()
+    return sorted(sink.results), sorted(late_sink.results)
+
+
+class SameAsDefault(EventTimeTrigger):
+    """The default trigger's behaviour through the trigger-driven path (any other trigger)."""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("parallelisms", "triggers"),
+    [((1, 3), (None, None)), ((3, 2), (None, SameAsDefault)), ((2, 1), (SameAsDefault, None))],
+)
+async def test_tumbling_window_state_restores_at_another_parallelism(
+    parallelisms: tuple[int, int], triggers: tuple[Any, Any]
+) -> None:
+    """Contents and fired windows within their lateness are in the checkpoint, at any
+    parallelism, and either path (default trigger, trigger-driven) restores the other's."""
+    hold_at = 300
+    expected, late = reference(
+        EVENTS, tumbling(1000), out_of_orderness=300, lateness=2000, restart_at=hold_at
+    )
+    tag = OutputTag("late")
+    runs = iter(triggers)
+
+    def windowed(keyed: Any) -> Any:
+        windows = keyed.window(TumblingEventTimeWindows.of(1000))
+        trigger = next(runs)
+        if trigger is not None:
+            windows = windows.trigger(trigger())
+        return (
+            windows.allowed_lateness(2000)
+            .side_output_late_data(tag)
+            .aggregate(CountAndSum(), WithWindow())
+        )
+
+    got, got_late = await run_restored_at_another_parallelism(
+        EVENTS, hold_at, parallelisms, windowed, 300, tag
+    )
+    assert got == sorted(expected)
+    assert got_late == sorted(late)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("parallelisms", [(1, 3), (4, 2)])
+async def test_session_window_state_restores_at_another_parallelism(
+    parallelisms: tuple[int, int],
+) -> None:
+    hold_at = 250
+    expected, late = reference(
+        EVENTS,
+        tumbling(1),
+        out_of_orderness=300,
+        lateness=1000,
+        session_gap=400,
+        restart_at=hold_at,
+    )
+    tag = OutputTag("late")
+    got, got_late = await run_restored_at_another_parallelism(
+        EVENTS,
+        hold_at,
+        parallelisms,
+        lambda keyed: (
+            keyed.window(EventTimeSessionWindows.with_gap(400))
+            .allowed_lateness(1000)
+            .side_output_late_data(tag)
+            .aggregate(CountAndSum(), WithWindow())
+        ),
+        300,
+        tag,
+    )
+    assert got == sorted(expected)
+    assert got_late == sorted(late)
