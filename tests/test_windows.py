@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from cli_helpers import get_json
 from loop_helpers import wait_until
 
 from actors.events import MAX_TIMESTAMP, MIN_TIMESTAMP
@@ -43,6 +44,7 @@ from runtime import (
 )
 from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
 from runtime.master.jobmaster import JobMaster
+from runtime.shell.rest import ControlServer
 from runtime.shell.runner import build_graph, run_coroutine
 from state.storage import CheckpointKind
 
@@ -735,3 +737,41 @@ async def test_session_window_state_restores_at_another_parallelism(
     )
     assert got == sorted(expected)
     assert got_late == sorted(late)
+
+
+@pytest.mark.asyncio
+async def test_late_records_dropped_are_counted_per_operator_in_status() -> None:
+    """Without a late-data side output nothing is dropped silently: /status counts them."""
+    _, late = reference(EVENTS, tumbling(1000), out_of_orderness=300, lateness=0)
+    assert late
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(HoldingSource(EVENTS, len(EVENTS)))  # holds at the end: running
+            .set_parallelism(1)
+            .assign_timestamps_and_watermarks(lambda e: e[1], 300)
+            .set_parallelism(1)
+            .key_by(lambda e: e[0])
+            .window(TumblingEventTimeWindows.of(1000))
+            .aggregate(CountAndSum(), WithWindow())
+            .uid("windows")
+            .sink_to(sink)
+            .uid("sink")
+        )
+
+    master = JobMaster(build_graph(build, parallelism=2), ExecutionConfig())
+    job = asyncio.create_task(master.run())
+    server = ControlServer(master, lambda: None, port=0)
+    try:
+        await wait_until(lambda: window_records_in(master) == len(EVENTS), "every record", job)
+        address = await server.start()
+        status = await asyncio.to_thread(get_json, address, "/status")
+    finally:
+        await server.stop()
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError, JobFailedError):
+            await job
+    operators = {op["uid"]: op for op in status["operators"]}
+    assert operators["windows"]["late_records_dropped"] == len(late)
+    assert operators["sink"]["late_records_dropped"] == 0
