@@ -775,3 +775,16 @@ async def test_late_records_dropped_are_counted_per_operator_in_status() -> None
     operators = {op["uid"]: op for op in status["operators"]}
     assert operators["windows"]["late_records_dropped"] == len(late)
     assert operators["sink"]["late_records_dropped"] == 0
+
+
+class AsyncWindowFunction(ProcessWindowFunction[Any, Any, str]):
+    async def process(  # type: ignore[override]
+        self, key: str, context: Any, elements: Any, out: Collector[Any]
+    ) -> None:
+        out.collect(key)
+
+
+def test_an_async_window_function_is_refused_when_the_job_is_built() -> None:
+    keyed = Job().from_source(CollectionSource([1])).key_by(lambda v: v)
+    with pytest.raises(JobDefinitionError, match=r"AsyncWindowFunction.process .* is an async"):
+        keyed.window(GlobalWindows.create()).process(AsyncWindowFunction())

@@ -260,6 +260,8 @@ _RICH_CALLED = (
     "process_element2",
     "on_timer",
     "end_input",
+    "process",
+    "clear",
     "open",
     "finish",
     "close",
