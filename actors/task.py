@@ -488,7 +488,9 @@ class StreamTask:
             self.task_id,
             {
                 op.uid: OperatorRecords(
-                    op.metrics.records_in, op.metrics.records_out, op.metrics.late_records_dropped
+                    op.metrics.records_in,
+                    op.metrics.records_out,
+                    late_records_dropped=op.metrics.late_records_dropped,
                 )
                 for op in self.operators
             },

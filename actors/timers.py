@@ -2,9 +2,10 @@
 
 A timer is a (timestamp, key, namespace) triple, registered at most once; the namespace is
 ``None`` for process functions' timers and the window for a window operator's. Event-time
-timers fire when the operator's watermark reaches their timestamp (``MAX_WATERMARK`` fires all of them); processing-time
-timers fire when the wall clock (an injected :class:`Clock`) reaches it, through control mail to the
-owning task, so that the firing runs on the task's own actor like everything else.
+timers fire when the operator's watermark reaches their timestamp (``MAX_WATERMARK`` fires all
+of them); processing-time timers fire when the wall clock (an injected :class:`Clock`) reaches
+it, through control mail to the owning task, so that the firing runs on the task's own actor
+like everything else.
 """
 
 from __future__ import annotations
