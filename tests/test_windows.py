@@ -46,6 +46,7 @@ from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, 
 from runtime.master.jobmaster import JobMaster
 from runtime.shell.rest import ControlServer
 from runtime.shell.runner import build_graph, run_coroutine
+from state import ValueStateDescriptor
 from state.storage import CheckpointKind
 
 Window = tuple[int, int]
@@ -788,3 +789,57 @@ def test_an_async_window_function_is_refused_when_the_job_is_built() -> None:
     keyed = Job().from_source(CollectionSource([1])).key_by(lambda v: v)
     with pytest.raises(JobDefinitionError, match=r"AsyncWindowFunction.process .* is an async"):
         keyed.window(GlobalWindows.create()).process(AsyncWindowFunction())
+
+
+CLEARED: list[Any] = []
+
+
+class FiringsPerWindow(ProcessWindowFunction[Any, Any, str]):
+    """Counts its firings per window (window state) and per key (global state)."""
+
+    FIRINGS = ValueStateDescriptor("firings", default=0)
+    TOTAL = ValueStateDescriptor("total", default=0)
+
+    def process(self, key: str, context: Any, elements: Any, out: Collector[Any]) -> None:
+        firings = context.window_state().get_state(self.FIRINGS)
+        firings.update(firings.value() + 1)
+        total = context.global_state().get_state(self.TOTAL)
+        total.update(total.value() + 1)
+        out.collect(
+            (key, context.window.start, firings.value(), total.value(), len(list(elements)))
+        )
+
+    def clear(self, context: Any) -> None:
+        state = context.window_state().get_state(self.FIRINGS)
+        CLEARED.append((context.window.start, state.value()))
+        state.clear()
+
+
+@pytest.mark.parametrize("trigger", [None, SameAsDefault])
+def test_process_window_function_has_per_window_and_per_key_state(trigger: Any) -> None:
+    # a: two records in [0, 1000), fired at watermark 1099; one late record within the lateness
+    # re-fires it; then [1000, 2000) fires at the end. Watermark = highest timestamp - 1.
+    records = [("a", 100, 1), ("a", 200, 1), ("a", 1100, 1), ("a", 500, 1), ("a", 3500, 1)]
+    CLEARED.clear()
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        windows = (
+            job.from_source(OneByOneSource(records))
+            .assign_timestamps_and_watermarks(lambda e: e[1])
+            .key_by(lambda e: e[0])
+            .window(TumblingEventTimeWindows.of(1000))
+        )
+        if trigger is not None:
+            windows = windows.trigger(trigger())
+        windows.allowed_lateness(2000).process(FiringsPerWindow()).sink_to(sink)
+
+    run_job(build)
+    assert sink.results == [
+        ("a", 0, 1, 1, 2),
+        ("a", 0, 2, 2, 3),
+        ("a", 1000, 1, 3, 1),
+        ("a", 3000, 1, 4, 1),
+    ]
+    # Each window's state is cleared when it goes (its end + lateness passed, or at the end).
+    assert sorted(CLEARED) == [(0, 2), (1000, 1), (3000, 1)]
