@@ -90,6 +90,19 @@ class _OneByOneReader(SourceReader[Any]):
         return [dict(s) for s in self.splits]
 
 
+def keyed_events(job: Any, source: Source[Any], out_of_orderness: int = 0) -> Any:
+    """``source``'s events (key, timestamp, amount) from one source subtask, with timestamps
+    and watermarks (``out_of_orderness`` behind the highest timestamp), keyed by key."""
+    return (
+        job.from_source(source)
+        .uid("events")
+        .set_parallelism(1)
+        .assign_timestamps_and_watermarks(lambda e: e[1], out_of_orderness)
+        .set_parallelism(1)
+        .key_by(lambda e: e[0])
+    )
+
+
 class CountAndSum(AggregateFunction[Event, list[int], tuple[int, int]]):
     """(count, sum of amounts) per window."""
 
@@ -252,13 +265,7 @@ def run_windows(
     late_sink = CollectSink()
 
     def build(job: Any) -> None:
-        keyed = (
-            job.from_source(OneByOneSource(events))
-            .set_parallelism(1)
-            .assign_timestamps_and_watermarks(lambda e: e[1], out_of_orderness)
-            .set_parallelism(1)
-            .key_by(lambda e: e[0])
-        )
+        keyed = keyed_events(job, OneByOneSource(events), out_of_orderness)
         windows = make_windowed(keyed).uid("windows")
         windows.sink_to(sink)
         if late_tag is not None:
@@ -283,70 +290,63 @@ def late_records_dropped(master: JobMaster, uid: str) -> int:
 EVENTS = make_events(600, keys=7, seed=3, disorder=400, late_every=17)
 
 
-@pytest.mark.parametrize("parallelism", [1, 2, 4])
-def test_tumbling_windows_with_lateness_equal_the_reference(parallelism: int) -> None:
-    expected, late = reference(EVENTS, tumbling(1000), out_of_orderness=300, lateness=2000)
-    # Some windows fired again for late records within the lateness; some records were later.
-    assert late and len(expected) > len({(k, s) for k, s, _, _ in expected})
-    tag = OutputTag("late")
-    got, got_late, dropped = run_windows(
-        EVENTS,
-        parallelism,
+LATE = OutputTag("late")
+
+REFERENCE_CASES: dict[str, tuple[Callable[[], Any], Callable[[Any], Any], bool]] = {
+    # name: (the reference, the windows, with a late-data side output)
+    "tumbling": (
+        lambda: reference(EVENTS, tumbling(1000), out_of_orderness=300, lateness=2000),
         lambda keyed: (
             keyed.window(TumblingEventTimeWindows.of("1s"))
             .allowed_lateness("2s")
-            .side_output_late_data(tag)
+            .side_output_late_data(LATE)
             .aggregate(CountAndSum(), WithWindow())
         ),
-        out_of_orderness=300,
-        late_tag=tag,
-    )
-    assert got == sorted(expected)
-    assert (got_late, dropped) == (sorted(late), 0)
-
-
-@pytest.mark.parametrize("parallelism", [1, 2, 4])
-def test_sliding_windows_with_lateness_equal_the_reference(parallelism: int) -> None:
-    expected, late = reference(EVENTS, sliding(1500, 500), out_of_orderness=300, lateness=1000)
-    assert late and len(expected) > len({(k, s) for k, s, _, _ in expected})
-    got, got_late, dropped = run_windows(
-        EVENTS,
-        parallelism,
+        True,
+    ),
+    "sliding": (
+        lambda: reference(EVENTS, sliding(1500, 500), out_of_orderness=300, lateness=1000),
         lambda keyed: (
             keyed.window(SlidingEventTimeWindows.of(1500, "500ms"))
             .allowed_lateness(1000)
             .process(CountAndSumOfElements())
         ),
-        out_of_orderness=300,
-    )
-    assert got == sorted(expected)
-    # Without a late-data side output, records later than the lateness are dropped and counted.
-    assert (got_late, dropped) == ([], len(late))
-
-
-@pytest.mark.parametrize("parallelism", [1, 2, 4])
-def test_session_windows_merge_and_equal_the_reference(parallelism: int) -> None:
-    expected, late = reference(
-        EVENTS, tumbling(1), out_of_orderness=300, lateness=1000, session_gap=400
-    )
-    sessions = {(k, s, e) for k, s, e, _ in expected}
-    assert late and len(expected) > len(sessions)
-    assert any(e - s > 400 for _, s, e in sessions), "no session merged"
-    tag = OutputTag("too-late")
-    got, got_late, dropped = run_windows(
-        EVENTS,
-        parallelism,
+        False,
+    ),
+    "sessions": (
+        lambda: reference(
+            EVENTS, tumbling(1), out_of_orderness=300, lateness=1000, session_gap=400
+        ),
         lambda keyed: (
             keyed.window(EventTimeSessionWindows.with_gap("400ms"))
             .allowed_lateness("1s")
-            .side_output_late_data(tag)
+            .side_output_late_data(LATE)
             .aggregate(CountAndSum(), WithWindow())
         ),
-        out_of_orderness=300,
-        late_tag=tag,
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("parallelism", [1, 2, 4])
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_windows_with_lateness_equal_the_reference(case: str, parallelism: int) -> None:
+    make_reference, windowed, with_tag = REFERENCE_CASES[case]
+    expected, late = make_reference()
+    # Some windows fired again for late records within the lateness; some records were later.
+    assert late and len(expected) > len({(k, s, e) for k, s, e, _ in expected})
+    if case == "sessions":
+        assert any(e - s > 400 for _, s, e, _ in expected), "no session merged"
+    got, got_late, dropped = run_windows(
+        EVENTS, parallelism, windowed, out_of_orderness=300, late_tag=LATE if with_tag else None
     )
     assert got == sorted(expected)
-    assert (got_late, dropped) == (sorted(late), 0)
+    if with_tag:
+        assert (got_late, dropped) == (sorted(late), 0)
+    else:
+        # Without a late-data side output, records later than the lateness are dropped and
+        # counted.
+        assert (got_late, dropped) == ([], len(late))
 
 
 @pytest.mark.parametrize("parallelism", [1, 3])
@@ -372,9 +372,7 @@ def test_reduce_without_window_function_emits_the_reduced_value_at_the_window_en
 
     def build(job: Any) -> None:
         (
-            job.from_source(OneByOneSource(EVENTS))
-            .assign_timestamps_and_watermarks(lambda e: e[1], 300)
-            .key_by(lambda e: e[0])
+            keyed_events(job, OneByOneSource(EVENTS), 300)
             .window(TumblingEventTimeWindows.of(1000))
             .reduce(lambda a, b: (a[0], max(a[1], b[1]), a[2] + b[2]))
             .map(lambda e: (e[0], e[2]))
@@ -443,8 +441,19 @@ COUNTED = [("a", 0, i) for i in range(1, 8)] + [("b", 0, i) for i in range(1, 5)
 
 
 @pytest.mark.parametrize("parallelism", [1, 2])
-def test_count_trigger_fires_the_global_window_every_n_elements_keeping_its_contents(
-    parallelism: int,
+@pytest.mark.parametrize(
+    ("trigger", "expected"),
+    [
+        # Fires every 3 elements, keeping the contents; the global window never ends, so the
+        # last elements of a (7) and b (4) never fire.
+        (CountTrigger.of(3), {"a": [[1, 2, 3], [1, 2, 3, 4, 5, 6]], "b": [[1, 2, 3]]}),
+        # Purged at each firing: each sees only the elements since the previous one.
+        (PurgingTrigger.of(CountTrigger.of(3)), {"a": [[1, 2, 3], [4, 5, 6]], "b": [[1, 2, 3]]}),
+    ],
+    ids=["count", "purging-count"],
+)
+def test_count_triggers_fire_the_global_window_every_n_elements(
+    trigger: Any, expected: dict[str, Any], parallelism: int
 ) -> None:
     sink = CollectSink()
 
@@ -454,32 +463,13 @@ def test_count_trigger_fires_the_global_window_every_n_elements_keeping_its_cont
             .set_parallelism(1)
             .key_by(lambda e: e[0])
             .window(GlobalWindows.create())
-            .trigger(CountTrigger.of(3))
+            .trigger(trigger)
             .process(Elements())
             .sink_to(sink)
         )
 
     run_job(build, parallelism=parallelism)
-    # The global window never ends: the last elements of a (7) and b (4) never fire.
-    assert per_key(sink.results) == {"a": [[1, 2, 3], [1, 2, 3, 4, 5, 6]], "b": [[1, 2, 3]]}
-
-
-def test_purging_trigger_makes_each_count_firing_see_only_the_new_elements() -> None:
-    sink = CollectSink()
-
-    def build(job: Any) -> None:
-        (
-            job.from_source(CollectionSource(COUNTED))
-            .set_parallelism(1)
-            .key_by(lambda e: e[0])
-            .window(GlobalWindows.create())
-            .trigger(PurgingTrigger.of(CountTrigger.of(3)))
-            .process(Elements())
-            .sink_to(sink)
-        )
-
-    run_job(build, parallelism=2)
-    assert per_key(sink.results) == {"a": [[1, 2, 3], [4, 5, 6]], "b": [[1, 2, 3]]}
+    assert per_key(sink.results) == expected
 
 
 def test_count_trigger_state_merges_with_session_windows() -> None:
@@ -489,9 +479,7 @@ def test_count_trigger_state_merges_with_session_windows() -> None:
 
     def build(job: Any) -> None:
         (
-            job.from_source(OneByOneSource(records))
-            .assign_timestamps_and_watermarks(lambda e: e[1], 5000)
-            .key_by(lambda e: e[0])
+            keyed_events(job, OneByOneSource(records), 5000)
             .window(EventTimeSessionWindows.with_gap(600))
             .trigger(CountTrigger.of(4))
             .process(Elements())
@@ -510,9 +498,7 @@ def test_continuous_event_time_trigger_fires_every_interval_and_at_the_window_en
 
     def build(job: Any) -> None:
         (
-            job.from_source(OneByOneSource(records))
-            .assign_timestamps_and_watermarks(lambda e: e[1])
-            .key_by(lambda e: e[0])
+            keyed_events(job, OneByOneSource(records))
             .window(TumblingEventTimeWindows.of("3s"))
             .trigger(ContinuousEventTimeTrigger.of("1s"))
             .aggregate(CountAndSum(), WithWindow())
@@ -634,14 +620,7 @@ async def run_restored_at_another_parallelism(
 
     def build_for(hold: int | None) -> Callable[[Any], None]:
         def build(job: Any) -> None:
-            keyed = (
-                job.from_source(HoldingSource(events, hold))
-                .uid("events")
-                .set_parallelism(1)
-                .assign_timestamps_and_watermarks(lambda e: e[1], out_of_orderness)
-                .set_parallelism(1)
-                .key_by(lambda e: e[0])
-            )
+            keyed = keyed_events(job, HoldingSource(events, hold), out_of_orderness)
             windows = make_windowed(keyed).uid("windows")
             windows.sink_to(sink).uid("sink")
             if late_tag is not None:
@@ -749,11 +728,8 @@ async def test_late_records_dropped_are_counted_per_operator_in_status() -> None
 
     def build(job: Any) -> None:
         (
-            job.from_source(HoldingSource(EVENTS, len(EVENTS)))  # holds at the end: running
-            .set_parallelism(1)
-            .assign_timestamps_and_watermarks(lambda e: e[1], 300)
-            .set_parallelism(1)
-            .key_by(lambda e: e[0])
+            # Holds at the end: the job is still running.
+            keyed_events(job, HoldingSource(EVENTS, len(EVENTS)), 300)
             .window(TumblingEventTimeWindows.of(1000))
             .aggregate(CountAndSum(), WithWindow())
             .uid("windows")
@@ -824,11 +800,8 @@ def test_process_window_function_has_per_window_and_per_key_state(trigger: Any) 
     sink = CollectSink()
 
     def build(job: Any) -> None:
-        windows = (
-            job.from_source(OneByOneSource(records))
-            .assign_timestamps_and_watermarks(lambda e: e[1])
-            .key_by(lambda e: e[0])
-            .window(TumblingEventTimeWindows.of(1000))
+        windows = keyed_events(job, OneByOneSource(records)).window(
+            TumblingEventTimeWindows.of(1000)
         )
         if trigger is not None:
             windows = windows.trigger(trigger())

@@ -49,7 +49,7 @@ from runtime.api.windows import (
     window_of,
     window_start,
 )
-from state.keyed import IncompatibleStateError, KeyedStateBackend, MapStateDescriptor
+from state.keyed import KeyedStateBackend, MapStateDescriptor
 from state.serde import SNAPSHOT_SCALAR_TYPES, check_state_value
 from state.snapshot import OperatorSnapshot
 
@@ -189,35 +189,32 @@ class _ScopedStates:
 
 
 class _TriggerContext(TriggerContext):
-    __slots__ = ("_operator", "_scope", "_states")
+    __slots__ = ("_clock", "_scope", "_states", "_timers")
 
     def __init__(self, operator: WindowOperator) -> None:
-        self._operator = operator
+        assert operator.timers is not None
+        self._timers = operator.timers
+        self._clock = operator.context.clock
         self._scope = operator._scope
         self._states = _ScopedStates(operator, "trigger")
 
     def current_watermark(self) -> int:
-        assert self._operator.timers is not None
-        return self._operator.timers.current_watermark
+        return self._timers.current_watermark
 
     def current_processing_time(self) -> int:
-        return self._operator.context.clock.now_ms()
+        return self._clock.now_ms()
 
     def register_event_time_timer(self, timestamp: int) -> None:
-        assert self._operator.timers is not None
-        self._operator.timers.register_event_time_timer(timestamp, self._scope.window)
+        self._timers.register_event_time_timer(timestamp, self._scope.window)
 
     def delete_event_time_timer(self, timestamp: int) -> None:
-        assert self._operator.timers is not None
-        self._operator.timers.delete_event_time_timer(timestamp, self._scope.window)
+        self._timers.delete_event_time_timer(timestamp, self._scope.window)
 
     def register_processing_time_timer(self, timestamp: int) -> None:
-        assert self._operator.timers is not None
-        self._operator.timers.register_processing_time_timer(timestamp, self._scope.window)
+        self._timers.register_processing_time_timer(timestamp, self._scope.window)
 
     def delete_processing_time_timer(self, timestamp: int) -> None:
-        assert self._operator.timers is not None
-        self._operator.timers.delete_processing_time_timer(timestamp, self._scope.window)
+        self._timers.delete_processing_time_timer(timestamp, self._scope.window)
 
     def get_partitioned_state(self, descriptor: Any) -> Any:
         return self._states.get_state(descriptor)
@@ -277,8 +274,12 @@ class WindowOperator(UserFunctionOperator):
         )
         self._tumbling = self._fast and type(assigner) is TumblingEventTimeWindows
 
-    def _functions(self) -> list[Any]:
-        return [f for f in (self.spec.function, self.spec.window_function) if f is not None]
+    def _rich_functions(self) -> list[Any]:
+        return [
+            f
+            for f in (self.spec.function, self.spec.window_function)
+            if isinstance(f, RichFunction)
+        ]
 
     async def open(self) -> None:
         assert self.keyed_backend is not None
@@ -294,29 +295,7 @@ class WindowOperator(UserFunctionOperator):
         self._out: Collector[Any] = Collector()
         self._late_values: list[Any] = []
         self._late_timestamps: list[int] = []
-        for function in self._functions():
-            if isinstance(function, RichFunction):
-                try:
-                    result = function.open(self.runtime_context)  # type: ignore[func-returns-value]
-                except IncompatibleStateError:
-                    raise
-                except Exception as exc:
-                    raise self.user_error(exc) from exc
-                self._check_hook_result("open()", result)
-
-    async def finish(self) -> None:
-        for function in self._functions():
-            if isinstance(function, RichFunction):
-                try:
-                    result = function.finish()  # type: ignore[func-returns-value]
-                except Exception as exc:
-                    raise self.user_error(exc) from exc
-                self._check_hook_result("finish()", result)
-
-    async def close(self) -> None:
-        for function in self._functions():
-            if isinstance(function, RichFunction):
-                self._check_hook_result("close()", function.close())  # type: ignore[func-returns-value]
+        await super().open()
 
     # ------------------------------------------------------------------------------ records
 
@@ -741,6 +720,19 @@ class _Panes:
             self._next_due = due
         return pane
 
+    def _batch(
+        self,
+    ) -> tuple[
+        WindowOperator, KeyedStateBackend, int, Callable[[Any], Any], Callable[[Any, Any], Any]
+    ]:
+        """What adding a buffer needs: the operator, its backend, the watermark, and the window
+        function's first contents and add (the first new contents of the buffer is checked)."""
+        operator = self._operator
+        backend, timers = operator.keyed_backend, operator.timers
+        assert backend is not None and timers is not None
+        self._unchecked = True
+        return (operator, backend, timers.current_watermark, *operator._accumulate())
+
     def _first(self, contents: Any) -> Any:
         if self._unchecked:
             self._unchecked = False
@@ -752,16 +744,11 @@ class _Panes:
     ) -> None:
         """Tumbling windows: one per record, computed here (consecutive records mostly share
         it, so its bounds and pane are reused)."""
-        operator = self._operator
-        backend = operator.keyed_backend
-        timers = operator.timers
-        assert backend is not None and timers is not None
+        operator, backend, watermark, new_contents, add_to = self._batch()
         assigner = operator.spec.assigner
         size: int = getattr(assigner, "size")  # noqa: B009
         offset: int = getattr(assigner, "offset")  # noqa: B009
-        watermark = timers.current_watermark
         lateness = operator._lateness
-        new_contents, add_to = operator._accumulate()
         # An AggregateFunction's add is called directly: one call per record, not two.
         add = operator.spec.function.add if operator.spec.kind == "aggregate" else None
         late_values = operator._late_values
@@ -769,7 +756,6 @@ class _Panes:
         panes = self._panes
         fired = self._fired
         missing = _MISSING
-        self._unchecked = True
         start = window_start(timestamps[0], offset, size) - size  # not the first record's
         end = start + size
         window: tuple[int, int] = (start, end)
@@ -809,20 +795,11 @@ class _Panes:
 
     def add(self, values: list[Any], timestamps: list[int], key_of: Callable[[Any], Any]) -> None:
         """Sliding (or any other non-merging) windows: the assigner's windows per record."""
-        operator = self._operator
-        backend = operator.keyed_backend
-        timers = operator.timers
-        assert backend is not None and timers is not None
+        operator, backend, watermark, new_contents, add_to = self._batch()
         assign = operator.spec.assigner.assign_windows
-        watermark = timers.current_watermark
         lateness = operator._lateness
-        new_contents, add_to = operator._accumulate()
-        late_values = operator._late_values
-        late_timestamps = operator._late_timestamps
-        panes = self._panes
-        fired = self._fired
-        missing = _MISSING
-        self._unchecked = True
+        late_values, late_timestamps = operator._late_values, operator._late_timestamps
+        panes, fired, missing = self._panes, self._fired, _MISSING
         for value, timestamp in zip(values, timestamps, strict=True):
             key = missing
             for window in assign(timestamp, 0):

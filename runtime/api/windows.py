@@ -175,70 +175,56 @@ class _Sessions(WindowAssigner):
         return [(timestamp, timestamp + self.gap)]
 
 
-class TumblingEventTimeWindows(_Tumbling):
+class _EventTime(WindowAssigner):
+    """Windows of the records' timestamps, ended by the watermark."""
+
+    def assign_windows(self, timestamp: int, processing_time: int) -> list[tuple[int, ...]]:
+        return self._assign(timestamp)
+
+    def _assign(self, timestamp: int) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def default_trigger(self) -> Trigger:
+        return EventTimeTrigger()
+
+
+class _ProcessingTime(WindowAssigner):
+    """Windows of the processing-time clock when records arrive, ended by that clock."""
+
+    is_event_time = False
+
+    def assign_windows(self, timestamp: int, processing_time: int) -> list[tuple[int, ...]]:
+        return self._assign(processing_time)
+
+    def _assign(self, timestamp: int) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def default_trigger(self) -> Trigger:
+        return ProcessingTimeTrigger()
+
+
+class TumblingEventTimeWindows(_Tumbling, _EventTime):
     """Fixed-size, non-overlapping event-time windows."""
 
-    def assign_windows(self, timestamp: int, processing_time: int) -> list[tuple[int, ...]]:
-        return self._assign(timestamp)
 
-    def default_trigger(self) -> Trigger:
-        return EventTimeTrigger()
-
-
-class SlidingEventTimeWindows(_Sliding):
+class SlidingEventTimeWindows(_Sliding, _EventTime):
     """Fixed-size event-time windows that overlap by ``size - slide``."""
 
-    def assign_windows(self, timestamp: int, processing_time: int) -> list[tuple[int, ...]]:
-        return self._assign(timestamp)
 
-    def default_trigger(self) -> Trigger:
-        return EventTimeTrigger()
-
-
-class EventTimeSessionWindows(_Sessions):
+class EventTimeSessionWindows(_Sessions, _EventTime):
     """Event-time session windows: ``[timestamp, timestamp + gap)`` per record, merged."""
 
-    def assign_windows(self, timestamp: int, processing_time: int) -> list[tuple[int, ...]]:
-        return self._assign(timestamp)
 
-    def default_trigger(self) -> Trigger:
-        return EventTimeTrigger()
-
-
-class TumblingProcessingTimeWindows(_Tumbling):
+class TumblingProcessingTimeWindows(_Tumbling, _ProcessingTime):
     """Fixed-size, non-overlapping windows of the processing-time clock."""
 
-    is_event_time = False
 
-    def assign_windows(self, timestamp: int, processing_time: int) -> list[tuple[int, ...]]:
-        return self._assign(processing_time)
-
-    def default_trigger(self) -> Trigger:
-        return ProcessingTimeTrigger()
-
-
-class SlidingProcessingTimeWindows(_Sliding):
+class SlidingProcessingTimeWindows(_Sliding, _ProcessingTime):
     """Fixed-size overlapping windows of the processing-time clock."""
 
-    is_event_time = False
 
-    def assign_windows(self, timestamp: int, processing_time: int) -> list[tuple[int, ...]]:
-        return self._assign(processing_time)
-
-    def default_trigger(self) -> Trigger:
-        return ProcessingTimeTrigger()
-
-
-class ProcessingTimeSessionWindows(_Sessions):
+class ProcessingTimeSessionWindows(_Sessions, _ProcessingTime):
     """Session windows of the processing-time clock."""
-
-    is_event_time = False
-
-    def assign_windows(self, timestamp: int, processing_time: int) -> list[tuple[int, ...]]:
-        return self._assign(processing_time)
-
-    def default_trigger(self) -> Trigger:
-        return ProcessingTimeTrigger()
 
 
 class GlobalWindows(WindowAssigner):
@@ -343,9 +329,43 @@ class Trigger:
         """The window is removed: delete the trigger's timers and state of it."""
 
 
-class EventTimeTrigger(Trigger):
+class _EndOfWindowTrigger(Trigger):
+    """Fires when its time (the watermark, or the processing-time clock) passes the window's
+    end: one timer per window, at its ``max_timestamp``."""
+
+    def _now(self, ctx: TriggerContext) -> int:
+        raise NotImplementedError
+
+    def _timer(self, ctx: TriggerContext, timestamp: int, register: bool) -> None:
+        raise NotImplementedError
+
+    def can_merge(self) -> bool:
+        return True
+
+    def on_merge(self, window: Window, ctx: TriggerContext) -> None:
+        if window.max_timestamp > self._now(ctx):
+            self._timer(ctx, window.max_timestamp, register=True)
+
+    def clear(self, window: Window, ctx: TriggerContext) -> None:
+        self._timer(ctx, window.max_timestamp, register=False)
+
+    @classmethod
+    def create(cls) -> Any:
+        return cls()
+
+
+class EventTimeTrigger(_EndOfWindowTrigger):
     """Fires when the watermark passes the window's end, and again for each late record within
     the allowed lateness (the default trigger of event-time windows)."""
+
+    def _now(self, ctx: TriggerContext) -> int:
+        return ctx.current_watermark()
+
+    def _timer(self, ctx: TriggerContext, timestamp: int, register: bool) -> None:
+        if register:
+            ctx.register_event_time_timer(timestamp)
+        else:
+            ctx.delete_event_time_timer(timestamp)
 
     def on_element(
         self, element: Any, timestamp: int, window: Window, ctx: TriggerContext
@@ -358,24 +378,19 @@ class EventTimeTrigger(Trigger):
     def on_event_time(self, time: int, window: Window, ctx: TriggerContext) -> TriggerResult:
         return TriggerResult.FIRE if time == window.max_timestamp else TriggerResult.CONTINUE
 
-    def can_merge(self) -> bool:
-        return True
 
-    def on_merge(self, window: Window, ctx: TriggerContext) -> None:
-        if window.max_timestamp > ctx.current_watermark():
-            ctx.register_event_time_timer(window.max_timestamp)
-
-    def clear(self, window: Window, ctx: TriggerContext) -> None:
-        ctx.delete_event_time_timer(window.max_timestamp)
-
-    @classmethod
-    def create(cls) -> EventTimeTrigger:
-        return cls()
-
-
-class ProcessingTimeTrigger(Trigger):
+class ProcessingTimeTrigger(_EndOfWindowTrigger):
     """Fires when the processing-time clock passes the window's end (the default trigger of
     processing-time windows)."""
+
+    def _now(self, ctx: TriggerContext) -> int:
+        return ctx.current_processing_time()
+
+    def _timer(self, ctx: TriggerContext, timestamp: int, register: bool) -> None:
+        if register:
+            ctx.register_processing_time_timer(timestamp)
+        else:
+            ctx.delete_processing_time_timer(timestamp)
 
     def on_element(
         self, element: Any, timestamp: int, window: Window, ctx: TriggerContext
@@ -385,20 +400,6 @@ class ProcessingTimeTrigger(Trigger):
 
     def on_processing_time(self, time: int, window: Window, ctx: TriggerContext) -> TriggerResult:
         return TriggerResult.FIRE
-
-    def can_merge(self) -> bool:
-        return True
-
-    def on_merge(self, window: Window, ctx: TriggerContext) -> None:
-        if window.max_timestamp > ctx.current_processing_time():
-            ctx.register_processing_time_timer(window.max_timestamp)
-
-    def clear(self, window: Window, ctx: TriggerContext) -> None:
-        ctx.delete_processing_time_timer(window.max_timestamp)
-
-    @classmethod
-    def create(cls) -> ProcessingTimeTrigger:
-        return cls()
 
 
 def _add(a: int, b: int) -> int:
