@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import kafka_fixtures
 import pytest
 from cli_helpers import (
     ROOT,
@@ -22,8 +23,10 @@ from etl_expectations import (
     committed_records,
     expected_windowed_counts,
 )
+from kafka_fixtures import kafka_etl_args, load_sample_events, unique_name
 
 EXAMPLE = ROOT / "examples" / "windowed_counts.py"
+kafka_bootstrap = kafka_fixtures.kafka_bootstrap
 
 
 def windowed_counts_args(out: Path, chk: Path, parallelism: int, rate: int = 0) -> list[str]:
@@ -66,3 +69,31 @@ def test_sigkill_in_a_windowed_job_then_restore_latest_commits_each_window_once(
     assert restored.returncode == 0, restored.stderr
     assert "restoring checkpoint" in restored.stderr
     assert_exact_windowed_counts(out)
+
+
+@pytest.mark.slow
+def test_windowed_counts_from_kafka_account_for_every_purchase_once(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """From a 4-partition topic at parallelism 2: every purchase is counted in exactly one
+    committed window or is in the committed late output, and no window is committed twice."""
+    topic = unique_name("windowed-events")
+    load_sample_events(kafka_bootstrap, topic)
+    out, chk = tmp_path / "out", tmp_path / "chk"
+    done = run_cli(
+        *kafka_etl_args(
+            kafka_bootstrap, topic, chk, *set_args(output=out), "-p", "2", example=EXAMPLE.name
+        )
+    )
+    assert done.returncode == 0, done.stderr
+    windows = committed_records(out)
+    keys = [(r["user"], r["window_start"]) for r in windows]
+    assert len(keys) == len(set(keys)), "a window was committed twice"
+    late = committed_records(out / "late")
+    expected = expected_windowed_counts()
+    assert sum(r["purchases"] for r in windows) + len(late) == sum(
+        count for count, _ in expected.values()
+    )
+    for record in windows:
+        count, _ = expected[(record["user"], record["window_start"])]
+        assert record["purchases"] <= count
