@@ -816,3 +816,20 @@ def test_process_window_function_has_per_window_and_per_key_state(trigger: Any) 
     ]
     # Each window's state is cleared when it goes (its end + lateness passed, or at the end).
     assert sorted(CLEARED) == [(0, 2), (1000, 1), (3000, 1)]
+
+
+@pytest.mark.asyncio
+async def test_trigger_state_restores_at_another_parallelism() -> None:
+    """CountTrigger's count is keyed state per window: restored, the count goes on."""
+    events = [("a", 0, 1), ("b", 0, 2), ("a", 0, 3), ("a", 0, 4), ("b", 0, 5), ("b", 0, 6)]
+    got, _ = await run_restored_at_another_parallelism(
+        events,
+        3,
+        (1, 3),
+        lambda keyed: (
+            keyed.window(GlobalWindows.create()).trigger(CountTrigger.of(3)).process(Elements())
+        ),
+        0,
+    )
+    # Two of a's and one of b's before the checkpoint: a's third and b's third fire.
+    assert got == [("a", [1, 3, 4]), ("b", [2, 5, 6])]
