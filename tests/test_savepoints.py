@@ -436,8 +436,16 @@ def test_status_checkpoints_endpoints_and_cancel(tmp_path: Path) -> None:
         by_uid = {op["uid"]: op for op in status["operators"]}
         assert {"gen", "tracker", "out"} <= set(by_uid)
         for op in status["operators"]:
-            assert set(op) == {"uid", "name", "parallelism", "records_in", "records_out"}
+            assert set(op) == {
+                "uid",
+                "name",
+                "parallelism",
+                "records_in",
+                "records_out",
+                "late_records_dropped",
+            }
             assert op["parallelism"] == 2
+            assert op["late_records_dropped"] == 0  # no window operator here
         assert by_uid["tracker"]["name"] == "tracker"
 
         checkpoints = wait_for(

@@ -20,14 +20,17 @@ window's state. A window is late once its cleanup time is at or before the water
 whose windows are all late goes to the late-data side output, or is dropped and counted in
 ``late_records_dropped``.
 
-The common case, an event-time tumbling or sliding window with the default trigger, runs a
-loop of its own per buffer with the same semantics: a timer is registered when a window gets its
-first element, and a late record within the allowed lateness fires its window at once.
+The common case, event-time tumbling or sliding windows with the default trigger, is kept
+window-major in memory instead (:class:`_Panes`): a record costs one lookup in its window's pane,
+and windows fire and go by window as the watermark passes them, without a timer per key and
+window. Its snapshots have the layout above (contents per key, the trigger's and cleanup
+timers), so the two ways restore each other's checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -362,10 +365,8 @@ class WindowOperator(UserFunctionOperator):
             self._contents._values = {}
         if snapshot is None:
             return None
-        return OperatorSnapshot(
-            keyed=snapshot.keyed,
-            operator=snapshot.operator,
-            timers=snapshot_timers.snapshot(self.context.max_parallelism),
+        return dataclasses.replace(
+            snapshot, timers=snapshot_timers.snapshot(self.context.max_parallelism)
         )
 
     def _verify_first_key(self, key_of: Callable[[Any], Any], value: Any) -> None:
