@@ -30,6 +30,7 @@ from runtime.api.streams import (
 from runtime.config import CheckpointConfig, ExecutionConfig
 from runtime.master.jobmaster import JobFailedError, JobResult
 from runtime.shell.runner import load_job_file, run_job, run_job_async
+from state.keyed import StateTtlConfig, StateVisibility, TtlUpdateType
 
 __all__ = [
     "CheckpointConfig",
@@ -58,6 +59,9 @@ __all__ = [
     "SinkWriter",
     "Source",
     "SourceReader",
+    "StateTtlConfig",
+    "StateVisibility",
+    "TtlUpdateType",
     "load_job_file",
     "run_job",
     "run_job_async",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -63,6 +63,21 @@ class RuntimeContext:
             )
             raise RuntimeError(msg)
         return self._keyed.get_state(descriptor)
+
+    def set_state_cleanup_rule(self, rule: Callable[[Any, Any], bool] | None) -> None:
+        """Clear all of a key's state in this operator when ``rule(key, state)`` holds (the
+        operator-level, rule-based state cleanup). ``state`` is a read-only
+        :class:`~state.keyed.KeyedStateView` of the key's state by state name (``state["count"]``);
+        reading it never refreshes a TTL. The rule is checked after each record (and timer) of
+        the key, and on idle keys a few at a time in the background. Call it in ``open()``;
+        keyed streams only."""
+        if self._keyed is None:
+            msg = (
+                f"operator {self.operator_name!r}: a state cleanup rule needs keyed state, which "
+                "is only available after key_by()"
+            )
+            raise RuntimeError(msg)
+        self._keyed.set_cleanup_rule(rule)
 
     def get_list_state(self, name: str) -> Any:
         """Operator list state, split evenly over subtasks on restore."""

@@ -98,6 +98,7 @@ class UserFunctionOperator(StreamOperator):
                 ctx.key_groups,
                 ctx.max_parallelism,
                 ctx.restore.allow_non_restored_state,
+                ctx.clock.now_ms,
             )
             backend = self.keyed_backend
             self.timers = TimerService(lambda: backend.current_key, ctx.clock, ctx.scheduler)
@@ -289,6 +290,9 @@ class KeyedReduceOperator(UserFunctionOperator):
         # Checked without a cost per record: the first value of each new key, and the first
         # result of the reduce function in each buffer (is it a value, can a snapshot hold it).
         unchecked = True
+        backend = self.keyed_backend
+        assert backend is not None
+        check_rule = backend.has_cleanup_rule
         try:
             for value in values:
                 key = key_of(value)
@@ -302,6 +306,9 @@ class KeyedReduceOperator(UserFunctionOperator):
                     self._check_result(value)
                 table[key] = value
                 append(value)
+                if check_rule:
+                    backend.check_cleanup_rule(key)
+            backend.cleanup_incrementally()
         except UserFunctionError:
             raise
         except Exception as exc:
@@ -351,6 +358,7 @@ class KeyedProcessOperator(UserFunctionOperator):
         out = self._out
         if self._check_first_key and values:
             self._verify_first_key(key_of, values[0])
+        check_rule = backend.has_cleanup_rule
         try:
             if timestamps is None:
                 ctx.timestamp = None
@@ -362,6 +370,8 @@ class KeyedProcessOperator(UserFunctionOperator):
                     result = process(value, ctx, out)
                     if result is not None and is_async_result(result):
                         raise self._returned_awaitable(process, result, value)
+                    if check_rule:
+                        backend.check_cleanup_rule(key)
             else:
                 for value, ts in zip(values, timestamps, strict=True):
                     key = key_of(value)
@@ -372,6 +382,9 @@ class KeyedProcessOperator(UserFunctionOperator):
                     result = process(value, ctx, out)
                     if result is not None and is_async_result(result):
                         raise self._returned_awaitable(process, result, value)
+                    if check_rule:
+                        backend.check_cleanup_rule(key)
+            backend.cleanup_incrementally()
         except UserFunctionError:
             raise
         except Exception as exc:
@@ -386,6 +399,7 @@ class KeyedProcessOperator(UserFunctionOperator):
         ctx = self._ctx
         out = self._out
         on_timer = self.function.on_timer
+        check_rule = backend.has_cleanup_rule
         try:
             for timestamp, key in due:
                 backend.current_key = key
@@ -395,6 +409,8 @@ class KeyedProcessOperator(UserFunctionOperator):
                 result = on_timer(timestamp, ctx, out)
                 if result is not None and is_async_result(result):
                     raise self._returned_awaitable(on_timer, result)
+                if check_rule:
+                    backend.check_cleanup_rule(key)
         except UserFunctionError:
             raise
         except Exception as exc:
