@@ -36,11 +36,13 @@ from state.snapshot import OperatorSnapshot, RestoredState
 class OperatorMetrics:
     """Records in and out of one operator in one subtask (read by the progress reporter)."""
 
-    __slots__ = ("records_in", "records_out")
+    __slots__ = ("records_in", "records_out", "side_output_dropped")
 
     def __init__(self) -> None:
         self.records_in = 0
         self.records_out = 0
+        self.side_output_dropped = 0
+        """Records emitted to a side output that no stream reads (``get_side_output``)."""
 
 
 class NewerOutputPolicy(enum.StrEnum):
@@ -167,12 +169,32 @@ class StreamOperator:
         self.uid = uid
         self.context: OperatorContext
         self.output: Output
+        self.side_outputs: dict[str, Output] = {}
         self.metrics = OperatorMetrics()
 
-    def setup(self, context: OperatorContext, output: Output) -> None:
+    def setup(
+        self,
+        context: OperatorContext,
+        output: Output,
+        side_outputs: dict[str, Output] | None = None,
+    ) -> None:
+        """``output`` takes the main output; ``side_outputs`` the consumers of each side output
+        tag that a stream reads (by tag name). Watermarks go to both."""
         self.context = context
-        self.output = output
+        self.side_outputs = side_outputs or {}
+        self.output = WithSideOutputs(output, self.side_outputs) if self.side_outputs else output
         context.metrics = self.metrics
+
+    async def emit_side(self, tag: str, values: list[Any], timestamps: list[int] | None) -> None:
+        """Emit ``values`` to the side output ``tag``; dropped (and counted in
+        ``metrics.side_output_dropped``) when no stream reads it."""
+        if not values:
+            return
+        output = self.side_outputs.get(tag)
+        if output is None:
+            self.metrics.side_output_dropped += len(values)
+            return
+        await output.emit(values, timestamps)
 
     async def initialize_state(self, restored: RestoredState | None) -> None:
         """Create state, restoring from ``restored`` (this subtask's share) when given."""
@@ -286,6 +308,23 @@ class FanOutOutput:
     async def emit_watermark(self, watermark: Watermark) -> None:
         for output in self._outputs:
             await output.emit_watermark(watermark)
+
+
+class WithSideOutputs:
+    """The output of an operator whose side outputs are read: records go to the main output
+    (the same ``emit``, no extra call), watermarks to the main and every side output, as in Flink."""
+
+    __slots__ = ("_main", "_sides", "emit")
+
+    def __init__(self, main: Output, sides: dict[str, Output]) -> None:
+        self._main = main
+        self._sides = list(sides.values())
+        self.emit = main.emit
+
+    async def emit_watermark(self, watermark: Watermark) -> None:
+        await self._main.emit_watermark(watermark)
+        for side in self._sides:
+            await side.emit_watermark(watermark)
 
 
 class DiscardingOutput:

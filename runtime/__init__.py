@@ -6,6 +6,7 @@ build function from Python with :func:`run_job`.
 
 from actors.operator import NewerOutputPolicy
 from runtime.api.functions import (
+    AggregateFunction,
     Collector,
     FilterFunction,
     FlatMapFunction,
@@ -13,6 +14,7 @@ from runtime.api.functions import (
     KeyedProcessContext,
     KeyedProcessFunction,
     MapFunction,
+    OutputTag,
     ReduceFunction,
     RichFunction,
     RuntimeContext,
@@ -33,6 +35,7 @@ from runtime.shell.runner import load_job_file, run_job, run_job_async
 from state.keyed import StateTtlConfig, StateVisibility, TtlUpdateType
 
 __all__ = [
+    "AggregateFunction",
     "CheckpointConfig",
     "Collector",
     "ConnectedStreams",
@@ -51,6 +54,7 @@ __all__ = [
     "KeyedStream",
     "MapFunction",
     "NewerOutputPolicy",
+    "OutputTag",
     "PrintSink",
     "ReduceFunction",
     "RichFunction",

@@ -11,6 +11,7 @@ import pytest
 
 PUBLIC = {
     "runtime": {
+        "AggregateFunction",
         "CheckpointConfig",
         "Collector",
         "ConnectedStreams",
@@ -29,6 +30,7 @@ PUBLIC = {
         "KeyedStream",
         "MapFunction",
         "NewerOutputPolicy",
+        "OutputTag",
         "PrintSink",
         "ReduceFunction",
         "RichFunction",

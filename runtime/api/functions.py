@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -27,6 +29,21 @@ if TYPE_CHECKING:
 IN = TypeVar("IN")
 OUT = TypeVar("OUT")
 KEY = TypeVar("KEY")
+ACC = TypeVar("ACC")
+
+
+@dataclass(frozen=True)
+class OutputTag:
+    """Names a side output: an operator emits records to it besides its main output, and
+    ``stream.get_side_output(tag)`` on the stream that operator produced reads them (e.g. late
+    records of a window). Tags are equal when their names are."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]+", self.name):
+            msg = f"OutputTag name {self.name!r} must be letters, digits and _ . : - only"
+            raise ValueError(msg)
 
 
 class RuntimeContext:
@@ -133,6 +150,25 @@ class ReduceFunction(RichFunction, Generic[IN]):
         return self.reduce(accumulator, value)
 
 
+class AggregateFunction(RichFunction, Generic[IN, ACC, OUT]):
+    """An aggregation with an accumulator (Flink's ``AggregateFunction``): records are added to
+    the accumulator one at a time, accumulators of merged windows are merged, and the result is
+    read from the accumulator. The accumulator is state: msgpack-encodable (see ``state``)."""
+
+    def create_accumulator(self) -> ACC:
+        raise NotImplementedError
+
+    def add(self, value: IN, accumulator: ACC) -> ACC:
+        raise NotImplementedError
+
+    def get_result(self, accumulator: ACC) -> OUT:
+        raise NotImplementedError
+
+    def merge(self, a: ACC, b: ACC) -> ACC:
+        """The accumulator of ``a`` and ``b`` together (session windows that merge)."""
+        raise NotImplementedError
+
+
 class Collector(Generic[OUT]):
     """Where a process function emits records; ``timestamp`` defaults to the input's."""
 
@@ -230,6 +266,10 @@ _RICH_CALLED = (
     "filter",
     "flat_map",
     "reduce",
+    "create_accumulator",
+    "add",
+    "get_result",
+    "merge",
     "process_element",
     "process_element1",
     "process_element2",

@@ -31,12 +31,16 @@ from runtime.api.functions import (
     ASYNC_ALTERNATIVE,
     KeyedCoProcessFunction,
     KeyedProcessFunction,
+    OutputTag,
     find_async_callable,
 )
 from runtime.api.sinks import PrintSink, Sink
 from runtime.api.sources import Source
 from runtime.config import DEFAULT_PARALLELISM
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
+
+VIRTUAL_KINDS = ("partition", "union", "side_output")
+"""Transformations that are properties of edges, not operators."""
 
 
 class JobDefinitionError(ValueError):
@@ -76,7 +80,8 @@ class Transformation:
 
     id: int
     kind: str
-    """``source``, ``operator``, ``sink``, or the virtual ``partition`` and ``union``."""
+    """``source``, ``operator``, ``sink``, or the virtual ``partition``, ``union`` and
+    ``side_output``."""
     name: str
     inputs: list[Transformation] = field(default_factory=list)
     operator_factory: Callable[[str, str], Any] | None = None
@@ -93,6 +98,8 @@ class Transformation:
     chaining: bool = True
     two_input: bool = False
     """Inputs are two logical inputs (input 1, input 2), not a union."""
+    side_output_tag: str | None = None
+    """Of ``side_output`` nodes: the tag of their input operator's side output they read."""
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.name!r}>"
@@ -308,6 +315,27 @@ class DataStream:
             raise JobDefinitionError(msg)
         return ConnectedStreams(self, other)
 
+    def get_side_output(self, tag: OutputTag) -> DataStream:
+        """The records the operator that produced this stream emitted to the side output ``tag``
+        (for instance a window's late records); empty if it emits none."""
+        if not isinstance(tag, OutputTag):
+            msg = f"get_side_output() needs an OutputTag, got {type(tag).__name__}"
+            raise JobDefinitionError(msg)
+        producer = self.transformation
+        if producer.kind in ("partition", "union", "side_output", "sink"):
+            what = {"partition": "a partitioned stream (key_by, rebalance, ...)"}.get(
+                producer.kind, f"a {producer.kind.replace('_', ' ')}"
+            )
+            msg = (
+                f"get_side_output({tag.name!r}) on {what}: call it on the stream that the "
+                "operator emitting the side output returned"
+            )
+            raise JobDefinitionError(msg)
+        t = self.job._add(
+            "side_output", f"side output {tag.name}", [producer], side_output_tag=tag.name
+        )
+        return DataStream(self.job, t)
+
     def sink_to(self, sink: Sink, name: str | None = None) -> DataStream:
         from runtime.api.sinks import SinkOperator
 
@@ -370,7 +398,7 @@ def default_uids(job: Job) -> dict[int, str]:
     counts: dict[str, int] = {}
     result: dict[int, str] = {}
     for t in job.transformations:
-        if t.kind in ("partition", "union"):
+        if t.kind in VIRTUAL_KINDS:
             continue
         if t.uid:
             result[t.id] = t.uid

@@ -174,11 +174,13 @@ class EdgeFingerprint:
     target_vertex: str
     partitioner: str
     input_index: int
+    side_output: str | None = None
 
     def describe(self) -> str:
+        side = f", side output {self.side_output}" if self.side_output else ""
         return (
             f"{self.source_operator_uid} -> {self.target_vertex} "
-            f"({self.partitioner}, input {self.input_index})"
+            f"({self.partitioner}, input {self.input_index}{side})"
         )
 
 
@@ -211,6 +213,7 @@ class GraphFingerprint:
                     e.target_vertex.id,
                     e.partitioner_factory().name,
                     e.input_index,
+                    e.side_output,
                 )
                 for e in graph.edges
             ),

@@ -152,11 +152,13 @@ def build_subtask(
         else:
             assert t.operator_factory is not None
             operators[t.id] = t.operator_factory(node.name, node.uid)
-    writers_by_op: dict[int, list[RecordWriter]] = {}
+    # Per operator and output (None: the main one, else a side output's tag), its writers.
+    writers_by_output: dict[tuple[int, str | None], list[RecordWriter]] = {}
     all_writers: list[RecordWriter] = []
     for edge, subpartitions in zip(graph.outputs_of(vertex), endpoints.outputs, strict=True):
         writer = RecordWriter(list(subpartitions), edge.partitioner_factory(), config.buffer_size)
-        writers_by_op.setdefault(edge.source_operator.transformation.id, []).append(writer)
+        key = (edge.source_operator.transformation.id, edge.side_output)
+        writers_by_output.setdefault(key, []).append(writer)
         all_writers.append(writer)
     task = StreamTask(
         name,
@@ -175,21 +177,19 @@ def build_subtask(
         attempt=attempt,
     )
     for node in vertex.operators:
-        op = operators[node.transformation.id]
+        tid = node.transformation.id
+        op = operators[tid]
         outputs: list[Output] = [
-            ChainedOutput(op, operators[c.transformation.id])
-            for c in vertex.chained.get(node.transformation.id, [])
+            ChainedOutput(op, operators[c.transformation.id]) for c in vertex.chained.get(tid, [])
         ]
-        writers = writers_by_op.get(node.transformation.id)
+        writers = writers_by_output.get((tid, None))
         if writers:
             outputs.append(WriterOutput(op, writers))
-        output: Output
-        if not outputs:
-            output = DiscardingOutput()
-        elif len(outputs) == 1:
-            output = outputs[0]
-        else:
-            output = FanOutOutput(outputs)
+        side_outputs: dict[str, Output] = {
+            tag: WriterOutput(op, side_writers)
+            for (owner, tag), side_writers in writers_by_output.items()
+            if owner == tid and tag is not None
+        }
         op.setup(
             OperatorContext(
                 operator_name=node.name,
@@ -206,6 +206,15 @@ def build_subtask(
                 checkpoint_interval_s=config.checkpoint.interval_s,
                 restore=restore_context,
             ),
-            output,
+            _combined(outputs),
+            side_outputs,
         )
     return task
+
+
+def _combined(outputs: list[Output]) -> Output:
+    if not outputs:
+        return DiscardingOutput()
+    if len(outputs) == 1:
+        return outputs[0]
+    return FanOutOutput(outputs)

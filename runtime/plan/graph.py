@@ -1,11 +1,12 @@
 """From the job's transformations to a :class:`JobGraph` of chained vertices and edges.
 
 1. Parallelism: an operator's own, else the job's default.
-2. Virtual nodes (``partition``, ``union``) become edge properties: each physical operator gets a
-   list of input edges (upstream operator, partitioner, input index).
+2. Virtual nodes (``partition``, ``union``, ``side_output``) become edge properties: each
+   physical operator gets a list of input edges (upstream operator, partitioner, input index,
+   side output tag).
 3. Chaining: an operator joins its upstream's vertex when it has exactly one input edge, that
-   edge is forward (no explicit partitioning) with equal parallelism, and neither side disabled
-   chaining. An edge without explicit partitioning between different parallelisms is a rebalance.
+   edge is forward (no explicit partitioning) with equal parallelism, reads the main output (side
+   outputs always cross a channel), and neither side disabled chaining. An edge without explicit partitioning between different parallelisms is a rebalance.
 4. A vertex is the chain of operators run by one task; its id is its head operator's uid.
 """
 
@@ -22,7 +23,13 @@ from actors.partitioner import (
     Partitioner,
     RebalancePartitioner,
 )
-from runtime.api.streams import Job, JobDefinitionError, Transformation, default_uids
+from runtime.api.streams import (
+    VIRTUAL_KINDS,
+    Job,
+    JobDefinitionError,
+    Transformation,
+    default_uids,
+)
 
 
 @dataclass(eq=False)
@@ -44,6 +51,8 @@ class InputEdge:
     partitioner_factory: Callable[[], Partitioner]
     explicit: bool
     input_index: int
+    side_output: str | None = None
+    """The tag of the source's side output this edge carries; None for its main output."""
 
     @property
     def partitioner_name(self) -> str:
@@ -80,6 +89,8 @@ class JobEdge:
     target_vertex: JobVertex
     partitioner_factory: Callable[[], Partitioner]
     input_index: int
+    side_output: str | None = None
+    """The tag of the source operator's side output this edge carries; None for its main output."""
 
     @property
     def pointwise(self) -> bool:
@@ -104,7 +115,9 @@ class JobGraph:
         lines = []
         for v in self.vertices:
             ins = ", ".join(
-                f"{e.source_vertex.id} ({e.partitioner_factory().name})" for e in self.inputs_of(v)
+                f"{e.source_vertex.id} ({e.partitioner_factory().name}"
+                + (f", side output {e.side_output})" if e.side_output else ")")
+                for e in self.inputs_of(v)
             )
             lines.append(f"{v.name} [parallelism {v.parallelism}]" + (f" <- {ins}" if ins else ""))
         return "\n".join(lines)
@@ -120,7 +133,7 @@ def build_job_graph(job: Job) -> JobGraph:
     uids = default_uids(job)
     nodes: dict[int, OperatorNode] = {}
     for t in job.transformations:
-        if t.kind in ("partition", "union"):
+        if t.kind in VIRTUAL_KINDS:
             continue
         nodes[t.id] = OperatorNode(
             t,
@@ -140,7 +153,8 @@ def build_job_graph(job: Job) -> JobGraph:
     # Step 2: resolve virtual nodes into input edges.
     def physical_inputs(
         t: Transformation, partition: Transformation | None
-    ) -> list[tuple[Transformation, Transformation | None]]:
+    ) -> list[tuple[Transformation, Transformation | None, str | None]]:
+        """(upstream operator, partition node, side output tag) of each physical input."""
         if t.kind == "partition":
             return physical_inputs(t.inputs[0], t)
         if t.kind == "union":
@@ -148,7 +162,9 @@ def build_job_graph(job: Job) -> JobGraph:
             for upstream in t.inputs:
                 result.extend(physical_inputs(upstream, partition))
             return result
-        return [(t, partition)]
+        if t.kind == "side_output":
+            return [(t.inputs[0], partition, t.side_output_tag)]
+        return [(t, partition, None)]
 
     edges_in: dict[int, list[InputEdge]] = {}
     for t in job.transformations:
@@ -158,7 +174,7 @@ def build_job_graph(job: Job) -> JobGraph:
         inputs: list[InputEdge] = []
         for position, upstream in enumerate(t.inputs):
             input_index = position if t.two_input else 0
-            for source_t, partition in physical_inputs(upstream, None):
+            for source_t, partition, side_output in physical_inputs(upstream, None):
                 source = nodes[source_t.id]
                 explicit = partition is not None
                 partitioner = None if partition is None else _partitioner_into(partition, target)
@@ -175,13 +191,15 @@ def build_job_graph(job: Job) -> JobGraph:
                         "parallelism; use rebalance()"
                     )
                     raise JobDefinitionError(msg)
-                inputs.append(InputEdge(source, target, partitioner, explicit, input_index))
+                inputs.append(
+                    InputEdge(source, target, partitioner, explicit, input_index, side_output)
+                )
         edges_in[t.id] = inputs
 
     # Step 3: chaining.
     chained_to: dict[int, int] = {}  # transformation id -> upstream transformation id
     for tid, inputs in edges_in.items():
-        if len(inputs) != 1:
+        if len(inputs) != 1 or inputs[0].side_output is not None:
             continue
         edge = inputs[0]
         t = nodes[tid].transformation
@@ -240,6 +258,7 @@ def build_job_graph(job: Job) -> JobGraph:
                     target_vertex,
                     edge.partitioner_factory,
                     edge.input_index,
+                    edge.side_output,
                 )
             )
     ordered = [vertices[h] for h in sorted(vertices)]
