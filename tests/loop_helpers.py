@@ -167,3 +167,35 @@ class SettableClock:
 
     def advance(self, ms: int) -> None:
         self.now += ms
+
+
+async def start_job_on_master(
+    build: Callable[[Any], None],
+    config: Any,
+    parallelism: int = 1,
+    name: str = "test-job",
+    **master_kw: Any,
+) -> tuple[Any, asyncio.Task[Any]]:
+    """A job master running ``build`` as a task of this loop, once every task of it runs; the
+    test triggers checkpoints with :func:`take_checkpoint` and ends sources itself."""
+    from runtime.master.jobmaster import JobMaster
+    from runtime.shell.runner import build_graph
+
+    graph = build_graph(build, {}, parallelism, name=name)
+    master = JobMaster(graph, config, **master_kw)
+    job = asyncio.create_task(master.run())
+    await wait_until(
+        lambda: bool(master.tasks) and all(t.state is TaskState.RUNNING for t in master.tasks),
+        "every task running",
+        job,
+    )
+    return master, job
+
+
+async def take_checkpoint(master: Any, timeout_s: float = 10.0) -> Any:
+    """Trigger a checkpoint on ``master`` and return it once completed (``.path`` is its folder
+    when the job has a checkpoint directory)."""
+    from state.storage import CheckpointKind
+
+    trigger = master.coordinator.request_trigger(CheckpointKind.CHECKPOINT)
+    return await asyncio.wait_for(trigger, timeout_s)

@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loop_helpers import ControlledSource, SettableClock, wait_until
+from loop_helpers import (
+    ControlledSource,
+    SettableClock,
+    start_job_on_master,
+    take_checkpoint,
+    wait_until,
+)
 
-from actors.task import TaskState
 from connectors import CollectSink
 from runtime import (
     CheckpointConfig,
@@ -30,7 +35,6 @@ from runtime import (
     TtlUpdateType,
 )
 from runtime.master.jobmaster import JobMaster
-from runtime.shell.runner import build_graph
 from state import (
     KeyedStateBackend,
     KeyedStateView,
@@ -43,10 +47,11 @@ from state import (
     key_group_range_for_subtask,
 )
 from state.serde import packb, unpackb
-from state.storage import CheckpointKind, CheckpointStorage, find_latest_valid, load_checkpoint
+from state.storage import CheckpointStorage, find_latest_valid, load_checkpoint
 
 MAXP = 128
 ALL_GROUPS = KeyGroupRange(0, MAXP - 1)
+WAIT_S = 10.0
 TTL = StateTtlConfig.of("1s")
 
 
@@ -378,8 +383,6 @@ def test_the_cleanup_rule_reaches_idle_keys_in_the_background() -> None:
 # ------------------------------------------------------------------------------------------------
 # in a job: checkpoints, restore, the rule in a process function
 
-WAIT_S = 10.0
-
 
 class TtlCount(KeyedProcessFunction[Any, Any, Any]):
     """A count per key with a TTL of 1 s; ``(key, "add")`` counts and emits the count,
@@ -417,26 +420,17 @@ async def _start(
             .sink_to(sink)
         )
 
-    graph = build_graph(build, {}, parallelism, name="ttl-job")
     config = ExecutionConfig(checkpoint=CheckpointConfig(retained=2), clock=clock)
-    master = JobMaster(
-        graph, config, storage=CheckpointStorage(checkpoint_dir, "ttl-job"), restored=restored
+    storage = CheckpointStorage(checkpoint_dir, "ttl-job")
+    return await start_job_on_master(
+        build, config, parallelism, "ttl-job", storage=storage, restored=restored
     )
-    job = asyncio.create_task(master.run())
-    await wait_until(
-        lambda: bool(master.tasks) and all(t.state is TaskState.RUNNING for t in master.tasks),
-        "every task running",
-        job,
-    )
-    return master, job
 
 
 async def _checkpoint(master: JobMaster) -> str:
-    completed = await asyncio.wait_for(
-        master.coordinator.request_trigger(CheckpointKind.CHECKPOINT), WAIT_S
-    )
+    completed = await take_checkpoint(master)
     assert completed.path is not None
-    return completed.path
+    return str(completed.path)
 
 
 def _checkpointed_counts(path: str) -> dict[Any, Any]:

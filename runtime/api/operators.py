@@ -325,6 +325,71 @@ class KeyedReduceOperator(UserFunctionOperator):
 _MISSING: Any = object()
 
 
+class KeyedAggregateOperator(UserFunctionOperator):
+    """Runs an ``AggregateFunction`` as a rolling aggregation: one accumulator per key (keyed
+    value state ``accumulator``), ``get_result`` emitted after every record (like Flink's
+    ``KeyedStream.aggregate`` outside windows)."""
+
+    keyed = True
+    _STATE = ValueStateDescriptor[Any]("accumulator")
+
+    async def open(self) -> None:
+        await super().open()
+        assert self.keyed_backend is not None
+        self._state = self.keyed_backend.get_state(self._STATE)
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        fn = self.function
+        create, add, get_result = fn.create_accumulator, fn.add, fn.get_result
+        key_of = self.key_selector
+        assert key_of is not None
+        backend = self.keyed_backend
+        assert backend is not None
+        # The accumulator state's dict, used directly: one lookup and one store per record.
+        table: dict[Any, Any] = self._state._values
+        missing = _MISSING
+        out: list[Any] = []
+        append = out.append
+        if self._check_first_key and values:
+            self._verify_first_key(key_of, values[0])
+        check_rule = backend.has_cleanup_rule
+        # Checked once per buffer, without a cost per record: the first accumulator (is it a
+        # value, can a snapshot hold it) and the first result (is it a value).
+        unchecked = True
+        try:
+            for value in values:
+                key = key_of(value)
+                accumulator = table.get(key, missing)
+                if accumulator is missing:
+                    accumulator = create()
+                accumulator = add(value, accumulator)
+                result = get_result(accumulator)
+                if unchecked:
+                    unchecked = False
+                    self._check(accumulator, result, value)
+                table[key] = accumulator
+                append(result)
+                if check_rule:
+                    backend.check_cleanup_rule(key)
+            backend.cleanup_incrementally()
+        except UserFunctionError:
+            raise
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        await self.output.emit(out, timestamps)
+
+    def _check(self, accumulator: Any, result: Any, record: Any) -> None:
+        for role, produced in (("add()", accumulator), ("get_result()", result)):
+            if is_async_result(produced):
+                raise _async_result_error(
+                    self, f"{role} of the aggregate function", [produced], record
+                )
+        assert self.keyed_backend is not None
+        check_state_value(accumulator, self.keyed_backend.owner, "value", self._STATE.name)
+
+
 class KeyedProcessOperator(UserFunctionOperator):
     """Runs a ``KeyedProcessFunction``: keyed state, event/processing-time timers, a collector."""
 
