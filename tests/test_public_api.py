@@ -32,6 +32,8 @@ PUBLIC = {
         "NewerOutputPolicy",
         "OutputTag",
         "PrintSink",
+        "ProcessContext",
+        "ProcessFunction",
         "ReduceFunction",
         "RichFunction",
         "RuntimeContext",

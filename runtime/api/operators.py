@@ -23,6 +23,8 @@ from runtime.api.functions import (
     ASYNC_ALTERNATIVE,
     Collector,
     KeyedProcessContext,
+    NonKeyedTimerService,
+    ProcessContext,
     RichFunction,
     RuntimeContext,
     close_async_results,
@@ -390,15 +392,89 @@ class KeyedAggregateOperator(UserFunctionOperator):
         check_state_value(accumulator, self.keyed_backend.owner, "value", self._STATE.name)
 
 
-class KeyedProcessOperator(UserFunctionOperator):
+class _ProcessFunctionOperator(UserFunctionOperator):
+    """What the operators of process functions share: the collector and the context's side
+    outputs, emitted once per buffer (or per batch of timers)."""
+
+    _ctx: KeyedProcessContext[Any] | ProcessContext
+    _out: Collector[Any]
+
+    async def _emit_collected(self, method: Callable[..., Any]) -> None:
+        """Emit what ``method`` collected; like the other operators, the first record of each
+        buffer is checked for an awaitable (an ``async def`` function called without await)."""
+        emitted, emitted_ts = self._out._take()
+        if emitted and is_async_result(emitted[0]):
+            raise _async_result_error(self, _method_role(method), emitted, verb="collected")
+        await self.output.emit(emitted, emitted_ts)
+        for tag, values, timestamps in self._ctx._take_side_outputs():
+            if is_async_result(values[0]):
+                raise _async_result_error(
+                    self, _method_role(method), values, verb=f"emitted to side output {tag!r}"
+                )
+            await self.emit_side(tag, values, timestamps)
+
+    def _returned_awaitable(
+        self, method: Callable[..., Any], result: Any, record: Any = None
+    ) -> UserFunctionError:
+        role = _method_role(method)
+        if record is None:
+            return _async_result_error(self, role, [result])
+        return _async_result_error(self, role, [result], record)
+
+
+class ProcessOperator(_ProcessFunctionOperator):
+    """Runs a ``ProcessFunction`` on a non-keyed stream: a collector, side outputs, the current
+    processing time and watermark; no keyed state, no timers."""
+
+    async def open(self) -> None:
+        self._time = NonKeyedTimerService(self.context.operator_name, self.context.clock)
+        self._ctx = ProcessContext(self._time)
+        self._out = Collector()
+        await super().open()
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        process = self.function.process_element
+        ctx = self._ctx
+        out = self._out
+        try:
+            if timestamps is None:
+                ctx.timestamp = None
+                out._default_ts = None
+                for value in values:
+                    result = process(value, ctx, out)
+                    if result is not None and is_async_result(result):
+                        raise self._returned_awaitable(process, result, value)
+            else:
+                for value, ts in zip(values, timestamps, strict=True):
+                    ctx.timestamp = ts
+                    out._default_ts = ts
+                    result = process(value, ctx, out)
+                    if result is not None and is_async_result(result):
+                        raise self._returned_awaitable(process, result, value)
+        except UserFunctionError:
+            raise
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        await self._emit_collected(process)
+
+    async def process_watermark(self, watermark: Watermark) -> None:
+        time_service = self._time
+        time_service.current_watermark = max(time_service.current_watermark, watermark.timestamp)
+        await self.output.emit_watermark(watermark)
+
+
+class KeyedProcessOperator(_ProcessFunctionOperator):
     """Runs a ``KeyedProcessFunction``: keyed state, event/processing-time timers, a collector."""
 
     keyed = True
+    _ctx: KeyedProcessContext[Any]
 
     async def open(self) -> None:
         assert self.timers is not None
-        self._ctx: KeyedProcessContext[Any] = KeyedProcessContext(self.timers)
-        self._out: Collector[Any] = Collector()
+        self._ctx = KeyedProcessContext(self.timers)
+        self._out = Collector()
         await super().open()
 
     async def process_batch(
@@ -481,22 +557,6 @@ class KeyedProcessOperator(UserFunctionOperator):
         except Exception as exc:
             raise self.user_error(exc) from exc
         await self._emit_collected(on_timer)
-
-    async def _emit_collected(self, method: Callable[..., Any]) -> None:
-        """Emit what ``method`` collected; like the other operators, the first record of each
-        buffer is checked for an awaitable (an ``async def`` function called without await)."""
-        emitted, emitted_ts = self._out._take()
-        if emitted and is_async_result(emitted[0]):
-            raise _async_result_error(self, _method_role(method), emitted, verb="collected")
-        await self.output.emit(emitted, emitted_ts)
-
-    def _returned_awaitable(
-        self, method: Callable[..., Any], result: Any, record: Any = None
-    ) -> UserFunctionError:
-        role = _method_role(method)
-        if record is None:
-            return _async_result_error(self, role, [result])
-        return _async_result_error(self, role, [result], record)
 
     async def process_watermark(self, watermark: Watermark) -> None:
         assert self.timers is not None

@@ -34,6 +34,7 @@ from runtime.api.functions import (
     KeyedCoProcessFunction,
     KeyedProcessFunction,
     OutputTag,
+    ProcessFunction,
     find_async_callable,
 )
 from runtime.api.sinks import PrintSink, Sink
@@ -317,6 +318,28 @@ class DataStream:
             raise JobDefinitionError(msg)
         return ConnectedStreams(self, other)
 
+    def process(
+        self,
+        fn: ProcessFunction[Any, Any] | KeyedProcessFunction[Any, Any, Any],
+        name: str | None = None,
+    ) -> DataStream:
+        """Run a :class:`ProcessFunction` on each record: a collector, side outputs
+        (``ctx.output(tag, value)``), processing time and the watermark; no keyed state or
+        timers (``key_by()`` first and a :class:`KeyedProcessFunction` for those)."""
+        from runtime.api.operators import ProcessOperator
+
+        if isinstance(fn, KeyedProcessFunction):
+            msg = (
+                f"process() with a KeyedProcessFunction ({type(fn).__name__}) needs a keyed "
+                "stream: call key_by() first, or use a ProcessFunction"
+            )
+            raise JobDefinitionError(msg)
+        if not isinstance(fn, ProcessFunction):
+            msg = f"process() needs a ProcessFunction, got {type(fn).__name__}"
+            raise JobDefinitionError(msg)
+        _require_sync("process()", fn)
+        return self._operator(ProcessOperator, "Process", fn, name)
+
     def get_side_output(self, tag: OutputTag) -> DataStream:
         """The records the operator that produced this stream emitted to the side output ``tag``
         (for instance a window's late records); empty if it emits none."""
@@ -378,13 +401,17 @@ class KeyedStream(DataStream):
         return self._operator(KeyedReduceOperator, "Reduce", fn, name, self.key_selector)
 
     def process(
-        self, fn: KeyedProcessFunction[Any, Any, Any], name: str | None = None
+        self,
+        fn: ProcessFunction[Any, Any] | KeyedProcessFunction[Any, Any, Any],
+        name: str | None = None,
     ) -> DataStream:
         """Run a :class:`KeyedProcessFunction` with keyed state, timers and a collector."""
         from runtime.api.operators import KeyedProcessOperator
 
         if not isinstance(fn, KeyedProcessFunction):
-            msg = f"process() needs a KeyedProcessFunction, got {type(fn).__name__}"
+            msg = (
+                f"process() on a keyed stream needs a KeyedProcessFunction, got {type(fn).__name__}"
+            )
             raise JobDefinitionError(msg)
         _require_sync("process()", fn)
         return self._operator(KeyedProcessOperator, "KeyedProcess", fn, name, self.key_selector)
