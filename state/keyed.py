@@ -764,9 +764,13 @@ class KeyedStateBackend:
             self.check_cleanup_rule(key)
 
     def keys(self, state_name: str) -> Iterator[Any]:
-        """The keys that have an entry in ``state_name``."""
+        """The keys that have an entry in ``state_name`` (a live one, for state with a TTL)."""
         state = self._states.get(state_name)
-        return iter(list(state._values)) if state is not None else iter(())
+        if state is None:
+            return iter(())
+        if isinstance(state, _TtlState):
+            return iter([key for key in state._values if state._peek(key) is not _ABSENT])
+        return iter(list(state._values))
 
     def snapshot(self) -> dict[str, Any]:
         """``{state name: {"kind", "key_types", "keys", "values"}}``: two parallel columns.

@@ -22,8 +22,9 @@ from loop_helpers import (
     wait_until,
 )
 
-from connectors import CollectSink
+from connectors import CollectionSource, CollectSink
 from runtime import (
+    AggregateFunction,
     CheckpointConfig,
     Collector,
     ExecutionConfig,
@@ -33,6 +34,7 @@ from runtime import (
     StateTtlConfig,
     StateVisibility,
     TtlUpdateType,
+    run_job,
 )
 from runtime.master.jobmaster import JobMaster
 from state import (
@@ -130,6 +132,7 @@ def test_an_expired_entry_is_never_returned_and_is_removed_when_read(kind: str) 
     clock.set(10_999)
     assert _read(state, kind) == FULL[kind]
     clock.set(11_000)  # written at 10 000 with a TTL of 1 s: expired from 11 000 on
+    assert list(backend.keys("s")) == []
     assert _read(state, kind) == EMPTY[kind]
     assert "a" not in state._values, "cleaned on access"
     assert backend.snapshot()["s"]["keys"] == []
@@ -487,3 +490,63 @@ async def test_idle_keys_state_disappears_from_checkpoints_and_restores_keep_its
         ("idle", "read", None),
     ]
     assert sink2.results[3] == ("busy", "read", None)
+
+
+class SalesPerProduct(AggregateFunction[dict[str, Any], dict[str, Any], tuple[Any, ...]]):
+    """Units sold per product and its latest status; a product's state is cleared once it is
+    sold out or delisted (the seed's example of a rule-based cleanup of an aggregation)."""
+
+    def open(self, ctx: RuntimeContext) -> None:
+        ctx.set_state_cleanup_rule(
+            lambda product, state: state["accumulator"]["status"] in ("sold out", "delisted")
+        )
+
+    def create_accumulator(self) -> dict[str, Any]:
+        return {"status": "", "sold": 0}
+
+    def add(self, value: dict[str, Any], accumulator: dict[str, Any]) -> dict[str, Any]:
+        return {"status": value["status"], "sold": accumulator["sold"] + value["units"]}
+
+    def get_result(self, accumulator: dict[str, Any]) -> tuple[Any, ...]:
+        return (accumulator["sold"], accumulator["status"])
+
+    def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        return {"status": b["status"], "sold": a["sold"] + b["sold"]}
+
+
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_a_cleanup_rule_restarts_an_aggregation_once_it_held(parallelism: int) -> None:
+    sales = [
+        ("p1", 2, "on sale"),
+        ("p2", 1, "on sale"),
+        ("p1", 3, "on sale"),
+        ("p1", 1, "sold out"),
+        ("p2", 5, "delisted"),
+        ("p1", 4, "on sale"),  # restocked: counted from zero
+        ("p1", 1, "on sale"),
+    ]
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        records = [{"product": p, "units": u, "status": s} for p, u, s in sales]
+        (
+            job.from_source(CollectionSource(records))
+            .set_parallelism(1)
+            .key_by(lambda r: r["product"])
+            .aggregate(SalesPerProduct())
+            .sink_to(sink)
+        )
+
+    run_job(build, parallelism=parallelism)
+    # p1 counts 2, 5, 6 (sold out: cleared), then 4, 5 from zero; p2 counts 1, 6 (delisted).
+    assert sorted(sink.results) == sorted(
+        [
+            (2, "on sale"),
+            (1, "on sale"),
+            (5, "on sale"),
+            (6, "sold out"),
+            (6, "delisted"),
+            (4, "on sale"),
+            (5, "on sale"),
+        ]
+    )
