@@ -264,36 +264,48 @@ class FlatMapOperator(UserFunctionOperator):
         await self.output.emit(out, out_ts)
 
 
-class KeyedReduceOperator(UserFunctionOperator):
-    """Keeps the running reduction per key and emits it after every record (like Flink)."""
+class _RunningValueOperator(UserFunctionOperator):
+    """A keyed operator with one running value per key in the value state ``_STATE``, whose
+    dict it uses directly: one lookup and one store per record."""
 
     keyed = True
-    _STATE = ValueStateDescriptor[Any]("reduce")
+    _STATE: ValueStateDescriptor[Any]
 
     async def open(self) -> None:
         await super().open()
         assert self.keyed_backend is not None
         self._state = self.keyed_backend.get_state(self._STATE)
 
+    def _start_buffer(
+        self, values: list[Any]
+    ) -> tuple[Callable[[Any], Any], dict[Any, Any], KeyedStateBackend]:
+        """The key selector, the state's dict and the backend, once the first key of the run
+        was checked against the restored state."""
+        key_of = self.key_selector
+        backend = self.keyed_backend
+        assert key_of is not None and backend is not None
+        if self._check_first_key and values:
+            self._verify_first_key(key_of, values[0])
+        return key_of, self._state._values, backend
+
+
+class KeyedReduceOperator(_RunningValueOperator):
+    """Keeps the running reduction per key and emits it after every record (like Flink)."""
+
+    _STATE = ValueStateDescriptor[Any]("reduce")
+
     async def process_batch(
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
         fn = self.function
-        key_of = self.key_selector
-        assert key_of is not None
-        # The reduce state's dict, used directly: one lookup and one store per record.
-        table: dict[Any, Any] = self._state._values
+        key_of, table, backend = self._start_buffer(values)
         missing = _MISSING
         out: list[Any] = []
         append = out.append
-        if self._check_first_key and values:
-            self._verify_first_key(key_of, values[0])
         scalars = SNAPSHOT_SCALAR_TYPES
         # Checked without a cost per record: the first value of each new key, and the first
         # result of the reduce function in each buffer (is it a value, can a snapshot hold it).
         unchecked = True
-        backend = self.keyed_backend
-        assert backend is not None
         check_rule = backend.has_cleanup_rule
         try:
             for value in values:
@@ -327,35 +339,22 @@ class KeyedReduceOperator(UserFunctionOperator):
 _MISSING: Any = object()
 
 
-class KeyedAggregateOperator(UserFunctionOperator):
+class KeyedAggregateOperator(_RunningValueOperator):
     """Runs an ``AggregateFunction`` as a rolling aggregation: one accumulator per key (keyed
     value state ``accumulator``), ``get_result`` emitted after every record (like Flink's
     ``KeyedStream.aggregate`` outside windows)."""
 
-    keyed = True
     _STATE = ValueStateDescriptor[Any]("accumulator")
-
-    async def open(self) -> None:
-        await super().open()
-        assert self.keyed_backend is not None
-        self._state = self.keyed_backend.get_state(self._STATE)
 
     async def process_batch(
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
         fn = self.function
         create, add, get_result = fn.create_accumulator, fn.add, fn.get_result
-        key_of = self.key_selector
-        assert key_of is not None
-        backend = self.keyed_backend
-        assert backend is not None
-        # The accumulator state's dict, used directly: one lookup and one store per record.
-        table: dict[Any, Any] = self._state._values
+        key_of, table, backend = self._start_buffer(values)
         missing = _MISSING
         out: list[Any] = []
         append = out.append
-        if self._check_first_key and values:
-            self._verify_first_key(key_of, values[0])
         check_rule = backend.has_cleanup_rule
         # Checked once per buffer, without a cost per record: the first accumulator (is it a
         # value, can a snapshot hold it) and the first result (is it a value).
