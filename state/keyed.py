@@ -364,6 +364,8 @@ class _TtlState(_KeyedState):
 
     def _cleanup_step(self, now: int) -> None:
         """Check the next ``cleanup_size`` keys of the current round over all keys."""
+        if not self._step:
+            return
         keys, at = self._round, self._round_at
         if at >= len(keys):
             keys = self._round = list(self._stamps)
@@ -488,11 +490,10 @@ class _TtlListState(_TtlState, ListState[T]):
 
     def add_all(self, values: list[T]) -> None:
         items = list(values)
+        if not items:
+            return  # no empty entry, which would never expire
         super().add_all(items)
-        if items:
-            self._stamps.setdefault(self._backend.current_key, []).extend(
-                [self._now()] * len(items)
-            )
+        self._stamps.setdefault(self._backend.current_key, []).extend([self._now()] * len(items))
 
     def update(self, values: list[T]) -> None:
         items = list(values)
@@ -572,11 +573,12 @@ class _TtlMapState(_TtlState, MapState[K, V]):
 
     def put_all(self, entries: dict[K, V]) -> None:
         items = dict(entries)
+        if not items:
+            return  # no empty entry, which would never expire
         super().put_all(items)
-        if items:
-            self._stamps.setdefault(self._backend.current_key, {}).update(
-                dict.fromkeys(items, self._now())
-            )
+        self._stamps.setdefault(self._backend.current_key, {}).update(
+            dict.fromkeys(items, self._now())
+        )
 
     def remove(self, user_key: K) -> None:
         super().remove(user_key)

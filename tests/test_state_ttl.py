@@ -161,6 +161,20 @@ def test_list_and_map_entries_expire_one_by_one() -> None:
     assert mp.is_empty()
 
 
+def test_adding_nothing_to_list_or_map_state_with_ttl_keeps_it_readable() -> None:
+    clock = SettableClock(0)
+    backend = backend_at(clock)
+    backend.current_key = "a"
+    lst = backend.get_state(ListStateDescriptor("list", ttl=TTL))
+    mp = backend.get_state(MapStateDescriptor("map", ttl=TTL))
+    lst.add_all([])
+    mp.put_all({})
+    assert (lst.get(), mp.items()) == ([], [])
+    backend.cleanup_incrementally()
+    snapshot = backend.snapshot()
+    assert (snapshot["list"]["keys"], snapshot["map"]["keys"]) == ([], [])
+
+
 def test_reads_restart_the_ttl_only_with_update_on_read_and_write() -> None:
     clock = SettableClock(0)
     backend = backend_at(clock)
