@@ -81,6 +81,14 @@ def etl_command(
     return command
 
 
+
+
+
+
+
+
+
+
 def kill_rounds(command: list[str], chk: Path, tmp_path: Path, rounds: int) -> list[int]:
     """Starts the job ``rounds`` times and SIGKILLs it after 2, 3, 4, ... new completed
     checkpoints. Returns the latest completed checkpoint id at each kill."""
@@ -133,9 +141,7 @@ def test_sigkill_rounds_then_restore_latest_commits_exactly_once(
     # Killed in the middle: part of the output was committed, not all.
     assert 0 < len(committed_records(out)) < total_expected()
 
-    final = run_command(
-        etl_command(kafka_bootstrap, topic, out, chk, parallelism, rate=0, bounded=True)
-    )
+    final = run_command(etl_command(kafka_bootstrap, topic, out, chk, parallelism, rate=0, bounded=True))
     assert final.returncode == 0, final.stderr
     assert f"restoring checkpoint {killed_at[-1]} from " in final.stderr, final.stderr
     assert_exact_output(out)

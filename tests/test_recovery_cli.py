@@ -30,6 +30,10 @@ EXAMPLE = ROOT / "examples" / "file_etl.py"
 EVENTS = ROOT / "examples" / "data" / "events.jsonl"
 
 
+
+
+
+
 def etl_command(out: Path, chk: Path, parallelism: int, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -54,6 +58,8 @@ def etl_command(out: Path, chk: Path, parallelism: int, *extra: str) -> list[str
         "-1",
         *extra,
     ]
+
+
 
 
 def test_expected_output_is_not_trivial() -> None:

@@ -13,7 +13,7 @@ from connectors.files import committed_files
 COUNT = 600
 FAIL_AT = 300
 
-FAILS_ONCE_JOB = """
+FAILS_ONCE_JOB = '''
 from pathlib import Path
 
 from connectors import GeneratorSource, TwoPhaseCommitFileSink
@@ -36,7 +36,7 @@ def build(job):
         .sink_to(TwoPhaseCommitFileSink(job.params["output"]), name="files")
         .uid("files")
     )
-""".replace("FAIL_AT", str(FAIL_AT)).replace("COUNT", str(COUNT))
+'''.replace("FAIL_AT", str(FAIL_AT)).replace("COUNT", str(COUNT))
 
 TINY_JOB = """
 from connectors import CollectionSource, CollectSink
@@ -80,7 +80,9 @@ def _committed_values(out: Path) -> list[int]:
 
 
 def test_the_start_up_lines_say_the_default_strategy_with_checkpointing(tmp_path: Path) -> None:
-    result = run_cli("run", _tiny(tmp_path), "--checkpoint-interval", "100ms", "--rest-port", "-1")
+    result = run_cli(
+        "run", _tiny(tmp_path), "--checkpoint-interval", "100ms", "--rest-port", "-1"
+    )
     assert result.returncode == 0, result.stderr
     assert (
         "restart strategy: exponential-delay (1s \u2192 1min, unlimited attempts, reset after 1h "

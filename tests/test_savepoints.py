@@ -32,6 +32,16 @@ EXAMPLE = ROOT / "examples" / "file_etl.py"
 EVENTS = ROOT / "examples" / "data" / "events.jsonl"
 
 
+
+
+
+
+
+
+
+
+
+
 def records_in(address: str, uid: str) -> int:
     status = get_json(address, "/status")
     return sum(op["records_in"] for op in status["operators"] if op["uid"] == uid)

@@ -133,7 +133,7 @@ def build(job):
     )
 '''
 
-FAILING_SAVEPOINT_JOB = """
+FAILING_SAVEPOINT_JOB = '''
 from connectors import GeneratorSource, JsonLinesFileSink
 from runtime.api.sinks import Sink, SinkWriter
 
@@ -155,7 +155,7 @@ def build(job):
     events = job.from_source(GeneratorSource(lambda i: {"i": i}, rate=300)).uid("gen")
     events.sink_to(JsonLinesFileSink(job.params["output"]), name="lines").uid("lines")
     events.sink_to(UnsnapshottableSink(), name="unsnapshottable").uid("unsnapshottable")
-"""
+'''
 
 
 @pytest.fixture
@@ -352,7 +352,9 @@ async def test_sigterm_with_the_exactly_once_kafka_sink_commits_and_leaves_no_tr
     assert returncode == 0, text
     match = re.search(r"stopped with savepoint (\S+); resume with --restore", text)
     assert match, text
-    expected = {(user, n, total) for user, rows in expected_output().items() for n, total in rows}
+    expected = {
+        (user, n, total) for user, rows in expected_output().items() for n, total in rows
+    }
     # Nothing is left in an open transaction: every record written is committed, and it is only
     # part of the output.
     await _wait_until_every_transaction_ended(kafka_bootstrap, partitions)

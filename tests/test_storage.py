@@ -63,6 +63,8 @@ def etl_args(out: Path, chk: Path, *extra: str) -> list[str]:
     ]
 
 
+
+
 def last_two(chk: Path) -> tuple[int, int]:
     ids = completed_checkpoint_ids(chk)
     assert len(ids) >= 2, ids
