@@ -15,6 +15,8 @@ from runtime.api.functions import (
     KeyedProcessFunction,
     MapFunction,
     OutputTag,
+    ProcessContext,
+    ProcessFunction,
     ReduceFunction,
     RichFunction,
     RuntimeContext,
@@ -57,6 +59,7 @@ from runtime.api.windows import (
 from runtime.config import CheckpointConfig, ExecutionConfig
 from runtime.master.jobmaster import JobFailedError, JobResult
 from runtime.shell.runner import load_job_file, run_job, run_job_async
+from state.keyed import StateTtlConfig, StateVisibility, TtlUpdateType
 
 __all__ = [
     "AggregateFunction",
@@ -88,6 +91,8 @@ __all__ = [
     "OutputTag",
     "PrintSink",
     "ProcessAllWindowFunction",
+    "ProcessContext",
+    "ProcessFunction",
     "ProcessWindowFunction",
     "ProcessingTimeSessionWindows",
     "ProcessingTimeTrigger",
@@ -101,10 +106,13 @@ __all__ = [
     "SlidingProcessingTimeWindows",
     "Source",
     "SourceReader",
+    "StateTtlConfig",
+    "StateVisibility",
     "TimeWindow",
     "Trigger",
     "TriggerContext",
     "TriggerResult",
+    "TtlUpdateType",
     "TumblingEventTimeWindows",
     "TumblingProcessingTimeWindows",
     "WindowAssigner",
