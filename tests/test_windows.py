@@ -833,3 +833,28 @@ async def test_trigger_state_restores_at_another_parallelism() -> None:
     )
     # Two of a's and one of b's before the checkpoint: a's third and b's third fire.
     assert got == [("a", [1, 3, 4]), ("b", [2, 5, 6])]
+
+
+class WithCleanupRule(ProcessWindowFunction[Any, Any, str]):
+    def open(self, ctx: Any) -> None:
+        ctx.set_state_cleanup_rule(lambda key, state: True)
+
+    def process(self, key: str, context: Any, elements: Any, out: Collector[Any]) -> None:
+        out.collect(key)
+
+
+def test_a_state_cleanup_rule_in_a_window_function_is_refused() -> None:
+    """A rule would clear a key's window state behind the windows' timers and panes."""
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(CollectionSource([("a", 1, 1)]))
+            .assign_timestamps_and_watermarks(lambda e: e[1])
+            .key_by(lambda e: e[0])
+            .window(TumblingEventTimeWindows.of(10))
+            .process(WithCleanupRule())
+            .sink_to(CollectSink())
+        )
+
+    with pytest.raises(JobFailedError, match="state cleanup rules are not supported in windows"):
+        run_job(build)

@@ -299,6 +299,13 @@ class WindowOperator(UserFunctionOperator):
         self._late_values: list[Any] = []
         self._late_timestamps: list[int] = []
         await super().open()
+        if backend.has_cleanup_rule:
+            msg = (
+                "state cleanup rules are not supported in windows: a rule would clear a key's "
+                "window state behind its windows; clear the state in ProcessWindowFunction.clear() "
+                "or give it a TTL (StateTtlConfig)"
+            )
+            raise self.user_error(ValueError(msg))
 
     # ------------------------------------------------------------------------------ records
 
@@ -332,6 +339,8 @@ class WindowOperator(UserFunctionOperator):
             raise
         except Exception as exc:
             raise self.user_error(exc, values) from exc
+        assert self.keyed_backend is not None
+        self.keyed_backend.cleanup_incrementally()  # state with a TTL: a bounded step
         await self._emit_fired()
         await self._emit_late()
 
