@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from state.keygroups import key_group_for_key
@@ -173,15 +173,14 @@ class TimerService:
 
     def snapshot(self, max_parallelism: int) -> dict[str, Any]:
         """Timers grouped by key group, like keyed state, so they rescale with their keys."""
-        groups: dict[int, list[list[Any]]] = {}
-        for kind, heap in (("e", self._event), ("p", self._processing)):
-            for timestamp, key, namespace in heap.entries():
-                # [kind, timestamp, key] without a namespace: the layout before namespaces.
-                entry = [kind, timestamp, key]
-                if namespace is not None:
-                    entry.append(namespace)
-                groups.setdefault(key_group_for_key(key, max_parallelism), []).append(entry)
-        return {"groups": groups}
+        return timers_snapshot(
+            (
+                (kind, timestamp, key, namespace)
+                for kind, heap in (("e", self._event), ("p", self._processing))
+                for timestamp, key, namespace in heap.entries()
+            ),
+            max_parallelism,
+        )
 
     def restore(self, snapshots: list[dict[str, Any]], owns: Callable[[int], bool]) -> None:
         for snapshot in snapshots:
@@ -190,7 +189,42 @@ class TimerService:
                     continue
                 for kind, timestamp, key, *rest in entries:
                     namespace = rest[0] if rest else None
+                    if type(namespace) is list:
+                        namespace = tuple(namespace)  # see timers_snapshot
                     if kind == "e":
                         self._event.add(timestamp, key, namespace)
                     elif self._processing.add(timestamp, key, namespace) and self._scheduler:
                         self._scheduler.schedule_processing_timer(timestamp)
+
+
+def timers_snapshot(
+    entries: Iterable[tuple[str, int, Any, Any]],
+    max_parallelism: int,
+    key_groups: dict[Any, int] | None = None,
+) -> dict[str, Any]:
+    """The snapshot of timers ``(kind, timestamp, key, namespace)`` (kind ``"e"`` event time,
+    ``"p"`` processing time): ``{"groups": {key group: [[kind, timestamp, key(, namespace)]]}}``.
+
+    An entry without a namespace keeps the layout from before namespaces. A tuple namespace (a
+    window) is written as a list, which msgpack encodes natively (a tuple needs an extension
+    type, several times slower); namespaces are hashable, so a list restores as the tuple.
+    ``key_groups`` caches the key group of keys across snapshots (it is read and filled).
+    """
+    groups: dict[int, list[list[Any]]] = {}
+    group_of: dict[Any, list[list[Any]]] = {}
+    known = key_groups if key_groups is not None else {}
+    for kind, timestamp, key, namespace in entries:
+        group = group_of.get(key)
+        if group is None:
+            key_group = known.get(key)
+            if key_group is None:
+                key_group = known[key] = key_group_for_key(key, max_parallelism)
+            group = groups.setdefault(key_group, [])
+            group_of[key] = group
+        if namespace is None:
+            group.append([kind, timestamp, key])
+        else:
+            group.append(
+                [kind, timestamp, key, list(namespace) if type(namespace) is tuple else namespace]
+            )
+    return {"groups": groups}

@@ -37,7 +37,7 @@ from typing import Any
 
 from actors.events import MAX_TIMESTAMP, MIN_TIMESTAMP, Watermark
 from actors.operator import UserFunctionError
-from actors.timers import TimerService
+from actors.timers import timers_snapshot
 from runtime.api.functions import Collector, OutputTag, RichFunction, is_async_result
 from runtime.api.operators import UserFunctionOperator, _async_result_error
 from runtime.api.windows import (
@@ -53,12 +53,26 @@ from runtime.api.windows import (
     window_start,
 )
 from state.keyed import KeyedStateBackend, MapStateDescriptor
-from state.serde import SNAPSHOT_SCALAR_TYPES, check_state_value
+from state.serde import SNAPSHOT_SCALAR_TYPES, StateSerializer, check_state_value
 from state.snapshot import OperatorSnapshot
 
 _MISSING: Any = object()
-_CONTENTS = MapStateDescriptor[Any, Any]("window-contents")
-_SESSIONS = MapStateDescriptor[Any, Any]("session-windows")
+
+
+def _window_map_to_data(windows: dict[tuple[int, ...], Any]) -> list[list[Any]]:
+    return [[*window, value] for window, value in windows.items()]
+
+
+def _window_map_from_data(data: list[list[Any]]) -> dict[tuple[int, ...], Any]:
+    return {tuple(item[:-1]): item[-1] for item in data}
+
+
+WINDOW_MAP = StateSerializer(_window_map_to_data, _window_map_from_data)
+"""A key's ``{window: value}`` in snapshots as ``[[*window, value], ...]``: lists, which msgpack
+encodes natively (tuple keys need an extension type each, several times slower)."""
+
+_CONTENTS = MapStateDescriptor[Any, Any]("window-contents", serializer=WINDOW_MAP)
+_SESSIONS = MapStateDescriptor[Any, Any]("session-windows", serializer=WINDOW_MAP)
 
 
 def _swapped(add: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -99,12 +113,19 @@ class _WindowScopedState:
     """Keyed state per key *and window*: a map state of the key, keyed by the scope's window.
     Offers the methods of value, list and reducing state, per its descriptor's kind."""
 
-    __slots__ = ("_descriptor", "_map", "_scope")
+    __slots__ = ("_descriptor", "_map", "_owner", "_scope")
 
-    def __init__(self, map_state: Any, scope: _Scope, descriptor: Any) -> None:
+    def __init__(self, map_state: Any, scope: _Scope, descriptor: Any, owner: str) -> None:
         self._map = map_state
         self._scope = scope
         self._descriptor = descriptor
+        self._owner = owner
+
+    def _put(self, window: tuple[int, ...], value: Any) -> None:
+        # Checked here: the map state's own check is off, it has a serializer (WINDOW_MAP).
+        if type(value) not in SNAPSHOT_SCALAR_TYPES:
+            check_state_value(value, self._owner, self._descriptor.kind, self._descriptor.name)
+        self._map.put(window, value)
 
     # value state
     def value(self) -> Any:
@@ -114,9 +135,7 @@ class _WindowScopedState:
         if value is None or (self._descriptor.kind == "list" and not value):
             self.clear()
         else:
-            self._map.put(
-                self._scope.window, list(value) if self._descriptor.kind == "list" else value
-            )
+            self._put(self._scope.window, list(value) if self._descriptor.kind == "list" else value)
 
     # reducing and list state
     def get(self) -> Any:
@@ -129,10 +148,10 @@ class _WindowScopedState:
         window = self._scope.window
         current = self._map.get(window, _MISSING)
         if self._descriptor.kind == "list":
-            self._map.put(window, [value] if current is _MISSING else [*current, value])
+            self._put(window, [value] if current is _MISSING else [*current, value])
         elif self._descriptor.kind == "reducing":
             merged = value if current is _MISSING else self._descriptor.reduce_fn(current, value)
-            self._map.put(window, merged)
+            self._put(window, merged)
         else:
             msg = f"add() is not a method of {self._descriptor.kind} state"
             raise TypeError(msg)
@@ -156,11 +175,11 @@ class _WindowScopedState:
             self._map.remove(window)
             current = self._map.get(target, _MISSING)
             if current is _MISSING:
-                self._map.put(target, value)
+                self._put(target, value)
             elif kind == "list":
-                self._map.put(target, [*current, *value])
+                self._put(target, [*current, *value])
             else:
-                self._map.put(target, self._descriptor.reduce_fn(current, value))
+                self._put(target, self._descriptor.reduce_fn(current, value))
 
 
 class _ScopedStates:
@@ -183,10 +202,12 @@ class _ScopedStates:
             backend = self._operator.keyed_backend
             assert backend is not None
             map_state = backend.get_state(
-                MapStateDescriptor[Any, Any](f"{self._prefix}/{descriptor.name}")
+                MapStateDescriptor[Any, Any](
+                    f"{self._prefix}/{descriptor.name}", serializer=WINDOW_MAP
+                )
             )
             state = self._states[descriptor.name] = _WindowScopedState(
-                map_state, self._operator._scope, descriptor
+                map_state, self._operator._scope, descriptor, backend.owner
             )
         return state
 
@@ -290,6 +311,7 @@ class WindowOperator(UserFunctionOperator):
         self._contents = backend.get_state(_CONTENTS)
         self._table: dict[Any, dict[Any, Any]] = self._contents._values
         self._panes = _Panes(self)
+        self._key_groups: dict[Any, int] = {}
         if self._fast:
             self._load_panes()
         self._sessions = backend.get_state(_SESSIONS) if self.spec.assigner.is_merging else None
@@ -360,23 +382,22 @@ class WindowOperator(UserFunctionOperator):
     async def snapshot_state(self, checkpoint_id: int) -> OperatorSnapshot | None:
         if not self._fast:
             return await super().snapshot_state(checkpoint_id)
-        assert self.timers is not None and self.keyed_backend is not None
-        backend = self.keyed_backend
+        assert self.timers is not None
         # The snapshot has the layout of the timer-driven path (contents per key, the trigger's
         # and cleanup timers), so either path restores it.
-        snapshot_timers = TimerService(lambda: backend.current_key, self.context.clock, None)
-        self._contents._values = self._panes.to_keyed(
-            snapshot_timers, self.timers.current_watermark, backend
-        )
+        table, timers = self._panes.to_keyed(self.timers.current_watermark)
+        self._contents._values = table
         try:
             snapshot = await super().snapshot_state(checkpoint_id)
         finally:
             self._contents._values = {}
         if snapshot is None:
             return None
-        return dataclasses.replace(
-            snapshot, timers=snapshot_timers.snapshot(self.context.max_parallelism)
-        )
+        # Key groups of the keys still in windows, kept for the next snapshot.
+        known = self._key_groups
+        timers_part = timers_snapshot(timers, self.context.max_parallelism, known)
+        self._key_groups = {key: known[key] for key in table if key in known}
+        return dataclasses.replace(snapshot, timers=timers_part)
 
     def _verify_first_key(self, key_of: Callable[[Any], Any], value: Any) -> None:
         super()._verify_first_key(key_of, value)
@@ -886,28 +907,28 @@ class _Panes:
         for key, window in pairs:
             self._fired.setdefault(window, set()).add(key)
 
-    def to_keyed(
-        self, timers: TimerService, watermark: int, backend: KeyedStateBackend
-    ) -> dict[Any, dict[Any, Any]]:
-        """The contents per key and window, and into ``timers`` the timers the timer-driven
-        path would have for them."""
+    def to_keyed(self, watermark: int) -> tuple[dict[Any, dict[Any, Any]], list[Any]]:
+        """The contents per key and window, and the timers the timer-driven path would have
+        for them (``timers_snapshot`` entries): a window's cleanup timer, and its trigger timer
+        unless it fired already."""
         table: dict[Any, dict[Any, Any]] = {}
+        timers: list[tuple[str, int, Any, Any]] = []
         lateness = self._operator._lateness
         for window, pane in self._panes.items():
             max_timestamp = window[1] - 1
             cleanup = self._cleanup(window)
+            pending = max_timestamp > watermark
             fired_before = self._fired.get(window, ())
             for key, contents in pane.items():
                 windows = table.get(key)
                 if windows is None:
                     windows = table[key] = {}
                 windows[window] = contents
-                backend.current_key = key
                 if lateness:
-                    timers.register_event_time_timer(cleanup, window)
-                if max_timestamp > watermark and key not in fired_before:
-                    timers.register_event_time_timer(max_timestamp, window)
-        return table
+                    timers.append(("e", cleanup, key, window))
+                if pending and key not in fired_before:
+                    timers.append(("e", max_timestamp, key, window))
+        return table, timers
 
 
 def _window_end(window: tuple[int, ...]) -> int:
