@@ -25,6 +25,7 @@ from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, 
 from runtime.master.jobmaster import JobMaster, JobResult
 from runtime.shell.runner import build_graph
 from state.keygroups import key_group_for_key
+from state.serde import packb, unpackb
 
 FAR = 10**9
 
@@ -366,7 +367,7 @@ def test_timers_with_a_namespace_are_distinct_and_survive_a_snapshot_with_old_en
     key[0] = "k2"
     old_layout = {"groups": {key_group_for_key("k2", 128): [["e", 7, "k2"]]}}
     restored = TimerService(lambda: None, _Clock(), None)
-    restored.restore([snapshot, old_layout], lambda kg: True)
+    restored.restore([unpackb(packb(snapshot)), old_layout], lambda kg: True)
     assert restored.due_event_timer_entries(MAX_TIMESTAMP) == [
         (7, "k2", None),
         (10, "k1", None),
