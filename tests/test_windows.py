@@ -858,3 +858,17 @@ def test_a_state_cleanup_rule_in_a_window_function_is_refused() -> None:
 
     with pytest.raises(JobFailedError, match="state cleanup rules are not supported in windows"):
         run_job(build)
+
+
+def test_event_time_windows_without_timestamps_fail_saying_what_to_add() -> None:
+    def build(job: Any) -> None:
+        (
+            job.from_source(CollectionSource([("a", 1, 1)]))
+            .key_by(lambda e: e[0])
+            .window(TumblingEventTimeWindows.of(10))
+            .reduce(lambda a, b: a)
+            .sink_to(CollectSink())
+        )
+
+    with pytest.raises(JobFailedError, match=r"need record timestamps; call assign_timestamps"):
+        run_job(build)
