@@ -566,6 +566,8 @@ def test_window_definition_errors_name_what_to_change() -> None:
         keyed.window(TumblingEventTimeWindows.of(10)).aggregate(lambda v: v)
     with pytest.raises(JobDefinitionError, match="needs a ProcessWindowFunction"):
         keyed.window(TumblingEventTimeWindows.of(10)).process(lambda v: v)
+    with pytest.raises(JobDefinitionError, match="window\\(\\) needs a WindowAssigner"):
+        keyed.window(10)  # type: ignore[arg-type]
     with pytest.raises(JobDefinitionError, match="does not support merging windows"):
         keyed.window(EventTimeSessionWindows.with_gap(10)).trigger(_NoMerge())
 

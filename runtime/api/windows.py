@@ -651,8 +651,11 @@ class WindowedStream:
 
     def __init__(self, stream: KeyedStream, assigner: WindowAssigner) -> None:
         if not isinstance(assigner, WindowAssigner):
-            msg = f"window() needs a WindowAssigner, got {type(assigner).__name__}"
-            raise TypeError(msg)
+            msg = (
+                f"window() needs a WindowAssigner (e.g. TumblingEventTimeWindows.of('10s')), "
+                f"got {type(assigner).__name__}"
+            )
+            raise JobDefinitionError(msg)
         self._stream = stream
         self._assigner = assigner
         self._trigger: Trigger = assigner.default_trigger()
