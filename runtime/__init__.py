@@ -29,12 +29,19 @@ from runtime.api.streams import (
     JobParameters,
     KeyedStream,
 )
+from runtime.api.watermarks import (
+    BoundedOutOfOrdernessWatermarks,
+    WatermarkGenerator,
+    WatermarkOutput,
+    WatermarkStrategy,
+)
 from runtime.config import CheckpointConfig, ExecutionConfig
 from runtime.master.jobmaster import JobFailedError, JobResult
 from runtime.shell.runner import load_job_file, run_job, run_job_async
 
 __all__ = [
     "AggregateFunction",
+    "BoundedOutOfOrdernessWatermarks",
     "CheckpointConfig",
     "Collector",
     "ConnectedStreams",
@@ -62,6 +69,9 @@ __all__ = [
     "SinkWriter",
     "Source",
     "SourceReader",
+    "WatermarkGenerator",
+    "WatermarkOutput",
+    "WatermarkStrategy",
     "load_job_file",
     "run_job",
     "run_job_async",

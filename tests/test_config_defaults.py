@@ -80,6 +80,7 @@ def test_run_help_shows_the_defaults_of_the_config_module(
         "--rest-host": config.DEFAULT_REST_HOST,
         "--shutdown-timeout": format_duration(config.DEFAULT_SHUTDOWN_TIMEOUT_S),
         "--buffer-timeout": format_duration(execution.buffer_timeout_s),
+        "--auto-watermark-interval": format_duration(execution.auto_watermark_interval_s),
     }
     for option, default in expected.items():
         assert re.search(rf"\bdefault {re.escape(default)}\b", helps[option]), (option, helps)

@@ -12,6 +12,7 @@ import pytest
 PUBLIC = {
     "runtime": {
         "AggregateFunction",
+        "BoundedOutOfOrdernessWatermarks",
         "CheckpointConfig",
         "Collector",
         "ConnectedStreams",
@@ -39,6 +40,9 @@ PUBLIC = {
         "SinkWriter",
         "Source",
         "SourceReader",
+        "WatermarkGenerator",
+        "WatermarkOutput",
+        "WatermarkStrategy",
         "load_job_file",
         "run_job",
         "run_job_async",
@@ -82,6 +86,7 @@ PUBLIC = {
     "runtime.testing": {
         "POINTS",
         "InjectedCrash",
+        "ManualClock",
         "TestingSink",
         "TestingSource",
         "arm",
