@@ -1,5 +1,6 @@
 """Helpers for in-process tests: step the event loop until a condition holds (no sleeps); a
-virtual clock and scripted task handles to drive the checkpoint coordinator without tasks."""
+virtual clock and scripted task handles to drive the checkpoint coordinator without tasks; an
+unbounded source whose splits the test feeds while the job runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from actors.protocol import TaskCommand, TaskId, TaskMetrics, TaskState
+from runtime.api.sources import Source, SourceReader, SourceReaderContext
 
 
 async def wait_until(
@@ -81,3 +83,70 @@ class ScriptedTaskHandle:
         """The commands sent since the last call."""
         sent, self.sent = self.sent, []
         return sent
+
+
+class FedSplitsSource(Source[Any]):
+    """An unbounded source of ``splits`` splits that emit what the test feeds them while the job
+    runs (:meth:`feed`), and otherwise nothing: it never ends. Each poll returns records of one
+    split and names it, so a watermark strategy runs per split."""
+
+    bounded = False
+
+    def __init__(self, splits: int) -> None:
+        self.fed: list[list[Any]] = [[] for _ in range(splits)]
+        self.readers: list[_FedSplitsReader] = []
+        self._contexts: list[SourceReaderContext] = []
+
+    def name(self) -> str:
+        return "FedSplits"
+
+    def create_splits(self, parallelism: int) -> list[Any]:
+        return [{"split": i, "next": 0} for i in range(len(self.fed))]
+
+    def create_reader(self, context: SourceReaderContext) -> SourceReader[Any]:
+        self._contexts.append(context)
+        reader = _FedSplitsReader(self)
+        self.readers.append(reader)
+        return reader
+
+    def feed(self, split: int, records: list[Any]) -> None:
+        self.fed[split].extend(records)
+        for context in self._contexts:
+            context.notify_available()
+
+    def all_read(self) -> bool:
+        """Every record fed so far was polled (by the readers of the latest attempt)."""
+        return bool(self.readers) and all(
+            split["next"] == len(self.fed[split["split"]])
+            for reader in self.readers
+            for split in reader.splits
+        )
+
+
+class _FedSplitsReader(SourceReader[Any]):
+    watermarks_per_split = True
+
+    def __init__(self, source: FedSplitsSource) -> None:
+        self.source = source
+        self.splits: list[dict[str, Any]] = []
+        self._last: Any = None
+
+    def add_splits(self, splits: list[Any]) -> None:
+        self.splits.extend(dict(s) for s in splits)
+
+    def poll(self, max_records: int) -> list[Any] | None:
+        for split in self.splits:
+            fed = self.source.fed[split["split"]]
+            start = split["next"]
+            if start < len(fed):
+                records = fed[start : start + max_records]
+                split["next"] = start + len(records)
+                self._last = split["split"]
+                return records
+        return None
+
+    def split_of_last_poll(self) -> Any:
+        return self._last
+
+    def snapshot_splits(self) -> list[Any]:
+        return [dict(s) for s in self.splits]

@@ -286,7 +286,9 @@ class SourceOperator(SourceOperatorBase):
             if values:
                 stamps = emitter.timestamps(values, timestamps)
                 await self.output.emit(values, stamps)
-                stream = self.reader.split_of_last_poll() if self.reader.watermarks_per_split else None
+                stream = (
+                    self.reader.split_of_last_poll() if self.reader.watermarks_per_split else None
+                )
                 emitter.add_stream(stream)
                 emitter.on_records(stream, values, stamps)
                 await emitter.flush(self.output)
