@@ -1,6 +1,7 @@
 """Helpers for in-process tests: step the event loop until a condition holds (no sleeps); a
 virtual clock and scripted task handles to drive the checkpoint coordinator without tasks; an
-unbounded source whose splits the test feeds while the job runs."""
+unbounded source whose splits the test feeds while the job runs, and a process function that shows
+the watermark each record and timer saw."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from actors.protocol import TaskCommand, TaskId, TaskMetrics, TaskState
+from runtime.api.functions import Collector, KeyedProcessContext, KeyedProcessFunction
 from runtime.api.sources import Source, SourceReader, SourceReaderContext
 
 
@@ -150,3 +152,31 @@ class _FedSplitsReader(SourceReader[Any]):
 
     def snapshot_splits(self) -> list[Any]:
         return [dict(s) for s in self.splits]
+
+
+class EventTimeTimers(KeyedProcessFunction[Any, Any, Any]):
+    """Emits ``("record", key, timestamp, watermark)`` per record and registers an event-time
+    timer ``delay`` after it; a firing emits ``("timer", key, timestamp, watermark)``."""
+
+    def __init__(self, delay: int) -> None:
+        self.delay = delay
+
+    def process_element(
+        self, value: Any, ctx: KeyedProcessContext[Any], out: Collector[Any]
+    ) -> None:
+        assert ctx.timestamp is not None
+        out.collect(("record", ctx.current_key, ctx.timestamp, ctx.current_watermark()))
+        ctx.timer_service().register_event_time_timer(ctx.timestamp + self.delay)
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessContext[Any], out: Collector[Any]) -> None:
+        out.collect(("timer", ctx.current_key, timestamp, ctx.current_watermark()))
+
+
+def fired(sink: Any) -> list[tuple[Any, ...]]:
+    """The timer firings an :class:`EventTimeTimers` wrote to ``sink``, sorted."""
+    return sorted(r for r in sink.results if r[0] == "timer")
+
+
+def records(sink: Any) -> list[tuple[Any, ...]]:
+    """The records an :class:`EventTimeTimers` wrote to ``sink``, in order."""
+    return [r for r in sink.results if r[0] == "record"]

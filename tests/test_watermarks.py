@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from cli_helpers import get_json
-from loop_helpers import FedSplitsSource, wait_until
+from loop_helpers import EventTimeTimers, FedSplitsSource, fired, records, wait_until
 
 from actors.events import (
     MIN_TIMESTAMP,
@@ -26,8 +26,8 @@ from actors.events import (
 )
 from actors.mailbox import Wakeup
 from actors.network import InputGate, ResultSubpartition
-from actors.operator import DiscardingOutput, OperatorContext, StreamOperator
-from actors.protocol import TaskReport
+from actors.operator import ChainedOutput, DiscardingOutput, OperatorContext, StreamOperator
+from actors.protocol import AddSplits, TaskReport
 from actors.task import StreamTask
 from connectors import CollectionSource, CollectSink
 from runtime import (
@@ -39,11 +39,19 @@ from runtime import (
     WatermarkStrategy,
     run_job,
 )
+from runtime.api.sources import SourceOperator
 from runtime.master.jobmaster import JobMaster
 from runtime.shell.rest import ControlServer
 from runtime.shell.runner import build_graph
 from runtime.testing import ManualClock
 from state.keygroups import KeyGroupRange
+
+STRATEGY = (
+    WatermarkStrategy.for_bounded_out_of_orderness(500)
+    .with_timestamp_assigner(lambda value, _record_ts: value[1])
+    .with_idleness("1s")
+)
+"""Event time from the record's second field, 500 ms out of order at most, idle after 1 s."""
 
 # ------------------------------------------------------------------------------------------------
 # strategies and generators
@@ -231,16 +239,18 @@ ACTIVE = WATERMARK_ACTIVE
 
 
 class RecordingHead(StreamOperator):
-    """The head of the task under test: records the watermarks and statuses it is handed."""
+    """Records the watermarks and statuses it is handed (and the records, if ``records``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, records: bool = False) -> None:
         super().__init__("recorder", "recorder")
         self.forwarded: list[Any] = []
+        self.records = records
 
     async def process_batch(
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
-        return None
+        if self.records:
+            self.forwarded.append(list(zip(values, timestamps or [], strict=True)))
 
     async def process_watermark(self, watermark: Watermark) -> None:
         self.forwarded.append(watermark)
@@ -264,12 +274,7 @@ async def run_valve_script(channels: int, steps: list[Step]) -> None:
         gate.add_channel(sender, exclusive_credits=1)
     head = RecordingHead()
     clock = ManualClock()
-    head.setup(
-        OperatorContext(
-            "recorder", "recorder", "valve", 0, 1, 128, 0, {}, clock, KeyGroupRange(0, 127)
-        ),
-        DiscardingOutput(head),
-    )
+    head.setup(operator_context("recorder", clock), DiscardingOutput(head))
     task = StreamTask(
         "valve (1/1)", "valve", 0, 1, [head], gate, [], _Reports(), wakeup, clock=clock
     )
@@ -286,6 +291,12 @@ async def run_valve_script(channels: int, steps: list[Step]) -> None:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+
+
+def operator_context(name: str, clock: ManualClock, scheduler: Any = None) -> OperatorContext:
+    return OperatorContext(
+        name, name, "task", 0, 1, 128, 0, {}, clock, KeyGroupRange(0, 127), scheduler=scheduler
+    )
 
 
 @pytest.mark.asyncio
@@ -353,34 +364,39 @@ async def test_the_end_of_the_only_active_input_makes_the_task_idle() -> None:
     )
 
 
+@pytest.mark.asyncio
+async def test_a_source_subtask_announces_idle_without_splits_and_active_before_records() -> None:
+    """A source task's output, in order: IDLE at once (no split), ACTIVE before the first records
+    of a split, their watermark after them, and IDLE after the watermark that follows processing
+    time once the split went silent."""
+    clock = ManualClock()
+    source = FedSplitsSource(1)
+    recorder = RecordingHead(records=True)
+    head = SourceOperator("source", "source", source, [], STRATEGY)
+    wakeup = Wakeup()
+    task = StreamTask(
+        "source (1/1)", "source", 0, 1, [head, recorder], None, [], _Reports(), wakeup, clock=clock
+    )
+    head.setup(operator_context("source", clock, task), ChainedOutput(head, recorder))
+    recorder.setup(operator_context("recorder", clock, task), DiscardingOutput(recorder))
+    runner = asyncio.create_task(task.run())
+    try:
+        await wait_until(lambda: recorder.forwarded == [IDLE], "the idle announcement", runner)
+        assert task.handle_command(AddSplits(tuple(source.create_splits(1))))
+        source.feed(0, [("a", 1000), ("a", 900)])
+        await wait_until(lambda: len(recorder.forwarded) == 4, "the records", runner)
+        assert recorder.forwarded[1:] == [ACTIVE, [(("a", 1000), 1000), (("a", 900), 900)], W(499)]
+        clock.advance(1000)  # silent for the idle timeout: the periodic emission notices it
+        await wait_until(lambda: len(recorder.forwarded) == 6, "idleness", runner)
+        assert recorder.forwarded[4:] == [W(1000 + 1000 - 500 - 1), IDLE]
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+
 # ------------------------------------------------------------------------------------------------
 # jobs: idle splits, source subtasks without splits, all traffic stopped
-
-
-class EventTimeTimers(KeyedProcessFunction[Any, Any, Any]):
-    """Emits ``("record", key, timestamp, watermark)`` per record and registers an event-time
-    timer ``delay`` after it; a firing emits ``("timer", key, timestamp, watermark)``."""
-
-    def __init__(self, delay: int) -> None:
-        self.delay = delay
-
-    def process_element(
-        self, value: Any, ctx: KeyedProcessContext[Any], out: Collector[Any]
-    ) -> None:
-        assert ctx.timestamp is not None
-        out.collect(("record", ctx.current_key, ctx.timestamp, ctx.current_watermark()))
-        ctx.timer_service().register_event_time_timer(ctx.timestamp + self.delay)
-
-    def on_timer(self, timestamp: int, ctx: KeyedProcessContext[Any], out: Collector[Any]) -> None:
-        out.collect(("timer", ctx.current_key, timestamp, ctx.current_watermark()))
-
-
-def fired(sink: Any) -> list[tuple[Any, ...]]:
-    return sorted(r for r in sink.results if r[0] == "timer")
-
-
-def records(sink: Any) -> list[tuple[Any, ...]]:
-    return [r for r in sink.results if r[0] == "record"]
 
 
 @contextlib.asynccontextmanager
@@ -424,13 +440,6 @@ async def test_a_timer_fires_at_parallelism_2_when_a_source_subtask_has_no_split
     async with running(build, 2, ExecutionConfig(clock=ManualClock())) as (_, job):
         source.feed(0, [("a", 100), ("a", 200)])
         await wait_until(lambda: fired(sink) == [("timer", "a", 105, 199)], "the timer", job)
-
-
-STRATEGY = (
-    WatermarkStrategy.for_bounded_out_of_orderness(500)
-    .with_timestamp_assigner(lambda value, _record_ts: value[1])
-    .with_idleness("1s")
-)
 
 
 @pytest.mark.asyncio
@@ -477,8 +486,9 @@ async def test_idle_split_no_longer_holds_event_time_and_all_traffic_stopping_st
         await settle(job)
     assert records(sink)[2] == ("record", "b", 1500, following)  # late, not pulled back
     assert fired(sink)[2] == ("timer", "b", 1510, 4600 - 500 - 1)
-    seen = [r[3] for r in sink.results]
-    assert seen == sorted(seen), "event time went backwards"
+    for key in ("a", "b"):  # in order per key (subtasks write to the sink side by side)
+        seen = [r[3] for r in sink.results if r[1] == key]
+        assert seen == sorted(seen), f"event time went backwards at key {key}: {seen}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -494,8 +494,9 @@ class TimestampsAndWatermarksOperator(StreamOperator):
             return
         emitter = self._emitter
         stamps = emitter.timestamps(values, timestamps)
-        await self.output.emit(values, stamps)
         emitter.on_records(None, values, stamps)
+        await emitter.flush(self.output, watermark_too=False)
+        await self.output.emit(values, stamps)
         await emitter.flush(self.output)
 
     async def process_watermark(self, watermark: Watermark) -> None:

@@ -330,7 +330,10 @@ class WatermarkEmitter:
         await self.flush(self.operator.output)
         self.start_periodic()
 
-    async def flush(self, output: Output) -> None:
+    async def flush(self, output: Output, watermark_too: bool = True) -> None:
+        """Send what changed. ``watermark_too=False`` (before emitting records whose stream just
+        became active): only ACTIVE, so that receivers see the status before the records and the
+        watermark after them."""
         if self.ended:
             return
         outputs = [o for _, o in self._streams.values()]
@@ -343,6 +346,8 @@ class WatermarkEmitter:
         if not idle and self.sent_idle:
             self.sent_idle = False
             await output.emit_watermark_status(WATERMARK_ACTIVE)
+        if not watermark_too:
+            return
         if watermark > self.sent_watermark:
             self.sent_watermark = watermark
             await output.emit_watermark(Watermark(watermark))
