@@ -452,21 +452,30 @@ class StreamTask:
 
         The minimum over the live (not ended) active inputs; with every live input idle, the
         maximum over them (nothing holds the others back: Flink's flush when all inputs become
-        idle, also for watermarks that idle inputs send later); with every input ended, the
-        maximum over all. It never goes backwards: an input that becomes active again behind it
-        takes part only once it has caught up.
+        idle, also for watermarks that idle inputs send later), where an idle input's end of
+        input (``MAX_WATERMARK``, its ``EndOfData`` follows) counts only if all are there; with
+        every input ended, the maximum over all. It never goes backwards: an input that becomes
+        active again behind it takes part only once it has caught up.
         """
         active: list[int] = []
         idle: list[int] = []
+        idle_at_end = False
         for wm, ended, is_idle in zip(
             self._channel_watermark, self._channel_end_of_data, self._channel_idle, strict=True
         ):
             if ended is None:
-                (idle if is_idle else active).append(wm)
+                if not is_idle:
+                    active.append(wm)
+                elif wm < MAX_TIMESTAMP:
+                    idle.append(wm)
+                else:
+                    idle_at_end = True
         if active:
             combined = min(active)
         elif idle:
             combined = max(idle)
+        elif idle_at_end:
+            combined = MAX_TIMESTAMP
         else:
             combined = max(self._channel_watermark, default=MIN_TIMESTAMP)
         if combined > self._current_watermark:
@@ -580,7 +589,10 @@ class StreamTask:
                 for op in self.operators:
                     await op.fire_processing_timers(mail.timestamp_ms)
         elif kind is ProcessingCallbackMail:
-            if not self._closed:
+            # Once the input ended (FINISHING) the last watermark was sent: like Flink's quiesced
+            # processing-time service, nothing periodic runs any more (no watermark may follow a
+            # stop without drain).
+            if not self._closed and self.state is TaskState.RUNNING:
                 await mail.callback(mail.timestamp_ms)
         elif kind is AddSplits:
             add = getattr(self.head, "add_splits", None)
@@ -673,7 +685,8 @@ class StreamTask:
 
     def schedule_processing_callback(self, timestamp_ms: int, callback: ProcessingCallback) -> None:
         """Run ``callback(timestamp_ms)`` on this task's actor, between buffers, when the task's
-        clock reaches ``timestamp_ms``; never after the operators were closed."""
+        clock reaches ``timestamp_ms``; only while the task is RUNNING (not after its input
+        ended)."""
         self._schedule_mail(timestamp_ms, ProcessingCallbackMail(timestamp_ms, callback))
 
     def _schedule_mail(self, timestamp_ms: int, mail: Any) -> None:

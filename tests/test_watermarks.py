@@ -16,6 +16,7 @@ from cli_helpers import get_json
 from loop_helpers import EventTimeTimers, FedSplitsSource, fired, records, wait_until
 
 from actors.events import (
+    MAX_TIMESTAMP,
     MIN_TIMESTAMP,
     WATERMARK_ACTIVE,
     WATERMARK_IDLE,
@@ -347,6 +348,21 @@ async def test_an_input_resuming_behind_the_watermark_does_not_pull_it_back() ->
             wm(1, 150),  # 5: the minimum (150) is behind 200: nothing
             wm(1, 250),  # 6: 200 again: nothing new
             wm(0, 300, W(250)),  # 7
+        ],
+    )
+
+
+@pytest.mark.asyncio
+async def test_the_end_of_an_idle_input_does_not_end_event_time_for_the_others() -> None:
+    await run_valve_script(
+        2,
+        [
+            idle(0),  # 0
+            idle(1, IDLE),  # 1
+            wm(0, MAX_TIMESTAMP),  # 2: input 0 ends while idle; input 1 may still resume
+            end(0),  # 3
+            active(1, ACTIVE),  # 4
+            wm(1, 7, W(7)),  # 5
         ],
     )
 
