@@ -1,17 +1,24 @@
-"""Helpers for in-process tests: step the event loop until a condition holds (no sleeps); a
-virtual clock and scripted task handles to drive the checkpoint coordinator without tasks; an
-unbounded source whose splits the test feeds while the job runs, and a process function that shows
-the watermark each record and timer saw."""
+"""Helpers for in-process tests: step the event loop until a condition holds (no sleeps); a job
+running in the background and its ``/status``; a virtual clock and scripted task handles to drive
+the checkpoint coordinator without tasks; an unbounded source whose splits the test feeds while
+the job runs, and a process function that shows the watermark each record and timer saw."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from cli_helpers import get_json
 
 from actors.protocol import TaskCommand, TaskId, TaskMetrics, TaskState
 from runtime.api.functions import Collector, KeyedProcessContext, KeyedProcessFunction
 from runtime.api.sources import Source, SourceReader, SourceReaderContext
+from runtime.config import ExecutionConfig
+from runtime.master.jobmaster import JobMaster
+from runtime.plan.jobfile import build_graph
+from runtime.shell.rest import ControlServer
 
 
 async def wait_until(
@@ -31,6 +38,32 @@ async def wait_until(
         await asyncio.sleep(0)
     msg = f"gave up waiting for {what}"
     raise AssertionError(msg)
+
+
+@contextlib.asynccontextmanager
+async def running_job(
+    build: Callable[[Any], None], parallelism: int = 1, config: ExecutionConfig | None = None
+) -> AsyncIterator[tuple[JobMaster, asyncio.Task[Any]]]:
+    """Runs the job in the background; cancels it (every task closes) on exit."""
+    master = JobMaster(build_graph(build, None, parallelism), config)
+    job = asyncio.create_task(master.run())
+    try:
+        yield master, job
+    finally:
+        if not job.done():
+            job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+
+
+async def control_status(master: JobMaster) -> Any:
+    """``GET /status`` of the job, through a control endpoint started for the call."""
+    server = ControlServer(master, lambda: None, port=0)
+    address = await server.start()
+    try:
+        return await asyncio.to_thread(get_json, address, "/status")
+    finally:
+        await server.stop()
 
 
 class VirtualClock:

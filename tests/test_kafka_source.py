@@ -14,18 +14,16 @@ new-partition branch of split discovery is tested on ``KafkaSource.discover_new_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import kafka_fixtures
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from cli_helpers import get_json
 from kafka_fixtures import CONSUMER_FETCH_LIMITS, create_topics, unique_name
-from loop_helpers import EventTimeTimers, fired, records
+from loop_helpers import EventTimeTimers, control_status, fired, records, running_job
 
 from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, DEFAULT_SENDER_QUEUE
 from connectors import CollectSink
@@ -44,8 +42,6 @@ from runtime import (
 from runtime.api.sources import DEFAULT_SOURCE_BATCH, SourceOperator
 from runtime.api.watermarks import WatermarksWithIdleness
 from runtime.master.jobmaster import JobMaster
-from runtime.shell.rest import ControlServer
-from runtime.shell.runner import build_graph
 from runtime.testing import ManualClock
 from state.storage import CheckpointKind
 
@@ -111,22 +107,6 @@ async def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {WAIT_S}s waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running_job(
-    build: Callable[[Any], None], parallelism: int = 1, config: ExecutionConfig | None = None
-) -> AsyncIterator[tuple[JobMaster, asyncio.Task[Any]]]:
-    """Runs the job in the background; cancels it (every task closes) on exit."""
-    master = JobMaster(build_graph(build, None, parallelism), config)
-    job = asyncio.create_task(master.run())
-    try:
-        yield master, job
-    finally:
-        if not job.done():
-            job.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await job
 
 
 def source_readers(master: JobMaster) -> list[KafkaSourceReader]:
@@ -755,12 +735,7 @@ async def test_slow_sink_keeps_the_source_buffers_bounded_and_lag_shows_it(
         assert sum(lag.values()) == count - position
         assert sum(lag.values()) >= count - in_flight_bound - queued_bound
         # The control endpoint shows the same lag, per source task.
-        server = ControlServer(master, lambda: None, port=0)
-        address = await server.start()
-        try:
-            status = await asyncio.to_thread(get_json, address, "/status")
-        finally:
-            await server.stop()
+        status = await control_status(master)
         [source_task] = [t for t in master.tasks if t.head is source_op]
         assert status["source_lag"] == {source_task.name: lag}
         sink.release.set()

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from cli_helpers import get_json
-from loop_helpers import EventTimeTimers, FedSplitsSource, fired, records, wait_until
+from loop_helpers import (
+    EventTimeTimers,
+    FedSplitsSource,
+    control_status,
+    fired,
+    records,
+    running_job,
+    wait_until,
+)
 
 from actors.events import (
     MAX_TIMESTAMP,
@@ -41,9 +47,6 @@ from runtime import (
     run_job,
 )
 from runtime.api.sources import SourceOperator
-from runtime.master.jobmaster import JobMaster
-from runtime.shell.rest import ControlServer
-from runtime.shell.runner import build_graph
 from runtime.testing import ManualClock
 from state.keygroups import KeyGroupRange
 
@@ -415,20 +418,6 @@ async def test_a_source_subtask_announces_idle_without_splits_and_active_before_
 # jobs: idle splits, source subtasks without splits, all traffic stopped
 
 
-@contextlib.asynccontextmanager
-async def running(
-    build: Callable[[Any], None], parallelism: int, config: ExecutionConfig
-) -> AsyncIterator[tuple[JobMaster, asyncio.Task[Any]]]:
-    master = JobMaster(build_graph(build, None, parallelism), config)
-    job = asyncio.create_task(master.run())
-    try:
-        yield master, job
-    finally:
-        job.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await job
-
-
 async def settle(job: asyncio.Task[Any]) -> None:
     """Let every task handle what is in flight (nothing may happen without the clock)."""
     for _ in range(300):
@@ -453,7 +442,7 @@ async def test_a_timer_fires_at_parallelism_2_when_a_source_subtask_has_no_split
             .sink_to(sink)
         )
 
-    async with running(build, 2, ExecutionConfig(clock=ManualClock())) as (_, job):
+    async with running_job(build, 2, ExecutionConfig(clock=ManualClock())) as (_, job):
         source.feed(0, [("a", 100), ("a", 200)])
         await wait_until(lambda: fired(sink) == [("timer", "a", 105, 199)], "the timer", job)
 
@@ -479,7 +468,7 @@ async def test_idle_split_no_longer_holds_event_time_and_all_traffic_stopping_st
             .sink_to(sink)
         )
 
-    async with running(build, parallelism, ExecutionConfig(clock=clock)) as (_, job):
+    async with running_job(build, parallelism, ExecutionConfig(clock=clock)) as (_, job):
         source.feed(0, [("a", 1000)])
         await wait_until(lambda: len(records(sink)) == 1, "the first record", job)
         clock.advance(600)
@@ -534,7 +523,7 @@ async def test_processing_time_timers_fire_when_the_injected_clock_reaches_them(
     def build(job: Any) -> None:
         job.from_source(source).key_by(lambda v: v).process(ProcessingTimeTimer()).sink_to(sink)
 
-    async with running(build, 1, ExecutionConfig(clock=clock)) as (_, job):
+    async with running_job(build, 1, ExecutionConfig(clock=clock)) as (_, job):
         source.feed(0, ["k"])
         await wait_until(lambda: sink.results == [("record", "k", 1_000_000)], "the record", job)
         clock.advance(999)
@@ -580,16 +569,11 @@ async def test_status_shows_each_operators_and_subtasks_watermark_and_idleness()
             .sink_to(sink)
         )
 
-    async with running(build, 2, ExecutionConfig(clock=ManualClock())) as (master, job):
+    async with running_job(build, 2, ExecutionConfig(clock=ManualClock())) as (master, job):
         source.feed(0, [("a", 1000)])
         await wait_until(lambda: len(records(sink)) == 1, "the record", job)
         await settle(job)
-        server = ControlServer(master, lambda: None, port=0)
-        address = await server.start()
-        try:
-            status = await asyncio.to_thread(get_json, address, "/status")
-        finally:
-            await server.stop()
+        status = await control_status(master)
     operators = {o["uid"]: o for o in status["operators"]}
     # The source subtask without a split is idle; the other's watermark is the operator's.
     assert operators["source"]["watermark"] == 499
