@@ -15,6 +15,8 @@ from runtime.api.functions import (
     KeyedProcessFunction,
     MapFunction,
     OutputTag,
+    ProcessContext,
+    ProcessFunction,
     ReduceFunction,
     RichFunction,
     RuntimeContext,
@@ -38,6 +40,7 @@ from runtime.api.watermarks import (
 from runtime.config import CheckpointConfig, ExecutionConfig
 from runtime.master.jobmaster import JobFailedError, JobResult
 from runtime.shell.runner import load_job_file, run_job, run_job_async
+from state.keyed import StateTtlConfig, StateVisibility, TtlUpdateType
 
 __all__ = [
     "AggregateFunction",
@@ -62,6 +65,8 @@ __all__ = [
     "NewerOutputPolicy",
     "OutputTag",
     "PrintSink",
+    "ProcessContext",
+    "ProcessFunction",
     "ReduceFunction",
     "RichFunction",
     "RuntimeContext",
@@ -69,6 +74,9 @@ __all__ = [
     "SinkWriter",
     "Source",
     "SourceReader",
+    "StateTtlConfig",
+    "StateVisibility",
+    "TtlUpdateType",
     "WatermarkGenerator",
     "WatermarkOutput",
     "WatermarkStrategy",

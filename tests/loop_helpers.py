@@ -1,7 +1,8 @@
 """Helpers for in-process tests: step the event loop until a condition holds (no sleeps); a job
 running in the background and its ``/status``; a virtual clock and scripted task handles to drive
-the checkpoint coordinator without tasks; an unbounded source whose splits the test feeds while
-the job runs, and a process function that shows the watermark each record and timer saw."""
+the checkpoint coordinator without tasks; a source that emits what the test pushes; an unbounded
+source whose splits the test feeds while the job runs, and a process function that shows the
+watermark each record and timer saw."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from cli_helpers import get_json
 
 from actors.protocol import TaskCommand, TaskId, TaskMetrics, TaskState
 from runtime.api.functions import Collector, KeyedProcessContext, KeyedProcessFunction
-from runtime.api.sources import Source, SourceReader, SourceReaderContext
+from runtime.api.sources import END_OF_INPUT, Source, SourceReader, SourceReaderContext
 from runtime.config import ExecutionConfig
 from runtime.master.jobmaster import JobMaster
 from runtime.plan.jobfile import build_graph
@@ -118,6 +119,105 @@ class ScriptedTaskHandle:
         """The commands sent since the last call."""
         sent, self.sent = self.sent, []
         return sent
+
+
+class ControlledSource(Source[Any]):
+    """One split over ``elements``, which the test extends with ``push``; ends when the test
+    calls ``end``. The split's position is its state, so a restored reader replays from there.
+
+    ``hold``: while set to an unset event, ``prepare_snapshot`` (the start of this source's
+    snapshot) waits on it, which delays this source's barrier.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self.elements: list[Any] = []
+        self.ended = False
+        self.hold: asyncio.Event | None = None
+        self.snapshots_started = 0
+        self._notify: Callable[[], None] | None = None
+
+    def name(self) -> str:
+        return self._name
+
+    def create_splits(self, parallelism: int) -> list[Any]:
+        return [{"split": 0, "next": 0}]
+
+    def create_reader(self, context: Any) -> SourceReader[Any]:
+        self._notify = context.notify_available
+        return _ControlledReader(self)
+
+    def push(self, *values: Any) -> None:
+        self.elements.extend(values)
+        if self._notify is not None:
+            self._notify()
+
+    def end(self) -> None:
+        self.ended = True
+        if self._notify is not None:
+            self._notify()
+
+
+class _ControlledReader(SourceReader[Any]):
+    def __init__(self, source: ControlledSource) -> None:
+        self.source = source
+        self.splits: list[dict[str, Any]] = []
+
+    def add_splits(self, splits: list[Any]) -> None:
+        self.splits.extend(dict(s) for s in splits)
+
+    def poll(self, max_records: int) -> Any:
+        source = self.source
+        for split in self.splits:
+            start = split["next"]
+            if start < len(source.elements):
+                values = source.elements[start : start + max_records]
+                split["next"] = start + len(values)
+                return values
+        if source.ended:
+            return END_OF_INPUT
+        return None
+
+    async def prepare_snapshot(self) -> None:
+        self.source.snapshots_started += 1
+        hold = self.source.hold
+        if hold is not None:
+            await hold.wait()
+
+    def snapshot_splits(self) -> list[Any]:
+        return [dict(s) for s in self.splits]
+
+
+async def start_job_on_master(
+    build: Callable[[Any], None],
+    config: Any,
+    parallelism: int = 1,
+    name: str = "test-job",
+    **master_kw: Any,
+) -> tuple[Any, asyncio.Task[Any]]:
+    """A job master running ``build`` as a task of this loop, once every task of it runs; the
+    test triggers checkpoints with :func:`take_checkpoint` and ends sources itself."""
+    from runtime.master.jobmaster import JobMaster
+    from runtime.shell.runner import build_graph
+
+    graph = build_graph(build, {}, parallelism, name=name)
+    master = JobMaster(graph, config, **master_kw)
+    job = asyncio.create_task(master.run())
+    await wait_until(
+        lambda: bool(master.tasks) and all(t.state is TaskState.RUNNING for t in master.tasks),
+        "every task running",
+        job,
+    )
+    return master, job
+
+
+async def take_checkpoint(master: Any, timeout_s: float = 10.0) -> Any:
+    """Trigger a checkpoint on ``master`` and return it once completed (``.path`` is its folder
+    when the job has a checkpoint directory)."""
+    from state.storage import CheckpointKind
+
+    trigger = master.coordinator.request_trigger(CheckpointKind.CHECKPOINT)
+    return await asyncio.wait_for(trigger, timeout_s)
 
 
 class FedSplitsSource(Source[Any]):

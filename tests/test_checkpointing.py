@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
+from loop_helpers import ControlledSource
 
 from actors.barriers import CheckpointingMode
 from actors.operator import UserFunctionError
@@ -163,73 +164,6 @@ def _reset_globals() -> Any:
     PROCESSED.clear()
     WATCH.clear()
     FAIL_ONCE.clear()
-
-
-class ControlledSource(Source[Any]):
-    """One split over ``elements``, which the test extends with ``push``; ends when the test
-    calls ``end``. The split's position is its state, so a restored reader replays from there.
-
-    ``hold``: while set to an unset event, ``prepare_snapshot`` (the start of this source's
-    snapshot) waits on it, which delays this source's barrier.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self.elements: list[Any] = []
-        self.ended = False
-        self.hold: asyncio.Event | None = None
-        self.snapshots_started = 0
-        self._notify: Callable[[], None] | None = None
-
-    def name(self) -> str:
-        return self._name
-
-    def create_splits(self, parallelism: int) -> list[Any]:
-        return [{"split": 0, "next": 0}]
-
-    def create_reader(self, context: Any) -> SourceReader[Any]:
-        self._notify = context.notify_available
-        return _ControlledReader(self)
-
-    def push(self, *values: Any) -> None:
-        self.elements.extend(values)
-        if self._notify is not None:
-            self._notify()
-
-    def end(self) -> None:
-        self.ended = True
-        if self._notify is not None:
-            self._notify()
-
-
-class _ControlledReader(SourceReader[Any]):
-    def __init__(self, source: ControlledSource) -> None:
-        self.source = source
-        self.splits: list[dict[str, Any]] = []
-
-    def add_splits(self, splits: list[Any]) -> None:
-        self.splits.extend(dict(s) for s in splits)
-
-    def poll(self, max_records: int) -> Any:
-        source = self.source
-        for split in self.splits:
-            start = split["next"]
-            if start < len(source.elements):
-                values = source.elements[start : start + max_records]
-                split["next"] = start + len(values)
-                return values
-        if source.ended:
-            return END_OF_INPUT
-        return None
-
-    async def prepare_snapshot(self) -> None:
-        self.source.snapshots_started += 1
-        hold = self.source.hold
-        if hold is not None:
-            await hold.wait()
-
-    def snapshot_splits(self) -> list[Any]:
-        return [dict(s) for s in self.splits]
 
 
 class ScriptedSink(Sink):

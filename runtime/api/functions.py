@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -80,6 +80,21 @@ class RuntimeContext:
             )
             raise RuntimeError(msg)
         return self._keyed.get_state(descriptor)
+
+    def set_state_cleanup_rule(self, rule: Callable[[Any, Any], bool] | None) -> None:
+        """Clear all of a key's state in this operator when ``rule(key, state)`` holds (the
+        operator-level, rule-based state cleanup). ``state`` is a read-only
+        :class:`~state.keyed.KeyedStateView` of the key's state by state name (``state["count"]``);
+        reading it never refreshes a TTL. The rule is checked after each record (and timer) of
+        the key, and on idle keys a few at a time in the background. Call it in ``open()``;
+        keyed streams only."""
+        if self._keyed is None:
+            msg = (
+                f"operator {self.operator_name!r}: a state cleanup rule needs keyed state, which "
+                "is only available after key_by()"
+            )
+            raise RuntimeError(msg)
+        self._keyed.set_cleanup_rule(rule)
 
     def get_list_state(self, name: str) -> Any:
         """Operator list state, split evenly over subtasks on restore."""
@@ -181,16 +196,46 @@ class Collector(Generic[OUT]):
 _NO_TS = -(1 << 63)
 
 
-class KeyedProcessContext(Generic[KEY]):
-    """Passed to ``process_element`` and ``on_timer``: the current key, timestamp and timers."""
+class _SideOutputContext:
+    """What every process function's context has: the current timestamp and side outputs."""
 
-    __slots__ = ("_timers", "current_key", "timestamp")
+    __slots__ = ("_sides", "timestamp")
 
-    def __init__(self, timers: TimerService) -> None:
-        self._timers = timers
-        self.current_key: Any = None
+    def __init__(self) -> None:
+        self._sides: dict[str, Collector[Any]] = {}
         self.timestamp: int | None = None
         """The current record's (or firing timer's) event timestamp, if the stream has one."""
+
+    def output(self, tag: OutputTag, value: Any) -> None:
+        """Emit ``value`` to the side output ``tag`` (read with ``stream.get_side_output(tag)``
+        on the stream this function's operator returns), with the current record's timestamp.
+        A tag that no stream reads drops its records (counted in the operator's metrics)."""
+        if not isinstance(tag, OutputTag):
+            msg = f"output() needs an OutputTag as its first argument, got {type(tag).__name__}"
+            raise TypeError(msg)
+        side = self._sides.get(tag.name)
+        if side is None:
+            side = self._sides[tag.name] = Collector()
+        side._default_ts = self.timestamp
+        side.collect(value)
+
+    def _take_side_outputs(self) -> list[tuple[str, list[Any], list[int] | None]]:
+        """What was emitted to each tag since the last call: (tag name, values, timestamps)."""
+        if not self._sides:
+            return []
+        return [(name, *side._take()) for name, side in self._sides.items() if side.values]
+
+
+class KeyedProcessContext(_SideOutputContext, Generic[KEY]):
+    """Passed to ``process_element`` and ``on_timer``: the current key, timestamp and timers,
+    and ``output(tag, value)`` for side outputs."""
+
+    __slots__ = ("_timers", "current_key")
+
+    def __init__(self, timers: TimerService) -> None:
+        super().__init__()
+        self._timers = timers
+        self.current_key: Any = None
 
     def timer_service(self) -> TimerService:
         return self._timers
@@ -200,6 +245,72 @@ class KeyedProcessContext(Generic[KEY]):
 
     def current_processing_time(self) -> int:
         return self._timers.current_processing_time()
+
+
+class NonKeyedTimerService:
+    """The time service of a non-keyed process function: current processing time and watermark.
+    Timers are keyed (they fire for a key, and are checkpointed with it), so registering one
+    raises, as in Flink."""
+
+    __slots__ = ("_clock", "_operator_name", "current_watermark")
+
+    def __init__(self, operator_name: str, clock: Any) -> None:
+        self._operator_name = operator_name
+        self._clock = clock
+        self.current_watermark = -(1 << 63)
+        """The operator's current event time: the last watermark it received."""
+
+    def current_processing_time(self) -> int:
+        return int(self._clock.now_ms())
+
+    def _refuse(self, what: str) -> None:
+        msg = (
+            f"operator {self._operator_name!r}: cannot {what} on a non-keyed stream: timers "
+            "belong to a key; use key_by(...).process(KeyedProcessFunction) to register timers"
+        )
+        raise RuntimeError(msg)
+
+    def register_event_time_timer(self, timestamp: int) -> None:
+        self._refuse("register an event-time timer")
+
+    def register_processing_time_timer(self, timestamp: int) -> None:
+        self._refuse("register a processing-time timer")
+
+    def delete_event_time_timer(self, timestamp: int) -> None:
+        self._refuse("delete an event-time timer")
+
+    def delete_processing_time_timer(self, timestamp: int) -> None:
+        self._refuse("delete a processing-time timer")
+
+
+class ProcessContext(_SideOutputContext):
+    """Passed to :meth:`ProcessFunction.process_element`: the record's timestamp, the time
+    service (processing time and watermark, no timers) and ``output(tag, value)``."""
+
+    __slots__ = ("_time",)
+
+    def __init__(self, time_service: NonKeyedTimerService) -> None:
+        super().__init__()
+        self._time = time_service
+
+    def timer_service(self) -> NonKeyedTimerService:
+        return self._time
+
+    def current_watermark(self) -> int:
+        return self._time.current_watermark
+
+    def current_processing_time(self) -> int:
+        return self._time.current_processing_time()
+
+
+class ProcessFunction(RichFunction, Generic[IN, OUT]):
+    """Processes each record of a non-keyed stream (``stream.process(fn)``) with a collector,
+    side outputs (``ctx.output(tag, value)``) and the current processing time and watermark;
+    operator state through the runtime context, no keyed state and no timers (key the stream
+    and use a :class:`KeyedProcessFunction` for those)."""
+
+    def process_element(self, value: IN, ctx: ProcessContext, out: Collector[OUT]) -> None:
+        raise NotImplementedError
 
 
 class KeyedProcessFunction(RichFunction, Generic[KEY, IN, OUT]):

@@ -23,6 +23,8 @@ from runtime.api.functions import (
     ASYNC_ALTERNATIVE,
     Collector,
     KeyedProcessContext,
+    NonKeyedTimerService,
+    ProcessContext,
     RichFunction,
     RuntimeContext,
     close_async_results,
@@ -99,6 +101,7 @@ class UserFunctionOperator(StreamOperator):
                 ctx.key_groups,
                 ctx.max_parallelism,
                 ctx.restore.allow_non_restored_state,
+                ctx.clock.now_ms,
             )
             backend = self.keyed_backend
             self.timers = TimerService(lambda: backend.current_key, ctx.clock, ctx.scheduler)
@@ -262,34 +265,49 @@ class FlatMapOperator(UserFunctionOperator):
         await self.output.emit(out, out_ts)
 
 
-class KeyedReduceOperator(UserFunctionOperator):
-    """Keeps the running reduction per key and emits it after every record (like Flink)."""
+class _RunningValueOperator(UserFunctionOperator):
+    """A keyed operator with one running value per key in the value state ``_STATE``, whose
+    dict it uses directly: one lookup and one store per record."""
 
     keyed = True
-    _STATE = ValueStateDescriptor[Any]("reduce")
+    _STATE: ValueStateDescriptor[Any]
 
     async def open(self) -> None:
         await super().open()
         assert self.keyed_backend is not None
         self._state = self.keyed_backend.get_state(self._STATE)
 
+    def _start_buffer(
+        self, values: list[Any]
+    ) -> tuple[Callable[[Any], Any], dict[Any, Any], KeyedStateBackend]:
+        """The key selector, the state's dict and the backend, once the first key of the run
+        was checked against the restored state."""
+        key_of = self.key_selector
+        backend = self.keyed_backend
+        assert key_of is not None and backend is not None
+        if self._check_first_key and values:
+            self._verify_first_key(key_of, values[0])
+        return key_of, self._state._values, backend
+
+
+class KeyedReduceOperator(_RunningValueOperator):
+    """Keeps the running reduction per key and emits it after every record (like Flink)."""
+
+    _STATE = ValueStateDescriptor[Any]("reduce")
+
     async def process_batch(
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
         fn = self.function
-        key_of = self.key_selector
-        assert key_of is not None
-        # The reduce state's dict, used directly: one lookup and one store per record.
-        table: dict[Any, Any] = self._state._values
+        key_of, table, backend = self._start_buffer(values)
         missing = _MISSING
         out: list[Any] = []
         append = out.append
-        if self._check_first_key and values:
-            self._verify_first_key(key_of, values[0])
         scalars = SNAPSHOT_SCALAR_TYPES
         # Checked without a cost per record: the first value of each new key, and the first
         # result of the reduce function in each buffer (is it a value, can a snapshot hold it).
         unchecked = True
+        check_rule = backend.has_cleanup_rule
         try:
             for value in values:
                 key = key_of(value)
@@ -303,6 +321,9 @@ class KeyedReduceOperator(UserFunctionOperator):
                     self._check_result(value)
                 table[key] = value
                 append(value)
+                if check_rule:
+                    backend.check_cleanup_rule(key)
+            backend.cleanup_incrementally()
         except UserFunctionError:
             raise
         except Exception as exc:
@@ -319,15 +340,141 @@ class KeyedReduceOperator(UserFunctionOperator):
 _MISSING: Any = object()
 
 
-class KeyedProcessOperator(UserFunctionOperator):
+class KeyedAggregateOperator(_RunningValueOperator):
+    """Runs an ``AggregateFunction`` as a rolling aggregation: one accumulator per key (keyed
+    value state ``accumulator``), ``get_result`` emitted after every record (like Flink's
+    ``KeyedStream.aggregate`` outside windows)."""
+
+    _STATE = ValueStateDescriptor[Any]("accumulator")
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        fn = self.function
+        create, add, get_result = fn.create_accumulator, fn.add, fn.get_result
+        key_of, table, backend = self._start_buffer(values)
+        missing = _MISSING
+        out: list[Any] = []
+        append = out.append
+        check_rule = backend.has_cleanup_rule
+        # Checked once per buffer, without a cost per record: the first accumulator (is it a
+        # value, can a snapshot hold it) and the first result (is it a value).
+        unchecked = True
+        try:
+            for value in values:
+                key = key_of(value)
+                accumulator = table.get(key, missing)
+                if accumulator is missing:
+                    accumulator = create()
+                accumulator = add(value, accumulator)
+                result = get_result(accumulator)
+                if unchecked:
+                    unchecked = False
+                    self._check(accumulator, result, value)
+                table[key] = accumulator
+                append(result)
+                if check_rule:
+                    backend.check_cleanup_rule(key)
+            backend.cleanup_incrementally()
+        except UserFunctionError:
+            raise
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        await self.output.emit(out, timestamps)
+
+    def _check(self, accumulator: Any, result: Any, record: Any) -> None:
+        for role, produced in (("add()", accumulator), ("get_result()", result)):
+            if is_async_result(produced):
+                raise _async_result_error(
+                    self, f"{role} of the aggregate function", [produced], record
+                )
+        assert self.keyed_backend is not None
+        check_state_value(accumulator, self.keyed_backend.owner, "value", self._STATE.name)
+
+
+class _ProcessFunctionOperator(UserFunctionOperator):
+    """What the operators of process functions share: the collector and the context's side
+    outputs, emitted once per buffer (or per batch of timers)."""
+
+    _ctx: KeyedProcessContext[Any] | ProcessContext
+    _out: Collector[Any]
+
+    async def _emit_collected(self, method: Callable[..., Any]) -> None:
+        """Emit what ``method`` collected; like the other operators, the first record of each
+        buffer is checked for an awaitable (an ``async def`` function called without await)."""
+        emitted, emitted_ts = self._out._take()
+        if emitted and is_async_result(emitted[0]):
+            raise _async_result_error(self, _method_role(method), emitted, verb="collected")
+        await self.output.emit(emitted, emitted_ts)
+        for tag, values, timestamps in self._ctx._take_side_outputs():
+            if is_async_result(values[0]):
+                raise _async_result_error(
+                    self, _method_role(method), values, verb=f"emitted to side output {tag!r}"
+                )
+            await self.emit_side(tag, values, timestamps)
+
+    def _returned_awaitable(
+        self, method: Callable[..., Any], result: Any, record: Any = None
+    ) -> UserFunctionError:
+        role = _method_role(method)
+        if record is None:
+            return _async_result_error(self, role, [result])
+        return _async_result_error(self, role, [result], record)
+
+
+class ProcessOperator(_ProcessFunctionOperator):
+    """Runs a ``ProcessFunction`` on a non-keyed stream: a collector, side outputs, the current
+    processing time and watermark; no keyed state, no timers."""
+
+    async def open(self) -> None:
+        self._time = NonKeyedTimerService(self.context.operator_name, self.context.clock)
+        self._ctx = ProcessContext(self._time)
+        self._out = Collector()
+        await super().open()
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        process = self.function.process_element
+        ctx = self._ctx
+        out = self._out
+        try:
+            if timestamps is None:
+                ctx.timestamp = None
+                out._default_ts = None
+                for value in values:
+                    result = process(value, ctx, out)
+                    if result is not None and is_async_result(result):
+                        raise self._returned_awaitable(process, result, value)
+            else:
+                for value, ts in zip(values, timestamps, strict=True):
+                    ctx.timestamp = ts
+                    out._default_ts = ts
+                    result = process(value, ctx, out)
+                    if result is not None and is_async_result(result):
+                        raise self._returned_awaitable(process, result, value)
+        except UserFunctionError:
+            raise
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        await self._emit_collected(process)
+
+    async def process_watermark(self, watermark: Watermark) -> None:
+        time_service = self._time
+        time_service.current_watermark = max(time_service.current_watermark, watermark.timestamp)
+        await self.output.emit_watermark(watermark)
+
+
+class KeyedProcessOperator(_ProcessFunctionOperator):
     """Runs a ``KeyedProcessFunction``: keyed state, event/processing-time timers, a collector."""
 
     keyed = True
+    _ctx: KeyedProcessContext[Any]
 
     async def open(self) -> None:
         assert self.timers is not None
-        self._ctx: KeyedProcessContext[Any] = KeyedProcessContext(self.timers)
-        self._out: Collector[Any] = Collector()
+        self._ctx = KeyedProcessContext(self.timers)
+        self._out = Collector()
         await super().open()
 
     async def process_batch(
@@ -352,6 +499,7 @@ class KeyedProcessOperator(UserFunctionOperator):
         out = self._out
         if self._check_first_key and values:
             self._verify_first_key(key_of, values[0])
+        check_rule = backend.has_cleanup_rule
         try:
             if timestamps is None:
                 ctx.timestamp = None
@@ -363,6 +511,8 @@ class KeyedProcessOperator(UserFunctionOperator):
                     result = process(value, ctx, out)
                     if result is not None and is_async_result(result):
                         raise self._returned_awaitable(process, result, value)
+                    if check_rule:
+                        backend.check_cleanup_rule(key)
             else:
                 for value, ts in zip(values, timestamps, strict=True):
                     key = key_of(value)
@@ -373,6 +523,9 @@ class KeyedProcessOperator(UserFunctionOperator):
                     result = process(value, ctx, out)
                     if result is not None and is_async_result(result):
                         raise self._returned_awaitable(process, result, value)
+                    if check_rule:
+                        backend.check_cleanup_rule(key)
+            backend.cleanup_incrementally()
         except UserFunctionError:
             raise
         except Exception as exc:
@@ -387,6 +540,7 @@ class KeyedProcessOperator(UserFunctionOperator):
         ctx = self._ctx
         out = self._out
         on_timer = self.function.on_timer
+        check_rule = backend.has_cleanup_rule
         try:
             for timestamp, key in due:
                 backend.current_key = key
@@ -396,27 +550,13 @@ class KeyedProcessOperator(UserFunctionOperator):
                 result = on_timer(timestamp, ctx, out)
                 if result is not None and is_async_result(result):
                     raise self._returned_awaitable(on_timer, result)
+                if check_rule:
+                    backend.check_cleanup_rule(key)
         except UserFunctionError:
             raise
         except Exception as exc:
             raise self.user_error(exc) from exc
         await self._emit_collected(on_timer)
-
-    async def _emit_collected(self, method: Callable[..., Any]) -> None:
-        """Emit what ``method`` collected; like the other operators, the first record of each
-        buffer is checked for an awaitable (an ``async def`` function called without await)."""
-        emitted, emitted_ts = self._out._take()
-        if emitted and is_async_result(emitted[0]):
-            raise _async_result_error(self, _method_role(method), emitted, verb="collected")
-        await self.output.emit(emitted, emitted_ts)
-
-    def _returned_awaitable(
-        self, method: Callable[..., Any], result: Any, record: Any = None
-    ) -> UserFunctionError:
-        role = _method_role(method)
-        if record is None:
-            return _async_result_error(self, role, [result])
-        return _async_result_error(self, role, [result], record)
 
     async def process_watermark(self, watermark: Watermark) -> None:
         assert self.timers is not None

@@ -27,11 +27,14 @@ from actors.partitioner import (
     Partitioner,
     RebalancePartitioner,
 )
+from runtime.api.aggregations import Field, FieldAggregation, check_field, operator_label
 from runtime.api.functions import (
     ASYNC_ALTERNATIVE,
+    AggregateFunction,
     KeyedCoProcessFunction,
     KeyedProcessFunction,
     OutputTag,
+    ProcessFunction,
     find_async_callable,
 )
 from runtime.api.sinks import PrintSink, Sink
@@ -359,6 +362,28 @@ class DataStream:
             raise JobDefinitionError(msg)
         return ConnectedStreams(self, other)
 
+    def process(
+        self,
+        fn: ProcessFunction[Any, Any] | KeyedProcessFunction[Any, Any, Any],
+        name: str | None = None,
+    ) -> DataStream:
+        """Run a :class:`ProcessFunction` on each record: a collector, side outputs
+        (``ctx.output(tag, value)``), processing time and the watermark; no keyed state or
+        timers (``key_by()`` first and a :class:`KeyedProcessFunction` for those)."""
+        from runtime.api.operators import ProcessOperator
+
+        if isinstance(fn, KeyedProcessFunction):
+            msg = (
+                f"process() with a KeyedProcessFunction ({type(fn).__name__}) needs a keyed "
+                "stream: call key_by() first, or use a ProcessFunction"
+            )
+            raise JobDefinitionError(msg)
+        if not isinstance(fn, ProcessFunction):
+            msg = f"process() needs a ProcessFunction, got {type(fn).__name__}"
+            raise JobDefinitionError(msg)
+        _require_sync("process()", fn)
+        return self._operator(ProcessOperator, "Process", fn, name)
+
     def get_side_output(self, tag: OutputTag) -> DataStream:
         """The records the operator that produced this stream emitted to the side output ``tag``
         (for instance a window's late records); empty if it emits none."""
@@ -420,16 +445,75 @@ class KeyedStream(DataStream):
         return self._operator(KeyedReduceOperator, "Reduce", fn, name, self.key_selector)
 
     def process(
-        self, fn: KeyedProcessFunction[Any, Any, Any], name: str | None = None
+        self,
+        fn: ProcessFunction[Any, Any] | KeyedProcessFunction[Any, Any, Any],
+        name: str | None = None,
     ) -> DataStream:
         """Run a :class:`KeyedProcessFunction` with keyed state, timers and a collector."""
         from runtime.api.operators import KeyedProcessOperator
 
         if not isinstance(fn, KeyedProcessFunction):
-            msg = f"process() needs a KeyedProcessFunction, got {type(fn).__name__}"
+            msg = (
+                f"process() on a keyed stream needs a KeyedProcessFunction, got {type(fn).__name__}"
+            )
             raise JobDefinitionError(msg)
         _require_sync("process()", fn)
         return self._operator(KeyedProcessOperator, "KeyedProcess", fn, name, self.key_selector)
+
+    def aggregate(
+        self, fn: AggregateFunction[Any, Any, Any], name: str | None = None
+    ) -> DataStream:
+        """The rolling aggregation per key: each record is added to its key's accumulator (keyed
+        state, created by ``fn.create_accumulator()``) and ``fn.get_result(accumulator)`` is
+        emitted after every record, as Flink's ``KeyedStream.aggregate`` outside windows."""
+        from runtime.api.operators import KeyedAggregateOperator
+
+        if not isinstance(fn, AggregateFunction):
+            msg = f"aggregate() needs an AggregateFunction, got {type(fn).__name__}"
+            raise JobDefinitionError(msg)
+        _require_sync("aggregate()", fn)
+        return self._operator(KeyedAggregateOperator, "Aggregate", fn, name, self.key_selector)
+
+    def sum(self, field: Field, name: str | None = None) -> DataStream:
+        """The running sum of ``field`` per key, emitted after every record: the key's first
+        record with ``field`` replaced by the sum. ``field`` is a dict key, a tuple index or
+        an attribute name."""
+        return self._field_aggregation("sum", field, name)
+
+    def min(self, field: Field, name: str | None = None) -> DataStream:
+        """The running minimum of ``field`` per key: the key's first record with only ``field``
+        updated (use :meth:`min_by` for the whole record holding the minimum)."""
+        return self._field_aggregation("min", field, name)
+
+    def max(self, field: Field, name: str | None = None) -> DataStream:
+        """The running maximum of ``field`` per key: the key's first record with only ``field``
+        updated (use :meth:`max_by` for the whole record holding the maximum)."""
+        return self._field_aggregation("max", field, name)
+
+    def min_by(self, field: Field, name: str | None = None) -> DataStream:
+        """Per key, the whole record with the smallest ``field`` so far (the first one on ties),
+        emitted after every record."""
+        return self._field_aggregation("min_by", field, name)
+
+    def max_by(self, field: Field, name: str | None = None) -> DataStream:
+        """Per key, the whole record with the largest ``field`` so far (the first one on ties),
+        emitted after every record."""
+        return self._field_aggregation("max_by", field, name)
+
+    def _field_aggregation(self, kind: str, field: Field, name: str | None) -> DataStream:
+        from runtime.api.operators import KeyedReduceOperator
+
+        try:
+            check_field(f"{kind}()", field)
+        except TypeError as exc:
+            raise JobDefinitionError(str(exc)) from None
+        return self._operator(
+            KeyedReduceOperator,
+            operator_label(kind, field),
+            FieldAggregation(kind, field),
+            name or operator_label(kind, field),
+            self.key_selector,
+        )
 
 
 def default_uids(job: Job) -> dict[int, str]:
