@@ -31,6 +31,12 @@ from runtime.api.streams import (
     JobParameters,
     KeyedStream,
 )
+from runtime.api.watermarks import (
+    BoundedOutOfOrdernessWatermarks,
+    WatermarkGenerator,
+    WatermarkOutput,
+    WatermarkStrategy,
+)
 from runtime.config import CheckpointConfig, ExecutionConfig
 from runtime.master.jobmaster import JobFailedError, JobResult
 from runtime.shell.runner import load_job_file, run_job, run_job_async
@@ -38,6 +44,7 @@ from state.keyed import StateTtlConfig, StateVisibility, TtlUpdateType
 
 __all__ = [
     "AggregateFunction",
+    "BoundedOutOfOrdernessWatermarks",
     "CheckpointConfig",
     "Collector",
     "ConnectedStreams",
@@ -70,6 +77,9 @@ __all__ = [
     "StateTtlConfig",
     "StateVisibility",
     "TtlUpdateType",
+    "WatermarkGenerator",
+    "WatermarkOutput",
+    "WatermarkStrategy",
     "load_job_file",
     "run_job",
     "run_job_async",

@@ -12,6 +12,7 @@ import pytest
 PUBLIC = {
     "runtime": {
         "AggregateFunction",
+        "BoundedOutOfOrdernessWatermarks",
         "CheckpointConfig",
         "Collector",
         "ConnectedStreams",
@@ -44,6 +45,9 @@ PUBLIC = {
         "StateTtlConfig",
         "StateVisibility",
         "TtlUpdateType",
+        "WatermarkGenerator",
+        "WatermarkOutput",
+        "WatermarkStrategy",
         "load_job_file",
         "run_job",
         "run_job_async",
@@ -91,6 +95,7 @@ PUBLIC = {
     "runtime.testing": {
         "POINTS",
         "InjectedCrash",
+        "ManualClock",
         "TestingSink",
         "TestingSource",
         "arm",
