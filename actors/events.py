@@ -67,4 +67,28 @@ class EndOfPartition:
 
 END_OF_PARTITION = EndOfPartition()
 
-Event = Watermark | CheckpointBarrier | CancelCheckpointMarker | EndOfData | EndOfPartition
+
+@dataclass(frozen=True, slots=True)
+class WatermarkStatus:
+    """Whether the sender's watermark holds back its receivers (Flink's ``WatermarkStatus``).
+
+    ``idle=True``: the sender will emit no records for a while (an idle partition, a source
+    subtask without splits); a receiver leaves the channel out of its combined watermark until
+    ``idle=False`` arrives. Watermarks may still follow while idle: a receiver whose inputs are
+    all idle forwards the highest of them.
+    """
+
+    idle: bool
+
+
+WATERMARK_IDLE = WatermarkStatus(idle=True)
+WATERMARK_ACTIVE = WatermarkStatus(idle=False)
+
+Event = (
+    Watermark
+    | WatermarkStatus
+    | CheckpointBarrier
+    | CancelCheckpointMarker
+    | EndOfData
+    | EndOfPartition
+)

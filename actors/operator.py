@@ -7,6 +7,7 @@ Lifecycle of an operator in one subtask, each step called by the task's actor on
     open()                                 once
     process_batch(values, timestamps, i)   per buffer of input i (never per record)
     process_watermark(watermark)           when the combined input watermark advances
+    process_watermark_status(status)       when the combined input becomes idle or active
     fire_processing_timers(now_ms)         when a processing-time timer is due
     snapshot_state(checkpoint_id)          when the task takes a checkpoint
     notify_checkpoint_complete(id)         after checkpoint ``id`` completed everywhere
@@ -26,7 +27,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from actors.events import Watermark
+from actors.events import MIN_TIMESTAMP, Watermark, WatermarkStatus
 from actors.timers import Clock
 from actors.writer import RecordWriter
 from state.keygroups import KeyGroupRange
@@ -34,9 +35,17 @@ from state.snapshot import OperatorSnapshot, RestoredState
 
 
 class OperatorMetrics:
-    """Records in and out of one operator in one subtask (read by the progress reporter)."""
+    """Records in and out of one operator in one subtask (read by the progress reporter), and
+    the watermark and watermark status it last emitted (set by its :class:`Output`)."""
 
-    __slots__ = ("late_records_dropped", "records_in", "records_out", "side_output_dropped")
+    __slots__ = (
+        "idle",
+        "late_records_dropped",
+        "records_in",
+        "records_out",
+        "side_output_dropped",
+        "watermark",
+    )
 
     def __init__(self) -> None:
         self.records_in = 0
@@ -46,6 +55,8 @@ class OperatorMetrics:
         side output)."""
         self.side_output_dropped = 0
         """Records emitted to a side output that no stream reads (``get_side_output``)."""
+        self.watermark = MIN_TIMESTAMP
+        self.idle = False
 
 
 class NewerOutputPolicy(enum.StrEnum):
@@ -103,6 +114,8 @@ class OperatorContext:
     source_position: Any = None
     """Set by the task: returns a description of the source position of the current buffer."""
     restore: RestoreContext = field(default_factory=RestoreContext)
+    auto_watermark_interval_ms: int = 200
+    """How often operators that generate watermarks emit them (0: only after records)."""
 
     @property
     def subtask_label(self) -> str:
@@ -113,6 +126,8 @@ class Output(Protocol):
     async def emit(self, values: list[Any], timestamps: list[int] | None) -> None: ...
 
     async def emit_watermark(self, watermark: Watermark) -> None: ...
+
+    async def emit_watermark_status(self, status: WatermarkStatus) -> None: ...
 
 
 class UserFunctionError(RuntimeError):
@@ -213,6 +228,10 @@ class StreamOperator:
     async def process_watermark(self, watermark: Watermark) -> None:
         await self.output.emit_watermark(watermark)
 
+    async def process_watermark_status(self, status: WatermarkStatus) -> None:
+        """The combined input became idle or active again (see :class:`WatermarkStatus`)."""
+        await self.output.emit_watermark_status(status)
+
     async def fire_processing_timers(self, now_ms: int) -> None:
         """Fire processing-time timers that are due; only keyed operators have any."""
 
@@ -273,7 +292,12 @@ class ChainedOutput:
             await self._next.process_batch(values, timestamps, 0)
 
     async def emit_watermark(self, watermark: Watermark) -> None:
+        self._owner.metrics.watermark = watermark.timestamp
         await self._next.process_watermark(watermark)
+
+    async def emit_watermark_status(self, status: WatermarkStatus) -> None:
+        self._owner.metrics.idle = status.idle
+        await self._next.process_watermark_status(status)
 
 
 class WriterOutput:
@@ -292,8 +316,14 @@ class WriterOutput:
                 await writer.emit(values, timestamps)
 
     async def emit_watermark(self, watermark: Watermark) -> None:
+        self._owner.metrics.watermark = watermark.timestamp
         for writer in self._writers:
             await writer.broadcast_event(watermark)
+
+    async def emit_watermark_status(self, status: WatermarkStatus) -> None:
+        self._owner.metrics.idle = status.idle
+        for writer in self._writers:
+            await writer.broadcast_event(status)
 
 
 class FanOutOutput:
@@ -312,6 +342,10 @@ class FanOutOutput:
         for output in self._outputs:
             await output.emit_watermark(watermark)
 
+    async def emit_watermark_status(self, status: WatermarkStatus) -> None:
+        for output in self._outputs:
+            await output.emit_watermark_status(status)
+
 
 class WithSideOutputs:
     """The output of an operator whose side outputs are read: records go to the main output
@@ -329,12 +363,27 @@ class WithSideOutputs:
         for side in self._sides:
             await side.emit_watermark(watermark)
 
+    async def emit_watermark_status(self, status: WatermarkStatus) -> None:
+        await self._main.emit_watermark_status(status)
+        for side in self._sides:
+            await side.emit_watermark_status(status)
+
 
 class DiscardingOutput:
-    """The output of a sink: it has no consumers."""
+    """The output of a sink: it has no consumers (the sink's watermark is still recorded)."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: StreamOperator | None = None) -> None:
+        self._owner = owner
 
     async def emit(self, values: list[Any], timestamps: list[int] | None) -> None:
         return None
 
     async def emit_watermark(self, watermark: Watermark) -> None:
-        return None
+        if self._owner is not None:
+            self._owner.metrics.watermark = watermark.timestamp
+
+    async def emit_watermark_status(self, status: WatermarkStatus) -> None:
+        if self._owner is not None:
+            self._owner.metrics.idle = status.idle

@@ -238,6 +238,10 @@ class DeclineCheckpoint:
 class OperatorRecords:
     records_in: int
     records_out: int
+    watermark: int | None = None
+    """The watermark the operator last emitted in this subtask; None before the first."""
+    idle: bool = False
+    """Whether the watermark status it last emitted is idle."""
     late_records_dropped: int = 0
 
 

@@ -79,12 +79,15 @@ from typing import Any
 import msgpack
 
 from actors.events import (
+    WATERMARK_ACTIVE,
+    WATERMARK_IDLE,
     CancelCheckpointMarker,
     CheckpointBarrier,
     EndOfData,
     EndOfPartition,
     Event,
     Watermark,
+    WatermarkStatus,
 )
 from actors.network import (
     DEFAULT_EXCLUSIVE_CREDITS,
@@ -116,6 +119,7 @@ _BARRIER = 1
 _CANCEL = 2
 _END_OF_DATA = 3
 _END_OF_PARTITION = 4
+_WATERMARK_STATUS = 5
 
 Address = tuple[str, int]
 
@@ -744,6 +748,8 @@ def _encode_buffer(buffer: Buffer, sender: str, receiver: str) -> bytes:
 def _encode_event(event: Event) -> list[Any]:
     if isinstance(event, Watermark):
         return [_WATERMARK, event.timestamp]
+    if isinstance(event, WatermarkStatus):
+        return [_WATERMARK_STATUS, event.idle]
     if isinstance(event, CheckpointBarrier):
         return [_BARRIER, event.checkpoint_id, event.timestamp_ms, event.kind.value]
     if isinstance(event, CancelCheckpointMarker):
@@ -760,6 +766,8 @@ def _decode_event(fields: list[Any]) -> Event:
     code = fields[0]
     if code == _WATERMARK:
         return Watermark(fields[1])
+    if code == _WATERMARK_STATUS:
+        return WATERMARK_IDLE if fields[1] else WATERMARK_ACTIVE
     if code == _BARRIER:
         return CheckpointBarrier(fields[1], fields[2], CheckpointKind(fields[3]))
     if code == _CANCEL:

@@ -32,7 +32,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,6 +54,7 @@ from actors.events import (
     EndOfPartition,
     Event,
     Watermark,
+    WatermarkStatus,
 )
 from actors.faults import InjectedCrash, crash_point
 from actors.mailbox import Mailbox, Wakeup
@@ -78,6 +79,7 @@ from actors.protocol import (
 )
 from actors.protocol import TaskFailure as TaskFailure
 from actors.protocol import TaskState as TaskState
+from actors.timers import Cancellable, Clock, SystemClock
 from actors.writer import RecordWriter
 from state.serde import check_encodable
 from state.snapshot import OperatorSnapshot, RestoredState
@@ -125,6 +127,18 @@ class ProcessingTimerMail:
     timestamp_ms: int
 
 
+ProcessingCallback = Callable[[int], Awaitable[None]]
+"""Called on the task's actor with the processing time it was scheduled for."""
+
+
+@dataclass(frozen=True)
+class ProcessingCallbackMail:
+    """An operator's processing-time callback is due (periodic watermarks, idleness)."""
+
+    timestamp_ms: int
+    callback: ProcessingCallback
+
+
 class TaskListener(Protocol):
     """Where a task's reports go (the job master, or a TaskManager's control connection).
 
@@ -154,6 +168,7 @@ class StreamTask:
         buffer_timeout_s: float = DEFAULT_BUFFER_TIMEOUT_S,
         num_inputs: int = 1,
         attempt: int = 0,
+        clock: Clock | None = None,
     ) -> None:
         self.name = name
         self.task_id = TaskId(vertex_id, subtask_index, attempt)
@@ -178,7 +193,9 @@ class StreamTask:
         self._final_checkpoint_done = False
         self._stop_savepoint_id: int | None = None
         self._rpc_trigger: TriggerCheckpoint | None = None
-        self._timer_handles: list[asyncio.TimerHandle] = []
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        """Processing time of this task's timers and callbacks (see :class:`Clock`)."""
+        self._timer_handles: set[Cancellable] = set()
         self._runner: asyncio.Task[Any] | None = None
         self._closed = False
         self.is_source = isinstance(self.head, SourceOperatorBase)
@@ -187,6 +204,9 @@ class StreamTask:
             n = len(gate.channels)
             self._channel_watermark = [MIN_TIMESTAMP] * n
             self._channel_end_of_data: list[bool | None] = [None] * n
+            self._channel_idle = [False] * n
+            self._inputs_idle = False
+            """The last watermark status forwarded: all live inputs are idle."""
             self._current_watermark = MIN_TIMESTAMP
             self.barrier_handler = CheckpointBarrierHandler(
                 n, checkpointing_mode, gate.block, gate.unblock_all, _now_ms
@@ -269,6 +289,7 @@ class StreamTask:
         self._closed = True
         for handle in self._timer_handles:
             handle.cancel()
+        self._timer_handles.clear()
         for op in self.operators:
             await op.close()
 
@@ -279,6 +300,7 @@ class StreamTask:
         self._closed = True
         for handle in self._timer_handles:
             handle.cancel()
+        self._timer_handles.clear()
         # A cancel that arrives while closing (the job is cancelled while this task fails, as on
         # SIGTERM) must not cut close() short: a sink would lose what it buffered. A second
         # cancel (a forced exit) does.
@@ -405,6 +427,12 @@ class StreamTask:
             if event.timestamp > self._channel_watermark[index]:
                 self._channel_watermark[index] = event.timestamp
                 await self._advance_watermark()
+        elif kind is WatermarkStatus:
+            assert isinstance(event, WatermarkStatus)
+            index = channel.index
+            if event.idle != self._channel_idle[index]:
+                self._channel_idle[index] = event.idle
+                await self._update_watermark_status()
         elif kind is CheckpointBarrier:
             assert isinstance(event, CheckpointBarrier)
             await self._run_actions(self.barrier_handler.on_barrier(channel.index, event))
@@ -420,15 +448,56 @@ class StreamTask:
             await self._run_actions(self.barrier_handler.on_end_of_partition(channel.index))
 
     async def _advance_watermark(self) -> None:
-        live = [
-            wm
-            for wm, ended in zip(self._channel_watermark, self._channel_end_of_data, strict=True)
-            if ended is None
-        ]
-        combined = min(live) if live else max(self._channel_watermark, default=MIN_TIMESTAMP)
+        """Forward the combined watermark if it advanced (Flink's ``StatusWatermarkValve``).
+
+        The minimum over the live (not ended) active inputs; with every live input idle, the
+        maximum over them (nothing holds the others back: Flink's flush when all inputs become
+        idle, also for watermarks that idle inputs send later), where an idle input's end of
+        input (``MAX_WATERMARK``, its ``EndOfData`` follows) counts only if all are there; with
+        every input ended, the maximum over all. It never goes backwards: an input that becomes
+        active again behind it takes part only once it has caught up.
+        """
+        active: list[int] = []
+        idle: list[int] = []
+        idle_at_end = False
+        for wm, ended, is_idle in zip(
+            self._channel_watermark, self._channel_end_of_data, self._channel_idle, strict=True
+        ):
+            if ended is None:
+                if not is_idle:
+                    active.append(wm)
+                elif wm < MAX_TIMESTAMP:
+                    idle.append(wm)
+                else:
+                    idle_at_end = True
+        if active:
+            combined = min(active)
+        elif idle:
+            combined = max(idle)
+        elif idle_at_end:
+            combined = MAX_TIMESTAMP
+        else:
+            combined = max(self._channel_watermark, default=MIN_TIMESTAMP)
         if combined > self._current_watermark:
             self._current_watermark = combined
             await self.head.process_watermark(Watermark(combined))
+
+    async def _update_watermark_status(self) -> None:
+        """Forward IDLE when every live input is idle, ACTIVE when one of them is no more; and the
+        watermark the change lets through (the flush when they all became idle, first)."""
+        live_idle = [
+            is_idle
+            for is_idle, ended in zip(self._channel_idle, self._channel_end_of_data, strict=True)
+            if ended is None
+        ]
+        idle = bool(live_idle) and all(live_idle)
+        if idle:
+            await self._advance_watermark()
+        if idle != self._inputs_idle:
+            self._inputs_idle = idle
+            await self.head.process_watermark_status(WatermarkStatus(idle))
+        if not idle:
+            await self._advance_watermark()
 
     async def _on_end_of_data(self, channel: InputChannel, drain: bool) -> None:
         assert self.gate is not None
@@ -440,8 +509,9 @@ class StreamTask:
                 await self.head.end_input(channel.input_index)
         if all(flag is not None for flag in self._channel_end_of_data):
             await self._end_of_data(drain=all(self._channel_end_of_data))
-        elif self._channel_watermark[channel.index] < MAX_TIMESTAMP:
-            await self._advance_watermark()
+        else:
+            # The ended input no longer counts: the others may now all be idle, or be ahead.
+            await self._update_watermark_status()
 
     async def _end_of_data(self, drain: bool) -> None:
         """Steps 2 and 3 of the end of a task (see the module docstring)."""
@@ -490,6 +560,8 @@ class StreamTask:
                 op.uid: OperatorRecords(
                     op.metrics.records_in,
                     op.metrics.records_out,
+                    None if op.metrics.watermark == MIN_TIMESTAMP else op.metrics.watermark,
+                    op.metrics.idle,
                     late_records_dropped=op.metrics.late_records_dropped,
                 )
                 for op in self.operators
@@ -517,6 +589,12 @@ class StreamTask:
             if not self._closed:
                 for op in self.operators:
                     await op.fire_processing_timers(mail.timestamp_ms)
+        elif kind is ProcessingCallbackMail:
+            # Once the input ended (FINISHING) the last watermark was sent: like Flink's quiesced
+            # processing-time service, nothing periodic runs any more (no watermark may follow a
+            # stop without drain).
+            if not self._closed and self.state is TaskState.RUNNING:
+                await mail.callback(mail.timestamp_ms)
         elif kind is AddSplits:
             add = getattr(self.head, "add_splits", None)
             if add is None:
@@ -603,14 +681,27 @@ class StreamTask:
     # ---------------------------------------------------------------- timers
 
     def schedule_processing_timer(self, timestamp_ms: int) -> None:
-        """Deliver ``ProcessingTimerMail`` when the wall clock reaches ``timestamp_ms``."""
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, (timestamp_ms - time.time() * 1000.0) / 1000.0)
+        """Deliver ``ProcessingTimerMail`` when the task's clock reaches ``timestamp_ms``."""
+        self._schedule_mail(timestamp_ms, ProcessingTimerMail(timestamp_ms))
+
+    def schedule_processing_callback(self, timestamp_ms: int, callback: ProcessingCallback) -> None:
+        """Run ``callback(timestamp_ms)`` on this task's actor, between buffers, when the task's
+        clock reaches ``timestamp_ms``; only while the task is RUNNING (not after its input
+        ended)."""
+        self._schedule_mail(timestamp_ms, ProcessingCallbackMail(timestamp_ms, callback))
+
+    def _schedule_mail(self, timestamp_ms: int, mail: Any) -> None:
         mailbox = self.mailbox
-        handle = loop.call_later(delay, lambda: mailbox.try_put(ProcessingTimerMail(timestamp_ms)))
-        now = loop.time()
-        self._timer_handles = [h for h in self._timer_handles if h.when() > now]
-        self._timer_handles.append(handle)
+        handles = self._timer_handles
+        scheduled: list[Cancellable] = []
+
+        def deliver() -> None:
+            if scheduled:
+                handles.discard(scheduled[0])
+            mailbox.try_put(mail)
+
+        scheduled.append(self.clock.call_at(timestamp_ms, deliver))
+        handles.add(scheduled[0])
 
 
 def encode_snapshot(operator_name: str, subtask_index: int, snapshot: OperatorSnapshot) -> bytes:

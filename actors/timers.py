@@ -3,14 +3,16 @@
 A timer is a (timestamp, key, namespace) triple, registered at most once; the namespace is
 ``None`` for process functions' timers and the window for a window operator's. Event-time
 timers fire when the operator's watermark reaches their timestamp (``MAX_WATERMARK`` fires all
-of them); processing-time timers fire when the wall clock (an injected :class:`Clock`) reaches
-it, through control mail to the owning task, so that the firing runs on the task's own actor
-like everything else.
+of them); processing-time timers fire when processing time (the task's clock: an injected
+:class:`Clock`, the wall clock by default) reaches it, through control mail to the owning task,
+so that the firing runs on the task's own actor like everything else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -18,15 +20,96 @@ from typing import Any, Protocol
 from state.keygroups import key_group_for_key
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
 class Clock(Protocol):
+    """Processing time: what time it is, and callbacks when a time is reached.
+
+    Everything in a task that depends on processing time (processing-time timers, periodic
+    watermarks, idleness) reads and schedules through the clock of its :class:`ExecutionConfig`,
+    never the wall clock directly, so a test can run it on a :class:`ManualClock`.
+    """
+
     def now_ms(self) -> int: ...
+
+    def call_at(self, timestamp_ms: int, callback: Callable[[], None]) -> Cancellable:
+        """Call ``callback`` (on the event loop, from no particular task) once ``now_ms()``
+        reached ``timestamp_ms``; at once, on the loop, if it already has. It must not block."""
+        ...
 
 
 class SystemClock:
-    """Wall-clock milliseconds since the epoch."""
+    """Wall-clock milliseconds since the epoch; callbacks scheduled on the running event loop."""
 
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
+
+    def call_at(self, timestamp_ms: int, callback: Callable[[], None]) -> Cancellable:
+        delay = max(0.0, (timestamp_ms - time.time_ns() / 1_000_000) / 1000.0)
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+
+class ManualClock:
+    """A clock that moves only when told to, for tests of processing time: ``advance(ms)`` and
+    ``set(ms)`` run every callback that became due, in timestamp order (callbacks scheduled by
+    those and already due run too), before they return. Time never goes backwards."""
+
+    def __init__(self, start_ms: int = 0) -> None:
+        self._now = int(start_ms)
+        self._due: list[tuple[int, int, _ManualCall]] = []
+        self._seq = itertools.count()
+
+    def now_ms(self) -> int:
+        return self._now
+
+    def call_at(self, timestamp_ms: int, callback: Callable[[], None]) -> Cancellable:
+        call = _ManualCall(callback)
+        heapq.heappush(self._due, (int(timestamp_ms), next(self._seq), call))
+        if timestamp_ms <= self._now:
+            # As the system clock does for a time already reached: soon, not inside call_at.
+            asyncio.get_running_loop().call_soon(self._run_due)
+        return call
+
+    def advance(self, ms: int) -> None:
+        """Move time forward by ``ms`` and run what became due."""
+        if ms < 0:
+            msg = f"ManualClock.advance({ms}): time does not go backwards"
+            raise ValueError(msg)
+        self.set(self._now + ms)
+
+    def set(self, now_ms: int) -> None:
+        """Move time to ``now_ms`` (not before the current time) and run what became due."""
+        if now_ms < self._now:
+            msg = f"ManualClock.set({now_ms}): time does not go backwards (now {self._now})"
+            raise ValueError(msg)
+        self._now = int(now_ms)
+        self._run_due()
+
+    @property
+    def pending(self) -> int:
+        """Callbacks scheduled and neither run nor cancelled yet."""
+        return sum(1 for *_, call in self._due if not call.cancelled)
+
+    def _run_due(self) -> None:
+        due = self._due
+        while due and due[0][0] <= self._now:
+            _, _, call = heapq.heappop(due)
+            if not call.cancelled:
+                call.cancelled = True
+                call.callback()
+
+
+class _ManualCall:
+    __slots__ = ("callback", "cancelled")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class ProcessingTimeScheduler(Protocol):

@@ -31,6 +31,12 @@ from runtime.api.streams import (
     JobParameters,
     KeyedStream,
 )
+from runtime.api.watermarks import (
+    BoundedOutOfOrdernessWatermarks,
+    WatermarkGenerator,
+    WatermarkOutput,
+    WatermarkStrategy,
+)
 from runtime.api.windows import (
     AllWindowedStream,
     ContinuousEventTimeTrigger,
@@ -64,6 +70,7 @@ from state.keyed import StateTtlConfig, StateVisibility, TtlUpdateType
 __all__ = [
     "AggregateFunction",
     "AllWindowedStream",
+    "BoundedOutOfOrdernessWatermarks",
     "CheckpointConfig",
     "Collector",
     "ConnectedStreams",
@@ -115,6 +122,9 @@ __all__ = [
     "TtlUpdateType",
     "TumblingEventTimeWindows",
     "TumblingProcessingTimeWindows",
+    "WatermarkGenerator",
+    "WatermarkOutput",
+    "WatermarkStrategy",
     "WindowAssigner",
     "WindowContext",
     "WindowedStream",

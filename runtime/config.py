@@ -26,6 +26,9 @@ DEFAULT_PARALLELISM = 1
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 """On SIGTERM, how long the stop with savepoint or the cancel may take before the exit is forced."""
 
+DEFAULT_AUTO_WATERMARK_INTERVAL_S = 0.2
+"""Periodic watermark emission (Flink's ``pipeline.auto-watermark-interval``)."""
+
 DEFAULT_REST_HOST = "127.0.0.1"
 """The control endpoint listens on loopback only unless asked otherwise."""
 
@@ -62,7 +65,11 @@ class ExecutionConfig:
     buffer_timeout_s: float = DEFAULT_BUFFER_TIMEOUT_S
     exclusive_credits: int = DEFAULT_EXCLUSIVE_CREDITS
     floating_buffers: int = DEFAULT_FLOATING_BUFFERS
+    auto_watermark_interval_s: float = DEFAULT_AUTO_WATERMARK_INTERVAL_S
+    """How often sources and timestamp assigners emit watermarks (and detect idleness) besides
+    after records; 0 turns the periodic emission off."""
     clock: Clock = field(default_factory=SystemClock)
+    """Processing time of the tasks in this process (timers, periodic watermarks, idleness)."""
     allow_non_restored_state: bool = False
     """Restored state that does not fit the job is dropped knowingly instead of refused."""
     on_newer_committed_output: NewerOutputPolicy = NewerOutputPolicy.MOVE

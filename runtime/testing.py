@@ -8,6 +8,9 @@
   ``committed`` only what the checkpoints committed, which is what an exactly-once run promises.
 - Named crash points: ``--set testing.crash-at=POINT[:N]`` and ``--set testing.crash-mode=raise|exit``
   crash at the N-th pass of ``before-snapshot``, ``before-commit`` or ``during-restore``.
+- :class:`ManualClock`: processing time that moves only when the test says so; pass it as
+  ``ExecutionConfig(clock=ManualClock())`` and ``advance(ms)`` fires processing-time timers,
+  periodic watermarks and idleness without waiting on the wall clock.
 
 A test then reads: run, crash, restore, and assert ``committed`` equals the expected output.
 """
@@ -18,6 +21,7 @@ import os
 from typing import Any
 
 from actors.faults import POINTS, InjectedCrash, arm, crash_point, disarm_all
+from actors.timers import ManualClock
 from runtime.api.functions import RuntimeContext
 from runtime.api.sinks import Sink, SinkWriter
 from runtime.api.sources import (
@@ -32,6 +36,7 @@ from runtime.api.sources import (
 __all__ = [
     "POINTS",
     "InjectedCrash",
+    "ManualClock",
     "TestingSink",
     "TestingSource",
     "arm",

@@ -189,6 +189,27 @@ def operator_records_in(address: str, uid: str) -> int:
     return sum(op["records_in"] for op in status["operators"] if op["uid"] == uid)
 
 
+def _operator_status(address: str, uid: str, subtask: int | None) -> dict[str, Any]:
+    status = get_json(address, "/status")
+    [operator] = [op for op in status["operators"] if op["uid"] == uid]
+    if subtask is None:
+        return dict(operator)
+    [entry] = [s for s in operator["subtasks"] if s["subtask"] == subtask]
+    return dict(entry)
+
+
+def operator_watermark(address: str, uid: str, subtask: int | None = None) -> int | None:
+    """The current output watermark of operator ``uid`` (of one subtask, if given) from
+    ``/status``; None before the first."""
+    watermark: int | None = _operator_status(address, uid, subtask)["watermark"]
+    return watermark
+
+
+def operator_idle(address: str, uid: str, subtask: int | None = None) -> bool:
+    """Whether operator ``uid`` (one subtask of it, if given) is idle, from ``/status``."""
+    return bool(_operator_status(address, uid, subtask)["idle"])
+
+
 def operator_records_out(address: str, uid: str) -> int:
     """Records the operator ``uid`` emitted so far, over all its subtasks (from ``/status``)."""
     status = get_json(address, "/status")

@@ -1,15 +1,25 @@
-"""Helpers for in-process tests: step the event loop until a condition holds (no sleeps); a
-virtual clock and scripted task handles to drive the checkpoint coordinator without tasks; a
-source that emits what the test pushes."""
+"""Helpers for in-process tests: step the event loop until a condition holds (no sleeps); a job
+running in the background and its ``/status``; a virtual clock and scripted task handles to drive
+the checkpoint coordinator without tasks; a source that emits what the test pushes; an unbounded
+source whose splits the test feeds while the job runs, and a process function that shows the
+watermark each record and timer saw."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from cli_helpers import get_json
+
 from actors.protocol import TaskCommand, TaskId, TaskMetrics, TaskState
-from runtime.api.sources import END_OF_INPUT, Source, SourceReader
+from runtime.api.functions import Collector, KeyedProcessContext, KeyedProcessFunction
+from runtime.api.sources import END_OF_INPUT, Source, SourceReader, SourceReaderContext
+from runtime.config import ExecutionConfig
+from runtime.master.jobmaster import JobMaster
+from runtime.plan.jobfile import build_graph
+from runtime.shell.rest import ControlServer
 
 
 async def wait_until(
@@ -29,6 +39,32 @@ async def wait_until(
         await asyncio.sleep(0)
     msg = f"gave up waiting for {what}"
     raise AssertionError(msg)
+
+
+@contextlib.asynccontextmanager
+async def running_job(
+    build: Callable[[Any], None], parallelism: int = 1, config: ExecutionConfig | None = None
+) -> AsyncIterator[tuple[JobMaster, asyncio.Task[Any]]]:
+    """Runs the job in the background; cancels it (every task closes) on exit."""
+    master = JobMaster(build_graph(build, None, parallelism), config)
+    job = asyncio.create_task(master.run())
+    try:
+        yield master, job
+    finally:
+        if not job.done():
+            job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+
+
+async def control_status(master: JobMaster) -> Any:
+    """``GET /status`` of the job, through a control endpoint started for the call."""
+    server = ControlServer(master, lambda: None, port=0)
+    address = await server.start()
+    try:
+        return await asyncio.to_thread(get_json, address, "/status")
+    finally:
+        await server.stop()
 
 
 class VirtualClock:
@@ -152,23 +188,6 @@ class _ControlledReader(SourceReader[Any]):
         return [dict(s) for s in self.splits]
 
 
-class SettableClock:
-    """A processing-time clock (``ExecutionConfig.clock``, a state backend's ``now_ms``) that
-    moves only when the test sets or advances it."""
-
-    def __init__(self, now_ms: int = 0) -> None:
-        self.now = now_ms
-
-    def now_ms(self) -> int:
-        return self.now
-
-    def set(self, now_ms: int) -> None:
-        self.now = now_ms
-
-    def advance(self, ms: int) -> None:
-        self.now += ms
-
-
 async def start_job_on_master(
     build: Callable[[Any], None],
     config: Any,
@@ -199,3 +218,98 @@ async def take_checkpoint(master: Any, timeout_s: float = 10.0) -> Any:
 
     trigger = master.coordinator.request_trigger(CheckpointKind.CHECKPOINT)
     return await asyncio.wait_for(trigger, timeout_s)
+
+
+class FedSplitsSource(Source[Any]):
+    """An unbounded source of ``splits`` splits that emit what the test feeds them while the job
+    runs (:meth:`feed`), and otherwise nothing: it never ends. Each poll returns records of one
+    split and names it, so a watermark strategy runs per split."""
+
+    bounded = False
+
+    def __init__(self, splits: int) -> None:
+        self.fed: list[list[Any]] = [[] for _ in range(splits)]
+        self.readers: list[_FedSplitsReader] = []
+        self._contexts: list[SourceReaderContext] = []
+
+    def name(self) -> str:
+        return "FedSplits"
+
+    def create_splits(self, parallelism: int) -> list[Any]:
+        return [{"split": i, "next": 0} for i in range(len(self.fed))]
+
+    def create_reader(self, context: SourceReaderContext) -> SourceReader[Any]:
+        self._contexts.append(context)
+        reader = _FedSplitsReader(self)
+        self.readers.append(reader)
+        return reader
+
+    def feed(self, split: int, records: list[Any]) -> None:
+        self.fed[split].extend(records)
+        for context in self._contexts:
+            context.notify_available()
+
+    def all_read(self) -> bool:
+        """Every record fed so far was polled (by the readers of the latest attempt)."""
+        return bool(self.readers) and all(
+            split["next"] == len(self.fed[split["split"]])
+            for reader in self.readers
+            for split in reader.splits
+        )
+
+
+class _FedSplitsReader(SourceReader[Any]):
+    watermarks_per_split = True
+
+    def __init__(self, source: FedSplitsSource) -> None:
+        self.source = source
+        self.splits: list[dict[str, Any]] = []
+        self._last: Any = None
+
+    def add_splits(self, splits: list[Any]) -> None:
+        self.splits.extend(dict(s) for s in splits)
+
+    def poll(self, max_records: int) -> list[Any] | None:
+        for split in self.splits:
+            fed = self.source.fed[split["split"]]
+            start = split["next"]
+            if start < len(fed):
+                records = fed[start : start + max_records]
+                split["next"] = start + len(records)
+                self._last = split["split"]
+                return records
+        return None
+
+    def split_of_last_poll(self) -> Any:
+        return self._last
+
+    def snapshot_splits(self) -> list[Any]:
+        return [dict(s) for s in self.splits]
+
+
+class EventTimeTimers(KeyedProcessFunction[Any, Any, Any]):
+    """Emits ``("record", key, timestamp, watermark)`` per record and registers an event-time
+    timer ``delay`` after it; a firing emits ``("timer", key, timestamp, watermark)``."""
+
+    def __init__(self, delay: int) -> None:
+        self.delay = delay
+
+    def process_element(
+        self, value: Any, ctx: KeyedProcessContext[Any], out: Collector[Any]
+    ) -> None:
+        assert ctx.timestamp is not None
+        out.collect(("record", ctx.current_key, ctx.timestamp, ctx.current_watermark()))
+        ctx.timer_service().register_event_time_timer(ctx.timestamp + self.delay)
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessContext[Any], out: Collector[Any]) -> None:
+        out.collect(("timer", ctx.current_key, timestamp, ctx.current_watermark()))
+
+
+def fired(sink: Any) -> list[tuple[Any, ...]]:
+    """The timer firings an :class:`EventTimeTimers` wrote to ``sink``, sorted."""
+    return sorted(r for r in sink.results if r[0] == "timer")
+
+
+def records(sink: Any) -> list[tuple[Any, ...]]:
+    """The records an :class:`EventTimeTimers` wrote to ``sink``, in order."""
+    return [r for r in sink.results if r[0] == "record"]

@@ -6,7 +6,8 @@
 Both start a ``DataPlane`` on 127.0.0.1 and print ``{"port": ...}`` as the first line of stdout;
 the channel's other end is the test process's plane at ``127.0.0.1:P`` (channel id
 :data:`CHANNEL`). ``send`` adds ``Buffer([i])`` for i in range(N) and then ``EndOfPartition`` to a
-``ResultSubpartition`` bound to the test process, printing one JSON line of its statistics after
+``ResultSubpartition`` bound to the test process (between the last buffer and the end, the
+watermark events :data:`LAST_EVENTS`), printing one JSON line of its statistics after
 every buffer added and one (``"blocked": true``) before every add that must wait for room; then
 ``{"done": true, ...}``. ``receive`` opens an input channel from the test process and never takes
 anything from it. Both run until stdin is closed (the test's way of ending them), then close the
@@ -26,7 +27,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.events import END_OF_PARTITION
+from actors.events import END_OF_PARTITION, WATERMARK_ACTIVE, WATERMARK_IDLE, Watermark
 from actors.mailbox import Wakeup
 from actors.network import Buffer, InputGate, ResultSubpartition
 from actors.remote import ChannelId, DataPlane, OutgoingChannel
@@ -34,6 +35,7 @@ from actors.remote import ChannelId, DataPlane, OutgoingChannel
 CHANNEL = ChannelId(attempt=3, edge=1, sender=0, receiver=0)
 SENDER_NAME = "sender (1/1)"
 RECEIVER_NAME = "receiver (1/1)"
+LAST_EVENTS = (Watermark(1_700_000_000_000), WATERMARK_IDLE, WATERMARK_ACTIVE)
 
 
 def report(**fields: Any) -> None:
@@ -64,6 +66,8 @@ async def send(plane: DataPlane, peer_port: int, buffers: int, sender_queue: int
             report(produced=i, blocked=True, **sender_statistics(sub, out, plane))
         await sub.add_buffer(Buffer([i]))
         report(produced=i + 1, blocked=False, **sender_statistics(sub, out, plane))
+    for event in LAST_EVENTS:
+        sub.add_event(event)
     sub.add_event(END_OF_PARTITION)
     report(produced=buffers, done=True, blocked=False, **sender_statistics(sub, out, plane))
 

@@ -154,6 +154,7 @@ def test_the_job_spec_carries_every_shippable_execution_config_field() -> None:
         allow_non_restored_state=True,
         on_newer_committed_output=NewerOutputPolicy.KEEP,
         allow_existing_output=True,
+        auto_watermark_interval_s=0.05,
     )
     spec = JobSpec.create("job.py", {"a": "1"}, 3, 64, "name", config, checkpoint_dir="chk")
     assert Path(spec.job_file).is_absolute()

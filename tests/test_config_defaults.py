@@ -80,7 +80,16 @@ def test_run_help_shows_the_defaults_of_the_config_module(
         "--rest-host": config.DEFAULT_REST_HOST,
         "--shutdown-timeout": format_duration(config.DEFAULT_SHUTDOWN_TIMEOUT_S),
         "--buffer-timeout": format_duration(execution.buffer_timeout_s),
+        "--auto-watermark-interval": format_duration(execution.auto_watermark_interval_s),
     }
     for option, default in expected.items():
         assert re.search(rf"\bdefault {re.escape(default)}\b", helps[option]), (option, helps)
     assert default_restart_strategy(True).describe() in helps["--restart-strategy"]
+
+
+def test_auto_watermark_interval_takes_a_duration_and_zero_turns_it_off() -> None:
+    parser = cli.make_parser()
+    for text, seconds in (("50ms", 0.05), ("1s", 1.0), ("0", 0.0)):
+        args = parser.parse_args(["run", "job.py", "--auto-watermark-interval", text])
+        configured = cli.execution_config(args, default_restart_strategy(False))
+        assert configured.auto_watermark_interval_s == seconds

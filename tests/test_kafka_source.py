@@ -14,34 +14,35 @@ new-partition branch of split discovery is tested on ``KafkaSource.discover_new_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import kafka_fixtures
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from cli_helpers import get_json
 from kafka_fixtures import CONSUMER_FETCH_LIMITS, create_topics, unique_name
+from loop_helpers import EventTimeTimers, control_status, fired, records, running_job
 
 from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, DEFAULT_SENDER_QUEUE
 from connectors import CollectSink
 from connectors.kafka import KafkaRecord, KafkaSource
 from connectors.kafka.source import MAX_QUEUED_BATCHES, KafkaSourceReader
 from runtime import (
+    BoundedOutOfOrdernessWatermarks,
     CheckpointConfig,
     ExecutionConfig,
     JobFailedError,
     Sink,
     SinkWriter,
+    WatermarkStrategy,
     run_job_async,
 )
 from runtime.api.sources import DEFAULT_SOURCE_BATCH, SourceOperator
+from runtime.api.watermarks import WatermarksWithIdleness
 from runtime.master.jobmaster import JobMaster
-from runtime.shell.rest import ControlServer
-from runtime.shell.runner import build_graph
+from runtime.testing import ManualClock
 from state.storage import CheckpointKind
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
@@ -106,22 +107,6 @@ async def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {WAIT_S}s waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running_job(
-    build: Callable[[Any], None], parallelism: int = 1, config: ExecutionConfig | None = None
-) -> AsyncIterator[tuple[JobMaster, asyncio.Task[Any]]]:
-    """Runs the job in the background; cancels it (every task closes) on exit."""
-    master = JobMaster(build_graph(build, None, parallelism), config)
-    job = asyncio.create_task(master.run())
-    try:
-        yield master, job
-    finally:
-        if not job.done():
-            job.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await job
 
 
 def source_readers(master: JobMaster) -> list[KafkaSourceReader]:
@@ -525,6 +510,82 @@ async def test_partitions_missing_from_the_known_splits_are_new_and_read_from_of
     assert await source.discover_new_splits(splits) == []
 
 
+# --------------------------------------------------------------------------- event time
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("parallelism", [1, 2])
+async def test_an_idle_partition_does_not_stall_timers_and_resuming_never_moves_event_time_back(
+    kafka_bootstrap: str, parallelism: int
+) -> None:
+    """Two partitions, data on partition 0 only; event time from the Kafka record timestamps,
+    per partition. Once partition 1 was idle for 1 s (of the injected clock) the timer fires on
+    partition 0's watermark alone (at parallelism 2 one source subtask is idle as a whole). When
+    partition 1 resumes behind that watermark, event time waits for it instead of going back."""
+    topic = unique_name("src-idle-partition")
+    await create_topics(kafka_bootstrap, topic, partitions=2)
+    clock = ManualClock()
+    strategy = WatermarkStrategy.for_monotonous_timestamps().with_idleness("1s")
+    source = KafkaSource(kafka_bootstrap, topic, watermark_strategy=strategy)
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(source)
+            .key_by(lambda v: v["k"])
+            .process(EventTimeTimers(delay=10))
+            .sink_to(sink)
+        )
+
+    async def send(partition: int, key: str, timestamp_ms: int) -> None:
+        record = {"value": orjson.dumps({"k": key}), "partition": partition}
+        await produce(kafka_bootstrap, topic, [{**record, "timestamp_ms": timestamp_ms}])
+        count = len(records(sink)) + 1
+        await wait_until(lambda: len(records(sink)) == count, f"the record at {timestamp_ms}", job)
+
+    config = ExecutionConfig(clock=clock)
+    async with running_job(build, parallelism, config) as (master, job):
+        await wait_until(lambda: readers_started(master), "the readers", job)
+        await send(0, "a", 1000)
+        clock.advance(600)
+        await send(0, "a", 2000)
+        assert fired(sink) == []  # partition 1 holds event time until it is idle
+        clock.advance(400)  # partition 1 silent for 1 s, partition 0 for 400 ms
+        await wait_until(lambda: fired(sink) != [], "the timer", job)
+        assert fired(sink) == [("timer", "a", 1010, 1999)]
+        await send(1, "b", 1500)  # partition 1 resumes behind the watermark
+        await send(0, "a", 3000)  # partition 1 now holds event time at 1499: nothing fires
+        await send(1, "b", 4000)
+        await wait_until(lambda: len(fired(sink)) == 3, "the timers after the resume", job)
+    assert records(sink)[2] == ("record", "b", 1500, 1999)
+    assert fired(sink) == [
+        ("timer", "a", 1010, 1999),
+        ("timer", "a", 2010, 2999),
+        ("timer", "b", 1510, 2999),
+    ]
+    for key in ("a", "b"):  # in order per key (subtasks write to the sink side by side)
+        seen = [r[3] for r in sink.results if r[1] == key]
+        assert seen == sorted(seen), f"event time went backwards at key {key}: {seen}"
+
+
+def test_out_of_orderness_keywords_are_a_bounded_strategy_with_idleness() -> None:
+    kafka_bootstrap = "127.0.0.1:9"  # nothing connects: the source is only built
+    source = KafkaSource(kafka_bootstrap, "t", out_of_orderness_ms=200, idle_timeout_ms=5000)
+    assert source.watermark_strategy is not None
+    assert source.watermark_strategy.idle_timeout_ms == 5000
+    generator = source.watermark_strategy.create_watermark_generator(ManualClock())
+    assert isinstance(generator, WatermarksWithIdleness)
+    assert isinstance(generator.generator, BoundedOutOfOrdernessWatermarks)
+    assert generator.generator.max_out_of_orderness_ms == 200
+    with pytest.raises(ValueError, match="watermark_strategy or out_of_orderness_ms, not both"):
+        KafkaSource(
+            kafka_bootstrap,
+            "t",
+            out_of_orderness_ms=200,
+            watermark_strategy=WatermarkStrategy.for_monotonous_timestamps(),
+        )
+
+
 # --------------------------------------------------------------------------- bad records
 
 
@@ -674,12 +735,7 @@ async def test_slow_sink_keeps_the_source_buffers_bounded_and_lag_shows_it(
         assert sum(lag.values()) == count - position
         assert sum(lag.values()) >= count - in_flight_bound - queued_bound
         # The control endpoint shows the same lag, per source task.
-        server = ControlServer(master, lambda: None, port=0)
-        address = await server.start()
-        try:
-            status = await asyncio.to_thread(get_json, address, "/status")
-        finally:
-            await server.stop()
+        status = await control_status(master)
         [source_task] = [t for t in master.tasks if t.head is source_op]
         assert status["source_lag"] == {source_task.name: lag}
         sink.release.set()

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from loop_helpers import SettableClock
 from test_timers import TrickleSource
 
 from actors.events import MIN_TIMESTAMP
@@ -26,6 +25,7 @@ from runtime import (
     ProcessFunction,
     run_job,
 )
+from runtime.testing import ManualClock
 
 ODD = OutputTag("odd")
 BIG = OutputTag("big")
@@ -179,7 +179,7 @@ def test_the_time_service_gives_the_watermark_and_the_jobs_processing_time() -> 
             lambda r: r[1]
         ).process(Times()).sink_to(sink)
 
-    run_job(build, config=ExecutionConfig(clock=SettableClock(123_456)))
+    run_job(build, config=ExecutionConfig(clock=ManualClock(123_456)))
     assert sink.results == [(5, MIN_TIMESTAMP, 123_456), (9, 4, 123_456), (20, 8, 123_456)]
 
 

@@ -60,7 +60,7 @@ SAMPLES: dict[type, Any] = {
         TASK, 7, {"map-uid": b"\x81\xa1k\x01", "sink-uid": b""}, True, 12.5
     ),
     DeclineCheckpoint: DeclineCheckpoint(TASK, 7, "snapshot failed: disk full", task_ended=True),
-    OperatorRecords: OperatorRecords(10, 9),
+    OperatorRecords: OperatorRecords(10, 9, 1_700_000_000_000, idle=True),
     TaskMetrics: TaskMetrics(
         TASK,
         {"src": OperatorRecords(0, 100), "map": OperatorRecords(100, 99)},

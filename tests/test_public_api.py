@@ -13,6 +13,7 @@ PUBLIC = {
     "runtime": {
         "AggregateFunction",
         "AllWindowedStream",
+        "BoundedOutOfOrdernessWatermarks",
         "CheckpointConfig",
         "Collector",
         "ConnectedStreams",
@@ -64,6 +65,9 @@ PUBLIC = {
         "TtlUpdateType",
         "TumblingEventTimeWindows",
         "TumblingProcessingTimeWindows",
+        "WatermarkGenerator",
+        "WatermarkOutput",
+        "WatermarkStrategy",
         "WindowAssigner",
         "WindowContext",
         "WindowedStream",
@@ -114,6 +118,7 @@ PUBLIC = {
     "runtime.testing": {
         "POINTS",
         "InjectedCrash",
+        "ManualClock",
         "TestingSink",
         "TestingSource",
         "arm",

@@ -28,10 +28,12 @@ from channel_helpers import (
 )
 from cli_helpers import ROOT
 from loop_helpers import wait_until
-from remote_peer import CHANNEL, RECEIVER_NAME, SENDER_NAME
+from remote_peer import CHANNEL, LAST_EVENTS, RECEIVER_NAME, SENDER_NAME
 
 from actors.events import (
     END_OF_PARTITION,
+    WATERMARK_ACTIVE,
+    WATERMARK_IDLE,
     CancelCheckpointMarker,
     CheckpointBarrier,
     EndOfData,
@@ -210,8 +212,10 @@ async def test_events_keep_their_place_between_buffers_and_end_of_partition_come
         CancelCheckpointMarker(7),
         CheckpointBarrier(8, 1_700_000_000_001, CheckpointKind.SAVEPOINT),
         EndOfData(drain=False),
+        WATERMARK_IDLE,
+        WATERMARK_ACTIVE,
     ]
-    for i in range(10):
+    for i in range(2 * len(events)):
         sent.append(Buffer([i, f"r{i}", (i, "t")], [100 + i, 200 + i, 300 + i]))
         if i % 2 == 1:
             sent.append(events[i // 2])
@@ -385,11 +389,15 @@ async def test_slow_receiver_holds_back_a_fast_sender_in_another_process(
     # Now take one buffer at a time, and only once the sender is blocked again: each buffer
     # taken frees one credit (or a floating buffer and its credit) and lets that much through.
     consumed: list[Any] = []
+    events: list[Any] = []
     while True:
         channel_taken, item = await take(gate)
         check()
         if type(item) is EndOfPartition:
             break
+        if type(item) is not Buffer:
+            events.append(item)
+            continue
         consumed.extend(item.values)
         waits = sender.last["waits"]
         channel_taken.recycle()
@@ -403,6 +411,8 @@ async def test_slow_receiver_holds_back_a_fast_sender_in_another_process(
     done = sender.last
     assert done.get("done"), done
     assert consumed == list(range(count))
+    # Watermarks and their status cross the process boundary in place (no credit needed).
+    assert tuple(events) == LAST_EVENTS
     # The sender blocked again after every buffer taken while it had more to produce.
     assert done["waits"] >= count - (exclusive + floating + sender_queue)
     assert channel.peak_queued_buffers <= exclusive + floating

@@ -437,15 +437,16 @@ def test_status_checkpoints_endpoints_and_cancel(tmp_path: Path) -> None:
         assert {"gen", "tracker", "out"} <= set(by_uid)
         for op in status["operators"]:
             assert set(op) == {
-                "uid",
-                "name",
-                "parallelism",
-                "records_in",
-                "records_out",
-                "late_records_dropped",
+                *("uid", "name", "parallelism", "records_in", "records_out"),
+                *("watermark", "idle", "subtasks", "late_records_dropped"),
             }
-            assert op["parallelism"] == 2
             assert op["late_records_dropped"] == 0  # no window operator here
+            assert op["parallelism"] == 2
+            # No event time in this job: no watermark yet, and no subtask is idle (all have splits).
+            assert op["watermark"] is None and op["idle"] is False
+            assert op["subtasks"] == [
+                {"subtask": i, "watermark": None, "idle": False} for i in range(2)
+            ]
         assert by_uid["tracker"]["name"] == "tracker"
 
         checkpoints = wait_for(

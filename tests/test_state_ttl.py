@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from loop_helpers import (
     ControlledSource,
-    SettableClock,
     start_job_on_master,
     take_checkpoint,
     wait_until,
@@ -37,6 +36,7 @@ from runtime import (
     run_job,
 )
 from runtime.master.jobmaster import JobMaster
+from runtime.testing import ManualClock
 from state import (
     KeyedStateBackend,
     KeyedStateView,
@@ -61,7 +61,7 @@ def _add(a: int, b: int) -> int:
     return a + b
 
 
-def backend_at(clock: SettableClock, groups: KeyGroupRange = ALL_GROUPS) -> KeyedStateBackend:
+def backend_at(clock: ManualClock, groups: KeyGroupRange = ALL_GROUPS) -> KeyedStateBackend:
     return KeyedStateBackend("ttl-test", groups, MAXP, now_ms=clock.now_ms)
 
 
@@ -125,7 +125,7 @@ FULL = {"value": 7, "list": [7], "map": (7, True, [("k", 7)], False), "reducing"
 
 @pytest.mark.parametrize("kind", ["value", "list", "map", "reducing"])
 def test_an_expired_entry_is_never_returned_and_is_removed_when_read(kind: str) -> None:
-    clock = SettableClock(10_000)
+    clock = ManualClock(10_000)
     backend = backend_at(clock)
     backend.current_key = "a"
     state = _write(backend, kind, 7)
@@ -142,7 +142,7 @@ def test_an_expired_entry_is_never_returned_and_is_removed_when_read(kind: str) 
 
 
 def test_list_and_map_entries_expire_one_by_one() -> None:
-    clock = SettableClock(0)
+    clock = ManualClock(0)
     backend = backend_at(clock)
     backend.current_key = "a"
     lst = backend.get_state(ListStateDescriptor("list", ttl=TTL))
@@ -162,7 +162,7 @@ def test_list_and_map_entries_expire_one_by_one() -> None:
 
 
 def test_adding_nothing_to_list_or_map_state_with_ttl_keeps_it_readable() -> None:
-    clock = SettableClock(0)
+    clock = ManualClock(0)
     backend = backend_at(clock)
     backend.current_key = "a"
     lst = backend.get_state(ListStateDescriptor("list", ttl=TTL))
@@ -176,7 +176,7 @@ def test_adding_nothing_to_list_or_map_state_with_ttl_keeps_it_readable() -> Non
 
 
 def test_reads_restart_the_ttl_only_with_update_on_read_and_write() -> None:
-    clock = SettableClock(0)
+    clock = ManualClock(0)
     backend = backend_at(clock)
     backend.current_key = "a"
     on_write = backend.get_state(ValueStateDescriptor("on-write", ttl=TTL))
@@ -200,7 +200,7 @@ def test_reads_restart_the_ttl_only_with_update_on_read_and_write() -> None:
 
 
 def test_return_expired_if_not_cleaned_up_returns_the_value_once() -> None:
-    clock = SettableClock(0)
+    clock = ManualClock(0)
     backend = backend_at(clock)
     backend.current_key = "a"
     cfg = StateTtlConfig.of(1000, visibility=StateVisibility.RETURN_EXPIRED_IF_NOT_CLEANED_UP)
@@ -230,7 +230,7 @@ def test_state_without_ttl_keeps_its_plain_classes_and_snapshot_layout() -> None
 
 
 def test_background_cleanup_removes_idle_keys_a_bounded_number_per_step() -> None:
-    clock = SettableClock(0)
+    clock = ManualClock(0)
     backend = backend_at(clock)
     cfg = StateTtlConfig.of(1000, cleanup_size=5)
     value = backend.get_state(ValueStateDescriptor("v", ttl=cfg))
@@ -250,7 +250,7 @@ def test_background_cleanup_removes_idle_keys_a_bounded_number_per_step() -> Non
 
 
 def test_a_snapshot_leaves_expired_entries_out_and_keeps_the_live_ones_timestamps() -> None:
-    clock = SettableClock(0)
+    clock = ManualClock(0)
     backend = backend_at(clock)
     value = backend.get_state(ValueStateDescriptor("v", ttl=TTL))
     mp = backend.get_state(MapStateDescriptor("m", ttl=TTL))
@@ -285,7 +285,7 @@ def test_ttl_timestamps_survive_a_restore_at_another_parallelism(old_p: int, new
     snapshots = []
     for index in range(old_p):
         groups = key_group_range_for_subtask(MAXP, old_p, index)
-        clock = SettableClock(0)
+        clock = ManualClock(0)
         backend = backend_at(clock, groups)
         value = backend.get_state(ValueStateDescriptor("v", ttl=TTL))
         lst = backend.get_state(ListStateDescriptor("l", ttl=TTL))
@@ -298,7 +298,7 @@ def test_ttl_timestamps_survive_a_restore_at_another_parallelism(old_p: int, new
                 lst.add(key)
         snapshots.append(round_trip(backend.snapshot()))
     seen: dict[Any, Any] = {}
-    restore_clock = SettableClock(1100)
+    restore_clock = ManualClock(1100)
     for index in range(new_p):
         groups = key_group_range_for_subtask(MAXP, new_p, index)
         backend = backend_at(restore_clock, groups)
@@ -326,7 +326,7 @@ def test_state_restored_from_a_snapshot_without_ttl_starts_its_ttl_at_the_restor
     old.current_key = "a"
     old.get_state(ValueStateDescriptor("v")).update(1)
     old.get_state(ListStateDescriptor("l")).add_all([1, 2])
-    clock = SettableClock(50_000)
+    clock = ManualClock(50_000)
     backend = backend_at(clock)
     backend.restore([round_trip(old.snapshot())])
     value = backend.get_state(ValueStateDescriptor("v", ttl=TTL))
@@ -339,11 +339,11 @@ def test_state_restored_from_a_snapshot_without_ttl_starts_its_ttl_at_the_restor
 
 
 def test_state_whose_ttl_was_removed_keeps_its_values() -> None:
-    clock = SettableClock(0)
+    clock = ManualClock(0)
     old = backend_at(clock)
     old.current_key = "a"
     old.get_state(ValueStateDescriptor("v", ttl=TTL)).update(1)
-    backend = backend_at(SettableClock(99_000))
+    backend = backend_at(ManualClock(99_000))
     backend.restore([round_trip(old.snapshot())])
     backend.current_key = "a"
     assert backend.get_state(ValueStateDescriptor("v")).value() == 1
@@ -355,7 +355,7 @@ def test_state_whose_ttl_was_removed_keeps_its_values() -> None:
 
 
 def test_the_cleanup_rule_clears_a_keys_whole_state_and_sees_it_read_only() -> None:
-    clock = SettableClock(0)
+    clock = ManualClock(0)
     backend = backend_at(clock)
     status = backend.get_state(
         ValueStateDescriptor("status", ttl=StateTtlConfig.of(1000, "on_read_and_write"))
@@ -422,7 +422,7 @@ class TtlCount(KeyedProcessFunction[Any, Any, Any]):
 async def _start(
     source: ControlledSource,
     sink: CollectSink,
-    clock: SettableClock,
+    clock: ManualClock,
     checkpoint_dir: Path,
     parallelism: int = 1,
     restored: Any = None,
@@ -463,7 +463,7 @@ def _checkpointed_counts(path: str) -> dict[Any, Any]:
 async def test_idle_keys_state_disappears_from_checkpoints_and_restores_keep_its_expiry(
     tmp_path: Path,
 ) -> None:
-    clock = SettableClock(0)
+    clock = ManualClock(0)
     source, sink = ControlledSource("events"), CollectSink()
     master, job = await _start(source, sink, clock, tmp_path / "chk")
     source.push(("idle", "add"), ("busy", "add"), ("gone", "add"), ("gone", "add"))

@@ -27,7 +27,9 @@ from cli_helpers import (
     ROOT,
     get_json,
     max_completed,
+    operator_idle,
     operator_records_in,
+    operator_watermark,
     printed_address,
     run_cli,
     start_cli,
@@ -545,7 +547,8 @@ class Reader(SourceReader):
 
 def build(job: Job) -> None:
     records = job.from_source(SplitFiles(job.params.require("input"))).uid("files")
-    records.map(lambda r: r, name="forward").uid("forward").print()
+    timed = records.assign_timestamps_and_watermarks(lambda r: r).uid("event-time")
+    timed.key_by(lambda r: r % 2).map(lambda r: r, name="forward").uid("forward").print()
 """
 
 
@@ -555,9 +558,17 @@ def test_splits_discovered_while_running_reach_readers_in_taskmanagers(tmp_path:
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "a.json").write_bytes(orjson.dumps(list(range(5))))
-    with job_on_two_taskmanagers(tmp_path, job, 2, "--set", f"input={inputs}") as running:
+    interval = ("--auto-watermark-interval", "50ms")
+    with job_on_two_taskmanagers(
+        tmp_path, job, 2, *interval, "--set", f"input={inputs}"
+    ) as running:
         address, proc, stderr = running.address, running.proc, running.stderr
         wait_for(lambda: operator_records_in(address, "forward") == 5, "a.json", proc, stderr)
+        # The source subtask without a split is idle, and says so across the processes: event
+        # time in both subtasks of "forward" follows the other source subtask alone.
+        wait_for(lambda: operator_watermark(address, "forward") == 3, "event time", proc, stderr)
+        assert operator_watermark(address, "files", subtask=1) is None
+        assert operator_idle(address, "files", subtask=1)
         # The second split goes to the other subtask: the reader in the other TaskManager.
         (inputs / "b.json").write_bytes(orjson.dumps(list(range(5, 12))))
         wait_for(lambda: operator_records_in(address, "forward") == 12, "b.json", proc, stderr)

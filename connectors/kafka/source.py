@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from connectors.kafka.clients import KafkaClients
 from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
+from runtime.api.watermarks import WatermarkStrategy
 from state.keygroups import stable_hash
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,13 @@ class KafkaSource(Source[Any]):
       ``record_format="record"``, as a value deserialiser cannot represent a missing value), or
       ``"fail"`` (the job fails naming topic, partition and offset). Deserialisers never see a
       missing value, so ``on_error`` does not apply to tombstones.
-    - ``out_of_orderness_ms``: per-partition watermarks trail the highest record timestamp by that
-      much; partitions idle for ``idle_timeout_ms`` do not hold the watermark back.
+    - ``watermark_strategy``: a :class:`~runtime.WatermarkStrategy` applied per partition (event
+      time from the Kafka record timestamps unless it has a timestamp assigner); the subtask's
+      watermark is the minimum over its active partitions, idle ones (``with_idleness``) do not
+      hold it back, and a subtask without partitions is idle.
+    - ``out_of_orderness_ms`` (older form): the same as
+      ``WatermarkStrategy.for_bounded_out_of_orderness(out_of_orderness_ms)
+      .with_idleness(idle_timeout_ms)``.
     - ``discovery_interval_s``: look for new partitions this often while running (unbounded only).
     """
 
@@ -112,6 +117,7 @@ class KafkaSource(Source[Any]):
         record_format: str = "value",
         on_error: str = "fail",
         dead_letter_topic: str | None = None,
+        watermark_strategy: WatermarkStrategy | None = None,
         out_of_orderness_ms: int | None = None,
         idle_timeout_ms: int = 30_000,
         discovery_interval_s: float | None = 10.0,
@@ -153,8 +159,17 @@ class KafkaSource(Source[Any]):
         self.record_format = record_format
         self.on_error = on_error
         self.dead_letter_topic = dead_letter_topic
-        self.out_of_orderness_ms = out_of_orderness_ms
-        self.idle_timeout_ms = idle_timeout_ms
+        if watermark_strategy is not None and out_of_orderness_ms is not None:
+            msg = (
+                "KafkaSource: give watermark_strategy or out_of_orderness_ms, not both "
+                "(a strategy has its own bound: WatermarkStrategy.for_bounded_out_of_orderness)"
+            )
+            raise ValueError(msg)
+        if watermark_strategy is None and out_of_orderness_ms is not None:
+            watermark_strategy = WatermarkStrategy.for_bounded_out_of_orderness(out_of_orderness_ms)
+            if idle_timeout_ms:
+                watermark_strategy = watermark_strategy.with_idleness(idle_timeout_ms)
+        self.watermark_strategy = watermark_strategy
         self.discovery_interval_s = None if bounded else discovery_interval_s
         self.rate = rate
         self.clients = KafkaClients(bootstrap_servers, client_options)
@@ -345,6 +360,8 @@ async def confirmed_end_offsets(
 class KafkaSourceReader(SourceReader[Any]):
     """Reads the partitions assigned to one subtask (see the module docstring)."""
 
+    watermarks_per_split = True
+
     def __init__(self, source: KafkaSource, context: SourceReaderContext) -> None:
         self.source = source
         self.context = context
@@ -361,8 +378,7 @@ class KafkaSourceReader(SourceReader[Any]):
         self._assignment_changed = asyncio.Event()
         self._value = _deserializer(source.deserializer)
         self._key = _deserializer(source.key_deserializer)
-        self._max_ts: dict[tuple[str, int], int] = {}
-        self._last_seen: dict[tuple[str, int], float] = {}
+        self._last_split: tuple[str, int] | None = None
         self._position = ""
         self.highwater: dict[tuple[str, int], int] = {}
         self.skipped = 0
@@ -374,7 +390,6 @@ class KafkaSourceReader(SourceReader[Any]):
         for split in splits:
             split = dict(split)
             self.splits[(split["topic"], split["partition"])] = split
-            self._last_seen[(split["topic"], split["partition"])] = time.monotonic()
         if self._consumer is not None:
             self._assign()
             self._assignment_changed.set()
@@ -537,8 +552,7 @@ class KafkaSourceReader(SourceReader[Any]):
             self._assign()
         if not values:
             return None
-        self._max_ts[key] = max(self._max_ts.get(key, stamps[0]), max(stamps))
-        self._last_seen[key] = time.monotonic()
+        self._last_split = key
         self._position = f"{split['topic']}[{split['partition']}] offsets {records[0].offset}-{split['offset'] - 1}"
         return values, stamps
 
@@ -592,25 +606,8 @@ class KafkaSourceReader(SourceReader[Any]):
                 exc,
             )
 
-    def current_watermark(self) -> int | None:
-        ooo = self.source.out_of_orderness_ms
-        if ooo is None or not self.splits:
-            return None
-        now = time.monotonic()
-        idle = self.source.idle_timeout_ms / 1000.0
-        live = [
-            self._max_ts[k] - ooo - 1
-            for k, split in self.splits.items()
-            if k in self._max_ts and now - self._last_seen.get(k, now) < idle
-        ]
-        waiting = [
-            k
-            for k in self.splits
-            if k not in self._max_ts and now - self._last_seen.get(k, now) < idle
-        ]
-        if waiting or not live:
-            return None
-        return min(live)
+    def split_of_last_poll(self) -> Any:
+        return self._last_split
 
     def snapshot_splits(self) -> list[Any]:
         return [dict(s) for s in self.splits.values()]

@@ -16,7 +16,7 @@ import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from actors.events import MAX_TIMESTAMP, Watermark
+from actors.events import MAX_TIMESTAMP, Watermark, WatermarkStatus
 from actors.operator import StreamOperator, UserFunctionError
 from actors.timers import TimerService
 from runtime.api.functions import (
@@ -30,6 +30,7 @@ from runtime.api.functions import (
     close_async_results,
     is_async_result,
 )
+from runtime.api.watermarks import WatermarkEmitter, WatermarkStrategy
 from state.keyed import IncompatibleStateError, KeyedStateBackend, ValueStateDescriptor
 from state.operator import OperatorStateStore
 from state.serde import SNAPSHOT_SCALAR_TYPES, check_state_value
@@ -606,52 +607,42 @@ class KeyedCoProcessOperator(KeyedProcessOperator):
 
 
 class TimestampsAndWatermarksOperator(StreamOperator):
-    """Assigns event timestamps and emits bounded-out-of-orderness watermarks.
+    """Assigns event timestamps and emits watermarks by a :class:`WatermarkStrategy`: after each
+    buffer and every ``auto_watermark_interval_ms`` (so that idleness is noticed without records).
 
-    The watermark after a buffer is ``max timestamp seen - max_out_of_orderness_ms - 1``.
+    Upstream watermarks are replaced by its own, except the end of input. An upstream that is
+    idle sends no records, so the operator is idle too until it is active again (Flink ignores
+    the upstream status here; forwarding it keeps a source subtask without splits from stalling
+    event time behind an assigner).
     """
 
-    def __init__(
-        self,
-        name: str,
-        uid: str,
-        timestamp_fn: Callable[[Any], int],
-        max_out_of_orderness_ms: int,
-    ) -> None:
+    def __init__(self, name: str, uid: str, strategy: WatermarkStrategy) -> None:
         super().__init__(name, uid)
-        self.timestamp_fn = timestamp_fn
-        self.max_out_of_orderness_ms = max_out_of_orderness_ms
-        self._max_ts = -(1 << 63)
-        self._emitted = -(1 << 63)
+        self.strategy = strategy
+        self._emitter: WatermarkEmitter
+
+    async def open(self) -> None:
+        self._emitter = WatermarkEmitter(self, self.strategy)
+        self._emitter.add_stream(None)
+        self._emitter.start_periodic()
 
     async def process_batch(
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
-        fn = self.timestamp_fn
         if not values:
             return
-        try:
-            # The first record alone, so that an awaitable is caught before int() drops it.
-            value = values[0]
-            first = fn(value)
-            if is_async_result(first):
-                raise _async_result_error(self, "timestamp assigner", [first], value)
-            stamps = [int(first)]
-            stamps += [int(fn(value)) for value in values[1:]]
-        except UserFunctionError:
-            raise
-        except Exception as exc:
-            raise self.user_error(exc, values) from exc
+        emitter = self._emitter
+        stamps = emitter.timestamps(values, timestamps)
+        emitter.on_records(None, values, stamps)
+        await emitter.flush(self.output, watermark_too=False)
         await self.output.emit(values, stamps)
-        if stamps:
-            self._max_ts = max(self._max_ts, max(stamps))
-            watermark = self._max_ts - self.max_out_of_orderness_ms - 1
-            if watermark > self._emitted:
-                self._emitted = watermark
-                await self.output.emit_watermark(Watermark(watermark))
+        await emitter.flush(self.output)
 
     async def process_watermark(self, watermark: Watermark) -> None:
-        # Upstream watermarks are replaced by this operator's own, except the end of input.
         if watermark.timestamp == MAX_TIMESTAMP:
-            self._emitted = MAX_TIMESTAMP
+            self._emitter.ended = True
             await self.output.emit_watermark(watermark)
+
+    async def process_watermark_status(self, status: WatermarkStatus) -> None:
+        self._emitter.mark_all(status.idle)
+        await self._emitter.flush(self.output)

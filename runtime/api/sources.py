@@ -13,9 +13,10 @@ from __future__ import annotations
 import time
 from typing import Any, Generic, TypeVar
 
-from actors.events import Watermark
+from actors.events import MAX_TIMESTAMP, WATERMARK_ACTIVE, WATERMARK_IDLE, Watermark
 from actors.operator import RestoreContext
 from actors.task import InputStatus, SourceOperatorBase
+from runtime.api.watermarks import WatermarkEmitter, WatermarkStrategy
 from state.operator import OperatorStateStore
 from state.snapshot import OperatorSnapshot, RestoredState
 
@@ -57,6 +58,15 @@ END_OF_INPUT = EndOfInput()
 class SourceReader(Generic[T]):
     """Reads the splits of one subtask. All methods run on the subtask's actor and must not block."""
 
+    watermarks_per_split = False
+    """True when every poll returns records of one split only and :meth:`split_of_last_poll`
+    names it: a watermark strategy then runs per split (Kafka: per partition). Otherwise the
+    subtask's records are one stream for it."""
+
+    def split_of_last_poll(self) -> Any:
+        """The id (``Source.split_id``) of the split the records of the last poll came from."""
+        return None
+
     def add_splits(self, splits: list[Any]) -> None:
         raise NotImplementedError
 
@@ -74,7 +84,8 @@ class SourceReader(Generic[T]):
         return None
 
     def current_watermark(self) -> int | None:
-        """A watermark the reader can vouch for after the last poll, or None."""
+        """A watermark the reader can vouch for after the last poll, or None (used only when the
+        source has no watermark strategy)."""
         return None
 
     async def close(self) -> None:
@@ -110,6 +121,10 @@ class Source(Generic[T]):
     async def discover_splits(self, parallelism: int) -> list[Any]:
         """The splits at job start, on the coordinator; sources that need I/O override this."""
         return self.create_splits(parallelism)
+
+    watermark_strategy: WatermarkStrategy | None = None
+    """The strategy applied per split (see ``SourceReader.watermarks_per_split``) unless
+    ``job.from_source(source, watermark_strategy=...)`` gives one."""
 
     discovery_interval_s: float | None = None
     """How often to look for new splits while running (None: never)."""
@@ -149,12 +164,30 @@ def assign_splits(
 
 
 class SourceOperator(SourceOperatorBase):
-    """Runs a :class:`SourceReader` as the head of a source task."""
+    """Runs a :class:`SourceReader` as the head of a source task.
 
-    def __init__(self, name: str, uid: str, source: Source[Any], initial_splits: list[Any]) -> None:
+    With a watermark strategy, each split gets a generator and the subtask's watermark is the
+    minimum over its active splits (see :class:`~runtime.api.watermarks.WatermarkEmitter`),
+    emitted after each poll and every ``auto_watermark_interval_ms``. A subtask without any
+    split is idle (announced when it opens) until splits are added.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        uid: str,
+        source: Source[Any],
+        initial_splits: list[Any],
+        watermark_strategy: WatermarkStrategy | None = None,
+    ) -> None:
         super().__init__(name, uid)
         self.source = source
         self.initial_splits = initial_splits
+        self.watermark_strategy = watermark_strategy or source.watermark_strategy
+        self._emitter: WatermarkEmitter | None = None
+        self._has_splits = False
+        self._idle_sent = False
+        self._status_changed = False
         self.reader: SourceReader[Any]
         self._operator_state: OperatorStateStore
         self._rate = float(source.rate or 0.0)
@@ -181,14 +214,48 @@ class SourceOperator(SourceOperatorBase):
                 ctx.restore,
             )
         )
-        self.reader.add_splits(splits)
+        if self.watermark_strategy is not None:
+            self._emitter = WatermarkEmitter(self, self.watermark_strategy)
+        self._add_splits(splits)
         self._last_refill = time.monotonic()
 
     async def open(self) -> None:
         await self.reader.start()
+        if self._emitter is not None:
+            self._emitter.start_periodic()
+        await self._flush_status()
 
     def add_splits(self, splits: list[Any]) -> None:
+        self._add_splits(splits)
+        self._status_changed = True
+
+    def _add_splits(self, splits: list[Any]) -> None:
         self.reader.add_splits(splits)
+        if splits:
+            self._has_splits = True
+        emitter = self._emitter
+        if emitter is not None:
+            if self.reader.watermarks_per_split:
+                for split in splits:
+                    emitter.add_stream(self.source.split_id(split))
+            elif splits:
+                emitter.add_stream(None)
+
+    async def _flush_status(self) -> None:
+        """Idle while the subtask has no split (with a strategy, the emitter knows it too)."""
+        self._status_changed = False
+        if self._emitter is not None:
+            await self._emitter.flush(self.output)
+        elif self._has_splits == self._idle_sent:
+            self._idle_sent = not self._has_splits
+            await self.output.emit_watermark_status(
+                WATERMARK_IDLE if self._idle_sent else WATERMARK_ACTIVE
+            )
+
+    async def process_watermark(self, watermark: Watermark) -> None:
+        if watermark.timestamp == MAX_TIMESTAMP and self._emitter is not None:
+            self._emitter.ended = True
+        await self.output.emit_watermark(watermark)
 
     async def emit_next(self) -> InputStatus:
         limit = DEFAULT_SOURCE_BATCH
@@ -201,6 +268,8 @@ class SourceOperator(SourceOperatorBase):
             limit = min(limit, int(self._tokens))
             if limit <= 0:
                 return InputStatus.NOTHING_AVAILABLE
+        if self._status_changed:
+            await self._flush_status()
         polled = self.reader.poll(limit)
         if polled is None:
             return InputStatus.NOTHING_AVAILABLE
@@ -212,6 +281,19 @@ class SourceOperator(SourceOperatorBase):
             values, timestamps = polled, None
         if self._rate > 0:
             self._tokens -= len(values)
+        emitter = self._emitter
+        if emitter is not None:
+            if values:
+                stamps = emitter.timestamps(values, timestamps)
+                stream = (
+                    self.reader.split_of_last_poll() if self.reader.watermarks_per_split else None
+                )
+                emitter.add_stream(stream)
+                emitter.on_records(stream, values, stamps)
+                await emitter.flush(self.output, watermark_too=False)
+                await self.output.emit(values, stamps)
+                await emitter.flush(self.output)
+            return InputStatus.MORE_AVAILABLE
         if values:
             await self.output.emit(values, timestamps)
         watermark = self.reader.current_watermark()

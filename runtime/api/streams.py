@@ -39,6 +39,7 @@ from runtime.api.functions import (
 )
 from runtime.api.sinks import PrintSink, Sink
 from runtime.api.sources import Source
+from runtime.api.watermarks import WatermarkStrategy
 from runtime.config import DEFAULT_PARALLELISM
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
 
@@ -93,6 +94,8 @@ class Transformation:
     operator_factory: Callable[[str, str], Any] | None = None
     """Called with (name, uid) once per subtask to create the operator."""
     source: Source[Any] | None = None
+    watermark_strategy: WatermarkStrategy | None = None
+    """Of ``source`` nodes: given to ``from_source`` (else the source's own, if any)."""
     partitioner_factory: Callable[[], Partitioner] | None = None
     """Of ``partition`` nodes other than ``key_by`` (whose partitioner the job graph makes)."""
     key_selector: Callable[[Any], Any] | None = None
@@ -151,12 +154,33 @@ class Job:
         self.transformations.append(t)
         return t
 
-    def from_source(self, source: Source[Any], name: str | None = None) -> DataStream:
-        """A stream read from ``source`` (see ``connectors/`` for files, collections, Kafka)."""
+    def from_source(
+        self,
+        source: Source[Any],
+        name: str | None = None,
+        watermark_strategy: WatermarkStrategy | None = None,
+    ) -> DataStream:
+        """A stream read from ``source`` (see ``connectors/`` for files, collections, Kafka).
+
+        ``watermark_strategy`` (as Flink's ``env.fromSource``): event time and watermarks right
+        in the source, per split when its reader tells splits apart (Kafka partitions), so that
+        an idle split or a subtask without splits does not hold event time back."""
         if not isinstance(source, Source):
             msg = f"from_source() needs a runtime.Source, got {type(source).__name__}"
             raise JobDefinitionError(msg)
-        t = self._add("source", name or f"Source: {source.name()}", [], source=source)
+        if watermark_strategy is not None and not isinstance(watermark_strategy, WatermarkStrategy):
+            msg = (
+                "from_source(watermark_strategy=...) needs a runtime.WatermarkStrategy, got "
+                f"{type(watermark_strategy).__name__}"
+            )
+            raise JobDefinitionError(msg)
+        t = self._add(
+            "source",
+            name or f"Source: {source.name()}",
+            [],
+            source=source,
+            watermark_strategy=watermark_strategy,
+        )
         return DataStream(self, t)
 
     def sinks(self) -> list[Transformation]:
@@ -253,20 +277,40 @@ class DataStream:
 
     def assign_timestamps_and_watermarks(
         self,
-        timestamp_fn: Callable[[Any], int],
-        max_out_of_orderness_ms: int = 0,
+        strategy: WatermarkStrategy | Callable[[Any], int],
+        max_out_of_orderness_ms: int | str = 0,
         name: str | None = None,
     ) -> DataStream:
-        """Event time: each record's timestamp (ms) from ``timestamp_fn``, and watermarks that
-        trail the highest timestamp seen by ``max_out_of_orderness_ms``."""
+        """Event time by a :class:`WatermarkStrategy`: timestamps from its assigner, watermarks
+        from its generator, emitted after each buffer and every ``--auto-watermark-interval``.
+
+        The older form ``assign_timestamps_and_watermarks(timestamp_fn, max_out_of_orderness_ms)``
+        (``timestamp_fn(value)``) is ``WatermarkStrategy.for_bounded_out_of_orderness(bound)``
+        with that assigner."""
         from runtime.api.operators import TimestampsAndWatermarksOperator
 
-        _require_sync("assign_timestamps_and_watermarks()", timestamp_fn)
+        if not isinstance(strategy, WatermarkStrategy):
+            if not callable(strategy):
+                msg = (
+                    "assign_timestamps_and_watermarks() needs a WatermarkStrategy (or a "
+                    f"timestamp function), got {type(strategy).__name__}"
+                )
+                raise JobDefinitionError(msg)
+            timestamp_fn = strategy
+            _require_sync("assign_timestamps_and_watermarks()", timestamp_fn)
+            strategy = WatermarkStrategy.for_bounded_out_of_orderness(
+                max_out_of_orderness_ms
+            ).with_timestamp_assigner(lambda value, _record_ts: timestamp_fn(value))
+        elif max_out_of_orderness_ms:
+            msg = (
+                "assign_timestamps_and_watermarks(): max_out_of_orderness_ms goes with a timestamp "
+                "function; a WatermarkStrategy has its own (for_bounded_out_of_orderness)"
+            )
+            raise JobDefinitionError(msg)
+        chosen = strategy
 
         def factory(op_name: str, uid: str) -> Any:
-            return TimestampsAndWatermarksOperator(
-                op_name, uid, timestamp_fn, max_out_of_orderness_ms
-            )
+            return TimestampsAndWatermarksOperator(op_name, uid, chosen)
 
         t = self.job._add(
             "operator",

@@ -16,7 +16,7 @@ from pathlib import Path
 from actors.barriers import CheckpointingMode
 from actors.operator import NewerOutputPolicy
 from actors.wire import wire_message
-from runtime.config import CheckpointConfig, ExecutionConfig
+from runtime.config import DEFAULT_AUTO_WATERMARK_INTERVAL_S, CheckpointConfig, ExecutionConfig
 from runtime.plan.graph import JobGraph
 from runtime.plan.jobfile import build_graph, load_job_file
 
@@ -80,6 +80,7 @@ class ExecutionConfigSpec:
     allow_non_restored_state: bool
     on_newer_committed_output: str
     allow_existing_output: bool
+    auto_watermark_interval_s: float = DEFAULT_AUTO_WATERMARK_INTERVAL_S
 
     @classmethod
     def of(cls, config: ExecutionConfig) -> ExecutionConfigSpec:
@@ -92,6 +93,7 @@ class ExecutionConfigSpec:
             config.allow_non_restored_state,
             config.on_newer_committed_output.value,
             config.allow_existing_output,
+            config.auto_watermark_interval_s,
         )
 
     def to_config(self) -> ExecutionConfig:
@@ -106,6 +108,7 @@ class ExecutionConfigSpec:
             allow_non_restored_state=self.allow_non_restored_state,
             on_newer_committed_output=NewerOutputPolicy(self.on_newer_committed_output),
             allow_existing_output=self.allow_existing_output,
+            auto_watermark_interval_s=self.auto_watermark_interval_s,
         )
 
 

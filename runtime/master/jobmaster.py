@@ -65,6 +65,24 @@ class OperatorSummary:
     records_out: int
 
 
+@dataclass(frozen=True)
+class SubtaskWatermark:
+    subtask: int
+    watermark: int | None
+    """None until the subtask emitted one."""
+    idle: bool
+
+
+def combined_watermark(subtasks: list[SubtaskWatermark]) -> tuple[int | None, bool]:
+    """An operator's watermark over its subtasks, as its consumers combine them: the minimum
+    over the active ones, the maximum when all are idle; and whether all are idle."""
+    active = [s.watermark for s in subtasks if not s.idle]
+    if active:
+        return (None if None in active else min(w for w in active if w is not None)), False
+    marks = [s.watermark for s in subtasks if s.watermark is not None]
+    return (max(marks) if marks else None), bool(subtasks)
+
+
 @dataclass
 class JobResult:
     job_name: str
@@ -426,6 +444,22 @@ class JobMaster:
             for uid, records in metrics.records.items():
                 prev = result.get(uid, (0, 0))
                 result[uid] = (prev[0] + records.records_in, prev[1] + records.records_out)
+        return result
+
+    def operator_watermarks(self) -> dict[str, list[SubtaskWatermark]]:
+        """Per operator uid, each subtask's last emitted watermark and status, as the tasks'
+        latest metrics of this attempt say (subtasks that reported none yet are left out)."""
+        result: dict[str, list[SubtaskWatermark]] = {}
+        for task in self.handles:
+            metrics = task.latest_metrics()
+            if metrics is None:
+                continue
+            for uid, records in metrics.records.items():
+                result.setdefault(uid, []).append(
+                    SubtaskWatermark(task.task_id.subtask_index, records.watermark, records.idle)
+                )
+        for subtasks in result.values():
+            subtasks.sort(key=lambda s: s.subtask)
         return result
 
     def operator_summaries(self, include_live: bool = False) -> list[OperatorSummary]:

@@ -148,6 +148,7 @@ def build_subtask(
                 node.uid,
                 t.source,
                 assign_splits(t.source, list(splits.get(node.uid, [])), p, index),
+                t.watermark_strategy,
             )
         else:
             assert t.operator_factory is not None
@@ -175,6 +176,7 @@ def build_subtask(
         checkpointing_mode=config.checkpoint.mode,
         buffer_timeout_s=config.buffer_timeout_s,
         attempt=attempt,
+        clock=config.clock,
     )
     for node in vertex.operators:
         tid = node.transformation.id
@@ -205,16 +207,17 @@ def build_subtask(
                 scheduler=task,
                 checkpoint_interval_s=config.checkpoint.interval_s,
                 restore=restore_context,
+                auto_watermark_interval_ms=round(config.auto_watermark_interval_s * 1000),
             ),
-            _combined(outputs),
+            _combined(op, outputs),
             side_outputs,
         )
     return task
 
 
-def _combined(outputs: list[Output]) -> Output:
+def _combined(owner: StreamOperator, outputs: list[Output]) -> Output:
     if not outputs:
-        return DiscardingOutput()
+        return DiscardingOutput(owner)
     if len(outputs) == 1:
         return outputs[0]
     return FanOutOutput(outputs)

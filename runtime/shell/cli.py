@@ -315,6 +315,15 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _add_option(
         run,
+        "--auto-watermark-interval",
+        type=_duration,
+        default=_EXECUTION_DEFAULTS.auto_watermark_interval_s,
+        metavar="DURATION",
+        help="how often sources and timestamp assigners emit watermarks and notice idle "
+        "inputs, besides after records; 0 turns it off",
+    )
+    _add_option(
+        run,
         "--taskmanagers",
         type=_positive_int,
         default=1,
@@ -574,6 +583,7 @@ def execution_config(args: Any, restart: RestartStrategy) -> ExecutionConfig:
         ),
         restart_strategy=restart,
         buffer_timeout_s=args.buffer_timeout,
+        auto_watermark_interval_s=args.auto_watermark_interval,
         allow_non_restored_state=args.allow_non_restored_state,
         on_newer_committed_output=NewerOutputPolicy(args.on_newer_committed_output),
         allow_existing_output=args.allow_existing_output,

@@ -4,8 +4,10 @@ Routes:
 
 - ``GET /status``: job status, attempt, tasks and their states (and the TaskManager each runs in,
   ``null`` when every subtask runs in the job's process), the TaskManagers (id, pid, host, slots,
-  state, subtasks; none without ``--taskmanagers``), records in/out per operator, and per source
-  task the lag of each split (Kafka: records behind each partition's high watermark).
+  state, subtasks; none without ``--taskmanagers``), records in/out per operator, each operator's
+  current output watermark and whether it is idle (``watermark``, ``idle``; per subtask in
+  ``subtasks``; watermarks in ms, ``null`` before the first), and per source task the lag of each
+  split (Kafka: records behind each partition's high watermark).
 - ``GET /checkpoints``: counts, the latest completed checkpoint, and the history (id, kind,
   status, trigger time, duration, alignment per task, state size, failure).
 - ``POST /savepoints`` with ``{"dir": DIR}``: take a savepoint into DIR; answers with its path.
@@ -29,6 +31,7 @@ from aiohttp import web
 from actors.protocol import TaskState
 from runtime.config import DEFAULT_REST_HOST, DEFAULT_REST_PORT
 from runtime.master.coordinator import CheckpointFailedError, CheckpointStatus, TaskHandle
+from runtime.master.jobmaster import SubtaskWatermark, combined_watermark
 from state.storage import CheckpointKind, CompletedCheckpoint
 
 
@@ -70,6 +73,7 @@ class ControlServer:
     async def _status(self, request: web.Request) -> web.Response:
         master = self.master
         late_dropped = _late_records_dropped(master.handles)
+        watermarks = master.operator_watermarks()
         return web.json_response(
             {
                 "job": master.graph.name,
@@ -92,6 +96,7 @@ class ControlServer:
                         "records_in": s.records_in,
                         "records_out": s.records_out,
                         "late_records_dropped": late_dropped.get(s.uid, 0),
+                        **_watermark_json(watermarks.get(s.uid, [])),
                     }
                     for s in master.operator_summaries(include_live=True)
                 ],
@@ -154,6 +159,19 @@ class ControlServer:
     async def _cancel_job(self, request: web.Request) -> web.Response:
         asyncio.get_running_loop().call_soon(self._cancel)
         return web.json_response({"status": "cancelling"})
+
+
+def _watermark_json(subtasks: list[SubtaskWatermark]) -> dict[str, Any]:
+    """The operator's current output watermark (None before the first) and idle flag, and each
+    subtask's."""
+    watermark, idle = combined_watermark(subtasks)
+    return {
+        "watermark": watermark,
+        "idle": idle,
+        "subtasks": [
+            {"subtask": s.subtask, "watermark": s.watermark, "idle": s.idle} for s in subtasks
+        ],
+    }
 
 
 def _source_lag(tasks: list[TaskHandle]) -> dict[str, dict[str, int]]:
