@@ -35,9 +35,9 @@ from runtime import (
     OutputTag,
     ProcessWindowFunction,
     TumblingEventTimeWindows,
+    WatermarkStrategy,
     WindowContext,
 )
-from runtime.api.durations import duration_ms
 
 BUNDLED_EVENTS = Path(__file__).parent / "data" / "events.jsonl"
 LATE = OutputTag("late-purchases")
@@ -84,8 +84,12 @@ class WindowRecord(ProcessWindowFunction[tuple[int, int], dict[str, Any], str]):
 
 
 def events_of(job: Job) -> Any:
-    """The event stream: the bundled file (or ``input``), or a Kafka topic with ``bootstrap``."""
+    """The event stream with event time: the bundled file (or ``input``), or a Kafka topic with
+    ``bootstrap``, whose watermarks are per partition (each partition is in order by itself)."""
     params = job.params
+    strategy = WatermarkStrategy.for_bounded_out_of_orderness(
+        params.get("out_of_orderness", "2s")
+    ).with_timestamp_assigner(lambda event, _record_ts: int(event["ts"]))
     if "bootstrap" in params:
         from connectors.kafka import KafkaSource
 
@@ -94,6 +98,7 @@ def events_of(job: Job) -> Any:
             params.get("input_topic", "events"),
             bounded=params.get_bool("bounded", False),
             rate=params.get_float("rate", 0.0),
+            watermark_strategy=strategy,
         )
         return job.from_source(source, name="Source: Kafka events").uid("kafka-events")
     source = FileSource(
@@ -101,7 +106,7 @@ def events_of(job: Job) -> Any:
         format="json",
         rate=params.get_float("rate", 0.0),
     )
-    return job.from_source(source).uid("events")
+    return job.from_source(source).uid("events").assign_timestamps_and_watermarks(strategy)
 
 
 def build(job: Job) -> None:
@@ -110,10 +115,6 @@ def build(job: Job) -> None:
     windows = (
         events_of(job)
         .filter(lambda e: e.get("kind") == "purchase", name="purchases")
-        .assign_timestamps_and_watermarks(
-            lambda e: int(e["ts"]),
-            duration_ms(params.get("out_of_orderness", "2s"), "out_of_orderness"),
-        )
         .key_by(lambda e: e["user"])
         .window(TumblingEventTimeWindows.of(params.get("window", "10s")))
         .allowed_lateness(params.get("lateness", "0ms"))
