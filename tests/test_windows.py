@@ -6,15 +6,12 @@ triggers; processing-time windows on an injected clock; window state in checkpoi
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import random
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from cli_helpers import get_json
-from loop_helpers import wait_until
+from loop_helpers import control_status, operator_metric, running_job, take_checkpoint, wait_until
 
 from actors.events import MAX_TIMESTAMP, MIN_TIMESTAMP
 from connectors import CollectionSource, CollectSink
@@ -44,10 +41,8 @@ from runtime import (
 )
 from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
 from runtime.master.jobmaster import JobMaster
-from runtime.shell.rest import ControlServer
 from runtime.shell.runner import build_graph, run_coroutine
 from state import ValueStateDescriptor
-from state.storage import CheckpointKind
 
 Window = tuple[int, int]
 Event = tuple[str, int, int]
@@ -273,18 +268,8 @@ def run_windows(
 
     master = JobMaster(build_graph(build, parallelism=parallelism), ExecutionConfig())
     run_coroutine(master.run())
-    dropped = late_records_dropped(master, "windows")
+    dropped = operator_metric(master, "windows", "late_records_dropped")
     return sorted(sink.results), sorted(late_sink.results), dropped
-
-
-def late_records_dropped(master: JobMaster, uid: str) -> int:
-    """The late records the window operator ``uid`` dropped, over its subtasks."""
-    return sum(
-        op.metrics.late_records_dropped
-        for task in master.tasks
-        for op in task.operators
-        if op.uid == uid
-    )
 
 
 EVENTS = make_events(600, keys=7, seed=3, disorder=400, late_every=17)
@@ -598,15 +583,6 @@ class _HoldingReader(_OneByOneReader):
         return super().poll(max_records)
 
 
-def window_records_in(master: JobMaster) -> int:
-    return sum(
-        op.metrics.records_in
-        for task in master.tasks
-        for op in task.operators
-        if op.uid == "windows"
-    )
-
-
 async def run_restored_at_another_parallelism(
     events: list[Event],
     hold_at: int,
@@ -630,17 +606,13 @@ async def run_restored_at_another_parallelism(
 
         return build
 
-    first = JobMaster(
-        build_graph(build_for(hold_at), parallelism=parallelisms[0]), ExecutionConfig()
-    )
-    job = asyncio.create_task(first.run())
-    try:
-        await wait_until(lambda: window_records_in(first) == hold_at, "the held records", job)
-        checkpoint = await first.coordinator.request_trigger(CheckpointKind.CHECKPOINT)
-    finally:
-        job.cancel()
-        with contextlib.suppress(asyncio.CancelledError, JobFailedError):
-            await job
+    async with running_job(build_for(hold_at), parallelism=parallelisms[0]) as (first, job):
+        await wait_until(
+            lambda: operator_metric(first, "windows", "records_in") == hold_at,
+            "the held records",
+            job,
+        )
+        checkpoint = await take_checkpoint(first)
     second = JobMaster(
         build_graph(build_for(None), parallelism=parallelisms[1]),
         ExecutionConfig(),
@@ -739,18 +711,13 @@ async def test_late_records_dropped_are_counted_per_operator_in_status() -> None
             .uid("sink")
         )
 
-    master = JobMaster(build_graph(build, parallelism=2), ExecutionConfig())
-    job = asyncio.create_task(master.run())
-    server = ControlServer(master, lambda: None, port=0)
-    try:
-        await wait_until(lambda: window_records_in(master) == len(EVENTS), "every record", job)
-        address = await server.start()
-        status = await asyncio.to_thread(get_json, address, "/status")
-    finally:
-        await server.stop()
-        job.cancel()
-        with contextlib.suppress(asyncio.CancelledError, JobFailedError):
-            await job
+    async with running_job(build, parallelism=2) as (master, job):
+        await wait_until(
+            lambda: operator_metric(master, "windows", "records_in") == len(EVENTS),
+            "every record",
+            job,
+        )
+        status = await control_status(master)
     operators = {op["uid"]: op for op in status["operators"]}
     assert operators["windows"]["late_records_dropped"] == len(late)
     assert operators["sink"]["late_records_dropped"] == 0

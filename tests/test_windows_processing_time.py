@@ -8,7 +8,7 @@ import contextlib
 from typing import Any
 
 import pytest
-from loop_helpers import wait_until
+from loop_helpers import operator_metric, wait_until
 
 from connectors import CollectSink
 from runtime import (
@@ -88,15 +88,6 @@ class Described(ProcessWindowFunction[Any, Any, str]):
         )
 
 
-def window_records_in(master: JobMaster) -> int:
-    return sum(
-        op.metrics.records_in
-        for task in master.tasks
-        for op in task.operators
-        if op.uid == "windows"
-    )
-
-
 async def run_phases(
     assigner: WindowAssigner, phases: list[tuple[int, list[Any]]], parallelism: int = 2
 ) -> list[Any]:
@@ -126,7 +117,11 @@ async def run_phases(
             clock.set(now)
             source.release()
             seen += len(records)
-            await wait_until(lambda n=seen: window_records_in(master) == n, "the records", job)
+            await wait_until(
+                lambda n=seen: operator_metric(master, "windows", "records_in") == n,
+                "the records",
+                job,
+            )
         before_end = len(sink.results)
         clock.advance(1_000_000)
         await wait_until(lambda: len(sink.results) > before_end, "the last windows", job)
