@@ -38,11 +38,21 @@ class OperatorMetrics:
     """Records in and out of one operator in one subtask (read by the progress reporter), and
     the watermark and watermark status it last emitted (set by its :class:`Output`)."""
 
-    __slots__ = ("idle", "records_in", "records_out", "side_output_dropped", "watermark")
+    __slots__ = (
+        "idle",
+        "late_records_dropped",
+        "records_in",
+        "records_out",
+        "side_output_dropped",
+        "watermark",
+    )
 
     def __init__(self) -> None:
         self.records_in = 0
         self.records_out = 0
+        self.late_records_dropped = 0
+        """Records a window operator dropped as later than its allowed lateness (no late-data
+        side output)."""
         self.side_output_dropped = 0
         """Records emitted to a side output that no stream reads (``get_side_output``)."""
         self.watermark = MIN_TIMESTAMP

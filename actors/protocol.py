@@ -242,6 +242,7 @@ class OperatorRecords:
     """The watermark the operator last emitted in this subtask; None before the first."""
     idle: bool = False
     """Whether the watermark status it last emitted is idle."""
+    late_records_dropped: int = 0
 
 
 @wire_message("control.task-metrics")

@@ -562,6 +562,7 @@ class StreamTask:
                     op.metrics.records_out,
                     None if op.metrics.watermark == MIN_TIMESTAMP else op.metrics.watermark,
                     op.metrics.idle,
+                    late_records_dropped=op.metrics.late_records_dropped,
                 )
                 for op in self.operators
             },

@@ -1,10 +1,11 @@
-"""Keyed timers for process functions: event time and processing time.
+"""Keyed timers for process functions and windows: event time and processing time.
 
-A timer is a (timestamp, key) pair, registered at most once. Event-time timers fire when the
-operator's watermark reaches their timestamp (``MAX_WATERMARK`` fires all of them); processing-time
-timers fire when the task's clock (an injected :class:`Clock`, the wall clock by default) reaches
-it, through control mail to the owning task, so that the firing runs on the task's own actor like
-everything else.
+A timer is a (timestamp, key, namespace) triple, registered at most once; the namespace is
+``None`` for process functions' timers and the window for a window operator's. Event-time
+timers fire when the operator's watermark reaches their timestamp (``MAX_WATERMARK`` fires all
+of them); processing-time timers fire when processing time (the task's clock: an injected
+:class:`Clock`, the wall clock by default) reaches it, through control mail to the owning task,
+so that the firing runs on the task's own actor like everything else.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from state.keygroups import key_group_for_key
@@ -116,49 +117,68 @@ class ProcessingTimeScheduler(Protocol):
 
 
 class _TimerHeap:
-    __slots__ = ("_heap", "_live", "_seq")
+    """Timers bucketed by timestamp: a heap of distinct timestamps, and per timestamp its
+    (key, namespace) entries in registration order. Window operators register one timer per
+    key and window, mostly at few distinct timestamps, so a bucket costs one dict lookup."""
+
+    __slots__ = ("_buckets", "_heap", "_size")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, int, Any]] = []
-        self._live: set[tuple[int, Any]] = set()
-        self._seq = itertools.count()
+        self._heap: list[int] = []
+        self._buckets: dict[int, dict[tuple[Any, Any], None]] = {}
+        self._size = 0
 
-    def add(self, timestamp: int, key: Any) -> bool:
-        entry = (timestamp, key)
-        if entry in self._live:
+    def add(self, timestamp: int, key: Any, namespace: Any = None) -> bool:
+        bucket = self._buckets.get(timestamp)
+        if bucket is None:
+            bucket = self._buckets[timestamp] = {}
+            heapq.heappush(self._heap, timestamp)
+        entry = (key, namespace)
+        if entry in bucket:
             return False
-        self._live.add(entry)
-        heapq.heappush(self._heap, (timestamp, next(self._seq), key))
+        bucket[entry] = None
+        self._size += 1
         return True
 
-    def remove(self, timestamp: int, key: Any) -> None:
-        self._live.discard((timestamp, key))  # the heap entry is skipped when it surfaces
+    def remove(self, timestamp: int, key: Any, namespace: Any = None) -> None:
+        bucket = self._buckets.get(timestamp)
+        if bucket is not None and bucket.pop((key, namespace), _GONE) is not _GONE:
+            self._size -= 1  # an empty bucket's timestamp is skipped when it surfaces
 
     def peek(self) -> int | None:
-        heap = self._heap
-        while heap and (heap[0][0], heap[0][2]) not in self._live:
-            heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        heap, buckets = self._heap, self._buckets
+        while heap and not buckets.get(heap[0]):
+            buckets.pop(heapq.heappop(heap), None)
+        return heap[0] if heap else None
 
-    def pop_due(self, up_to: int) -> list[tuple[int, Any]]:
-        due: list[tuple[int, Any]] = []
-        heap = self._heap
-        while heap and heap[0][0] <= up_to:
-            timestamp, _, key = heapq.heappop(heap)
-            if (timestamp, key) in self._live:
-                self._live.discard((timestamp, key))
-                due.append((timestamp, key))
+    def pop_due(self, up_to: int) -> list[tuple[int, Any, Any]]:
+        due: list[tuple[int, Any, Any]] = []
+        heap, buckets = self._heap, self._buckets
+        while heap and heap[0] <= up_to:
+            timestamp = heapq.heappop(heap)
+            bucket = buckets.pop(timestamp, None)
+            if bucket:
+                due.extend([(timestamp, key, ns) for key, ns in bucket])
+        self._size -= len(due)
         return due
 
     def clear(self) -> None:
         self._heap.clear()
-        self._live.clear()
+        self._buckets.clear()
+        self._size = 0
 
-    def entries(self) -> list[tuple[int, Any]]:
-        return sorted(self._live, key=lambda e: e[0])
+    def entries(self) -> list[tuple[int, Any, Any]]:
+        return [
+            (timestamp, key, ns)
+            for timestamp in sorted(self._buckets)
+            for key, ns in self._buckets[timestamp]
+        ]
 
     def __len__(self) -> int:
-        return len(self._live)
+        return self._size
+
+
+_GONE: Any = object()
 
 
 class TimerService:
@@ -184,26 +204,42 @@ class TimerService:
     def current_processing_time(self) -> int:
         return self.clock.now_ms()
 
-    def register_event_time_timer(self, timestamp: int) -> None:
-        self._event.add(int(timestamp), self._current_key())
+    def register_event_time_timer(self, timestamp: int, namespace: Any = None) -> None:
+        self._event.add(int(timestamp), self._current_key(), namespace)
 
-    def delete_event_time_timer(self, timestamp: int) -> None:
-        self._event.remove(int(timestamp), self._current_key())
+    def delete_event_time_timer(self, timestamp: int, namespace: Any = None) -> None:
+        self._event.remove(int(timestamp), self._current_key(), namespace)
 
-    def register_processing_time_timer(self, timestamp: int) -> None:
-        if self._processing.add(int(timestamp), self._current_key()) and self._scheduler:
-            self._scheduler.schedule_processing_timer(int(timestamp))
+    def register_processing_time_timer(self, timestamp: int, namespace: Any = None) -> None:
+        timestamp = int(timestamp)
+        if self._processing.add(timestamp, self._current_key(), namespace) and self._scheduler:
+            self._scheduler.schedule_processing_timer(timestamp)
 
-    def delete_processing_time_timer(self, timestamp: int) -> None:
-        self._processing.remove(int(timestamp), self._current_key())
+    def delete_processing_time_timer(self, timestamp: int, namespace: Any = None) -> None:
+        self._processing.remove(int(timestamp), self._current_key(), namespace)
 
     def due_event_timers(self, watermark: int) -> list[tuple[int, Any]]:
-        """Remove and return the event-time timers with timestamp <= ``watermark``, in order."""
-        self.current_watermark = max(self.current_watermark, watermark)
+        """Remove and return the event-time timers with timestamp <= ``watermark``, in order, as
+        (timestamp, key): for users of timers without a namespace."""
+        return [(timestamp, key) for timestamp, key, _ in self.due_event_timer_entries(watermark)]
+
+    def due_event_timer_entries(self, watermark: int) -> list[tuple[int, Any, Any]]:
+        """Remove and return the event-time timers with timestamp <= ``watermark`` as
+        (timestamp, key, namespace), in timestamp order, then registration order."""
+        if watermark > self.current_watermark:
+            self.current_watermark = watermark
         return self._event.pop_due(watermark)
 
     def due_processing_timers(self, now_ms: int) -> list[tuple[int, Any]]:
+        return [(timestamp, key) for timestamp, key, _ in self._processing.pop_due(now_ms)]
+
+    def due_processing_timer_entries(self, now_ms: int) -> list[tuple[int, Any, Any]]:
+        """Like :meth:`due_event_timer_entries`, for processing time."""
         return self._processing.pop_due(now_ms)
+
+    def event_timer_entries(self) -> list[tuple[int, Any, Any]]:
+        """Every pending event-time timer as (timestamp, key, namespace), in firing order."""
+        return self._event.entries()
 
     def next_processing_timer(self) -> int | None:
         return self._processing.peek()
@@ -220,21 +256,58 @@ class TimerService:
 
     def snapshot(self, max_parallelism: int) -> dict[str, Any]:
         """Timers grouped by key group, like keyed state, so they rescale with their keys."""
-        groups: dict[int, list[list[Any]]] = {}
-        for kind, heap in (("e", self._event), ("p", self._processing)):
-            for timestamp, key in heap.entries():
-                groups.setdefault(key_group_for_key(key, max_parallelism), []).append(
-                    [kind, timestamp, key]
-                )
-        return {"groups": groups}
+        return timers_snapshot(
+            (
+                (kind, timestamp, key, namespace)
+                for kind, heap in (("e", self._event), ("p", self._processing))
+                for timestamp, key, namespace in heap.entries()
+            ),
+            max_parallelism,
+        )
 
     def restore(self, snapshots: list[dict[str, Any]], owns: Callable[[int], bool]) -> None:
         for snapshot in snapshots:
             for key_group, entries in snapshot["groups"].items():
                 if not owns(int(key_group)):
                     continue
-                for kind, timestamp, key in entries:
+                for kind, timestamp, key, *rest in entries:
+                    namespace = rest[0] if rest else None
+                    if type(namespace) is list:
+                        namespace = tuple(namespace)  # see timers_snapshot
                     if kind == "e":
-                        self._event.add(timestamp, key)
-                    elif self._processing.add(timestamp, key) and self._scheduler:
+                        self._event.add(timestamp, key, namespace)
+                    elif self._processing.add(timestamp, key, namespace) and self._scheduler:
                         self._scheduler.schedule_processing_timer(timestamp)
+
+
+def timers_snapshot(
+    entries: Iterable[tuple[str, int, Any, Any]],
+    max_parallelism: int,
+    key_groups: dict[Any, int] | None = None,
+) -> dict[str, Any]:
+    """The snapshot of timers ``(kind, timestamp, key, namespace)`` (kind ``"e"`` event time,
+    ``"p"`` processing time): ``{"groups": {key group: [[kind, timestamp, key(, namespace)]]}}``.
+
+    An entry without a namespace keeps the layout from before namespaces. A tuple namespace (a
+    window) is written as a list, which msgpack encodes natively (a tuple needs an extension
+    type, several times slower); namespaces are hashable, so a list restores as the tuple.
+    ``key_groups`` caches the key group of keys across snapshots (it is read and filled).
+    """
+    groups: dict[int, list[list[Any]]] = {}
+    group_of: dict[Any, list[list[Any]]] = {}
+    known = key_groups if key_groups is not None else {}
+    for kind, timestamp, key, namespace in entries:
+        group = group_of.get(key)
+        if group is None:
+            key_group = known.get(key)
+            if key_group is None:
+                key_group = known[key] = key_group_for_key(key, max_parallelism)
+            group = groups.setdefault(key_group, [])
+            group_of[key] = group
+        if namespace is None:
+            group.append([kind, timestamp, key])
+        else:
+            group.append(
+                [kind, timestamp, key, list(namespace) if type(namespace) is tuple else namespace]
+            )
+    return {"groups": groups}

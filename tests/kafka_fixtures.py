@@ -137,14 +137,15 @@ def kafka_etl_args(
     bounded: bool = True,
     restore: str = "latest",
     rest: bool = False,
+    example: str = "kafka_etl.py",
 ) -> list[str]:
-    """``run examples/kafka_etl.py`` arguments (for :func:`cli_helpers.run_cli`): reading
-    ``input_topic``, checkpoints in ``chk``, no progress; the control endpoint on a free port
-    (its address in ``chk/rest-address``) only if ``rest``; ``extra`` (the output, ``--set``
-    options, ...) last."""
+    """``run examples/kafka_etl.py`` (or another ``example`` with the same Kafka parameters)
+    arguments (for :func:`cli_helpers.run_cli`): reading ``input_topic``, checkpoints in
+    ``chk``, no progress; the control endpoint on a free port (its address in
+    ``chk/rest-address``) only if ``rest``; ``extra`` (the output, ``--set`` options, ...) last."""
     return [
         "run",
-        str(ROOT / "examples" / "kafka_etl.py"),
+        str(ROOT / "examples" / example),
         "--set",
         f"bootstrap={bootstrap_servers}",
         "--set",

@@ -67,6 +67,17 @@ async def control_status(master: JobMaster) -> Any:
         await server.stop()
 
 
+def operator_metric(master: JobMaster, uid: str, metric: str) -> int:
+    """The sum of ``OperatorMetrics.<metric>`` (``records_in``, ``late_records_dropped``, ...)
+    of the operator ``uid`` over its subtasks running in this process."""
+    return sum(
+        getattr(op.metrics, metric)
+        for task in master.tasks
+        for op in task.operators
+        if op.uid == uid
+    )
+
+
 class VirtualClock:
     """A coordinator clock that moves only when the test advances it."""
 

@@ -438,8 +438,9 @@ def test_status_checkpoints_endpoints_and_cancel(tmp_path: Path) -> None:
         for op in status["operators"]:
             assert set(op) == {
                 *("uid", "name", "parallelism", "records_in", "records_out"),
-                *("watermark", "idle", "subtasks"),
+                *("watermark", "idle", "subtasks", "late_records_dropped"),
             }
+            assert op["late_records_dropped"] == 0  # no window operator here
             assert op["parallelism"] == 2
             # No event time in this job: no watermark yet, and no subtask is idle (all have splits).
             assert op["watermark"] is None and op["idle"] is False

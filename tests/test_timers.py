@@ -24,6 +24,8 @@ from runtime import (
 from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
 from runtime.master.jobmaster import JobMaster, JobResult
 from runtime.shell.runner import build_graph
+from state.keygroups import key_group_for_key
+from state.serde import packb, unpackb
 
 FAR = 10**9
 
@@ -349,3 +351,27 @@ def test_timer_service_snapshot_restores_only_owned_key_groups() -> None:
     both = sorted(restored_halves[0] + restored_halves[1])
     assert both == sorted((100 + i, k) for i, k in enumerate(keys))
     assert restored_halves[0] and restored_halves[1]
+
+
+def test_timers_with_a_namespace_are_distinct_and_survive_a_snapshot_with_old_entries() -> None:
+    key = ["k1"]
+    timers = TimerService(lambda: key[0], _Clock(), None)
+    timers.register_event_time_timer(10)
+    timers.register_event_time_timer(10, (0, 11))
+    timers.register_event_time_timer(10, (0, 11))  # same (timestamp, key, namespace): one timer
+    timers.register_event_time_timer(10, (5, 11))
+    timers.delete_event_time_timer(10, (5, 11))
+    assert timers.pending_event_timers == 2
+    snapshot = timers.snapshot(128)
+    # A snapshot taken before namespaces existed holds [kind, timestamp, key] entries only.
+    key[0] = "k2"
+    old_layout = {"groups": {key_group_for_key("k2", 128): [["e", 7, "k2"]]}}
+    restored = TimerService(lambda: None, _Clock(), None)
+    restored.restore([unpackb(packb(snapshot)), old_layout], lambda kg: True)
+    assert restored.due_event_timer_entries(MAX_TIMESTAMP) == [
+        (7, "k2", None),
+        (10, "k1", None),
+        (10, "k1", (0, 11)),
+    ]
+    # A timer without namespace keeps the snapshot layout of before.
+    assert ["e", 10, "k1"] in snapshot["groups"][key_group_for_key("k1", 128)]

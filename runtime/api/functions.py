@@ -371,6 +371,8 @@ _RICH_CALLED = (
     "process_element2",
     "on_timer",
     "end_input",
+    "process",
+    "clear",
     "open",
     "finish",
     "close",

@@ -140,9 +140,9 @@ class UserFunctionOperator(StreamOperator):
             self.timers.clear()
 
     async def open(self) -> None:
-        if isinstance(self.function, RichFunction):
+        for function in self._rich_functions():
             try:
-                result = self._rich.open(self.runtime_context)
+                result = function.open(self.runtime_context)
             except IncompatibleStateError:
                 raise
             except Exception as exc:
@@ -150,22 +150,21 @@ class UserFunctionOperator(StreamOperator):
             self._check_hook_result("open()", result)
 
     async def finish(self) -> None:
-        if isinstance(self.function, RichFunction):
+        for function in self._rich_functions():
             try:
-                result = self._rich.finish()
+                result = function.finish()
             except Exception as exc:
                 raise self.user_error(exc) from exc
             self._check_hook_result("finish()", result)
 
     async def close(self) -> None:
-        if isinstance(self.function, RichFunction):
-            self._check_hook_result("close()", self._rich.close())
+        for function in self._rich_functions():
+            self._check_hook_result("close()", function.close())
 
-    @property
-    def _rich(self) -> Any:
-        """The rich function, typed loosely: its hooks are declared ``-> None`` but user code
-        may still return an awaitable from them, which is checked."""
-        return self.function
+    def _rich_functions(self) -> list[Any]:
+        """The operator's rich functions, typed loosely: their hooks are declared ``-> None``
+        but user code may still return an awaitable from them, which is checked."""
+        return [self.function] if isinstance(self.function, RichFunction) else []
 
     def _check_hook_result(self, hook: str, result: Any) -> None:
         if result is not None and is_async_result(result):

@@ -19,7 +19,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.partitioner import (
     BroadcastPartitioner,
@@ -42,6 +42,9 @@ from runtime.api.sources import Source
 from runtime.api.watermarks import WatermarkStrategy
 from runtime.config import DEFAULT_PARALLELISM
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
+
+if TYPE_CHECKING:
+    from runtime.api.windows import AllWindowedStream, WindowAssigner, WindowedStream
 
 VIRTUAL_KINDS = ("partition", "union", "side_output")
 """Transformations that are properties of edges, not operators."""
@@ -362,6 +365,13 @@ class DataStream:
             raise JobDefinitionError(msg)
         return ConnectedStreams(self, other)
 
+    def window_all(self, assigner: WindowAssigner) -> AllWindowedStream:
+        """Group the whole (non-keyed) stream into windows of ``assigner``, evaluated by one
+        subtask (parallelism 1): an ``AllWindowedStream``."""
+        from runtime.api.windows import AllWindowedStream
+
+        return AllWindowedStream(self, assigner)
+
     def process(
         self,
         fn: ProcessFunction[Any, Any] | KeyedProcessFunction[Any, Any, Any],
@@ -443,6 +453,13 @@ class KeyedStream(DataStream):
 
         _require_sync("reduce()", fn)
         return self._operator(KeyedReduceOperator, "Reduce", fn, name, self.key_selector)
+
+    def window(self, assigner: WindowAssigner) -> WindowedStream:
+        """Group each key's records into the windows of ``assigner`` (``runtime.windows``):
+        a ``WindowedStream``, finished by ``reduce``, ``aggregate`` or ``process``."""
+        from runtime.api.windows import WindowedStream
+
+        return WindowedStream(self, assigner)
 
     def process(
         self,

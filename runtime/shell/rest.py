@@ -72,6 +72,7 @@ class ControlServer:
 
     async def _status(self, request: web.Request) -> web.Response:
         master = self.master
+        late_dropped = _late_records_dropped(master.handles)
         watermarks = master.operator_watermarks()
         return web.json_response(
             {
@@ -94,6 +95,7 @@ class ControlServer:
                         "parallelism": s.parallelism,
                         "records_in": s.records_in,
                         "records_out": s.records_out,
+                        "late_records_dropped": late_dropped.get(s.uid, 0),
                         **_watermark_json(watermarks.get(s.uid, [])),
                     }
                     for s in master.operator_summaries(include_live=True)
@@ -182,6 +184,19 @@ def _source_lag(tasks: list[TaskHandle]) -> dict[str, dict[str, int]]:
         metrics = task.latest_metrics()
         if metrics is not None and metrics.source_lag is not None:
             result[task.name] = metrics.source_lag
+    return result
+
+
+def _late_records_dropped(tasks: list[TaskHandle]) -> dict[str, int]:
+    """Per operator uid, the late records its subtasks dropped in this attempt (window operators
+    without a late-data side output), as their latest metrics reports say."""
+    result: dict[str, int] = {}
+    for task in tasks:
+        metrics = task.latest_metrics()
+        if metrics is None:
+            continue
+        for uid, records in metrics.records.items():
+            result[uid] = result.get(uid, 0) + records.late_records_dropped
     return result
 
 
