@@ -12,21 +12,29 @@ of a record batch can stall a consumer, hence :data:`CONSUMER_FETCH_LIMITS`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from cli_helpers import ROOT, run_command
 
 from connectors.kafka.broker import LocalKafkaBroker
+from connectors.kafka.source import KafkaSourceReader
+from runtime.api.sources import SourceOperator
+from runtime.master.jobmaster import JobMaster
 
 KAFKA_BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
+
+WAIT_S = 20.0
+"""How long a test waits for something that involves the broker before failing."""
 
 #: Keyword arguments for every ``AIOKafkaConsumer`` in tests: generous fetch limits, so a fetch is
 #: never cut in the middle of a record batch.
@@ -161,3 +169,74 @@ def kafka_etl_args(
         "0" if rest else "-1",
         *extra,
     ]
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    records: list[dict[str, Any]],
+    **producer_options: Any,
+) -> list[tuple[int, int]]:
+    """Sends every record (keys: value, partition, key, headers, timestamp_ms) without awaiting
+    each delivery, then waits for all acknowledgements. Returns (partition, offset) per record."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **producer_options)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(
+                topic,
+                r["value"],
+                key=r.get("key"),
+                partition=r.get("partition"),
+                headers=r.get("headers"),
+                timestamp_ms=r.get("timestamp_ms"),
+            )
+            for r in records
+        ]
+        await producer.flush()
+        metadata = [await f for f in futures]
+    finally:
+        await producer.stop()
+    return [(m.partition, m.offset) for m in metadata]
+
+
+async def wait_until(
+    condition: Callable[[], Any], what: str, job: asyncio.Task[Any] | None = None
+) -> Any:
+    """Polls ``condition`` until truthy, for up to :data:`WAIT_S` of wall-clock time (the broker
+    answers in real time: stepping the loop, as ``loop_helpers.wait_until`` does, is not enough);
+    fails (with the job's error, if it ended) otherwise. Returns the truthy value."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        value = condition()
+        if value:
+            return value
+        if job is not None and job.done():
+            job.result()  # raises the job's failure
+            pytest.fail(f"the job ended before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {WAIT_S}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def source_readers(master: JobMaster) -> list[KafkaSourceReader]:
+    """The Kafka readers of the job's source subtasks running in this process."""
+    return [
+        t.head.reader
+        for t in master.tasks
+        if isinstance(t.head, SourceOperator) and hasattr(t.head, "reader")
+    ]
+
+
+def source_operators(master: JobMaster) -> list[SourceOperator]:
+    return [t.head for t in master.tasks if isinstance(t.head, SourceOperator)]
+
+
+def readers_started(master: JobMaster) -> bool:
+    """The job runs and every Kafka reader with partitions has started fetching."""
+    readers = source_readers(master)
+    return (
+        master.status == "running"
+        and len(readers) == len(source_operators(master))
+        and all(r._fetch_task is not None or not r.splits for r in readers)
+    )

@@ -1,6 +1,7 @@
 """Helpers for in-process tests: step the event loop until a condition holds (no sleeps); a job
-running in the background and its ``/status``; a virtual clock and scripted task handles to drive
-the checkpoint coordinator without tasks; a source that emits what the test pushes; an unbounded
+running in the background, its ``/status`` and its operators' metrics; a ``ManualClock`` moved
+until the tasks ran what became due; a virtual clock and scripted task handles to drive the
+checkpoint coordinator without tasks; a source that emits what the test pushes; an unbounded
 source whose splits the test feeds while the job runs, and a process function that shows the
 watermark each record and timer saw."""
 
@@ -20,6 +21,7 @@ from runtime.config import ExecutionConfig
 from runtime.master.jobmaster import JobMaster
 from runtime.plan.jobfile import build_graph
 from runtime.shell.rest import ControlServer
+from runtime.testing import ManualClock
 
 
 async def wait_until(
@@ -70,11 +72,33 @@ async def control_status(master: JobMaster) -> Any:
 def operator_metric(master: JobMaster, uid: str, metric: str) -> int:
     """The sum of ``OperatorMetrics.<metric>`` (``records_in``, ``late_records_dropped``, ...)
     of the operator ``uid`` over its subtasks running in this process."""
-    return sum(
+    return sum(subtask_metrics(master, uid, metric))
+
+
+def subtask_metrics(master: JobMaster, uid: str, metric: str) -> list[Any]:
+    """``OperatorMetrics.<metric>`` (``watermark``, ``idle``, ...) of the operator ``uid`` in each
+    of its subtasks running in this process, by subtask index."""
+    return [
         getattr(op.metrics, metric)
-        for task in master.tasks
+        for task in sorted(master.tasks, key=lambda t: t.subtask_index)
         for op in task.operators
         if op.uid == uid
+    ]
+
+
+async def advance_clock(
+    clock: ManualClock, ms: int, scheduled: int, job: asyncio.Task[Any] | None = None
+) -> None:
+    """Move ``clock`` ``ms`` forward and wait until the tasks ran the callbacks that became due
+    and ``scheduled`` callbacks are pending on the clock again: ``scheduled`` is how many the job
+    keeps there (one periodic watermark emission per subtask of an operator with a watermark
+    strategy, which schedules its next one after emitting). The watermarks and idleness that this
+    time causes have then left the operators that emit them."""
+    clock.advance(ms)
+    await wait_until(
+        lambda: clock.pending == scheduled,
+        f"the callbacks due at {clock.now_ms()} ms on the clock to run and reschedule",
+        job,
     )
 
 

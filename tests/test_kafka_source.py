@@ -15,20 +15,29 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import kafka_fixtures
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from kafka_fixtures import CONSUMER_FETCH_LIMITS, create_topics, unique_name
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from kafka_fixtures import (
+    CONSUMER_FETCH_LIMITS,
+    WAIT_S,
+    create_topics,
+    produce,
+    readers_started,
+    source_operators,
+    source_readers,
+    unique_name,
+    wait_until,
+)
 from loop_helpers import EventTimeTimers, control_status, fired, records, running_job
 
 from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, DEFAULT_SENDER_QUEUE
 from connectors import CollectSink
 from connectors.kafka import KafkaRecord, KafkaSource
-from connectors.kafka.source import MAX_QUEUED_BATCHES, KafkaSourceReader
+from connectors.kafka.source import MAX_QUEUED_BATCHES
 from runtime import (
     BoundedOutOfOrdernessWatermarks,
     CheckpointConfig,
@@ -39,49 +48,18 @@ from runtime import (
     WatermarkStrategy,
     run_job_async,
 )
-from runtime.api.sources import DEFAULT_SOURCE_BATCH, SourceOperator
+from runtime.api.sources import DEFAULT_SOURCE_BATCH
 from runtime.api.watermarks import WatermarksWithIdleness
-from runtime.master.jobmaster import JobMaster
 from runtime.testing import ManualClock
 from state.storage import CheckpointKind
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
 
-WAIT_S = 20.0
 # KafkaSourceReader's fetch loop asks aiokafka for at most this many records per getmany().
 FETCH_MAX_RECORDS = 2048
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-async def produce(
-    bootstrap: str,
-    topic: str,
-    records: list[dict[str, Any]],
-    **producer_options: Any,
-) -> list[tuple[int, int]]:
-    """Sends every record (keys: value, partition, key, headers, timestamp_ms) without awaiting
-    each delivery, then waits for all acknowledgements. Returns (partition, offset) per record."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **producer_options)
-    await producer.start()
-    try:
-        futures = [
-            await producer.send(
-                topic,
-                r["value"],
-                key=r.get("key"),
-                partition=r.get("partition"),
-                headers=r.get("headers"),
-                timestamp_ms=r.get("timestamp_ms"),
-            )
-            for r in records
-        ]
-        await producer.flush()
-        metadata = [await f for f in futures]
-    finally:
-        await producer.stop()
-    return [(m.partition, m.offset) for m in metadata]
 
 
 def json_records(count: int, partitions: int, **extra: Any) -> list[dict[str, Any]]:
@@ -90,44 +68,6 @@ def json_records(count: int, partitions: int, **extra: Any) -> list[dict[str, An
         {"value": orjson.dumps({"i": i, "p": i % partitions, **extra}), "partition": i % partitions}
         for i in range(count)
     ]
-
-
-async def wait_until(
-    condition: Callable[[], Any], what: str, job: asyncio.Task[Any] | None = None
-) -> Any:
-    """Polls ``condition`` until truthy; fails (with the job's error, if it ended) otherwise."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        value = condition()
-        if value:
-            return value
-        if job is not None and job.done():
-            job.result()  # raises the job's failure
-            pytest.fail(f"the job ended before {what}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {WAIT_S}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def source_readers(master: JobMaster) -> list[KafkaSourceReader]:
-    return [
-        t.head.reader
-        for t in master.tasks
-        if isinstance(t.head, SourceOperator) and hasattr(t.head, "reader")
-    ]
-
-
-def source_operators(master: JobMaster) -> list[SourceOperator]:
-    return [t.head for t in master.tasks if isinstance(t.head, SourceOperator)]
-
-
-def readers_started(master: JobMaster) -> bool:
-    readers = source_readers(master)
-    return (
-        master.status == "running"
-        and len(readers) == len(source_operators(master))
-        and all(r._fetch_task is not None or not r.splits for r in readers)
-    )
 
 
 class ListSink(Sink):
