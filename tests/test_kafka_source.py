@@ -14,7 +14,10 @@ new-partition branch of split discovery is tested on ``KafkaSource.discover_new_
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -508,6 +511,29 @@ async def test_partitions_missing_from_the_known_splits_are_new_and_read_from_of
         {"topic": topic, "partition": 3, "offset": 0, "stop": None},
     ]
     assert await source.discover_new_splits(splits) == []
+
+
+@pytest.mark.asyncio
+async def test_discovery_cancelled_at_any_point_leaves_no_kafka_connection_open(
+    kafka_bootstrap: str,
+) -> None:
+    """A job that ends cancels its periodic partition discovery wherever it is (a task that is
+    cancelled closes its reader the same way): every connection the discovery opened is closed.
+    A leaked one warns ``Unclosed AIOKafkaConnection`` when garbage-collected, which fails
+    whatever test runs at that moment."""
+    source = KafkaSource(kafka_bootstrap, pattern=rf"{unique_name('src-cancelled')}-.*")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        # Cancelled after 0, 1, 2, ... loop steps: at every await of the discovery in turn.
+        for steps in range(60):
+            discovery = asyncio.ensure_future(source.discover_new_splits([]))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            discovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await discovery
+            gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 # --------------------------------------------------------------------------- event time
