@@ -514,26 +514,60 @@ async def test_partitions_missing_from_the_known_splits_are_new_and_read_from_of
 
 
 @pytest.mark.asyncio
-async def test_discovery_cancelled_at_any_point_leaves_no_kafka_connection_open(
+async def test_a_cancelled_discovery_ends_cancelled_and_leaves_no_kafka_connection_open(
     kafka_bootstrap: str,
 ) -> None:
-    """A job that ends cancels its periodic partition discovery wherever it is (a task that is
-    cancelled closes its reader the same way): every connection the discovery opened is closed.
-    A leaked one warns ``Unclosed AIOKafkaConnection`` when garbage-collected, which fails
-    whatever test runs at that moment."""
+    """A job that ends cancels its periodic partition discovery wherever it is: the discovery
+    ends cancelled (a swallowed cancellation keeps the discovery loop, and so the job, running
+    for ever) and every connection it opened is closed (a leaked one warns ``Unclosed
+    AIOKafkaConnection`` when garbage-collected, which fails whatever test runs then)."""
     source = KafkaSource(kafka_bootstrap, pattern=rf"{unique_name('src-cancelled')}-.*")
+    not_cancelled = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         # Cancelled after 0, 1, 2, ... loop steps: at every await of the discovery in turn.
-        for steps in range(60):
+        for steps in range(400):
             discovery = asyncio.ensure_future(source.discover_new_splits([]))
             for _ in range(steps):
                 await asyncio.sleep(0)
+            if discovery.done():
+                break
             discovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await discovery
+            if not discovery.cancelled():
+                not_cancelled.append(steps)
             gc.collect()
+    assert not_cancelled == [], "the discovery swallowed the cancellation at these steps"
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+class CancellationSwallowingDiscovery(KafkaSource):
+    """A discovery that swallows a cancellation (as aiokafka's ``consumer.stop()`` does when it
+    is cancelled) and returns normally."""
+
+    async def discover_new_splits(self, known: list[Any]) -> list[Any]:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        return []
+
+
+@pytest.mark.asyncio
+async def test_a_job_whose_discovery_swallows_the_cancellation_still_ends_when_cancelled(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique_name("src-swallowing")
+    await create_topics(kafka_bootstrap, topic)
+    source = CancellationSwallowingDiscovery(kafka_bootstrap, topic, discovery_interval_s=0.01)
+
+    def build(job: Any) -> None:
+        job.from_source(source).sink_to(CollectSink())
+
+    async with running_job(build) as (master, job):
+        await wait_until(lambda: readers_started(master), "the reader", job)
+        job.cancel()
+        await asyncio.wait([job], timeout=WAIT_S)
+        assert job.cancelled(), "the cancelled job did not end"
 
 
 # --------------------------------------------------------------------------- event time
