@@ -31,6 +31,7 @@ from loop_helpers import EventTimeTimers, control_status, fired, records, runnin
 from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, DEFAULT_SENDER_QUEUE
 from connectors import CollectSink
 from connectors.kafka import KafkaRecord, KafkaSource
+from connectors.kafka.clients import stop_client
 from connectors.kafka.source import MAX_QUEUED_BATCHES, KafkaSourceReader
 from runtime import (
     BoundedOutOfOrdernessWatermarks,
@@ -540,6 +541,31 @@ async def test_a_cancelled_discovery_ends_cancelled_and_leaves_no_kafka_connecti
             gc.collect()
     assert not_cancelled == [], "the discovery swallowed the cancellation at these steps"
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+@pytest.mark.asyncio
+async def test_a_task_cancelled_while_stopping_a_kafka_client_ends_cancelled(
+    kafka_bootstrap: str,
+) -> None:
+    """aiokafka's ``stop()`` swallows a cancellation of its caller; the connectors' stop must
+    not: a task cancelled while it stops a client (a sink after a commit, a reader closing) ends
+    cancelled instead of carrying on."""
+    not_cancelled = []
+    # From 1: a task cancelled before its first step never runs, so never stops anything.
+    for steps in range(1, 40):
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+        await consumer.start()
+        stopping = asyncio.ensure_future(stop_client(consumer))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        if stopping.done():
+            break
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopping
+        if not stopping.cancelled():
+            not_cancelled.append(steps)
+    assert not_cancelled == [], "the stop swallowed the cancellation at these steps"
 
 
 class CancellationSwallowingDiscovery(KafkaSource):

@@ -68,6 +68,15 @@ async def finish_then_cancel(operation: Awaitable[T]) -> T:
         raise
 
 
+async def stop_client(client: StartableClient) -> None:
+    """``await client.stop()``, without losing a cancellation of the caller: aiokafka's
+    ``stop()`` awaits its own cancelled tasks under ``contextlib.suppress(CancelledError)``
+    (``Fetcher.close``, ``AIOKafkaClient.close``), so a caller cancelled meanwhile would carry on
+    as if never cancelled (a loop would then run for ever). The stop runs to its end and the
+    cancellation propagates afterwards (:func:`finish_then_cancel`)."""
+    await finish_then_cancel(client.stop())
+
+
 async def start_client(client: StartableClient) -> None:
     """``await client.start()``, safe to cancel: a cancelled start is let finish
     (:func:`finish_then_cancel`) and the client is stopped before the cancellation propagates."""
@@ -75,7 +84,7 @@ async def start_client(client: StartableClient) -> None:
         await finish_then_cancel(client.start())
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
-            await client.stop()
+            await stop_client(client)
         raise
 
 

@@ -57,7 +57,7 @@ from aiokafka.protocol.transaction import EndTxnRequest
 
 from actors.faults import crash_point
 from actors.operator import NewerOutputPolicy
-from connectors.kafka.clients import start_client
+from connectors.kafka.clients import start_client, stop_client
 from runtime.api.functions import RuntimeContext
 from runtime.api.sinks import SinkWriter
 from state.refusal import RestoreRefusedError
@@ -272,7 +272,7 @@ class ExactlyOnceWriter(SinkWriter):
             producer = self._new_producer(tid)
             await start_client(producer)
             epoch = producer._txn_manager.producer_epoch
-            await producer.stop()
+            await stop_client(producer)
             if epoch > 0 and tid not in self.sink.initialised_ids:
                 used_before.append(f"{tid} (epoch {epoch})")
             self.sink.initialised_ids.add(tid)
@@ -379,7 +379,7 @@ class ExactlyOnceWriter(SinkWriter):
                 )
                 raise TransactionCommitError(msg) from exc
             del self.producers[tid]
-            await producer.stop()
+            await stop_client(producer)
             self.precommitted.remove(entry)
             self.free.append(tid)
 
@@ -389,6 +389,6 @@ class ExactlyOnceWriter(SinkWriter):
         for producer in [self.current, *self.producers.values()]:
             if producer is not None:
                 with contextlib.suppress(Exception):
-                    await producer.stop()
+                    await stop_client(producer)
         self.current = None
         self.producers.clear()

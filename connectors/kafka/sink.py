@@ -15,7 +15,7 @@ import msgpack
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from connectors.kafka.clients import KafkaClients, start_client
+from connectors.kafka.clients import KafkaClients, start_client, stop_client
 from runtime.api.functions import RuntimeContext
 from runtime.api.sinks import Sink, SinkWriter
 
@@ -168,5 +168,5 @@ class _KafkaWriter(SinkWriter):
     async def close(self) -> None:
         if self.producer is not None:
             with contextlib.suppress(Exception):
-                await self.producer.stop()
+                await stop_client(self.producer)
             self.producer = None

@@ -27,7 +27,7 @@ import msgpack
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from connectors.kafka.clients import KafkaClients, finish_then_cancel, start_client
+from connectors.kafka.clients import KafkaClients, finish_then_cancel, start_client, stop_client
 from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
 from runtime.api.watermarks import WatermarkStrategy
 from state.keygroups import stable_hash
@@ -222,7 +222,7 @@ class KafkaSource(Source[Any]):
             partitions = await self._partitions(consumer)
             return await self._new_splits(consumer, partitions)
         finally:
-            await consumer.stop()
+            await stop_client(consumer)
 
     async def discover_new_splits(self, known: list[Any]) -> list[Any]:
         # Run to the end even when cancelled (a job that ends cancels its periodic discovery),
@@ -245,7 +245,7 @@ class KafkaSource(Source[Any]):
                 for tp in partitions
             ]
         finally:
-            await consumer.stop()
+            await stop_client(consumer)
 
     async def _new_splits(
         self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
@@ -310,7 +310,7 @@ class KafkaSource(Source[Any]):
                     result[tp] = committed if committed is not None else fallback[tp]
                 return result
             finally:
-                await grouped.stop()
+                await stop_client(grouped)
         msg = f"unknown start position {self.start!r}: earliest, latest, committed or ('timestamp', ms)"
         raise ValueError(msg)
 
@@ -362,7 +362,7 @@ async def confirmed_end_offsets(
             result[tp] = end
     finally:
         if probe is not None:
-            await probe.stop()
+            await stop_client(probe)
     return result
 
 
@@ -674,8 +674,8 @@ class KafkaSourceReader(SourceReader[Any]):
                 await self._fetch_task
         if self._dead_letters is not None:
             with contextlib.suppress(Exception):
-                await self._dead_letters.stop()
+                await stop_client(self._dead_letters)
         for client in (self._committer, self._consumer):
             if client is not None:
                 with contextlib.suppress(Exception):
-                    await client.stop()
+                    await stop_client(client)
