@@ -14,7 +14,10 @@ new-partition branch of split discovery is tested on ``KafkaSource.discover_new_
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import time
+import warnings
 from typing import Any
 
 import kafka_fixtures
@@ -37,6 +40,7 @@ from loop_helpers import EventTimeTimers, control_status, fired, records, runnin
 from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, DEFAULT_SENDER_QUEUE
 from connectors import CollectSink
 from connectors.kafka import KafkaRecord, KafkaSource
+from connectors.kafka.clients import stop_client
 from connectors.kafka.source import MAX_QUEUED_BATCHES
 from runtime import (
     BoundedOutOfOrdernessWatermarks,
@@ -448,6 +452,88 @@ async def test_partitions_missing_from_the_known_splits_are_new_and_read_from_of
         {"topic": topic, "partition": 3, "offset": 0, "stop": None},
     ]
     assert await source.discover_new_splits(splits) == []
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_discovery_ends_cancelled_and_leaves_no_kafka_connection_open(
+    kafka_bootstrap: str,
+) -> None:
+    """A job that ends cancels its periodic partition discovery wherever it is: the discovery
+    ends cancelled (a swallowed cancellation keeps the discovery loop, and so the job, running
+    for ever) and every connection it opened is closed (a leaked one warns ``Unclosed
+    AIOKafkaConnection`` when garbage-collected, which fails whatever test runs then)."""
+    source = KafkaSource(kafka_bootstrap, pattern=rf"{unique_name('src-cancelled')}-.*")
+    not_cancelled = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        # Cancelled after 0, 1, 2, ... loop steps: at every await of the discovery in turn.
+        for steps in range(400):
+            discovery = asyncio.ensure_future(source.discover_new_splits([]))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            if discovery.done():
+                break
+            discovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await discovery
+            if not discovery.cancelled():
+                not_cancelled.append(steps)
+            gc.collect()
+    assert not_cancelled == [], "the discovery swallowed the cancellation at these steps"
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+@pytest.mark.asyncio
+async def test_a_task_cancelled_while_stopping_a_kafka_client_ends_cancelled(
+    kafka_bootstrap: str,
+) -> None:
+    """aiokafka's ``stop()`` swallows a cancellation of its caller; the connectors' stop must
+    not: a task cancelled while it stops a client (a sink after a commit, a reader closing) ends
+    cancelled instead of carrying on."""
+    not_cancelled = []
+    # From 1: a task cancelled before its first step never runs, so never stops anything.
+    for steps in range(1, 40):
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+        await consumer.start()
+        stopping = asyncio.ensure_future(stop_client(consumer))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        if stopping.done():
+            break
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopping
+        if not stopping.cancelled():
+            not_cancelled.append(steps)
+    assert not_cancelled == [], "the stop swallowed the cancellation at these steps"
+
+
+class CancellationSwallowingDiscovery(KafkaSource):
+    """A discovery that swallows a cancellation (as aiokafka's ``consumer.stop()`` does when it
+    is cancelled) and returns normally."""
+
+    async def discover_new_splits(self, known: list[Any]) -> list[Any]:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        return []
+
+
+@pytest.mark.asyncio
+async def test_a_job_whose_discovery_swallows_the_cancellation_still_ends_when_cancelled(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique_name("src-swallowing")
+    await create_topics(kafka_bootstrap, topic)
+    source = CancellationSwallowingDiscovery(kafka_bootstrap, topic, discovery_interval_s=0.01)
+
+    def build(job: Any) -> None:
+        job.from_source(source).sink_to(CollectSink())
+
+    async with running_job(build) as (master, job):
+        await wait_until(lambda: readers_started(master), "the reader", job)
+        job.cancel()
+        await asyncio.wait([job], timeout=WAIT_S)
+        assert job.cancelled(), "the cancelled job did not end"
 
 
 # --------------------------------------------------------------------------- event time

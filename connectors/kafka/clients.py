@@ -16,10 +16,12 @@ isolation level, the transactional id).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -33,6 +35,57 @@ ClientObserver = Callable[[str, object], None]
 """Called with (purpose, client) for every client a :class:`KafkaClients` creates."""
 
 T = TypeVar("T")
+
+
+class StartableClient(Protocol):
+    """An aiokafka consumer, producer or admin client: ``start()`` connects, ``stop()`` closes."""
+
+    def start(self) -> Awaitable[Any]: ...
+
+    def stop(self) -> Awaitable[Any]: ...
+
+
+async def finish_then_cancel(operation: Awaitable[T]) -> T:
+    """``await operation``, except that a cancellation of the caller lets ``operation`` run to its
+    end first (its result or error is then dropped) and propagates afterwards.
+
+    For short client operations (a start, a split discovery) that cancellations routinely
+    interrupt: a job that ends cancels its periodic partition discovery, a cancelled task closes
+    its reader. aiokafka (0.14) leaves connections open when such an operation is cancelled
+    midway (``AIOKafkaClient.bootstrap`` holds its bootstrap connection in a local variable and
+    closes it on errors only; a cancelled ``consumer.topics()`` can leave the connection it was
+    opening), and a leaked connection warns ``Unclosed AIOKafkaConnection`` when it is
+    garbage-collected, in whatever code runs then. A second cancellation is not held back.
+    """
+    running = asyncio.ensure_future(operation)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        # Not ``await running``: a second cancellation would cancel the operation itself.
+        await asyncio.wait([running])
+        if not running.cancelled():
+            running.exception()  # retrieved: the caller no longer wants the outcome
+        raise
+
+
+async def stop_client(client: StartableClient) -> None:
+    """``await client.stop()``, without losing a cancellation of the caller: aiokafka's
+    ``stop()`` awaits its own cancelled tasks under ``contextlib.suppress(CancelledError)``
+    (``Fetcher.close``, ``AIOKafkaClient.close``), so a caller cancelled meanwhile would carry on
+    as if never cancelled (a loop would then run for ever). The stop runs to its end and the
+    cancellation propagates afterwards (:func:`finish_then_cancel`)."""
+    await finish_then_cancel(client.stop())
+
+
+async def start_client(client: StartableClient) -> None:
+    """``await client.start()``, safe to cancel: a cancelled start is let finish
+    (:func:`finish_then_cancel`) and the client is stopped before the cancellation propagates."""
+    try:
+        await finish_then_cancel(client.start())
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await stop_client(client)
+        raise
 
 
 def _parameters(cls: type) -> frozenset[str]:

@@ -57,6 +57,7 @@ from aiokafka.protocol.transaction import EndTxnRequest
 
 from actors.faults import crash_point
 from actors.operator import NewerOutputPolicy
+from connectors.kafka.clients import start_client, stop_client
 from runtime.api.functions import RuntimeContext
 from runtime.api.sinks import SinkWriter
 from state.refusal import RestoreRefusedError
@@ -269,9 +270,9 @@ class ExactlyOnceWriter(SinkWriter):
         used_before: list[str] = []
         for tid in ids:
             producer = self._new_producer(tid)
-            await producer.start()
+            await start_client(producer)
             epoch = producer._txn_manager.producer_epoch
-            await producer.stop()
+            await stop_client(producer)
             if epoch > 0 and tid not in self.sink.initialised_ids:
                 used_before.append(f"{tid} (epoch {epoch})")
             self.sink.initialised_ids.add(tid)
@@ -325,7 +326,7 @@ class ExactlyOnceWriter(SinkWriter):
                 raise TransactionCommitError(msg)
             tid = self.free.popleft()
             producer = self._new_producer(tid)
-            await producer.start()
+            await start_client(producer)
             await producer.begin_transaction()
             self.current, self.current_id = producer, tid
         send = self.current.send
@@ -378,7 +379,7 @@ class ExactlyOnceWriter(SinkWriter):
                 )
                 raise TransactionCommitError(msg) from exc
             del self.producers[tid]
-            await producer.stop()
+            await stop_client(producer)
             self.precommitted.remove(entry)
             self.free.append(tid)
 
@@ -388,6 +389,6 @@ class ExactlyOnceWriter(SinkWriter):
         for producer in [self.current, *self.producers.values()]:
             if producer is not None:
                 with contextlib.suppress(Exception):
-                    await producer.stop()
+                    await stop_client(producer)
         self.current = None
         self.producers.clear()

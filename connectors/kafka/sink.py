@@ -15,7 +15,7 @@ import msgpack
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from connectors.kafka.clients import KafkaClients
+from connectors.kafka.clients import KafkaClients, start_client, stop_client
 from runtime.api.functions import RuntimeContext
 from runtime.api.sinks import Sink, SinkWriter
 
@@ -138,7 +138,7 @@ class _KafkaWriter(SinkWriter):
         self.producer = self.sink.clients.producer(
             "sink", acks="all" if self.sink.guarantee != DeliveryGuarantee.NONE else 1
         )
-        await self.producer.start()
+        await start_client(self.producer)
 
     async def write(self, values: list[Any]) -> None:
         assert self.producer is not None
@@ -168,5 +168,5 @@ class _KafkaWriter(SinkWriter):
     async def close(self) -> None:
         if self.producer is not None:
             with contextlib.suppress(Exception):
-                await self.producer.stop()
+                await stop_client(self.producer)
             self.producer = None

@@ -27,7 +27,7 @@ import msgpack
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from connectors.kafka.clients import KafkaClients
+from connectors.kafka.clients import KafkaClients, finish_then_cancel, start_client, stop_client
 from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
 from runtime.api.watermarks import WatermarkStrategy
 from state.keygroups import stable_hash
@@ -212,19 +212,28 @@ class KafkaSource(Source[Any]):
         return result
 
     async def discover_splits(self, parallelism: int) -> list[Any]:
+        # Run to the end even when cancelled, so that every connection it opened is closed.
+        return await finish_then_cancel(self._discover_splits())
+
+    async def _discover_splits(self) -> list[Any]:
         consumer = self.consumer("split discovery")
         try:
-            await consumer.start()
+            await start_client(consumer)
             partitions = await self._partitions(consumer)
             return await self._new_splits(consumer, partitions)
         finally:
-            await consumer.stop()
+            await stop_client(consumer)
 
     async def discover_new_splits(self, known: list[Any]) -> list[Any]:
+        # Run to the end even when cancelled (a job that ends cancels its periodic discovery),
+        # so that every connection it opened is closed.
+        return await finish_then_cancel(self._discover_new_splits(known))
+
+    async def _discover_new_splits(self, known: list[Any]) -> list[Any]:
         known_ids = {self.split_id(s) for s in known}
         consumer = self.consumer("partition discovery")
         try:
-            await consumer.start()
+            await start_client(consumer)
             partitions = [
                 tp
                 for tp in await self._partitions(consumer)
@@ -236,7 +245,7 @@ class KafkaSource(Source[Any]):
                 for tp in partitions
             ]
         finally:
-            await consumer.stop()
+            await stop_client(consumer)
 
     async def _new_splits(
         self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
@@ -289,7 +298,7 @@ class KafkaSource(Source[Any]):
                 raise ValueError(msg)
             grouped = self.consumer("committed offsets", group_id=self.group_id)
             try:
-                await grouped.start()
+                await start_client(grouped)
                 result = {}
                 fallback = (
                     beginning
@@ -301,7 +310,7 @@ class KafkaSource(Source[Any]):
                     result[tp] = committed if committed is not None else fallback[tp]
                 return result
             finally:
-                await grouped.stop()
+                await stop_client(grouped)
         msg = f"unknown start position {self.start!r}: earliest, latest, committed or ('timestamp', ms)"
         raise ValueError(msg)
 
@@ -334,7 +343,7 @@ async def confirmed_end_offsets(
                 continue
             if probe is None:
                 probe = source.consumer("end offset probe")
-                await probe.start()
+                await start_client(probe)
             probe.assign([tp])
             probe.seek(tp, reported[tp] - 1)
             end = reported[tp]
@@ -353,7 +362,7 @@ async def confirmed_end_offsets(
             result[tp] = end
     finally:
         if probe is not None:
-            await probe.stop()
+            await stop_client(probe)
     return result
 
 
@@ -432,13 +441,13 @@ class KafkaSourceReader(SourceReader[Any]):
         if not self.splits and self.source.bounded:
             return
         self._consumer = self.source.consumer("reader", isolation_level="read_committed")
-        await self._consumer.start()
+        await start_client(self._consumer)
         if self.source.group_id:
             self._committer = self.source.consumer("offset commits", group_id=self.source.group_id)
-            await self._committer.start()
+            await start_client(self._committer)
         if self.source.on_error == "dead-letter":
             self._dead_letters = self.source.clients.producer("dead letters", acks="all")
-            await self._dead_letters.start()
+            await start_client(self._dead_letters)
         for split in self.splits.values():
             if split["offset"] is None:
                 split["offset"] = 0
@@ -665,8 +674,8 @@ class KafkaSourceReader(SourceReader[Any]):
                 await self._fetch_task
         if self._dead_letters is not None:
             with contextlib.suppress(Exception):
-                await self._dead_letters.stop()
+                await stop_client(self._dead_letters)
         for client in (self._committer, self._consumer):
             if client is not None:
                 with contextlib.suppress(Exception):
-                    await client.stop()
+                    await stop_client(client)

@@ -421,6 +421,12 @@ class JobMaster:
         while True:
             await asyncio.sleep(source.discovery_interval_s)
             new = await source.discover_new_splits(known)
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # The job is ending and the discovery swallowed the cancellation (aiokafka's
+                # consumer.stop() does, when cancelled in it): looping on would keep the job's
+                # task group, and so the job, from ever ending.
+                raise asyncio.CancelledError
             for split in new:
                 index = len(known)
                 known.append(split)
