@@ -631,12 +631,7 @@ class TimestampsAndWatermarksOperator(StreamOperator):
     ) -> None:
         if not values:
             return
-        emitter = self._emitter
-        stamps = emitter.timestamps(values, timestamps)
-        emitter.on_records(None, values, stamps)
-        await emitter.flush(self.output, watermark_too=False)
-        await self.output.emit(values, stamps)
-        await emitter.flush(self.output)
+        await self._emitter.emit_records(None, values, timestamps, self.output)
 
     async def process_watermark(self, watermark: Watermark) -> None:
         if watermark.timestamp == MAX_TIMESTAMP:

@@ -284,15 +284,10 @@ class SourceOperator(SourceOperatorBase):
         emitter = self._emitter
         if emitter is not None:
             if values:
-                stamps = emitter.timestamps(values, timestamps)
                 stream = (
                     self.reader.split_of_last_poll() if self.reader.watermarks_per_split else None
                 )
-                emitter.add_stream(stream)
-                emitter.on_records(stream, values, stamps)
-                await emitter.flush(self.output, watermark_too=False)
-                await self.output.emit(values, stamps)
-                await emitter.flush(self.output)
+                await emitter.emit_records(stream, values, timestamps, self.output)
             return InputStatus.MORE_AVAILABLE
         if values:
             await self.output.emit(values, timestamps)

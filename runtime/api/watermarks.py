@@ -293,15 +293,24 @@ class WatermarkEmitter:
             raise self.operator.user_error(exc, values) from exc
         return stamps
 
-    def on_records(self, stream_id: Any, values: list[Any], timestamps: list[int]) -> None:
-        """Records of one stream with their event timestamps; then that stream's periodic emit,
-        so a watermark follows every buffer (besides the timer)."""
-        generator, output = self._streams[stream_id]
+    async def emit_records(
+        self, stream_id: Any, values: list[Any], timestamps: list[int] | None, output: Output
+    ) -> None:
+        """Emit a buffer of one stream (``values`` not empty) through ``output`` with its event
+        timestamps (:meth:`timestamps`), in the order receivers rely on: ACTIVE before the records
+        if the stream just became active, its watermark (and IDLE) after them. The generator sees
+        the records, then its periodic emit runs, so a watermark follows every buffer."""
+        stamps = self.timestamps(values, timestamps)
+        self.add_stream(stream_id)
+        generator, stream_output = self._streams[stream_id]
         try:
-            generator.on_events(values, timestamps, output)
-            generator.on_periodic_emit(output)
+            generator.on_events(values, stamps, stream_output)
+            generator.on_periodic_emit(stream_output)
         except Exception as exc:
             raise self.operator.user_error(exc, values) from exc
+        await self._flush_status_only(output)
+        await output.emit(values, stamps)
+        await self.flush(output)
 
     def on_periodic_emit(self) -> None:
         try:
@@ -330,10 +339,17 @@ class WatermarkEmitter:
         await self.flush(self.operator.output)
         self.start_periodic()
 
-    async def flush(self, output: Output, watermark_too: bool = True) -> None:
-        """Send what changed. ``watermark_too=False`` (before emitting records whose stream just
-        became active): only ACTIVE, so that receivers see the status before the records and the
-        watermark after them."""
+    async def _flush_status_only(self, output: Output) -> None:
+        """ACTIVE, if a stream became active since IDLE was sent (before records: receivers
+        must see the status before the records and the watermark after them)."""
+        if self.ended or not self.sent_idle:
+            return
+        if any(not o.idle for _, o in self._streams.values()):
+            self.sent_idle = False
+            await output.emit_watermark_status(WATERMARK_ACTIVE)
+
+    async def flush(self, output: Output) -> None:
+        """Send what changed: ACTIVE, then the watermark, then IDLE."""
         if self.ended:
             return
         outputs = [o for _, o in self._streams.values()]
@@ -346,8 +362,6 @@ class WatermarkEmitter:
         if not idle and self.sent_idle:
             self.sent_idle = False
             await output.emit_watermark_status(WATERMARK_ACTIVE)
-        if not watermark_too:
-            return
         if watermark > self.sent_watermark:
             self.sent_watermark = watermark
             await output.emit_watermark(Watermark(watermark))

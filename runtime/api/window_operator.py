@@ -739,14 +739,16 @@ class _Panes:
         self._fired.clear()
         self._next_due = MAX_TIMESTAMP
 
-    def _cleanup(self, window: tuple[int, ...]) -> int:
-        return min(window[1] - 1 + self._operator._lateness, MAX_TIMESTAMP)
+    def _due(self, window: tuple[int, ...], watermark: int) -> int:
+        """The watermark at which ``window`` next needs the panes: its end while it has not
+        fired, then its cleanup time."""
+        max_timestamp = window[1] - 1
+        return max_timestamp if max_timestamp > watermark else self._operator._cleanup_time(window)
 
     def _new_pane(self, window: tuple[int, ...], watermark: int) -> dict[Any, Any]:
         pane: dict[Any, Any] = {}
         self._panes[window] = pane
-        max_timestamp = window[1] - 1
-        due = max_timestamp if max_timestamp > watermark else self._cleanup(window)
+        due = self._due(window, watermark)
         if due < self._next_due:
             self._next_due = due
         return pane
@@ -875,7 +877,7 @@ class _Panes:
                     if fired_before is None or key not in fired_before:
                         backend.current_key = key
                         fire(key, window, contents)
-            if self._cleanup(window) <= watermark:
+            if self._operator._cleanup_time(window) <= watermark:
                 del panes[window]
                 self._fired.pop(window, None)
                 if operator.spec.window_function is not None:
@@ -883,11 +885,7 @@ class _Panes:
                         backend.current_key = key
                         operator._clear_window_function(window)
         self._next_due = min(
-            (
-                window[1] - 1 if window[1] - 1 > watermark else self._cleanup(window)
-                for window in panes
-            ),
-            default=MAX_TIMESTAMP,
+            (self._due(window, watermark) for window in panes), default=MAX_TIMESTAMP
         )
 
     def load(self, table: dict[Any, dict[Any, Any]]) -> list[tuple[Any, Any]]:
@@ -916,7 +914,7 @@ class _Panes:
         lateness = self._operator._lateness
         for window, pane in self._panes.items():
             max_timestamp = window[1] - 1
-            cleanup = self._cleanup(window)
+            cleanup = self._operator._cleanup_time(window)
             pending = max_timestamp > watermark
             fired_before = self._fired.get(window, ())
             for key, contents in pane.items():
