@@ -250,9 +250,6 @@ class WatermarkEmitter:
             generator = self.strategy.create_watermark_generator(self.operator.context.clock)
             self._streams[stream_id] = (generator, _StreamOutput())
 
-    def stream_output(self, stream_id: Any) -> WatermarkOutput:
-        return self._streams[stream_id][1]
-
     def timestamps(self, values: list[Any], timestamps: list[int] | None) -> list[int]:
         """The event timestamps of ``values``: the assigner's, or the source's own."""
         assigner = self.strategy.timestamp_assigner
