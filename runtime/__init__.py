@@ -65,6 +65,7 @@ from runtime.api.windows import (
 from runtime.config import CheckpointConfig, ExecutionConfig
 from runtime.master.jobmaster import JobFailedError, JobResult
 from runtime.shell.runner import load_job_file, run_job, run_job_async
+from runtime.version import __version__ as __version__
 from state.keyed import StateTtlConfig, StateVisibility, TtlUpdateType
 
 __all__ = [

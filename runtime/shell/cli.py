@@ -46,6 +46,7 @@ from runtime.shell.rest import ControlClientError, ControlServer, call
 from runtime.shell.runner import JobFileError, build_graph, load_job_file, run_coroutine
 from runtime.shell.shutdown import EXIT_TERMINATED, GracefulShutdown
 from runtime.testing import arm_from_params
+from runtime.version import __version__
 from state.keygroups import UPPER_BOUND_MAX_PARALLELISM
 from state.refusal import restore_refusal
 from state.storage import (
@@ -159,10 +160,11 @@ def _add_parallelism_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m runtime", description="A stream-processing runtime for Python on asyncio."
+        prog=prog, description="A stream-processing runtime for Python on asyncio."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a job file (a Python file defining build(job))")
@@ -407,8 +409,13 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
+def console_main() -> None:
+    """The ``pyflow`` console script: the same commands as ``python -m runtime``."""
+    sys.exit(main(prog="pyflow"))
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m runtime") -> int:
+    parser = make_parser(prog)
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
