@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from cli_helpers import get_json
+from cli_helpers import get_json, get_metrics
 
 from actors.protocol import TaskCommand, TaskId, TaskMetrics, TaskState
 from runtime.api.functions import (
@@ -67,10 +67,23 @@ async def running_job(
 
 async def control_status(master: JobMaster) -> Any:
     """``GET /status`` of the job, through a control endpoint started for the call."""
+    return await control_call(master, get_json, "/status")
+
+
+async def control_metrics(master: JobMaster) -> dict[str, Any]:
+    """``GET /metrics`` of the job, parsed (see ``cli_helpers.get_metrics``), through a control
+    endpoint started for the call."""
+    families: dict[str, Any] = await control_call(master, get_metrics)
+    return families
+
+
+async def control_call(master: JobMaster, call: Callable[..., Any], *args: Any) -> Any:
+    """``call(address, *args)`` in a thread, against a control endpoint of the job started for
+    the call."""
     server = ControlServer(master, lambda: None, port=0)
     address = await server.start()
     try:
-        return await asyncio.to_thread(get_json, address, "/status")
+        return await asyncio.to_thread(call, address, *args)
     finally:
         await server.stop()
 

@@ -11,6 +11,7 @@ Routes:
   (``runtime.master.metrics``): uptime, restarts, checkpoint counts and the last one's duration and
   size, the checkpoint failure alert; per operator and subtask rates, busy/idle/backpressured ms
   per second, input watermarks, queues and credit.
+- ``GET /metrics``: the same figures in the Prometheus text format (``runtime.shell.metrics_http``).
 - ``GET /checkpoints``: counts, the latest completed checkpoint, and the history (id, kind,
   status, trigger time, duration, alignment per task, state size, failure).
 - ``POST /savepoints`` with ``{"dir": DIR}``: take a savepoint into DIR; answers with its path.
@@ -33,6 +34,7 @@ from aiohttp import web
 
 from runtime.config import DEFAULT_REST_HOST, DEFAULT_REST_PORT
 from runtime.master.coordinator import CheckpointFailedError, CheckpointStatus
+from runtime.shell.metrics_http import MetricsEndpoint
 from state.storage import CheckpointKind, CompletedCheckpoint
 
 
@@ -55,6 +57,7 @@ class ControlServer:
         app = web.Application()
         app.router.add_get("/status", self._status)
         app.router.add_get("/checkpoints", self._checkpoints)
+        app.router.add_get("/metrics", MetricsEndpoint(self.master).handle)
         app.router.add_post("/savepoints", self._savepoint)
         app.router.add_post("/stop", self._stop)
         app.router.add_post("/cancel", self._cancel_job)
