@@ -391,14 +391,21 @@ async def wait_until_in_time(
 
 class HeldSink(Sink):
     """Collects what it writes, but holds every write while ``release`` is not set (the test sets
-    and clears it); each subtask's snapshot raises while ``fail_snapshots`` is set."""
+    and clears it; ``held=True`` starts it cleared); ``entered`` is set at the first write. Each
+    subtask's snapshot raises while ``fail_snapshots`` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: bool = False) -> None:
         self.results: list[Any] = []
         self.release = asyncio.Event()
-        self.release.set()
+        if not held:
+            self.release.set()
+        self.entered = asyncio.Event()
         self.fail_snapshots = False
-        self.snapshot_failures = 0
+
+    @property
+    def count(self) -> int:
+        """Records written so far."""
+        return len(self.results)
 
     def name(self) -> str:
         return "Held"
@@ -412,12 +419,12 @@ class _HeldWriter(SinkWriter):
         self.sink = sink
 
     async def write(self, values: list[Any]) -> None:
+        self.sink.entered.set()
         await self.sink.release.wait()
         self.sink.results.extend(values)
 
     async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
         if self.sink.fail_snapshots:
-            self.sink.snapshot_failures += 1
             msg = f"snapshot {checkpoint_id} of the held sink fails, as the test asked"
             raise OSError(msg)
         return []

@@ -19,6 +19,7 @@ from loop_helpers import (
 
 from actors.protocol import TaskState
 from connectors import CollectSink, GeneratorSource
+from runtime.api.watermarks import WatermarkStrategy
 from runtime.config import CheckpointConfig, ExecutionConfig
 from runtime.master.jobmaster import JobMaster
 from runtime.master.metrics import JobMetricsSnapshot, OperatorMetrics
@@ -238,3 +239,35 @@ async def test_checkpoint_counts_count_failures_beyond_the_history() -> None:
         counts = master.metrics_snapshot().checkpoints
     assert (counts.completed, counts.failed, counts.in_progress) == (1, 3, 0)
     assert counts.last_completed_id == 4
+
+
+async def test_an_input_watermark_is_the_tasks_combined_one_or_the_chain_predecessors() -> None:
+    source = ControlledSource("events")
+    sink = CollectSink()
+    strategy = WatermarkStrategy.for_bounded_out_of_orderness(500).with_timestamp_assigner(
+        lambda value, _ts: value
+    )
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(source, watermark_strategy=strategy)
+            .uid("events")
+            .map(lambda x: x, name="copy")
+            .uid("copy")
+            .sink_to(sink)
+            .uid("out")
+            .disable_chaining()
+        )
+
+    async with running_job(build) as (master, job):
+        source.push(1000, 2000)
+        await wait_until(
+            lambda: operator(master.metrics_snapshot(), "out").input_watermark == 1499,
+            "the watermark to reach the sink's input",
+            job,
+        )
+        snapshot = master.metrics_snapshot()
+    events, copy = operator(snapshot, "events"), operator(snapshot, "copy")
+    assert events.input_watermark is None and events.watermark == 1499
+    assert copy.input_watermark == 1499 and copy.watermark == 1499
+    assert operator(snapshot, "out").subtasks[0].input_watermark == 1499

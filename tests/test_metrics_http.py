@@ -98,6 +98,7 @@ async def test_metrics_show_records_backpressure_and_checkpoints_of_a_running_jo
         assert value(families, "pyflow_job_restarts_total", job="job") == 0
         assert value(families, "pyflow_job_uptime_seconds") > 0
         assert value(families, "pyflow_checkpoint_failure_alert", job="job") == 0
+        assert value(families, "pyflow_checkpoint_alignment_time_ms", operator_uid="held") >= 0
         # No event time in this job: no watermark sample yet.
         assert metric_samples(families, "pyflow_current_watermark_ms") == []
 
