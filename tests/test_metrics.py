@@ -271,3 +271,23 @@ async def test_an_input_watermark_is_the_tasks_combined_one_or_the_chain_predece
     assert events.input_watermark is None and events.watermark == 1499
     assert copy.input_watermark == 1499 and copy.watermark == 1499
     assert operator(snapshot, "out").subtasks[0].input_watermark == 1499
+
+
+async def test_counts_after_the_job_ended_equal_its_result_not_twice() -> None:
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(GeneratorSource(lambda i: i, count=1000)).uid("numbers").sink_to(sink).uid(
+            "out"
+        )
+
+    master = JobMaster(build_graph(build, None, 2))
+    result = await master.run()
+    final = {s.uid: (s.records_in, s.records_out) for s in result.operators}
+    assert final == {"numbers": (0, 1000), "out": (1000, 0)}
+    # What the progress display and /status read once the job ended: the same counts.
+    live = {s.uid: (s.records_in, s.records_out) for s in master.operator_summaries(True)}
+    assert live == final
+    snapshot = master.metrics_snapshot()
+    assert {op.uid: (op.records_in, op.records_out) for op in snapshot.operators} == final
+    assert sum(s.records_out for s in operator(snapshot, "numbers").subtasks) == 1000
