@@ -63,6 +63,7 @@ from runtime.api.windows import (
     WindowedStream,
 )
 from runtime.config import CheckpointConfig, ExecutionConfig
+from runtime.master.alerts import CheckpointFailureAlert, CheckpointFailureThreshold
 from runtime.master.jobmaster import JobFailedError, JobResult
 from runtime.shell.runner import load_job_file, run_job, run_job_async
 from runtime.version import __version__ as __version__
@@ -73,6 +74,8 @@ __all__ = [
     "AllWindowedStream",
     "BoundedOutOfOrdernessWatermarks",
     "CheckpointConfig",
+    "CheckpointFailureAlert",
+    "CheckpointFailureThreshold",
     "Collector",
     "ConnectedStreams",
     "ContinuousEventTimeTrigger",
