@@ -61,7 +61,8 @@ class CheckpointConfig:
     :mod:`runtime.master.alerts`); None: no alert."""
     on_failure_alert: AlertHook | None = None
     """Called with a :class:`~runtime.master.alerts.CheckpointFailureAlert` when the alert
-    fires (on the job master's event loop; must not block; what it raises is logged)."""
+    fires (on the job master's event loop: it must not block, a coroutine function runs as a
+    task; what it raises is logged)."""
 
 
 @dataclass

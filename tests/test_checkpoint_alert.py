@@ -158,6 +158,36 @@ async def test_a_hook_that_raises_is_logged_and_the_job_runs_on(
         await stop(job)
 
 
+@pytest.mark.asyncio
+async def test_a_coroutine_hook_runs_as_a_task_and_its_error_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    delivered: list[CheckpointFailureAlert] = []
+
+    async def page(alert: CheckpointFailureAlert) -> None:
+        await asyncio.sleep(0)
+        delivered.append(alert)
+        msg = "the pager answered 503"
+        raise RuntimeError(msg)
+
+    sink = HeldSink()
+    master, _, job = await started_on_virtual_time(sink, "1/1min", page)
+    try:
+        await fail_checkpoints(master, sink, 1)
+        await wait_until(lambda: bool(delivered), "the hook to run", job)
+        await wait_until(
+            lambda: any("hook" in r.getMessage() for r in caplog.records),
+            "the hook's error to be logged",
+            job,
+        )
+        [hook_error] = [r for r in caplog.records if "hook" in r.getMessage()]
+        assert hook_error.exc_info is not None
+        assert "the pager answered 503" in str(hook_error.exc_info[1])
+        assert not job.done()
+    finally:
+        await stop(job)
+
+
 def test_the_threshold_reads_as_on_the_command_line() -> None:
     assert CheckpointFailureThreshold.parse("3/10min") == CheckpointFailureThreshold(3, 600.0)
     assert CheckpointFailureThreshold.parse(" 1 / 500ms ").window_s == 0.5

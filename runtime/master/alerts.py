@@ -17,10 +17,12 @@ acknowledging, a checkpoint subsumed by a newer one) does not count.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from runtime.api.durations import format_duration, parse_duration
@@ -84,9 +86,10 @@ class CheckpointFailureAlert:
     """The whole alert as one line (the ERROR logged, ``/status``'s ``alert.message``)."""
 
 
-AlertHook = Callable[[CheckpointFailureAlert], None]
-"""Called on the job master's event loop when the alert fires: it must not block (hand slow work
-such as an HTTP call to a thread); an exception it raises is logged and otherwise ignored."""
+AlertHook = Callable[[CheckpointFailureAlert], Awaitable[None] | None]
+"""Called on the job master's event loop when the alert fires. It must not block: a coroutine
+function (``async def``) is run as a task of its own, so it may await an HTTP call; anything
+slow and blocking belongs in a thread. An exception it raises is logged and otherwise ignored."""
 
 
 class CheckpointFailureAlarm:
@@ -105,6 +108,7 @@ class CheckpointFailureAlarm:
         self.active: CheckpointFailureAlert | None = None
         """The alert while it is raised; None otherwise."""
         self._failures: deque[float] = deque()
+        self._running_hooks: set[asyncio.Future[None]] = set()
 
     def on_failure(self, now_s: float, checkpoint_id: int, reason: str) -> None:
         """A checkpoint failed at ``now_s`` (the coordinator's monotonic seconds)."""
@@ -129,9 +133,23 @@ class CheckpointFailureAlarm:
         log.error("checkpoint failure alert: %s", message)
         if self.hook is not None:
             try:
-                self.hook(alert)
+                result = self.hook(alert)
             except Exception:
                 log.exception("the checkpoint failure alert hook of job %r raised", self.job)
+                return
+            if inspect.isawaitable(result):
+                running = asyncio.ensure_future(result)
+                self._running_hooks.add(running)
+                running.add_done_callback(self._hook_done)
+
+    def _hook_done(self, running: asyncio.Future[None]) -> None:
+        self._running_hooks.discard(running)
+        if not running.cancelled() and running.exception() is not None:
+            log.error(
+                "the checkpoint failure alert hook of job %r raised",
+                self.job,
+                exc_info=running.exception(),
+            )
 
     def on_completed(self, checkpoint_id: int) -> None:
         """A checkpoint completed: the alert clears and the count starts afresh."""
