@@ -232,6 +232,9 @@ class JobMaster:
         self.started = time.monotonic()
         self._all_finished = asyncio.Event()
         self._metric_totals: dict[str, list[int]] = {}
+        self._totals_include_attempt = False
+        """True once the ended attempt's counters are in ``_metric_totals``: its tasks' latest
+        metrics then add nothing more (read on top, they would count its records twice)."""
         self.on_attempt_started: Callable[[JobMaster], None] | None = None
         self._splits: dict[str, list[Any]] = {}
         self.status = "created"
@@ -277,6 +280,7 @@ class JobMaster:
             handles = await self._deploy(self.restore_point)
             self.tasks = [h.task for h in handles if isinstance(h, LocalTaskHandle)]
             self.handles = list(handles)
+            self._totals_include_attempt = False
             self.coordinator.attach(self.handles)
             self.status = "running"
             if self.on_attempt_started is not None:
@@ -436,13 +440,18 @@ class JobMaster:
     # ---------------------------------------------------------------- metrics
 
     def _accumulate_metrics(self) -> None:
+        """Add the ended attempt's counters to the totals (once per attempt)."""
         for uid, (records_in, records_out) in self._live_metrics().items():
             totals = self._metric_totals.setdefault(uid, [0, 0])
             totals[0] += records_in
             totals[1] += records_out
+        self._totals_include_attempt = True
 
     def _live_metrics(self) -> dict[str, tuple[int, int]]:
+        """Records in/out per operator uid of the current attempt not yet in the totals."""
         result: dict[str, tuple[int, int]] = {}
+        if self._totals_include_attempt:
+            return result
         for task in self.handles:
             metrics = task.latest_metrics()
             if metrics is None:
