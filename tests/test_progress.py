@@ -1,9 +1,15 @@
 """The progress display: the job master's counts once a job ended (what the display's last frame
-and the summary read)."""
+and the summary read), and ``python -m runtime run`` in an 80x24 pseudo-terminal read through a
+terminal emulator: the records the job prints stay on screen above the table, no line of the
+display is wider than the terminal, a log line does not break it, and its last frame shows the
+summary's counts."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+
+from cli_helpers import ROOT, run_in_terminal
 
 from connectors import CollectionSource, CollectSink
 from runtime import Job
@@ -11,6 +17,10 @@ from runtime.master.jobmaster import JobMaster
 from runtime.plan.jobfile import build_graph
 
 RECORDS = 50
+PRINTING_JOB = ROOT / "tests" / "jobs" / "printed_progress.py"
+PRINTED = 60
+TABLE_HEADER = re.compile(r"^operator\s+p\s+in\s+in/s\s+out\s+out/s\s+backpr\s+watermark$")
+SUMMARY_LINE = re.compile(r"^  (.+): ([\d,]+) in, ([\d,]+) out \(parallelism \d+\)$")
 
 
 def _counted_job(job: Job) -> None:
@@ -31,3 +41,48 @@ def test_counts_after_the_job_ended_equal_the_result() -> None:
     )
     after = {s.uid: (s.records_in, s.records_out) for s in master.operator_summaries(True)}
     assert after == counts
+
+
+def test_the_display_in_an_80_column_terminal_keeps_records_and_ends_with_the_summary() -> None:
+    run = run_in_terminal(
+        "run",
+        str(PRINTING_JOB),
+        "--set",
+        f"count={PRINTED}",
+        "--set",
+        "rate=40",
+        "--rest-port",
+        "-1",
+    )
+    screen = run.screen_lines()
+    shown = "\n".join(screen)
+    assert run.returncode == 0, shown
+
+    # Every record is on screen (in the scrollback), whole and in order, none lost to a redraw.
+    records = [line for line in screen if line.startswith("record ")]
+    assert records == [f"record {i:04d}" for i in range(PRINTED)], shown
+    # The job's log line is there too, whole.
+    assert any(re.search(r"WARNING \S+: halfway at record 30$", line) for line in screen), shown
+
+    # One table, at the bottom: earlier frames were redrawn in place, none left behind.
+    headers = [i for i, line in enumerate(screen) if TABLE_HEADER.match(line)]
+    assert len(headers) == 1, shown
+    summary_at = next(i for i, line in enumerate(screen) if " finished in " in line)
+    frame_rows = screen[headers[0] + 1 : summary_at]
+    assert not any(line.startswith("record ") for line in screen[headers[0] :]), shown
+
+    # Until the summary, nothing written is wider than the terminal (the long name is cut).
+    written = run.text_lines()
+    until_summary = written[: next(i for i, line in enumerate(written) if " finished in " in line)]
+    too_wide = [line for line in until_summary if len(line) > run.columns]
+    assert not too_wide, too_wide
+    assert any(row.startswith("format every recor") and "…" in row for row in frame_rows), shown
+
+    # The last frame shows the summary's counts, operator by operator (the summary's lines as
+    # written: the terminal wraps the long one).
+    summary = [SUMMARY_LINE.match(line) for line in written[len(until_summary) + 1 :]]
+    summary_counts = [(m.group(2), m.group(3)) for m in summary if m is not None]
+    frame_counts = [(row.split()[-6], row.split()[-4]) for row in frame_rows]
+    assert len(summary_counts) == 3, written
+    assert frame_counts == summary_counts, shown
+    assert summary_counts[1] == (f"{PRINTED}", f"{PRINTED}")
