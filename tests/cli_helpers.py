@@ -531,26 +531,34 @@ _ESCAPE_SEQUENCE = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\
 
 
 def run_in_terminal(
-    *args: str, columns: int = 80, rows: int = 24, timeout: float = RUN_TIMEOUT_S
+    *args: str,
+    columns: int = 80,
+    rows: int = 24,
+    timeout: float = RUN_TIMEOUT_S,
+    stdout_path: Path | None = None,
 ) -> TerminalRun:
     """Run ``python -m runtime ARGS`` with stdin, stdout and stderr on one pseudo-terminal of
-    ``columns`` x ``rows`` (also in ``COLUMNS``/``LINES``), to its end."""
+    ``columns`` x ``rows`` (also in ``COLUMNS``/``LINES``), to its end; stdout into the file
+    ``stdout_path`` instead, if given (``> file`` in a shell)."""
     master_fd, child_fd = os.openpty()
     fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
     env.update(COLUMNS=str(columns), LINES=str(rows), TERM="xterm-256color")
+    stdout = open(stdout_path, "wb") if stdout_path is not None else None
     try:
         proc = subprocess.Popen(
             runtime_command(*args),
             cwd=ROOT,
             stdin=child_fd,
-            stdout=child_fd,
+            stdout=child_fd if stdout is None else stdout,
             stderr=child_fd,
             env=env,
             start_new_session=True,
         )
     finally:
         os.close(child_fd)
+        if stdout is not None:
+            stdout.close()
     output = bytearray()
     deadline = time.monotonic() + timeout
     try:

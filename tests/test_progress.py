@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 from cli_helpers import ROOT, run_in_terminal
 
@@ -86,3 +87,20 @@ def test_the_display_in_an_80_column_terminal_keeps_records_and_ends_with_the_su
     assert len(summary_counts) == 3, written
     assert frame_counts == summary_counts, shown
     assert summary_counts[1] == (f"{PRINTED}", f"{PRINTED}")
+
+
+def test_with_stdout_redirected_the_records_go_to_the_file_and_the_display_stays_on_the_terminal(
+    tmp_path: Path,
+) -> None:
+    """``run job.py > records.txt`` on a terminal: the display must not take the records over
+    to the terminal (stderr); they all go to the file, and only there."""
+    records_file = tmp_path / "records.txt"
+    run = run_in_terminal(
+        "run", str(PRINTING_JOB), "--set", f"count={PRINTED}", "--set", "rate=200",
+        "--rest-port", "-1", stdout_path=records_file,
+    )  # fmt: skip
+    screen = run.screen_lines()
+    assert run.returncode == 0, screen
+    assert records_file.read_text().splitlines() == [f"record {i:04d}" for i in range(PRINTED)]
+    assert not any(line.startswith("record ") for line in screen), screen
+    assert sum(1 for line in screen if TABLE_HEADER.match(line)) == 1, screen
