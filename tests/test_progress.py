@@ -86,6 +86,10 @@ def test_the_display_in_an_80_column_terminal_keeps_records_and_ends_with_the_su
     frame_counts = [(row.split()[-6], row.split()[-4]) for row in frame_rows]
     assert len(summary_counts) == 3, written
     assert frame_counts == summary_counts, shown
+    checkpoints = re.search(r"\((\d+) attempts?, (\d+) checkpoints?\)", written[len(until_summary)])
+    assert checkpoints, written
+    assert screen[headers[0] - 1].startswith(f"checkpoints: {checkpoints.group(2)} completed")
+    assert screen[headers[0] - 2].startswith("job 'printed_progress' finished · attempt 1 ")
     assert summary_counts[1] == (f"{PRINTED}", f"{PRINTED}")
 
 

@@ -178,16 +178,16 @@ def backpressure_text(ms_per_s: float | None) -> Text:
 
 
 def checkpoints_text(checkpoints: CheckpointProgress) -> str:
-    text = f"checkpoints {checkpoints.completed}"
+    """``checkpoints: 11 completed, 1 failed, 1 in progress; last #12 (35ms)``."""
+    text = f"checkpoints: {checkpoints.completed} completed"
     if checkpoints.failed:
         text += f", {checkpoints.failed} failed"
     if checkpoints.in_progress:
-        text += f", {checkpoints.in_progress} running"
+        text += f", {checkpoints.in_progress} in progress"
     if checkpoints.last_completed_id is not None:
-        text += f" (last #{checkpoints.last_completed_id}"
+        text += f"; last #{checkpoints.last_completed_id}"
         if checkpoints.last_duration_ms is not None:
-            text += f", {checkpoints.last_duration_ms:.0f}ms"
-        text += ")"
+            text += f" ({checkpoints.last_duration_ms:.0f}ms)"
     return text
 
 
@@ -205,7 +205,7 @@ def duration_text(seconds: float) -> str:
 def header_text(progress: JobProgress) -> str:
     return (
         f"job {progress.job!r} {progress.status} · attempt {progress.attempt} · "
-        f"{duration_text(progress.uptime_s)} · {checkpoints_text(progress.checkpoints)}"
+        f"{duration_text(progress.uptime_s)}"
     )
 
 
@@ -225,8 +225,8 @@ _NAME_MAX = 40
 
 
 def progress_table(progress: JobProgress, width: int) -> Group:
-    """The frame drawn on a terminal ``width`` columns wide: a header line and one row per
-    operator, no line wider than ``width``."""
+    """The frame drawn on a terminal ``width`` columns wide: the job's line, its checkpoints'
+    line and one row per operator, no line wider than ``width``."""
     fixed = sum(w for _, w in _COLUMNS) + _GAP * len(_COLUMNS)
     longest = max((len(op.name) for op in progress.operators), default=_NAME_MIN)
     name_width = max(_NAME_MIN, min(_NAME_MAX, longest, width - fixed))
@@ -249,13 +249,15 @@ def progress_table(progress: JobProgress, width: int) -> Group:
         )
     header = Text(header_text(progress), style="bold", no_wrap=True, overflow="ellipsis")
     header.truncate(width, overflow="ellipsis")
-    return Group(header, table)
+    checkpoints = Text(checkpoints_text(progress.checkpoints), no_wrap=True, overflow="ellipsis")
+    checkpoints.truncate(width, overflow="ellipsis")
+    return Group(header, checkpoints, table)
 
 
 def plain_lines(progress: JobProgress) -> list[str]:
     """The lines written when the output is not a terminal."""
     width = min(max((len(op.name) for op in progress.operators), default=10), 48)
-    lines = [header_text(progress)]
+    lines = [f"{header_text(progress)} · {checkpoints_text(progress.checkpoints)}"]
     for op in progress.operators:
         lines.append(
             f"  {op.name[:width]:<{width}}  in {op.records_in:>10,} "
