@@ -7,15 +7,23 @@ summary's counts."""
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 from pathlib import Path
 
 from cli_helpers import ROOT, run_in_terminal
+from rich.console import Console
 
 from connectors import CollectionSource, CollectSink
 from runtime import Job
 from runtime.master.jobmaster import JobMaster
 from runtime.plan.jobfile import build_graph
+from runtime.shell.progress import (
+    CheckpointProgress,
+    JobProgress,
+    OperatorProgress,
+    progress_table,
+)
 
 RECORDS = 50
 PRINTING_JOB = ROOT / "tests" / "jobs" / "printed_progress.py"
@@ -108,3 +116,58 @@ def test_with_stdout_redirected_the_records_go_to_the_file_and_the_display_stays
     assert records_file.read_text().splitlines() == [f"record {i:04d}" for i in range(PRINTED)]
     assert not any(line.startswith("record ") for line in screen), screen
     assert sum(1 for line in screen if TABLE_HEADER.match(line)) == 1, screen
+
+
+def _operator(name: str, **figures: object) -> OperatorProgress:
+    defaults: dict[str, object] = {
+        "uid": name,
+        "name": name,
+        "parallelism": 1,
+        "records_in": 0,
+        "records_out": 0,
+        "records_in_per_s": None,
+        "records_out_per_s": None,
+        "backpressured_ms_per_s": None,
+        "watermark": None,
+        "idle": False,
+    }
+    return OperatorProgress(**{**defaults, **figures})
+
+
+def test_a_frame_fits_80_columns_with_large_figures_and_shows_what_it_knows() -> None:
+    progress = JobProgress(
+        job="a job whose name is long enough to need cutting at eighty columns, surely",
+        status="running",
+        attempt=3,
+        uptime_s=3725.0,
+        operators=[
+            _operator(
+                "Source: Kafka(events-with-a-very-long-topic-name)",
+                parallelism=12,
+                records_out=123_456_789_012,
+                records_out_per_s=98_765.4,
+                backpressured_ms_per_s=870.0,
+                watermark=1_767_225_600_000,  # 2026-01-01T00:00:00Z
+            ),
+            _operator("count", records_in=9_999_999, records_out=42, idle=True),
+            _operator("Sink: Print", records_in=42, records_in_per_s=1.5),
+        ],
+        checkpoints=CheckpointProgress(
+            completed=1234, failed=2, in_progress=1, last_completed_id=1236, last_duration_ms=87.4
+        ),
+        taken_at=0.0,
+    )
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(progress_table(progress, 80))
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    header, checkpoints, columns, source, count, sink = lines
+    assert header.startswith("job 'a job whose name") and header.endswith("…")
+    assert checkpoints == (
+        "checkpoints: 1234 completed, 2 failed, 1 in progress; last #1236 (87ms)"
+    )
+    assert columns.split() == ["operator", "p", "in", "in/s", "out", "out/s", "backpr", "watermark"]
+    assert source.split()[-7:] == ["12", "0", "—", "123G", "98.8k", "87%", "00:00:00"]
+    assert source.startswith("Source: Kafka(") and "…" in source
+    assert count.split() == ["count", "1", "9,999,999", "—", "42", "—", "—", "idle"]
+    assert sink.split() == ["Sink:", "Print", "1", "42", "1.5", "0", "—", "—", "—"]

@@ -137,11 +137,13 @@ def job_progress(master: JobMaster, previous: JobProgress | None = None) -> JobP
 
 
 def compact_number(n: float) -> str:
-    """``950``, ``12.3k``, ``4.5M``, ``1.2G``: at most 6 characters."""
+    """``0``, ``1.5``, ``950``, ``12.3k``, ``4.5M``, ``1.2G``: at most 6 characters."""
     for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if n >= limit:
             scaled = n / limit
             return f"{scaled:.1f}{suffix}" if scaled < 100 else f"{scaled:.0f}{suffix}"
+    if n < 10 and round(n, 1) != round(n):
+        return f"{n:.1f}"
     return f"{n:.0f}"
 
 
