@@ -17,13 +17,14 @@ from rich.console import Console
 from connectors import CollectionSource, CollectSink
 from runtime import Job
 from runtime.master.jobmaster import JobMaster
-from runtime.plan.jobfile import build_graph
-from runtime.shell.progress import (
-    CheckpointProgress,
-    JobProgress,
-    OperatorProgress,
-    progress_table,
+from runtime.master.metrics import (
+    AlertStatus,
+    CheckpointCounts,
+    JobMetricsSnapshot,
+    OperatorMetrics,
 )
+from runtime.plan.jobfile import build_graph
+from runtime.shell.progress import progress_table
 
 RECORDS = 50
 PRINTING_JOB = ROOT / "tests" / "jobs" / "printed_progress.py"
@@ -118,29 +119,36 @@ def test_with_stdout_redirected_the_records_go_to_the_file_and_the_display_stays
     assert sum(1 for line in screen if TABLE_HEADER.match(line)) == 1, screen
 
 
-def _operator(name: str, **figures: object) -> OperatorProgress:
+def _operator(name: str, **figures: object) -> OperatorMetrics:
     defaults: dict[str, object] = {
         "uid": name,
         "name": name,
+        "vertex": 0,
         "parallelism": 1,
         "records_in": 0,
         "records_out": 0,
         "records_in_per_s": None,
         "records_out_per_s": None,
+        "busy_ms_per_s": None,
+        "idle_ms_per_s": None,
         "backpressured_ms_per_s": None,
         "watermark": None,
         "idle": False,
+        "input_watermark": None,
+        "late_records_dropped": 0,
+        "subtasks": (),
     }
-    return OperatorProgress(**{**defaults, **figures})
+    return OperatorMetrics(**{**defaults, **figures})
 
 
 def test_a_frame_fits_80_columns_with_large_figures_and_shows_what_it_knows() -> None:
-    progress = JobProgress(
+    progress = JobMetricsSnapshot(
         job="a job whose name is long enough to need cutting at eighty columns, surely",
         status="running",
         attempt=3,
         uptime_s=3725.0,
-        operators=[
+        restarts=2,
+        operators=(
             _operator(
                 "Source: Kafka(events-with-a-very-long-topic-name)",
                 parallelism=12,
@@ -151,17 +159,24 @@ def test_a_frame_fits_80_columns_with_large_figures_and_shows_what_it_knows() ->
             ),
             _operator("count", records_in=9_999_999, records_out=42, idle=True),
             _operator("Sink: Print", records_in=42, records_in_per_s=1.5),
-        ],
-        checkpoints=CheckpointProgress(
-            completed=1234, failed=2, in_progress=1, last_completed_id=1236, last_duration_ms=87.4
         ),
-        taken_at=0.0,
+        checkpoints=CheckpointCounts(
+            completed=1234,
+            failed=2,
+            in_progress=1,
+            last_duration_ms=87.4,
+            last_size_bytes=4096,
+            last_completed_id=1236,
+        ),
+        alert=AlertStatus(active=True, message="3 checkpoints failed within 10min: timed out"),
+        source_lag={},
     )
     console = Console(width=80, record=True, file=io.StringIO())
     console.print(progress_table(progress, 80))
     lines = console.export_text().splitlines()
     assert all(len(line) <= 80 for line in lines), lines
-    header, checkpoints, columns, source, count, sink = lines
+    header, checkpoints, alert, columns, source, count, sink = lines
+    assert alert == "alert: 3 checkpoints failed within 10min: timed out"
     assert header.startswith("job 'a job whose name") and header.endswith("…")
     assert checkpoints == (
         "checkpoints: 1234 completed, 2 failed, 1 in progress; last #1236 (87ms)"

@@ -7,8 +7,8 @@ it, and it fits the terminal's width (operator names are cut with an ellipsis). 
 drawn once the job ended, stays on screen above the summary and shows the same counts. Otherwise
 a plain line per operator is printed every ``plain_interval_s``.
 
-The reporter only reads the job master's figures, through :func:`job_progress`; it never touches
-task state.
+The figures are the job master's metrics snapshot (:meth:`JobMaster.metrics_snapshot`), which
+every view reads; the display computes none of its own and never touches task state.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TextIO
 
 from rich.console import Console, Group
@@ -29,8 +28,8 @@ from rich.table import Table
 from rich.text import Text
 
 from actors.events import MAX_TIMESTAMP
-from runtime.master.coordinator import CheckpointStatus
-from runtime.master.jobmaster import JobMaster, JobResult, combined_watermark
+from runtime.master.jobmaster import JobMaster, JobResult
+from runtime.master.metrics import CheckpointCounts, JobMetricsSnapshot
 
 EXACT_COUNT_BELOW = 10_000_000
 """Counts below this are shown in full (``9,999,999``: 9 columns), larger ones compact."""
@@ -40,97 +39,6 @@ WATERMARK_CLOCK_FROM_MS = 10**11
 
 BACKPRESSURE_WARN_MS_PER_S = 100.0
 BACKPRESSURE_HIGH_MS_PER_S = 500.0
-
-
-# --------------------------------------------------------------------------- what is shown
-
-
-@dataclass(frozen=True)
-class OperatorProgress:
-    uid: str
-    name: str
-    parallelism: int
-    records_in: int
-    records_out: int
-    records_in_per_s: float | None
-    records_out_per_s: float | None
-    backpressured_ms_per_s: float | None
-    """The worst subtask's time waiting for output credit (None where not measured)."""
-    watermark: int | None
-    idle: bool
-
-
-@dataclass(frozen=True)
-class CheckpointProgress:
-    completed: int
-    failed: int
-    in_progress: int
-    last_completed_id: int | None
-    last_duration_ms: float | None
-
-
-@dataclass(frozen=True)
-class JobProgress:
-    """One frame's figures, as the job master reports them."""
-
-    job: str
-    status: str
-    attempt: int
-    uptime_s: float
-    operators: list[OperatorProgress]
-    checkpoints: CheckpointProgress
-    taken_at: float
-    """time.monotonic() when read (the rates span the time since the previous frame)."""
-
-
-def job_progress(master: JobMaster, previous: JobProgress | None = None) -> JobProgress:
-    """The figures the display shows, read from the job master: the one place that knows where
-    they come from. Rates are the counts' change since ``previous``; backpressure is not
-    measured (None)."""
-    now = time.monotonic()
-    elapsed = now - previous.taken_at if previous is not None else 0.0
-    before = {op.uid: op for op in previous.operators} if previous is not None else {}
-    watermarks = master.operator_watermarks()
-    operators = []
-    for summary in master.operator_summaries(include_live=True):
-        watermark, idle = combined_watermark(watermarks.get(summary.uid, []))
-        earlier = before.get(summary.uid)
-        rate_in = rate_out = None
-        if earlier is not None and elapsed > 0:
-            rate_in = max(0, summary.records_in - earlier.records_in) / elapsed
-            rate_out = max(0, summary.records_out - earlier.records_out) / elapsed
-        operators.append(
-            OperatorProgress(
-                uid=summary.uid,
-                name=summary.name,
-                parallelism=summary.parallelism,
-                records_in=summary.records_in,
-                records_out=summary.records_out,
-                records_in_per_s=rate_in,
-                records_out_per_s=rate_out,
-                backpressured_ms_per_s=None,
-                watermark=watermark,
-                idle=idle,
-            )
-        )
-    coordinator = master.coordinator
-    completed_stats = [s for s in coordinator.history if s.status is CheckpointStatus.COMPLETED]
-    checkpoints = CheckpointProgress(
-        completed=len(coordinator.completed_ids),
-        failed=sum(1 for s in coordinator.history if s.status is CheckpointStatus.FAILED),
-        in_progress=len(coordinator.pending),
-        last_completed_id=coordinator.completed_ids[-1] if coordinator.completed_ids else None,
-        last_duration_ms=completed_stats[-1].duration_ms if completed_stats else None,
-    )
-    return JobProgress(
-        job=master.graph.name,
-        status=master.status,
-        attempt=master.attempt,
-        uptime_s=now - master.started,
-        operators=operators,
-        checkpoints=checkpoints,
-        taken_at=now,
-    )
 
 
 # --------------------------------------------------------------------------- formatting
@@ -179,7 +87,7 @@ def backpressure_text(ms_per_s: float | None) -> Text:
     return Text(f"{ms_per_s / 10:.0f}%", style=style)
 
 
-def checkpoints_text(checkpoints: CheckpointProgress) -> str:
+def checkpoints_text(checkpoints: CheckpointCounts) -> str:
     """``checkpoints: 11 completed, 1 failed, 1 in progress; last #12 (35ms)``."""
     text = f"checkpoints: {checkpoints.completed} completed"
     if checkpoints.failed:
@@ -204,7 +112,7 @@ def duration_text(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def header_text(progress: JobProgress) -> str:
+def header_text(progress: JobMetricsSnapshot) -> str:
     return (
         f"job {progress.job!r} {progress.status} · attempt {progress.attempt} · "
         f"{duration_text(progress.uptime_s)}"
@@ -226,9 +134,10 @@ _NAME_MIN = 8
 _NAME_MAX = 40
 
 
-def progress_table(progress: JobProgress, width: int) -> Group:
+def progress_table(progress: JobMetricsSnapshot, width: int) -> Group:
     """The frame drawn on a terminal ``width`` columns wide: the job's line, its checkpoints'
-    line and one row per operator, no line wider than ``width``."""
+    line, the checkpoint failure alert while it is raised, and one row per operator; no line
+    wider than ``width``."""
     fixed = sum(w for _, w in _COLUMNS) + _GAP * len(_COLUMNS)
     longest = max((len(op.name) for op in progress.operators), default=_NAME_MIN)
     name_width = max(_NAME_MIN, min(_NAME_MAX, longest, width - fixed))
@@ -251,15 +160,21 @@ def progress_table(progress: JobProgress, width: int) -> Group:
         )
     header = Text(header_text(progress), style="bold", no_wrap=True, overflow="ellipsis")
     header.truncate(width, overflow="ellipsis")
-    checkpoints = Text(checkpoints_text(progress.checkpoints), no_wrap=True, overflow="ellipsis")
-    checkpoints.truncate(width, overflow="ellipsis")
-    return Group(header, checkpoints, table)
+    lines = [header, Text(checkpoints_text(progress.checkpoints))]
+    if progress.alert.active:
+        lines.append(Text(f"alert: {progress.alert.message}", style="bold red"))
+    for line in lines[1:]:
+        line.no_wrap = True
+        line.truncate(width, overflow="ellipsis")
+    return Group(*lines, table)
 
 
-def plain_lines(progress: JobProgress) -> list[str]:
+def plain_lines(progress: JobMetricsSnapshot) -> list[str]:
     """The lines written when the output is not a terminal."""
     width = min(max((len(op.name) for op in progress.operators), default=10), 48)
     lines = [f"{header_text(progress)} · {checkpoints_text(progress.checkpoints)}"]
+    if progress.alert.active:
+        lines.append(f"alert: {progress.alert.message}")
     for op in progress.operators:
         lines.append(
             f"  {op.name[:width]:<{width}}  in {op.records_in:>10,} "
@@ -311,11 +226,9 @@ class ProgressReporter:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval_s = interval_s if self.tty else plain_interval_s
-        self._previous: JobProgress | None = None
 
-    def _progress(self) -> JobProgress:
-        self._previous = job_progress(self.master, self._previous)
-        return self._previous
+    def _progress(self) -> JobMetricsSnapshot:
+        return self.master.metrics_snapshot()
 
     def draw(self) -> None:
         """Write the plain lines (the output is not a terminal)."""
