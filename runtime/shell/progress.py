@@ -22,8 +22,9 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.live import Live
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -214,6 +215,21 @@ def _logging_to(stream: TextIO, replaced: tuple[TextIO, ...]) -> Iterator[None]:
             handler.setStream(old)
 
 
+class _RenderedFrame:
+    """A frame rendered once, whose lines the live display replays each time it redraws: it
+    redraws after every line the job prints, and rendering the table each time would cost more
+    than printing the records."""
+
+    def __init__(self, console: Console, frame: Group) -> None:
+        self.lines = console.render_lines(frame, pad=False)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        newline = Segment.line()
+        for line in self.lines:
+            yield from line
+            yield newline
+
+
 class ProgressReporter:
     def __init__(
         self,
@@ -229,6 +245,9 @@ class ProgressReporter:
 
     def _progress(self) -> JobMetricsSnapshot:
         return self.master.metrics_snapshot()
+
+    def _frame(self, console: Console) -> _RenderedFrame:
+        return _RenderedFrame(console, progress_table(self._progress(), console.width))
 
     def draw(self) -> None:
         """Write the plain lines (the output is not a terminal)."""
@@ -262,10 +281,10 @@ class ProgressReporter:
             with _logging_to(sys.stderr, tuple(on_terminal)):
                 try:
                     while True:
-                        live.update(progress_table(self._progress(), console.width), refresh=True)
+                        live.update(self._frame(console), refresh=True)
                         await asyncio.sleep(self.interval_s)
                 finally:
-                    live.update(progress_table(self._progress(), console.width), refresh=True)
+                    live.update(self._frame(console), refresh=True)
 
     def summary(self, result: JobResult) -> None:
         out = self.stream
