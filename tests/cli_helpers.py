@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pyte
-
 from runtime.cluster.messages import LossCause
 from state.keygroups import DEFAULT_MAX_PARALLELISM
 from state.storage import (
@@ -537,6 +535,8 @@ class TerminalRun:
     def screen_lines(self) -> list[str]:
         """What the terminal shows at the end, with everything scrolled off above it: the
         output read by a terminal emulator (``pyte``) of the run's size, trailing blanks cut."""
+        import pyte  # the dev extra's; only the terminal tests need it
+
         screen = pyte.HistoryScreen(self.columns, self.rows, history=100_000, ratio=0.5)
         pyte.ByteStream(screen).feed(self.output)
         scrolled = [
