@@ -3,7 +3,8 @@ running in the background, its ``/status`` and its operators' metrics; a ``Manua
 until the tasks ran what became due; a virtual clock and scripted task handles to drive the
 checkpoint coordinator without tasks; a source that emits what the test pushes; an unbounded
 source whose splits the test feeds while the job runs, and a process function that shows the
-watermark each record and timer saw."""
+watermark each record and timer saw; a sink the test holds back (backpressure) and a word
+count job over them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from cli_helpers import get_json
 
 from actors.protocol import TaskCommand, TaskId, TaskMetrics, TaskState
 from runtime.api.functions import Collector, KeyedProcessContext, KeyedProcessFunction
+from runtime.api.sinks import Sink, SinkWriter
 from runtime.api.sources import END_OF_INPUT, Source, SourceReader, SourceReaderContext
 from runtime.config import ExecutionConfig
 from runtime.master.jobmaster import JobMaster
@@ -348,3 +350,57 @@ def fired(sink: Any) -> list[tuple[Any, ...]]:
 def records(sink: Any) -> list[tuple[Any, ...]]:
     """The records an :class:`EventTimeTimers` wrote to ``sink``, in order."""
     return [r for r in sink.results if r[0] == "record"]
+
+
+class HeldSink(Sink):
+    """Collects what it is given in ``written``; while ``gate`` is clear, ``write`` waits on it,
+    so the sink stops taking buffers and its upstream runs out of credit (backpressure)."""
+
+    def __init__(self) -> None:
+        self.written: list[Any] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    def name(self) -> str:
+        return "Held"
+
+    def create_writer(self, context: Any) -> SinkWriter:
+        return _HeldWriter(self)
+
+
+class _HeldWriter(SinkWriter):
+    def __init__(self, sink: HeldSink) -> None:
+        self.sink = sink
+
+    async def write(self, values: list[Any]) -> None:
+        await self.sink.gate.wait()
+        self.sink.written.extend(values)
+
+
+def _split_words(line: str) -> list[tuple[str, int]]:
+    return [(word, 1) for word in line.split()]
+
+
+def _add_counts(a: tuple[str, int], b: tuple[str, int]) -> tuple[str, int]:
+    return a[0], a[1] + b[1]
+
+
+def word_count_job(source: Source[Any], sink: Sink, count_parallelism: int = 2) -> Any:
+    """``build(job)`` of a word count: ``source`` of lines -> ``split words`` -> key by word ->
+    ``count`` (a reduce, uid ``word-counts``, value state ``reduce`` holding ``(word, count)``,
+    ``count_parallelism`` subtasks) -> ``sink`` (parallelism 1). Three vertices, joined by a hash
+    and a rebalance edge."""
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(source, name="lines")
+            .flat_map(_split_words, name="split words")
+            .key_by(lambda pair: pair[0])
+            .reduce(_add_counts, name="count")
+            .uid("word-counts")
+            .set_parallelism(count_parallelism)
+            .sink_to(sink, name="counts sink")
+            .set_parallelism(1)
+        )
+
+    return build

@@ -13,6 +13,7 @@ Routes:
 - ``POST /savepoints`` with ``{"dir": DIR}``: take a savepoint into DIR; answers with its path.
 - ``POST /stop`` with ``{"dir": DIR, "drain": bool}``: stop with a savepoint; answers with its path.
 - ``POST /cancel``: cancel the job (``close()`` runs, ``finish()`` does not).
+- ``GET /plan`` and the web view at ``GET /`` (:mod:`runtime.shell.web`).
 
 It binds to 127.0.0.1 unless told otherwise; it has no authentication, so do not expose it.
 """
@@ -32,6 +33,7 @@ from actors.protocol import TaskState
 from runtime.config import DEFAULT_REST_HOST, DEFAULT_REST_PORT
 from runtime.master.coordinator import CheckpointFailedError, CheckpointStatus, TaskHandle
 from runtime.master.jobmaster import SubtaskWatermark, combined_watermark
+from runtime.shell.web import add_web_routes
 from state.storage import CheckpointKind, CompletedCheckpoint
 
 
@@ -57,6 +59,7 @@ class ControlServer:
         app.router.add_post("/savepoints", self._savepoint)
         app.router.add_post("/stop", self._stop)
         app.router.add_post("/cancel", self._cancel_job)
+        add_web_routes(app, self.master.graph)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)

@@ -1,0 +1,301 @@
+"""The web view: ``GET /plan`` from the job graph, and the page at ``GET /`` in a real headless
+Chromium (the system's ``/usr/bin/chromium``, driven by Playwright) against a running job."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import ROOT, get_json, run_command
+from loop_helpers import (
+    ControlledSource,
+    HeldSink,
+    start_job_on_master,
+    take_checkpoint,
+    word_count_job,
+)
+
+from connectors import CollectionSource, CollectSink
+from runtime import OutputTag, ProcessFunction
+from runtime.config import ExecutionConfig
+from runtime.plan.jobfile import build_graph
+from runtime.shell.rest import ControlServer
+from runtime.shell.web import PAGE_FILES, plan_json
+from state.storage import CheckpointStorage
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WEB_DIR = ROOT / "runtime" / "shell" / "web"
+PAGE_TIMEOUT_MS = 20_000
+DURATION = r"[\d,]+(\.\d)? m?s"
+
+
+def test_plan_lists_vertices_with_their_chained_operators_and_the_edges_partitioners() -> None:
+    graph = build_graph(word_count_job(ControlledSource("lines"), CollectSink()), {}, 1)
+    assert plan_json(graph) == {
+        "job": graph.name,
+        "vertices": [
+            {
+                "id": 0,
+                "name": "lines -> split words",
+                "parallelism": 1,
+                "operators": [
+                    {"uid": graph.vertices[0].operators[0].uid, "name": "lines"},
+                    {"uid": graph.vertices[0].operators[1].uid, "name": "split words"},
+                ],
+            },
+            {
+                "id": 1,
+                "name": "count",
+                "parallelism": 2,
+                "operators": [{"uid": "word-counts", "name": "count"}],
+            },
+            {
+                "id": 2,
+                "name": "counts sink",
+                "parallelism": 1,
+                "operators": [{"uid": graph.vertices[2].operators[0].uid, "name": "counts sink"}],
+            },
+        ],
+        "edges": [
+            {"source": 0, "target": 1, "partitioner": "hash", "side_output": None},
+            {"source": 1, "target": 2, "partitioner": "rebalance", "side_output": None},
+        ],
+    }
+
+
+class _EvenOddSplit(ProcessFunction[int, int]):
+    def process_element(self, value: int, ctx: Any, out: Any) -> None:
+        if value % 2:
+            ctx.output(ODD, value)
+        else:
+            out.collect(value)
+
+
+ODD = OutputTag("odd")
+
+
+def test_plan_shows_a_side_output_as_an_edge_of_its_own() -> None:
+    def build(job: Any) -> None:
+        numbers = job.from_source(CollectionSource([1, 2, 3]), name="numbers").process(
+            _EvenOddSplit(), name="split"
+        )
+        numbers.broadcast().sink_to(CollectSink(), name="evens")
+        numbers.get_side_output(ODD).sink_to(CollectSink(), name="odds")
+
+    plan = plan_json(build_graph(build, {}, 1))
+    names = {v["id"]: v["name"] for v in plan["vertices"]}
+    edges = {
+        (names[e["source"]], names[e["target"]], e["partitioner"], e["side_output"])
+        for e in plan["edges"]
+    }
+    assert edges == {
+        ("numbers -> split", "evens", "broadcast", None),
+        ("numbers -> split", "odds", "forward", "odd"),
+    }, plan
+
+
+@contextlib.asynccontextmanager
+async def control_endpoint(master: Any) -> AsyncIterator[str]:
+    server = ControlServer(master, lambda: None, port=0)
+    address = await server.start()
+    try:
+        yield address
+    finally:
+        await server.stop()
+
+
+@pytest.mark.asyncio
+async def test_plan_and_page_files_are_served_on_the_control_endpoint() -> None:
+    source = ControlledSource("lines")
+    master, job = await start_job_on_master(
+        word_count_job(source, CollectSink()), ExecutionConfig(), name="served"
+    )
+    try:
+        async with control_endpoint(master) as address:
+            plan = await asyncio.to_thread(get_json, address, "/plan")
+            assert plan == plan_json(master.graph)
+            for route, (file_name, content_type) in PAGE_FILES.items():
+                headers, body = await asyncio.to_thread(_get, address, route)
+                assert headers["Content-Type"].startswith(content_type), (route, headers)
+                assert "default-src 'self'" in headers["Content-Security-Policy"]
+                expected = (
+                    Path(__file__).parents[1] / "runtime/shell/web" / file_name
+                ).read_bytes()
+                assert body == expected, route
+    finally:
+        source.end()
+        await job
+
+
+def _get(address: str, path: str) -> tuple[dict[str, str], bytes]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
+        return dict(response.headers), response.read()
+
+
+def test_the_page_needs_nothing_from_another_origin() -> None:
+    """The machine running a job may have no internet: no CDN, no remote font or script."""
+    for file_name, _ in PAGE_FILES.values():
+        text = (WEB_DIR / file_name).read_text()
+        addresses = set(re.findall(r"(?:https?:)?//[\w.-]+\.\w+[^\s\"'<>)]*", text))
+        assert addresses <= {"http://www.w3.org/2000/svg"}, (file_name, addresses)
+        assert "@import" not in text, file_name
+
+
+def test_the_page_files_are_installed_with_the_package(tmp_path: Path) -> None:
+    """setuptools' build_py (what a wheel or an install copies) takes the page's files along."""
+    built = run_command(
+        [
+            sys.executable,
+            "-c",
+            "from setuptools import setup; setup()",
+            "-q",
+            "build_py",
+            "--build-lib",
+            str(tmp_path),
+        ]
+    )
+    assert built.returncode == 0, built.stderr
+    installed = tmp_path / "runtime" / "shell" / "web"
+    for file_name, _ in PAGE_FILES.values():
+        assert (installed / file_name).read_bytes() == (WEB_DIR / file_name).read_bytes()
+
+
+async def _launch_chromium(playwright: Any) -> Any:
+    try:
+        return await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    except Exception as exc:
+        pytest.fail(
+            f"cannot launch headless Chromium at {CHROMIUM} with Playwright ({exc}); install "
+            "the system package (apt-get install chromium, as .ci/run does)"
+        )
+
+
+async def _records_in(page: Any, uid: str) -> int:
+    value = await page.get_attribute(f'.operator[data-uid="{uid}"]', "data-records-in")
+    return int(value or 0)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path: Path) -> None:
+    from playwright.async_api import async_playwright
+
+    source = ControlledSource("lines")
+    sink = HeldSink()
+    master, job = await start_job_on_master(
+        word_count_job(source, sink),
+        ExecutionConfig(),
+        name="web-view",
+        storage=CheckpointStorage(tmp_path / "chk", "web-view"),
+    )
+    plan = plan_json(master.graph)
+    try:
+        async with async_playwright() as playwright:
+            browser = await _launch_chromium(playwright)
+            endpoint = control_endpoint(master)
+            address = await endpoint.__aenter__()
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(f"http://{address}/")
+
+            # The graph: every vertex with its chained operators, parallelism and edges.
+            await page.wait_for_selector('#connection[data-state="live"]')
+            names = await page.locator(".vertex .operator-name").all_text_contents()
+            assert names == [op["name"] for v in plan["vertices"] for op in v["operators"]]
+            assert await page.locator(".vertex").count() == 3
+            parallelism = await page.locator(".vertex .parallelism").all_text_contents()
+            assert parallelism == ["parallelism 1", "parallelism 2", "parallelism 1"]
+            labels = await page.locator(".edges .edge-label").all_text_contents()
+            assert labels == ["hash", "rebalance"]
+            assert await page.text_content("#job-name") == "web-view"
+            assert await page.text_content("#job-status") == "running"
+
+            # Live counts: the page follows the records as they arrive.
+            source.push("to be or not to be")
+            await page.wait_for_function(
+                "() => Number(document.querySelector("
+                "'.operator[data-uid=\"word-counts\"]').dataset.recordsIn) === 6"
+            )
+            first = await _records_in(page, "word-counts")
+            source.push("that is the question", "whether tis nobler")
+            await page.wait_for_function(
+                "first => Number(document.querySelector("
+                "'.operator[data-uid=\"word-counts\"]').dataset.recordsIn) > first",
+                arg=first,
+            )
+            assert await _records_in(page, "word-counts") == 13
+            counts = await page.text_content('.operator[data-uid="word-counts"] .operator-counts')
+            assert counts is not None and counts.startswith("in 13"), counts
+            row = page.locator('#operators tr[data-uid="word-counts"]')
+            assert (await row.locator("td").nth(3).text_content()) == "13"
+
+            # The checkpoint history: a completed checkpoint with its duration and size.
+            checkpoint = await take_checkpoint(master)
+            history_row = page.locator(
+                f'tr.checkpoint-row[data-checkpoint-id="{checkpoint.checkpoint_id}"]'
+                '[data-status="completed"]'
+            )
+            await history_row.wait_for()
+            duration = await history_row.locator("td.duration").text_content()
+            assert re.fullmatch(DURATION, duration or ""), duration
+            size = await history_row.locator("td.size").text_content()
+            assert size is not None and size.endswith("B") and size != "0 B", size
+            alignment = await history_row.locator("td.alignment").text_content()
+            assert re.fullmatch(DURATION, alignment or ""), alignment
+
+            # Colours: each vertex by its backpressure class, drawn in the legend's colours.
+            levels = await page.evaluate(
+                "[0, 99, 100, 499, 500, 1000, null, undefined].map(backpressureLevel)"
+            )
+            assert levels == ["ok", "ok", "warn", "warn", "high", "high", "unknown", "unknown"]
+            for vertex in await page.locator(".vertex").all():
+                level = await vertex.get_attribute("data-backpressure")
+                assert await vertex.evaluate(
+                    "(box, level) => box.classList.contains('bp-' + level)", level
+                )
+                colour = await vertex.evaluate("box => getComputedStyle(box).borderLeftColor")
+                swatch = await page.evaluate(
+                    "level => getComputedStyle(document.querySelector('.swatch.bp-' + level))"
+                    ".backgroundColor",
+                    level,
+                )
+                assert colour == swatch, (level, colour, swatch)
+
+            screenshot = tmp_path / "web-view.png"
+            await page.screenshot(path=str(screenshot), full_page=True)
+            assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert screenshot.stat().st_size > 10_000
+
+            # The job ends and its endpoint goes away: the page says so instead of going stale.
+            source.end()
+            await job
+            await endpoint.__aexit__(None, None, None)
+            await page.wait_for_selector('#connection[data-state="lost"]')
+            assert "job ended" in (await page.text_content("#connection") or "")
+            assert errors == []
+            await browser.close()
+    finally:
+        if not job.done():
+            job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
