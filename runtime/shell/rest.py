@@ -14,6 +14,8 @@ Routes:
 - ``POST /stop`` with ``{"dir": DIR, "drain": bool}``: stop with a savepoint; answers with its path.
 - ``POST /cancel``: cancel the job (``close()`` runs, ``finish()`` does not).
 - ``GET /plan`` and the web view at ``GET /`` (:mod:`runtime.shell.web`).
+- ``GET /state/{uid}?key=K``: the key's state as of the latest completed checkpoint
+  (:mod:`runtime.shell.queryable`).
 
 It binds to 127.0.0.1 unless told otherwise; it has no authentication, so do not expose it.
 """
@@ -33,6 +35,7 @@ from actors.protocol import TaskState
 from runtime.config import DEFAULT_REST_HOST, DEFAULT_REST_PORT
 from runtime.master.coordinator import CheckpointFailedError, CheckpointStatus, TaskHandle
 from runtime.master.jobmaster import SubtaskWatermark, combined_watermark
+from runtime.shell.queryable import add_state_routes
 from runtime.shell.web import add_web_routes
 from state.storage import CheckpointKind, CompletedCheckpoint
 
@@ -60,6 +63,7 @@ class ControlServer:
         app.router.add_post("/stop", self._stop)
         app.router.add_post("/cancel", self._cancel_job)
         add_web_routes(app, self.master.graph)
+        add_state_routes(app, self.master)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
