@@ -353,13 +353,21 @@ def records(sink: Any) -> list[tuple[Any, ...]]:
 
 
 class HeldSink(Sink):
-    """Collects what it is given in ``written``; while ``gate`` is clear, ``write`` waits on it,
-    so the sink stops taking buffers and its upstream runs out of credit (backpressure)."""
+    """Collects what it is given in ``written``; while ``release`` is clear, ``write`` waits on
+    it, so the sink takes no more buffers and its upstream runs out of credit (backpressure).
+    ``held``: whether it starts held; ``entered`` is set at the first write."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: bool = True) -> None:
         self.written: list[Any] = []
-        self.gate = asyncio.Event()
-        self.gate.set()
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+        if not held:
+            self.release.set()
+
+    @property
+    def count(self) -> int:
+        """Records written so far."""
+        return len(self.written)
 
     def name(self) -> str:
         return "Held"
@@ -373,7 +381,8 @@ class _HeldWriter(SinkWriter):
         self.sink = sink
 
     async def write(self, values: list[Any]) -> None:
-        await self.sink.gate.wait()
+        self.sink.entered.set()
+        await self.sink.release.wait()
         self.sink.written.extend(values)
 
 

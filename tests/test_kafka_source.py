@@ -35,7 +35,7 @@ from kafka_fixtures import (
     unique_name,
     wait_until,
 )
-from loop_helpers import EventTimeTimers, control_status, fired, records, running_job
+from loop_helpers import EventTimeTimers, HeldSink, control_status, fired, records, running_job
 
 from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, DEFAULT_SENDER_QUEUE
 from connectors import CollectSink
@@ -90,28 +90,6 @@ class _ListWriter(SinkWriter):
 
     async def write(self, values: list[Any]) -> None:
         self.sink.records.extend(values)
-
-
-class HeldSink(Sink):
-    """A sink whose writes block until the test sets ``release``."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.entered = asyncio.Event()
-        self.count = 0
-
-    def create_writer(self, context: Any) -> SinkWriter:
-        return _HeldWriter(self)
-
-
-class _HeldWriter(SinkWriter):
-    def __init__(self, sink: HeldSink) -> None:
-        self.sink = sink
-
-    async def write(self, values: list[Any]) -> None:
-        self.sink.entered.set()
-        await self.sink.release.wait()
-        self.sink.count += len(values)
 
 
 async def group_committed(

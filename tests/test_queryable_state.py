@@ -38,7 +38,7 @@ async def word_count_with_endpoint(
 ) -> AsyncIterator[tuple[Any, ControlledSource, HeldSink, str]]:
     """The word count of ``loop_helpers`` running with checkpoints in ``tmp_path/chk`` (taken
     only when the test asks) and its control endpoint."""
-    source, sink = ControlledSource("lines"), HeldSink()
+    source, sink = ControlledSource("lines"), HeldSink(held=False)
     master, job = await start_job_on_master(
         word_count_job(source, sink),
         ExecutionConfig(),
