@@ -353,21 +353,21 @@ def records(sink: Any) -> list[tuple[Any, ...]]:
 
 
 class HeldSink(Sink):
-    """Collects what it is given in ``written``; while ``release`` is clear, ``write`` waits on
-    it, so the sink takes no more buffers and its upstream runs out of credit (backpressure).
-    ``held``: whether it starts held; ``entered`` is set at the first write."""
+    """Collects what it writes, but holds every write while ``release`` is not set (the test sets
+    and clears it; ``held`` starts it clear), so its upstream runs out of credit (backpressure);
+    ``entered`` is set at the first write."""
 
-    def __init__(self, held: bool = True) -> None:
-        self.written: list[Any] = []
+    def __init__(self, held: bool = False) -> None:
+        self.results: list[Any] = []
         self.release = asyncio.Event()
-        self.entered = asyncio.Event()
         if not held:
             self.release.set()
+        self.entered = asyncio.Event()
 
     @property
     def count(self) -> int:
         """Records written so far."""
-        return len(self.written)
+        return len(self.results)
 
     def name(self) -> str:
         return "Held"
@@ -383,7 +383,7 @@ class _HeldWriter(SinkWriter):
     async def write(self, values: list[Any]) -> None:
         self.sink.entered.set()
         await self.sink.release.wait()
-        self.sink.written.extend(values)
+        self.sink.results.extend(values)
 
 
 def _split_words(line: str) -> list[tuple[str, int]]:

@@ -698,7 +698,7 @@ async def test_slow_sink_keeps_the_source_buffers_bounded_and_lag_shows_it(
     await create_topics(kafka_bootstrap, topic, partitions=4)
     count = 50_000
     await produce(kafka_bootstrap, topic, json_records(count, 4), linger_ms=20)
-    sink = HeldSink()
+    sink = HeldSink(held=True)
     buffer_size = 256
     config = ExecutionConfig(buffer_size=buffer_size)
 

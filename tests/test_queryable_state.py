@@ -38,7 +38,7 @@ async def word_count_with_endpoint(
 ) -> AsyncIterator[tuple[Any, ControlledSource, HeldSink, str]]:
     """The word count of ``loop_helpers`` running with checkpoints in ``tmp_path/chk`` (taken
     only when the test asks) and its control endpoint."""
-    source, sink = ControlledSource("lines"), HeldSink(held=False)
+    source, sink = ControlledSource("lines"), HeldSink()
     master, job = await start_job_on_master(
         word_count_job(source, sink),
         ExecutionConfig(),
@@ -68,9 +68,9 @@ async def query(address: str, uid: str, key: str | None) -> tuple[int, Any]:
 
 async def fed(source: ControlledSource, sink: HeldSink, *lines: str) -> None:
     """Push ``lines`` and wait until the sink got the count of every word in them."""
-    expected = len(sink.written) + sum(len(line.split()) for line in lines)
+    expected = len(sink.results) + sum(len(line.split()) for line in lines)
     source.push(*lines)
-    await wait_until(lambda: len(sink.written) == expected, f"{expected} counts at the sink")
+    await wait_until(lambda: len(sink.results) == expected, f"{expected} counts at the sink")
 
 
 def owner_of(key: Any, parallelism: int) -> tuple[int, int]:
@@ -106,7 +106,7 @@ async def test_state_is_the_checkpointed_value_not_the_live_one(tmp_path: Path) 
 
         # The job counts on: the live count of "be" is 5, the checkpointed one still 2.
         await fed(source, sink, "be be be")
-        assert sink.written[-1] == ("be", 5)
+        assert sink.results[-1] == ("be", 5)
         status, answer = await query(address, "word-counts", "be")
         assert status == 200
         assert answer["checkpoint"]["id"] == first.checkpoint_id

@@ -199,7 +199,7 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
     from playwright.async_api import async_playwright
 
     source = ControlledSource("lines")
-    sink = HeldSink(held=False)
+    sink = HeldSink()
     master, job = await start_job_on_master(
         word_count_job(source, sink),
         ExecutionConfig(),
