@@ -42,6 +42,11 @@ CHROMIUM_ARGS = [
 ]
 WEB_DIR = ROOT / "runtime" / "shell" / "web"
 PAGE_TIMEOUT_MS = 20_000
+COUNT_RECORDS_IN_IS = (
+    "n => Number(document.querySelector('.operator[data-uid=\"word-counts\"]')"
+    ".dataset.recordsIn) === n"
+)
+"""A page condition: the ``count`` operator's records in, as the graph shows them, are ``n``."""
 DURATION = r"[\d,]+(\.\d)? m?s"
 
 
@@ -188,11 +193,6 @@ async def _launch_chromium(playwright: Any) -> Any:
         )
 
 
-async def _records_in(page: Any, uid: str) -> int:
-    value = await page.get_attribute(f'.operator[data-uid="{uid}"]', "data-records-in")
-    return int(value or 0)
-
-
 @pytest.mark.slow
 @pytest.mark.asyncio
 async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path: Path) -> None:
@@ -232,18 +232,9 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
 
             # Live counts: the page follows the records as they arrive.
             source.push("to be or not to be")
-            await page.wait_for_function(
-                "() => Number(document.querySelector("
-                "'.operator[data-uid=\"word-counts\"]').dataset.recordsIn) === 6"
-            )
-            first = await _records_in(page, "word-counts")
+            await page.wait_for_function(COUNT_RECORDS_IN_IS, arg=6)
             source.push("that is the question", "whether tis nobler")
-            await page.wait_for_function(
-                "first => Number(document.querySelector("
-                "'.operator[data-uid=\"word-counts\"]').dataset.recordsIn) > first",
-                arg=first,
-            )
-            assert await _records_in(page, "word-counts") == 13
+            await page.wait_for_function(COUNT_RECORDS_IN_IS, arg=13)
             counts = await page.text_content('.operator[data-uid="word-counts"] .operator-counts')
             assert counts is not None and counts.startswith("in 13"), counts
             row = page.locator('#operators tr[data-uid="word-counts"]')
