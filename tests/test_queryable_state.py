@@ -262,6 +262,11 @@ def test_keys_are_read_as_the_key_type_the_state_records(tmp_path: Path) -> None
         "key '43' has no state in operator 'per id' (uid 'by-id') (int keys) at savepoint 7"
     )
 
+    with pytest.raises(StateQueryError) as no_key:
+        query_state(checkpoint, "by-pair", '["eu", {"a": 1}]')  # no tuple holds a dict
+    assert no_key.value.status == 400
+    assert "whose keys are tuple" in str(no_key.value)
+
     # On the command line: the error line and exit 2 for a key of the wrong type.
     code, _, stderr = _cli_state(savepoint, "by-id", "forty-two")
     assert (code, stderr) == (2, f"error: {mismatch.value}\n")

@@ -40,7 +40,12 @@ from typing import Any
 from aiohttp import web
 
 from runtime.api.window_operator import WINDOW_MAP
-from state.keygroups import key_group_for_key, subtask_for_key_group
+from state.keygroups import (
+    UnhashableKeyError,
+    key_group_for_key,
+    stable_hash,
+    subtask_for_key_group,
+)
 from state.serde import encoded_type
 from state.snapshot import OperatorSnapshot, SnapshotLayoutError
 from state.storage import (
@@ -103,20 +108,27 @@ _TEXT_READINGS: tuple[Callable[[str], Any], ...] = (
 
 
 def key_readings(text: str) -> list[_Reading]:
-    """Every way ``text`` can be read as a key, in the order the module docstring gives."""
-    readings = [_Reading(text, "str")]
+    """Every way ``text`` can be read as a key, in the order the module docstring gives (only
+    readings that are keys: with a stable hash)."""
+    keys: list[Any] = [text]
     try:
         parsed = _as_key(json.loads(text))
     except ValueError:
         pass
     else:
-        if not isinstance(parsed, str | dict):
-            readings.append(_Reading(parsed, key_type_name(parsed)))
+        if not isinstance(parsed, str):
+            keys.append(parsed)
     for read in _TEXT_READINGS:
         try:
-            key = read(text)
+            keys.append(read(text))
         except (ValueError, ArithmeticError):
             continue
+    readings = []
+    for key in keys:
+        try:
+            stable_hash(key)
+        except UnhashableKeyError:
+            continue  # e.g. a JSON object: no key_by() returns one
         readings.append(_Reading(key, key_type_name(key)))
     return readings
 
