@@ -11,23 +11,30 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import kafka_fixtures
 import pytest
 from cli_helpers import ROOT, get_json, run_command
+from kafka_fixtures import WAIT_S, create_topics, produce, unique_name
+from kafka_fixtures import wait_until as kafka_wait_until
 from loop_helpers import (
     ControlledSource,
     HeldSink,
+    running_job,
     start_job_on_master,
     take_checkpoint,
     word_count_job,
 )
 
 from connectors import CollectionSource, CollectSink
+from connectors.kafka import KafkaSource
 from runtime import OutputTag, ProcessFunction
 from runtime.config import ExecutionConfig
 from runtime.plan.jobfile import build_graph
 from runtime.shell.rest import ControlServer
 from runtime.shell.web import PAGE_FILES, plan_json
 from state.storage import CheckpointStorage
+
+kafka_bootstrap = kafka_fixtures.kafka_bootstrap
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -47,6 +54,16 @@ COUNT_RECORDS_IN_IS = (
     ".dataset.recordsIn) === n"
 )
 """A page condition: the ``count`` operator's records in, as the graph shows them, are ``n``."""
+LAG_SHOWN_PER_PARTITION_AND_ON_THE_VERTEX = """partitions => {
+    const lags = [...document.querySelectorAll('#source-lag tbody td:nth-child(3)')]
+        .map(cell => Number(cell.textContent.replace(/,/g, '')));
+    if (lags.length !== partitions || !lags.every(lag => lag > 0)) return false;
+    const total = lags.reduce((a, b) => a + b, 0).toLocaleString('en-US');
+    return document.querySelector('.vertex[data-vertex-id="0"] .lag').textContent
+        === `lag ${total} records`;
+}"""
+"""A page condition: each of ``partitions`` partitions lags, and the source vertex shows the sum
+(checked in one go: a poll redraws both together)."""
 DURATION = r"[\d,]+(\.\d)? m?s"
 
 
@@ -183,21 +200,37 @@ def test_the_page_files_are_installed_with_the_package(tmp_path: Path) -> None:
         assert (installed / file_name).read_bytes() == (WEB_DIR / file_name).read_bytes()
 
 
-async def _launch_chromium(playwright: Any) -> Any:
+@contextlib.asynccontextmanager
+async def chromium_page() -> AsyncIterator[Any]:
+    """A page in the system's headless Chromium, driven by Playwright; fails (never skips) when
+    either is missing, since CI installs both. Asserts at the end that no script error
+    occurred on the page."""
     try:
-        return await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    except Exception as exc:
-        pytest.fail(
-            f"cannot launch headless Chromium at {CHROMIUM} with Playwright ({exc}); install "
-            "the system package (apt-get install chromium, as .ci/run does)"
-        )
+        from playwright.async_api import async_playwright
+    except ImportError as exc:
+        pytest.fail(f"the playwright package is missing ({exc}): pip install -e '.[dev]'")
+    async with async_playwright() as playwright:
+        try:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        except Exception as exc:
+            pytest.fail(
+                f"cannot launch headless Chromium at {CHROMIUM} with Playwright ({exc}); "
+                "install the system package (apt-get install chromium, as .ci/run does)"
+            )
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            yield page
+            assert errors == [], errors
+        finally:
+            await browser.close()
 
 
 @pytest.mark.slow
 @pytest.mark.asyncio
 async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path: Path) -> None:
-    from playwright.async_api import async_playwright
-
     source = ControlledSource("lines")
     sink = HeldSink()
     master, job = await start_job_on_master(
@@ -208,14 +241,9 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
     )
     plan = plan_json(master.graph)
     try:
-        async with async_playwright() as playwright:
-            browser = await _launch_chromium(playwright)
+        async with chromium_page() as page:
             endpoint = control_endpoint(master)
             address = await endpoint.__aenter__()
-            page = await browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(PAGE_TIMEOUT_MS)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
             await page.goto(f"http://{address}/")
 
             # The graph: every vertex with its chained operators, parallelism and edges.
@@ -283,10 +311,42 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
             await endpoint.__aexit__(None, None, None)
             await page.wait_for_selector('#connection[data-state="lost"]')
             assert "job ended" in (await page.text_content("#connection") or "")
-            assert errors == []
-            await browser.close()
     finally:
         if not job.done():
             job.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await job
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_the_page_shows_the_kafka_lag_of_each_partition(kafka_bootstrap: str) -> None:
+    topic = unique_name("web-lag")
+    await create_topics(kafka_bootstrap, topic, partitions=2)
+    count = 20_000
+    await produce(
+        kafka_bootstrap,
+        topic,
+        [{"value": b"%d" % i, "partition": i % 2} for i in range(count)],
+        linger_ms=20,
+    )
+    sink = HeldSink(held=True)
+
+    def build(job: Any) -> None:
+        source = job.from_source(KafkaSource(kafka_bootstrap, topic, bounded=True), name="events")
+        source.rebalance().sink_to(sink, name="held")
+
+    async with running_job(build, config=ExecutionConfig(buffer_size=256)) as (master, job):
+        await kafka_wait_until(lambda: sink.entered.is_set(), "the first write", job)
+        async with control_endpoint(master) as address, chromium_page() as page:
+            await page.goto(f"http://{address}/")
+            # The sink holds every record: the source stops reading, far behind the end. The
+            # source vertex shows the sum of its partitions' lag in the table.
+            await page.wait_for_function(LAG_SHOWN_PER_PARTITION_AND_ON_THE_VERTEX, arg=2)
+            rows = await page.locator("#source-lag tbody tr").all()
+            partitions = [await row.locator("td").nth(1).text_content() for row in rows]
+            assert sorted(partitions) == [f"{topic}[0]", f"{topic}[1]"]
+            lags = [await row.locator("td").nth(2).text_content() or "" for row in rows]
+            assert sum(int(lag.replace(",", "")) for lag in lags) <= count, lags
+        sink.release.set()
+        await asyncio.wait_for(job, WAIT_S)
