@@ -28,7 +28,9 @@ from loop_helpers import (
 from connectors import CollectionSource, CollectSink
 from connectors.kafka import KafkaSource
 from runtime import OutputTag, ProcessFunction
-from runtime.config import ExecutionConfig
+from runtime.config import CheckpointConfig, ExecutionConfig
+from runtime.master.alerts import CheckpointFailureThreshold
+from runtime.master.coordinator import CheckpointFailedError
 from runtime.plan.jobfile import build_graph
 from runtime.shell.rest import ControlServer
 from runtime.shell.web import PAGE_FILES, plan_json
@@ -49,6 +51,8 @@ CHROMIUM_ARGS = [
 ]
 WEB_DIR = ROOT / "runtime" / "shell" / "web"
 PAGE_TIMEOUT_MS = 20_000
+REFRESH_MS = 200
+"""The page's polling interval in the tests (a user's page polls every second)."""
 COUNT_RECORDS_IN_IS = (
     "n => Number(document.querySelector('.operator[data-uid=\"word-counts\"]')"
     ".dataset.recordsIn) === n"
@@ -233,9 +237,12 @@ async def chromium_page() -> AsyncIterator[Any]:
 async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path: Path) -> None:
     source = ControlledSource("lines")
     sink = HeldSink()
+    alerting = CheckpointConfig(
+        tolerable_failures=10, alert_on_failures=CheckpointFailureThreshold(1, 600.0)
+    )
     master, job = await start_job_on_master(
         word_count_job(source, sink),
-        ExecutionConfig(),
+        ExecutionConfig(checkpoint=alerting),
         name="web-view",
         storage=CheckpointStorage(tmp_path / "chk", "web-view"),
     )
@@ -244,7 +251,7 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
         async with chromium_page() as page:
             endpoint = control_endpoint(master)
             address = await endpoint.__aenter__()
-            await page.goto(f"http://{address}/")
+            await page.goto(f"http://{address}/?refresh={REFRESH_MS}")
 
             # The graph: every vertex with its chained operators, parallelism and edges.
             await page.wait_for_selector('#connection[data-state="live"]')
@@ -282,16 +289,38 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
             alignment = await history_row.locator("td.alignment").text_content()
             assert re.fullmatch(DURATION, alignment or ""), alignment
 
-            # Colours: each vertex by its backpressure class, drawn in the legend's colours.
-            levels = await page.evaluate(
-                "[0, 99, 100, 499, 500, 1000, null, undefined].map(backpressureLevel)"
+            # A failed checkpoint raises the alert: a banner, and a failed row saying why; the
+            # next completed checkpoint clears it.
+            sink.fail_snapshots = True
+            with pytest.raises(CheckpointFailedError, match="held sink fails"):
+                await take_checkpoint(master)
+            sink.fail_snapshots = False
+            banner = page.locator("#alert")
+            await banner.wait_for(state="visible")
+            assert "web-view" in (await banner.text_content() or "")
+            failed = page.locator('tr.checkpoint-row[data-status="failed"] td.failure')
+            assert "held sink fails" in (await failed.text_content() or "")
+            await take_checkpoint(master)
+            await banner.wait_for(state="hidden")
+
+            # Colours: while nothing holds the job back, every vertex is green.
+            for vertex_id in range(3):
+                await page.wait_for_selector(f'.vertex[data-vertex-id="{vertex_id}"].bp-ok')
+
+            # The sink stops taking records: the vertex feeding it waits for credit and turns
+            # red, and so does the source once its own output fills; the sink itself is busy.
+            sink.release.clear()
+            source.push(*["to be or not to be"] * 3000)
+            await page.wait_for_selector('.vertex[data-vertex-id="1"].bp-high')
+            await page.wait_for_selector('.vertex[data-vertex-id="0"].bp-high')
+            held = page.locator('.vertex[data-vertex-id="1"] .backpressure')
+            shown = re.fullmatch(r"backpressured ([\d,]+) ms/s", await held.text_content() or "")
+            assert shown is not None and int(shown.group(1).replace(",", "")) >= 500, shown
+            assert await page.get_attribute('.vertex[data-vertex-id="2"]', "data-backpressure") == (
+                "ok"
             )
-            assert levels == ["ok", "ok", "warn", "warn", "high", "high", "unknown", "unknown"]
             for vertex in await page.locator(".vertex").all():
                 level = await vertex.get_attribute("data-backpressure")
-                assert await vertex.evaluate(
-                    "(box, level) => box.classList.contains('bp-' + level)", level
-                )
                 colour = await vertex.evaluate("box => getComputedStyle(box).borderLeftColor")
                 swatch = await page.evaluate(
                     "level => getComputedStyle(document.querySelector('.swatch.bp-' + level))"
@@ -299,6 +328,8 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
                     level,
                 )
                 assert colour == swatch, (level, colour, swatch)
+            levels = await page.evaluate("[99, 100, 499, 500, null].map(backpressureLevel)")
+            assert levels == ["ok", "warn", "warn", "high", "unknown"]
 
             screenshot = tmp_path / "web-view.png"
             await page.screenshot(path=str(screenshot), full_page=True)
@@ -306,6 +337,7 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
             assert screenshot.stat().st_size > 10_000
 
             # The job ends and its endpoint goes away: the page says so instead of going stale.
+            sink.release.set()
             source.end()
             await job
             await endpoint.__aexit__(None, None, None)
@@ -339,7 +371,7 @@ async def test_the_page_shows_the_kafka_lag_of_each_partition(kafka_bootstrap: s
     async with running_job(build, config=ExecutionConfig(buffer_size=256)) as (master, job):
         await kafka_wait_until(lambda: sink.entered.is_set(), "the first write", job)
         async with control_endpoint(master) as address, chromium_page() as page:
-            await page.goto(f"http://{address}/")
+            await page.goto(f"http://{address}/?refresh={REFRESH_MS}")
             # The sink holds every record: the source stops reading, far behind the end. The
             # source vertex shows the sum of its partitions' lag in the table.
             await page.wait_for_function(LAG_SHOWN_PER_PARTITION_AND_ON_THE_VERTEX, arg=2)

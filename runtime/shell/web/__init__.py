@@ -3,7 +3,8 @@
 The page is three static files of this package (``index.html``, ``app.js``, ``style.css``), served
 as they are: no build step, nothing fetched from elsewhere (the Content-Security-Policy allows
 this origin only). Its script polls the read-only routes ``/plan``, ``/status`` and
-``/checkpoints`` and draws what they say; it computes no metric of its own.
+``/checkpoints`` every second (``/?refresh=MS`` for another interval) and draws what they say; it
+computes no metric of its own.
 
 ``GET /plan`` is static for the job's lifetime::
 

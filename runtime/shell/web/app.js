@@ -3,7 +3,8 @@
 // nothing but layout and formatting. Keys the endpoint does not send (yet) show as "–".
 "use strict";
 
-const POLL_MS = 1000;
+// Every second, or every ?refresh=MS milliseconds (at least 100) the address asks for.
+const POLL_MS = Math.max(100, Number(new URLSearchParams(location.search).get("refresh")) || 1000);
 const LAYER_GAP_PX = 90;
 const ROW_GAP_PX = 24;
 const HISTORY_ROWS = 20;
