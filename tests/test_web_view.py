@@ -205,10 +205,10 @@ def test_the_page_files_are_installed_with_the_package(tmp_path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def chromium_page() -> AsyncIterator[Any]:
-    """A page in the system's headless Chromium, driven by Playwright; fails (never skips) when
-    either is missing, since CI installs both. Asserts at the end that no script error
-    occurred on the page."""
+async def chromium_page() -> AsyncIterator[tuple[Any, list[str]]]:
+    """A page in the system's headless Chromium, driven by Playwright, and the errors its script
+    raised or its console logged so far; fails (never skips) when either is missing, since CI
+    installs both."""
     try:
         from playwright.async_api import async_playwright
     except ImportError as exc:
@@ -226,8 +226,11 @@ async def chromium_page() -> AsyncIterator[Any]:
             page.set_default_timeout(PAGE_TIMEOUT_MS)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            yield page
-            assert errors == [], errors
+            page.on(
+                "console",
+                lambda message: errors.append(message.text) if message.type == "error" else None,
+            )
+            yield page, errors
         finally:
             await browser.close()
 
@@ -248,7 +251,7 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
     )
     plan = plan_json(master.graph)
     try:
-        async with chromium_page() as page:
+        async with chromium_page() as (page, errors):
             endpoint = control_endpoint(master)
             address = await endpoint.__aenter__()
             await page.goto(f"http://{address}/?refresh={REFRESH_MS}")
@@ -336,6 +339,8 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
             assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert screenshot.stat().st_size > 10_000
 
+            assert errors == []  # no script error, no refused (CSP) or missing resource
+
             # The job ends and its endpoint goes away: the page says so instead of going stale.
             sink.release.set()
             source.end()
@@ -370,7 +375,7 @@ async def test_the_page_shows_the_kafka_lag_of_each_partition(kafka_bootstrap: s
 
     async with running_job(build, config=ExecutionConfig(buffer_size=256)) as (master, job):
         await kafka_wait_until(lambda: sink.entered.is_set(), "the first write", job)
-        async with control_endpoint(master) as address, chromium_page() as page:
+        async with control_endpoint(master) as address, chromium_page() as (page, errors):
             await page.goto(f"http://{address}/?refresh={REFRESH_MS}")
             # The sink holds every record: the source stops reading, far behind the end. The
             # source vertex shows the sum of its partitions' lag in the table.
@@ -380,5 +385,6 @@ async def test_the_page_shows_the_kafka_lag_of_each_partition(kafka_bootstrap: s
             assert sorted(partitions) == [f"{topic}[0]", f"{topic}[1]"]
             lags = [await row.locator("td").nth(2).text_content() or "" for row in rows]
             assert sum(int(lag.replace(",", "")) for lag in lags) <= count, lags
+            assert errors == []
         sink.release.set()
         await asyncio.wait_for(job, WAIT_S)
