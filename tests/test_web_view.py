@@ -156,6 +156,10 @@ async def test_plan_and_page_files_are_served_on_the_control_endpoint() -> None:
         async with control_endpoint(master) as address:
             plan = await asyncio.to_thread(get_json, address, "/plan")
             assert plan == plan_json(master.graph)
+            # /status numbers the vertices as /plan does.
+            vertex_of = {op["uid"]: v["id"] for v in plan["vertices"] for op in v["operators"]}
+            status = await asyncio.to_thread(get_json, address, "/status")
+            assert {op["uid"]: op["vertex"] for op in status["operators"]} == vertex_of
             for route, (file_name, content_type) in PAGE_FILES.items():
                 headers, body = await asyncio.to_thread(_get, address, route)
                 assert headers["Content-Type"].startswith(content_type), (route, headers)
@@ -277,6 +281,13 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
             assert counts is not None and counts.startswith("in 13"), counts
             row = page.locator('#operators tr[data-uid="word-counts"]')
             assert (await row.locator("td").nth(3).text_content()) == "13"
+            await page.click("#subtasks-section summary")
+            subtasks = page.locator('#subtasks tr[data-uid="word-counts"]')
+            assert await subtasks.count() == 2
+            per_subtask = [
+                await r.locator("td").nth(3).text_content() for r in await subtasks.all()
+            ]
+            assert sum(int(n or "") for n in per_subtask) == 13, per_subtask
 
             # The checkpoint history: a completed checkpoint with its duration and size.
             checkpoint = await take_checkpoint(master)

@@ -294,6 +294,34 @@ function renderOperators(status) {
   }
 }
 
+function renderSubtasks(status) {
+  const body = document.querySelector("#subtasks tbody");
+  body.replaceChildren();
+  for (const op of status.operators || []) {
+    for (const sub of op.subtasks || []) {
+      const row = element("tr");
+      row.dataset.uid = op.uid;
+      row.dataset.subtask = String(sub.subtask);
+      cell(row, op.name);
+      cell(row, String(sub.subtask));
+      cell(row, sub.taskmanager || "–");
+      cell(row, count(sub.records_in));
+      cell(row, rate(sub.records_in_per_s));
+      cell(row, count(sub.records_out));
+      cell(row, rate(sub.records_out_per_s));
+      cell(row, msPerSecond(sub.busy_ms_per_s));
+      cell(row, msPerSecond(sub.backpressured_ms_per_s));
+      cell(row, msPerSecond(sub.idle_ms_per_s));
+      cell(row, count(sub.input_queue));
+      cell(row, count(sub.output_queue));
+      cell(row, count(sub.output_credit));
+      cell(row, watermark(sub.input_watermark));
+      cell(row, watermark(sub.watermark) + (sub.idle ? " (idle)" : ""));
+      body.appendChild(row);
+    }
+  }
+}
+
 function renderLag(status) {
   const body = document.querySelector("#source-lag tbody");
   body.replaceChildren();
@@ -393,6 +421,7 @@ async function poll() {
     renderJob(status);
     renderGraph(status);
     renderOperators(status);
+    renderSubtasks(status);
     renderLag(status);
     renderCheckpoints(checkpoints, status);
     lastUpdate = new Date();
