@@ -27,7 +27,7 @@ from loop_helpers import (
 
 from runtime import TumblingEventTimeWindows
 from runtime.config import ExecutionConfig
-from runtime.shell.queryable import StateQueryError, query_state
+from runtime.shell.queryable import StateQueryError, load_queried_checkpoint, query_state
 from runtime.shell.rest import ControlServer
 from state.keygroups import DEFAULT_MAX_PARALLELISM, key_group_for_key, subtask_for_key_group
 from state.storage import CheckpointKind, CheckpointStorage, load_checkpoint
@@ -314,3 +314,21 @@ async def test_the_state_command_reads_a_checkpoint_dir_and_a_savepoint(tmp_path
     code, _, stderr = await asyncio.to_thread(_cli_state, chk, "counts", "be")
     assert code == 1
     assert "no operator with uid 'counts' in checkpoint" in stderr
+
+
+def test_the_state_command_names_a_path_it_cannot_read(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("not a checkpoint")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for path, message in [
+        (
+            not_a_folder,
+            f"{not_a_folder} is not a folder: give a checkpoint directory or a checkpoint or "
+            "savepoint folder",
+        ),
+        (empty, f"no valid checkpoint or savepoint in {empty} (it holds none)"),
+    ]:
+        with pytest.raises(StateQueryError) as refused:
+            load_queried_checkpoint(path)
+        assert (refused.value.status, str(refused.value)) == (400, message)

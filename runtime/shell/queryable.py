@@ -366,6 +366,9 @@ def load_queried_checkpoint(path: Path) -> CompletedCheckpoint:
         path = path.parent
     if (path / METADATA).exists():
         return load_checkpoint(path)
+    if not path.is_dir():
+        msg = f"{path} is not a folder: give a checkpoint directory or a checkpoint or savepoint folder"
+        raise StateQueryError(400, msg)
     search = (
         find_latest_valid(path) if list_checkpoint_folders(path) else find_newest_snapshot(path)
     )
