@@ -27,6 +27,7 @@ from loop_helpers import (
 
 from runtime import TumblingEventTimeWindows
 from runtime.config import ExecutionConfig
+from runtime.shell.cli import main
 from runtime.shell.queryable import StateQueryError, load_queried_checkpoint, query_state
 from runtime.shell.rest import ControlServer
 from state.keygroups import DEFAULT_MAX_PARALLELISM, key_group_for_key, subtask_for_key_group
@@ -332,3 +333,13 @@ def test_the_state_command_names_a_path_it_cannot_read(tmp_path: Path) -> None:
         with pytest.raises(StateQueryError) as refused:
             load_queried_checkpoint(path)
         assert (refused.value.status, str(refused.value)) == (400, message)
+
+
+def test_the_state_command_reports_a_path_the_system_cannot_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    too_long = "x" * 5000  # the file system refuses the name (ENAMETOOLONG)
+    assert main(["state", too_long, "--uid", "word-counts", "--key", "be"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot read the checkpoint at {too_long}: ")
+    assert error.count("\n") == 1

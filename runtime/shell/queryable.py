@@ -351,6 +351,9 @@ def state_command(args: argparse.Namespace) -> int:
     except InvalidCheckpointError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot read the checkpoint at {args.path}: {exc}\n")
+        return 2
     sys.stdout.write(json.dumps(answer, indent=2) + "\n")
     return 0
 
