@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import re
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -164,18 +165,13 @@ async def test_plan_and_page_files_are_served_on_the_control_endpoint() -> None:
                 headers, body = await asyncio.to_thread(_get, address, route)
                 assert headers["Content-Type"].startswith(content_type), (route, headers)
                 assert "default-src 'self'" in headers["Content-Security-Policy"]
-                expected = (
-                    Path(__file__).parents[1] / "runtime/shell/web" / file_name
-                ).read_bytes()
-                assert body == expected, route
+                assert body == (WEB_DIR / file_name).read_bytes(), route
     finally:
         source.end()
         await job
 
 
 def _get(address: str, path: str) -> tuple[dict[str, str], bytes]:
-    import urllib.request
-
     with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
         return dict(response.headers), response.read()
 
