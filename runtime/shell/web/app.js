@@ -271,6 +271,18 @@ function renderGraph(status) {
 
 // ---------------------------------------------------------------- tables
 
+// Records in and out with their rates, then busy, backpressured and idle time: the same columns
+// for an operator and for one of its subtasks.
+function flowCells(row, figures) {
+  cell(row, count(figures.records_in));
+  cell(row, rate(figures.records_in_per_s));
+  cell(row, count(figures.records_out));
+  cell(row, rate(figures.records_out_per_s));
+  cell(row, msPerSecond(figures.busy_ms_per_s));
+  cell(row, msPerSecond(figures.backpressured_ms_per_s));
+  cell(row, msPerSecond(figures.idle_ms_per_s));
+}
+
 function renderOperators(status) {
   const body = document.querySelector("#operators tbody");
   body.replaceChildren();
@@ -280,13 +292,7 @@ function renderOperators(status) {
     cell(row, op.name);
     cell(row, op.uid);
     cell(row, String(op.parallelism));
-    cell(row, count(op.records_in));
-    cell(row, rate(op.records_in_per_s));
-    cell(row, count(op.records_out));
-    cell(row, rate(op.records_out_per_s));
-    cell(row, msPerSecond(op.busy_ms_per_s));
-    cell(row, msPerSecond(op.backpressured_ms_per_s));
-    cell(row, msPerSecond(op.idle_ms_per_s));
+    flowCells(row, op);
     cell(row, watermark(op.input_watermark));
     cell(row, watermark(op.watermark) + (op.idle ? " (idle)" : ""));
     cell(row, count(op.late_records_dropped));
@@ -305,13 +311,7 @@ function renderSubtasks(status) {
       cell(row, op.name);
       cell(row, String(sub.subtask));
       cell(row, sub.taskmanager || "–");
-      cell(row, count(sub.records_in));
-      cell(row, rate(sub.records_in_per_s));
-      cell(row, count(sub.records_out));
-      cell(row, rate(sub.records_out_per_s));
-      cell(row, msPerSecond(sub.busy_ms_per_s));
-      cell(row, msPerSecond(sub.backpressured_ms_per_s));
-      cell(row, msPerSecond(sub.idle_ms_per_s));
+      flowCells(row, sub);
       cell(row, count(sub.input_queue));
       cell(row, count(sub.output_queue));
       cell(row, count(sub.output_credit));
