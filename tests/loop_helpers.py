@@ -3,7 +3,8 @@ running in the background, its ``/status`` and its operators' metrics; a ``Manua
 until the tasks ran what became due; a virtual clock and scripted task handles to drive the
 checkpoint coordinator without tasks; a source that emits what the test pushes; an unbounded
 source whose splits the test feeds while the job runs, and a process function that shows the
-watermark each record and timer saw."""
+watermark each record and timer saw; a sink the test holds back (backpressure) and a word
+count job over them."""
 
 from __future__ import annotations
 
@@ -391,8 +392,9 @@ async def wait_until_in_time(
 
 class HeldSink(Sink):
     """Collects what it writes, but holds every write while ``release`` is not set (the test sets
-    and clears it; ``held=True`` starts it cleared); ``entered`` is set at the first write. Each
-    subtask's snapshot raises while ``fail_snapshots`` is set."""
+    and clears it; ``held`` starts it clear), so its upstream runs out of credit (backpressure);
+    ``entered`` is set at the first write; each subtask's snapshot raises while
+    ``fail_snapshots`` is set."""
 
     def __init__(self, held: bool = False) -> None:
         self.results: list[Any] = []
@@ -401,6 +403,7 @@ class HeldSink(Sink):
             self.release.set()
         self.entered = asyncio.Event()
         self.fail_snapshots = False
+        self.snapshot_failures = 0
 
     @property
     def count(self) -> int:
@@ -425,6 +428,36 @@ class _HeldWriter(SinkWriter):
 
     async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
         if self.sink.fail_snapshots:
+            self.sink.snapshot_failures += 1
             msg = f"snapshot {checkpoint_id} of the held sink fails, as the test asked"
             raise OSError(msg)
         return []
+
+
+def _split_words(line: str) -> list[tuple[str, int]]:
+    return [(word, 1) for word in line.split()]
+
+
+def _add_counts(a: tuple[str, int], b: tuple[str, int]) -> tuple[str, int]:
+    return a[0], a[1] + b[1]
+
+
+def word_count_job(source: Source[Any], sink: Sink, count_parallelism: int = 2) -> Any:
+    """``build(job)`` of a word count: ``source`` of lines -> ``split words`` -> key by word ->
+    ``count`` (a reduce, uid ``word-counts``, value state ``reduce`` holding ``(word, count)``,
+    ``count_parallelism`` subtasks) -> ``sink`` (parallelism 1). Three vertices, joined by a hash
+    and a rebalance edge."""
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(source, name="lines")
+            .flat_map(_split_words, name="split words")
+            .key_by(lambda pair: pair[0])
+            .reduce(_add_counts, name="count")
+            .uid("word-counts")
+            .set_parallelism(count_parallelism)
+            .sink_to(sink, name="counts sink")
+            .set_parallelism(1)
+        )
+
+    return build

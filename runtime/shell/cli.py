@@ -43,6 +43,7 @@ from runtime.master.jobmaster import JobFailedError, JobMaster
 from runtime.master.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
 from runtime.plan.restore import RestoreMismatchError, RestoreReport
 from runtime.shell.progress import ProgressReporter
+from runtime.shell.queryable import add_state_command, state_command
 from runtime.shell.rest import ControlClientError, ControlServer, call
 from runtime.shell.runner import JobFileError, build_graph, load_job_file, run_coroutine
 from runtime.shell.shutdown import EXIT_TERMINATED, GracefulShutdown
@@ -401,6 +402,8 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         "--set", dest="params", type=_key_value, action="append", default=[], metavar="KEY=VALUE"
     )
 
+    add_state_command(sub)
+
     taskmanager = sub.add_parser(
         "taskmanager",
         help="run a TaskManager for the JobManager at HOST:PORT (run --taskmanagers starts them)",
@@ -441,6 +444,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m runtime") -> int:
         return _control(args)
     if args.command == "checkpoints":
         return _checkpoints(args)
+    if args.command == "state":
+        return state_command(args)
     if args.command == "taskmanager":
         return _taskmanager(args)
     if args.command == "broker":

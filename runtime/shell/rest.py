@@ -17,6 +17,9 @@ Routes:
 - ``POST /savepoints`` with ``{"dir": DIR}``: take a savepoint into DIR; answers with its path.
 - ``POST /stop`` with ``{"dir": DIR, "drain": bool}``: stop with a savepoint; answers with its path.
 - ``POST /cancel``: cancel the job (``close()`` runs, ``finish()`` does not).
+- ``GET /plan`` and the web view at ``GET /`` (:mod:`runtime.shell.web`).
+- ``GET /state/{uid}?key=K``: the key's state as of the latest completed checkpoint
+  (:mod:`runtime.shell.queryable`).
 
 It binds to 127.0.0.1 unless told otherwise; it has no authentication, so do not expose it.
 """
@@ -35,6 +38,8 @@ from aiohttp import web
 from runtime.config import DEFAULT_REST_HOST, DEFAULT_REST_PORT
 from runtime.master.coordinator import CheckpointFailedError, CheckpointStatus
 from runtime.shell.metrics_http import MetricsEndpoint
+from runtime.shell.queryable import add_state_routes
+from runtime.shell.web import add_web_routes
 from state.storage import CheckpointKind, CompletedCheckpoint
 
 
@@ -61,6 +66,8 @@ class ControlServer:
         app.router.add_post("/savepoints", self._savepoint)
         app.router.add_post("/stop", self._stop)
         app.router.add_post("/cancel", self._cancel_job)
+        add_web_routes(app, self.master.graph)
+        add_state_routes(app, self.master)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
