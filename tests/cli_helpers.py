@@ -62,6 +62,26 @@ def run_command(
     )
 
 
+def run_cli_in(
+    cwd: Path, *args: str, timeout: float = RUN_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m runtime ARGS`` to its end in the working directory ``cwd`` (this
+    checkout's packages still first on its path), for relative paths on its command line."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        runtime_command(*args),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def start_cli(stderr_path: Path, *args: str) -> subprocess.Popen[bytes]:
     """Start ``python -m runtime ARGS`` in the background, its stderr going to ``stderr_path``."""
     return start_command(runtime_command(*args), stderr_path)
@@ -207,6 +227,11 @@ def post_json(
     assert token, f"no job at {address} in the job registry {runtime_dir()}"
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     return control_request(address, "POST", path, json.dumps(body or {}).encode(), headers)
+
+
+def registry_entry(pid: int) -> Path:
+    """The registry file of the job process ``pid`` (which exists while the job runs)."""
+    return runtime_dir() / f"job-{pid}.json"
 
 
 def registered_jobs() -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from typing import Any
 from actors.task import StopWithSavepointFailed
 from runtime.api.durations import format_duration
 from runtime.master.coordinator import CheckpointFailedError
+from runtime.shell import registry
 
 EXIT_TERMINATED = 128 + signal.SIGTERM
 FORCED_CLOSE_S = 1.0
@@ -180,6 +181,7 @@ class GracefulShutdown:
             f"{format_duration(FORCED_CLOSE_S)} later: exiting now\n"
         )
         sys.stderr.flush()
+        registry.unregister(os.getpid())  # no finally block runs past os._exit
         os._exit(EXIT_TERMINATED)
 
 
