@@ -61,10 +61,20 @@ async def running_job(
 
 async def control_status(master: JobMaster) -> Any:
     """``GET /status`` of the job, through a control endpoint started for the call."""
-    server = ControlServer(master, lambda: None, port=0)
+    async with serving_control(master) as (_, address):
+        return await asyncio.to_thread(get_json, address, "/status")
+
+
+@contextlib.asynccontextmanager
+async def serving_control(
+    master: JobMaster, cancel: Callable[[], None] = lambda: None, **options: Any
+) -> AsyncIterator[tuple[ControlServer, str]]:
+    """The job's control endpoint on a free port (``options``: ``host``, ``savepoint_dir``,
+    ``allowed_savepoint_dirs``...) and its address; its token is ``server.token``."""
+    server = ControlServer(master, cancel, port=0, **options)
     address = await server.start()
     try:
-        return await asyncio.to_thread(get_json, address, "/status")
+        yield server, address
     finally:
         await server.stop()
 
