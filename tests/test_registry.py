@@ -150,12 +150,15 @@ def test_a_job_leaves_the_registry_however_it_ends(
         *set_args(**{"testing.crash-at": "before-snapshot:20", "testing.crash-mode": "raise"}),
         *("--checkpoint-interval", "100ms", "--restart-strategy", "none"),
     ]
-    job = Job(tmp_path, *(crash if how == "failure" else ()))
+    savepoints = tmp_path / "sp"
+    job = Job(tmp_path, *(crash if how == "failure" else ("--savepoint-dir", str(savepoints))))
     jobs.append(job)
     wait_for(registry_entry(job.pid).exists, "the registry entry", job.proc, job.stderr)
     if how == "sigterm":
         job.proc.send_signal(signal.SIGTERM)
         assert job.wait() == 0, job.stderr.read_text()
+        # Into the --savepoint-dir given at start.
+        assert f"stopped with savepoint {savepoints}/savepoint-" in job.stderr.read_text()
     else:
         assert job.wait() == 1, job.stderr.read_text()
         assert "injected crash at before-snapshot" in job.stderr.read_text()

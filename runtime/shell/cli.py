@@ -849,7 +849,9 @@ def _savepoint_dir(args: Any) -> str | None:
     return None
 
 
-def _register(master: JobMaster, args: Any, address: str | None, server: Any) -> None:
+def _register(
+    master: JobMaster, args: Any, address: str | None, server: ControlServer | None
+) -> None:
     """Enter the job in the registry (``python -m runtime list``); a job that cannot be entered
     still runs, said once."""
     entry = registry.new_entry(
@@ -874,7 +876,10 @@ def _add_control_target(parser: argparse.ArgumentParser, savepoint_dir: bool) ->
     """The options that say which job ``savepoint``, ``stop`` and ``cancel`` talk to."""
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument(
-        "job", nargs="?", metavar="JOB", help="the job's name or pid, as python -m runtime list shows"
+        "job",
+        nargs="?",
+        metavar="JOB",
+        help="the job's name or pid, as python -m runtime list shows",
     )
     target.add_argument(
         "--address", metavar="HOST:PORT", help="the job's control endpoint, instead of JOB"
