@@ -247,6 +247,28 @@ def registered_job(pid: int) -> dict[str, Any] | None:
     return next((job for job in registered_jobs() if job["pid"] == pid), None)
 
 
+def get_metrics(address: str) -> dict[str, Any]:
+    """``GET /metrics`` of a job, parsed with prometheus-client's own parser: family name (as
+    the parser names it: a counter without ``_total``) → its family."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        assert response.headers.get_content_type() == "text/plain"
+        text = response.read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def metric_samples(families: dict[str, Any], sample: str, **labels: str) -> list[Any]:
+    """The samples named ``sample`` (e.g. ``pyflow_records_in_total``) whose labels include
+    ``labels``, from :func:`get_metrics`."""
+    return [
+        s
+        for family in families.values()
+        for s in family.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
 def printed_address(stderr: Path) -> str | None:
     """The control endpoint's HOST:PORT from the ``control endpoint: http://…`` start-up line
     (for jobs without a --checkpoint-dir to write the rest-address file into)."""
