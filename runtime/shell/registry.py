@@ -88,6 +88,8 @@ class JobEntry:
     token: str
     """The bearer token the control endpoint asks for (see :mod:`runtime.shell.security`)."""
     state: str
+    """The job's state when it registered (``running``); ``list`` asks its control endpoint for
+    the current one."""
     started_at: float
     """Seconds since the epoch."""
     checkpoint_dir: str | None
