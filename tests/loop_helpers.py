@@ -81,10 +81,20 @@ async def control_metrics(master: JobMaster) -> dict[str, Any]:
 async def control_call(master: JobMaster, call: Callable[..., Any], *args: Any) -> Any:
     """``call(address, *args)`` in a thread, against a control endpoint of the job started for
     the call."""
-    server = ControlServer(master, lambda: None, port=0)
+    async with serving_control(master) as (_, address):
+        return await asyncio.to_thread(call, address, *args)
+
+
+@contextlib.asynccontextmanager
+async def serving_control(
+    master: JobMaster, cancel: Callable[[], None] = lambda: None, **options: Any
+) -> AsyncIterator[tuple[ControlServer, str]]:
+    """The job's control endpoint on a free port (``options``: ``host``, ``savepoint_dir``,
+    ``allowed_savepoint_dirs``...) and its address; its token is ``server.token``."""
+    server = ControlServer(master, cancel, port=0, **options)
     address = await server.start()
     try:
-        return await asyncio.to_thread(call, address, *args)
+        yield server, address
     finally:
         await server.stop()
 
