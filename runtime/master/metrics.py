@@ -395,18 +395,18 @@ class MetricsTracker:
         input_watermark, input_idle = report.input_watermark, report.input_idle
         for position, (uid, records) in enumerate(report.records.items()):
             old_records = old.records.get(uid) if old is not None else None
-            done_in, done_out = self.ended_records(uid, index)
+            total_in, total_out = self.ended_records(uid, index)
             if report.task not in self._ended_tasks:
-                done_in += records.records_in
-                done_out += records.records_out
+                total_in += records.records_in
+                total_out += records.records_out
             by_uid.setdefault(uid, []).append(
                 SubtaskMetrics(
                     subtask=index,
                     task=handle.name,
                     state=handle.state.value,
                     taskmanager=taskmanager,
-                    records_in=done_in,
-                    records_out=done_out,
+                    records_in=total_in,
+                    records_out=total_out,
                     records_in_per_s=rates.per_s(
                         old_records.records_in if old_records else 0, records.records_in
                     ),
