@@ -8,7 +8,8 @@ monotonic time). The :class:`MetricsTracker` keeps a few recent reports of every
 rates and milliseconds per second from the oldest one at least :data:`RATE_WINDOW_S` older than
 the newest, so figures are means over about the last second, whether the task runs in this process
 (sampled every :data:`SAMPLE_INTERVAL_S` and at each snapshot) or in a TaskManager (which reports
-every 0.5 s). Rates are ``None`` until a task has two reports, and 0 once it ended.
+every 0.5 s). Rates are ``None`` until a task has two reports :data:`MIN_RATE_WINDOW_S` apart,
+and 0 once it ended.
 
 Flink's definitions: a task is *backpressured* while it waits for room (credit) on an output
 channel, *idle* while it waits for input (a source: for data) or for its final checkpoint, and
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 
 RATE_WINDOW_S = 1.0
 """Rates are means over at least this long (the reports of a task this far apart)."""
+
+MIN_RATE_WINDOW_S = 0.2
+"""No rate from reports closer than this (a task's first moments): it would be noise."""
 
 SAMPLE_INTERVAL_S = 0.5
 """How often the job master samples the metrics of the tasks in its own process."""
@@ -239,12 +243,11 @@ class _TaskSamples:
             reports.popleft()
 
     def window(self) -> tuple[TaskMetrics, float] | None:
-        """The oldest kept report and the seconds from it to the latest; None with one."""
+        """The oldest kept report and the seconds from it to the latest; None while they are
+        less than :data:`MIN_RATE_WINDOW_S` apart."""
         reports = self.reports
-        if len(reports) < 2:
-            return None
         elapsed = reports[-1].time_s - reports[0].time_s
-        return (reports[0], elapsed) if elapsed > 0 else None
+        return (reports[0], elapsed) if elapsed >= MIN_RATE_WINDOW_S else None
 
 
 class _Rates:
