@@ -170,6 +170,8 @@ class ScriptedTaskHandle:
         self.operator_uids = operator_uids if operator_uids is not None else (vertex_id,)
         self.accepts = True
         self.sent: list[TaskCommand] = []
+        self.metrics: TaskMetrics | None = None
+        """What ``latest_metrics`` gives (the test sets it, as a TaskManager's report would)."""
 
     def send(self, command: TaskCommand) -> bool:
         if not self.accepts:
@@ -178,7 +180,7 @@ class ScriptedTaskHandle:
         return True
 
     def latest_metrics(self) -> TaskMetrics | None:
-        return None
+        return self.metrics
 
     def take_sent(self) -> list[TaskCommand]:
         """The commands sent since the last call."""

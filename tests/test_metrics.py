@@ -10,6 +10,7 @@ import pytest
 from loop_helpers import (
     ControlledSource,
     HeldSink,
+    ScriptedTaskHandle,
     control_status,
     running_job,
     take_checkpoint,
@@ -17,7 +18,7 @@ from loop_helpers import (
     wait_until_in_time,
 )
 
-from actors.protocol import TaskState
+from actors.protocol import OperatorRecords, TaskMetrics, TaskState
 from connectors import CollectSink, GeneratorSource
 from runtime.api.watermarks import WatermarkStrategy
 from runtime.config import CheckpointConfig, ExecutionConfig
@@ -280,3 +281,52 @@ async def test_counts_after_the_job_ended_equal_its_result_not_twice() -> None:
     snapshot = master.metrics_snapshot()
     assert {op.uid: (op.records_in, op.records_out) for op in snapshot.operators} == final
     assert sum(s.records_out for s in operator(snapshot, "numbers").subtasks) == 1000
+
+
+def report(handle: ScriptedTaskHandle, time_s: float, **fields: Any) -> TaskMetrics:
+    records = fields.pop("records", (0, 0))
+    return TaskMetrics(
+        handle.task_id, {"op": OperatorRecords(*records)}, None, time_s=time_s, **fields
+    )
+
+
+async def test_rates_come_from_reports_a_second_apart_and_stop_when_the_task_ended() -> None:
+    def build(job: Any) -> None:
+        job.from_source(GeneratorSource(lambda i: i)).uid("op").sink_to(CollectSink())
+
+    master = JobMaster(build_graph(build, None, 1))
+    [vertex] = master.graph.vertices
+    handle = ScriptedTaskHandle(vertex.id, operator_uids=("op",))
+    master.handles = [handle]
+
+    def snapshot_of(metrics: TaskMetrics) -> Any:
+        handle.metrics = metrics
+        [subtask] = operator(master.metrics_snapshot(), "op").subtasks
+        return subtask
+
+    first = snapshot_of(report(handle, 100.0, records=(0, 0)))
+    assert first.records_out_per_s is None and first.busy_ms_per_s is None
+    # 0.1 s later: too close for a rate.
+    close = snapshot_of(report(handle, 100.1, records=(0, 50), busy_ms=100.0))
+    assert close.records_out_per_s is None and close.records_out == 50
+    # 0.5 s after the first: a rate over those 0.5 s.
+    half = snapshot_of(
+        report(handle, 100.5, records=(0, 500), busy_ms=200.0, idle_ms=250.0, backpressured_ms=50.0)
+    )
+    assert half.records_out_per_s == pytest.approx(1000.0)
+    assert (half.busy_ms_per_s, half.idle_ms_per_s, half.backpressured_ms_per_s) == (
+        pytest.approx(400.0),
+        pytest.approx(500.0),
+        pytest.approx(100.0),
+    )
+    # Once a second of reports is kept, the oldest ones go: the rate is the last second's.
+    snapshot_of(report(handle, 101.0, records=(0, 1000), busy_ms=700.0))
+    later = snapshot_of(report(handle, 101.6, records=(0, 1100), busy_ms=700.0))
+    assert later.records_out_per_s == pytest.approx(600 / 1.1)  # from the report at 100.5
+    assert later.busy_ms_per_s == pytest.approx(500 / 1.1)
+    # The same report again changes nothing; a task that ended shows nothing flowing.
+    assert snapshot_of(handle.metrics).records_out_per_s == later.records_out_per_s
+    handle.state = TaskState.FINISHED
+    ended = snapshot_of(report(handle, 101.7, records=(0, 1100), busy_ms=700.0))
+    assert (ended.records_out_per_s, ended.busy_ms_per_s) == (0.0, 0.0)
+    assert ended.records_out == 1100
