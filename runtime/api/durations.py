@@ -1,4 +1,4 @@
-"""Durations as users write them: ``500ms``, ``5s``, ``1min``, ``2h`` (a bare number is seconds).
+"""Durations as users write them: ``500ms``, ``5s``, ``1min``, ``2h``; always with a unit.
 
 The parser lives in :mod:`state.durations` (the lowest layer, so that state TTLs share it); this
 module is where the job API and the CLI import it from.

@@ -91,6 +91,17 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        msg = f"invalid log level {text!r}: use one of {', '.join(LOG_LEVELS)}"
+        raise argparse.ArgumentTypeError(msg)
+    return level
+
+
 def _host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -149,6 +160,29 @@ def _add_max_parallelism_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_log_level_option(parser: argparse.ArgumentParser) -> None:
+    _add_option(
+        parser,
+        "--log-level",
+        type=_log_level,
+        default="WARNING",
+        metavar="LEVEL",
+        help=f"least level of the log lines shown: {', '.join(LOG_LEVELS)}",
+    )
+
+
+def _add_params_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="params",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a job parameter, readable as job.params[KEY] (repeatable; default: none)",
+    )
+
+
 def _add_parallelism_option(parser: argparse.ArgumentParser) -> None:
     _add_option(
         parser,
@@ -156,8 +190,15 @@ def _add_parallelism_option(parser: argparse.ArgumentParser) -> None:
         "--parallelism",
         type=_positive_int,
         default=DEFAULT_PARALLELISM,
+        metavar="N",
         help="subtasks of each operator without set_parallelism()",
     )
+
+
+_ADDRESS_HELP = (
+    "the job's control endpoint, as its run printed it (control endpoint: http://HOST:PORT) and "
+    "wrote to CHECKPOINT_DIR/rest-address"
+)
 
 
 def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
@@ -171,22 +212,14 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     run.add_argument("file", help="the job file")
     _add_parallelism_option(run)
     _add_max_parallelism_option(run)
-    run.add_argument(
-        "--set",
-        dest="params",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a job parameter, readable as job.params[KEY] (repeatable)",
-    )
+    _add_params_option(run)
     run.add_argument(
         "--checkpoint-interval",
         type=_duration,
         default=_CHECKPOINT_DEFAULTS.interval_s,
         metavar="DURATION",
-        help="periodic checkpoints this often (default: none, only final checkpoints and "
-        "savepoints)",
+        help="periodic checkpoints this often, a duration such as 500ms, 5s, 1min (default: none, "
+        "only final checkpoints and savepoints)",
     )
     _add_option(
         run,
@@ -230,6 +263,7 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     run.add_argument(
         "--restart-strategy",
         default=None,
+        metavar="STRATEGY",
         help="none | fixed-delay[:ATTEMPTS[:DELAY]] | failure-rate[:MAX:INTERVAL[:DELAY]] | "
         "exponential-delay[:INITIAL[:MAX]] (default with a --checkpoint-interval: "
         f"{default_restart_strategy(True).describe()}; without: "
@@ -262,7 +296,8 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         metavar="latest|PATH",
         help="restore from the latest valid checkpoint in --checkpoint-dir (none: start from the "
         "beginning, with a warning), from a checkpoint or savepoint folder, or from the newest "
-        "valid one in a folder of them (as stop --dir writes)",
+        "valid one in a folder of them, as stop --dir writes (default: none, start from the "
+        "beginning)",
     )
     run.add_argument(
         "--allow-non-restored-state",
@@ -290,12 +325,14 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         "--rest-port",
         type=int,
         default=DEFAULT_REST_PORT,
+        metavar="PORT",
         help="port of the control endpoint; 0: a free one, -1: none",
     )
     _add_option(
         run,
         "--rest-host",
         default=DEFAULT_REST_HOST,
+        metavar="HOST",
         help="address the control endpoint listens on",
     )
     _add_option(
@@ -352,14 +389,14 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         "on a Ray cluster of several machines, one of this machine's that the nodes reach",
     )
     run.add_argument("--no-progress", action="store_true", help="do not show progress")
-    run.add_argument("--log-level", default="WARNING")
+    _add_log_level_option(run)
 
     savepoint = sub.add_parser("savepoint", help="take a savepoint of a running job")
-    savepoint.add_argument("--address", required=True, metavar="HOST:PORT")
+    savepoint.add_argument("--address", required=True, metavar="HOST:PORT", help=_ADDRESS_HELP)
     savepoint.add_argument("--dir", required=True, help="directory to write the savepoint into")
 
     stop = sub.add_parser("stop", help="stop a running job with a savepoint")
-    stop.add_argument("--address", required=True, metavar="HOST:PORT")
+    stop.add_argument("--address", required=True, metavar="HOST:PORT", help=_ADDRESS_HELP)
     stop.add_argument("--dir", required=True, help="directory to write the savepoint into")
     stop.add_argument(
         "--drain",
@@ -368,20 +405,19 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     )
 
     cancel = sub.add_parser("cancel", help="cancel a running job")
-    cancel.add_argument("--address", required=True, metavar="HOST:PORT")
+    cancel.add_argument("--address", required=True, metavar="HOST:PORT", help=_ADDRESS_HELP)
 
     checkpoints = sub.add_parser("checkpoints", help="list checkpoints and savepoints under DIR")
-    checkpoints.add_argument("dir")
+    checkpoints.add_argument("dir", help="a checkpoint directory, or a folder of savepoints")
     checkpoints.add_argument(
         "--against",
         metavar="FILE",
-        help="dry run: how each snapshot would restore into this job file",
+        help="dry run: how each snapshot would restore into this job file (default: none, only "
+        "list them)",
     )
     _add_parallelism_option(checkpoints)
     _add_max_parallelism_option(checkpoints)
-    checkpoints.add_argument(
-        "--set", dest="params", type=_key_value, action="append", default=[], metavar="KEY=VALUE"
-    )
+    _add_params_option(checkpoints)
 
     taskmanager = sub.add_parser(
         "taskmanager",
@@ -400,12 +436,15 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         "--slots",
         type=_positive_int,
         default=1,
+        metavar="N",
         help="subtasks of each vertex it can run",
     )
-    taskmanager.add_argument("--log-level", default="WARNING")
+    _add_log_level_option(taskmanager)
 
     broker = sub.add_parser("broker", help="start the local Kafka-protocol broker for the dev loop")
-    broker.add_argument("--port", type=int, default=9092)
+    _add_option(
+        broker, "--port", type=int, default=9092, help="the port it listens on, on 127.0.0.1"
+    )
     return parser
 
 
