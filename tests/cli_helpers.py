@@ -52,11 +52,45 @@ def run_cli(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedP
 
 
 def run_command(
-    command: list[str], timeout: float = RUN_TIMEOUT_S
+    command: list[str],
+    timeout: float = RUN_TIMEOUT_S,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` to its end from ``cwd`` (the repository root unless told otherwise), with
+    ``env`` added to this process's environment."""
     return subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+        command,
+        cwd=cwd,
+        env={**os.environ, **env} if env else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
+
+
+def without_permission_override(command: list[str]) -> list[str]:
+    """``command`` run so that file permissions apply to it: as root (CI containers), without the
+    capabilities that let root read and write anything (``setpriv`` from util-linux)."""
+    if os.geteuid() != 0:
+        return command
+    dropped = "-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", f"--bounding-set={dropped}", *command]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``error: ...`` lines the CLI wrote."""
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def the_one_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The CLI's one ``error:`` line (without the prefix), asserting that there is exactly one
+    and no traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1, proc.stderr
+    return errors[0].removeprefix("error: ")
 
 
 def start_cli(stderr_path: Path, *args: str) -> subprocess.Popen[bytes]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.barriers import CheckpointingMode
+from actors.infrastructure import InfrastructureError, infrastructure_cause
 from actors.operator import NewerOutputPolicy, UserFunctionError
 from actors.protocol import RemoteFailureCause
 from runtime.api.durations import format_duration, parse_duration
@@ -41,6 +42,7 @@ from runtime.master.deployment import DeploymentError
 from runtime.master.jobmaster import JobFailedError, JobMaster
 from runtime.master.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
 from runtime.plan.restore import RestoreMismatchError, RestoreReport
+from runtime.shell.logfold import KAFKA_CLIENT_LOGGERS, fold_repeats
 from runtime.shell.progress import ProgressReporter
 from runtime.shell.rest import ControlClientError, ControlServer, call
 from runtime.shell.runner import JobFileError, build_graph, load_job_file, run_coroutine
@@ -51,12 +53,14 @@ from state.keygroups import UPPER_BOUND_MAX_PARALLELISM
 from state.refusal import restore_refusal
 from state.storage import (
     METADATA,
+    CheckpointDirectoryError,
     CheckpointKind,
     CheckpointStorage,
     CompletedCheckpoint,
     InvalidCheckpointError,
     SkippedSnapshot,
     SnapshotSearch,
+    check_checkpoint_directory,
     find_latest_valid,
     find_newest_snapshot,
     find_snapshot_folders,
@@ -483,15 +487,25 @@ def _warning(message: str) -> None:
     sys.stderr.flush()
 
 
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A Kafka client retrying against a broker that went away logs every attempt.
+    fold_repeats(KAFKA_CLIENT_LOGGERS)
+
+
 def _run(args: Any) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args.log_level)
     try:
         build = load_job_file(args.file)
     except JobFileError as exc:
         _error(str(exc))
         return EXIT_USAGE
+    if args.checkpoint_dir:
+        try:
+            check_checkpoint_directory(args.checkpoint_dir)
+        except CheckpointDirectoryError as exc:
+            _error(f"--checkpoint-dir: {exc}")
+            return EXIT_USAGE
     params = dict(args.params)
     try:
         restart, restart_line = _restart_strategy(args)
@@ -554,7 +568,7 @@ def _run(args: Any) -> int:
         _error("cancelled (Ctrl-C): every task was closed")
         _cleanup_on_cancel(master, args)
         return EXIT_INTERRUPTED
-    except (TaskManagerStartError, DeploymentError) as exc:
+    except (TaskManagerStartError, DeploymentError, InfrastructureError) as exc:
         _error(str(exc))
         return EXIT_FAILED
     except JobFailedError as exc:
@@ -591,9 +605,7 @@ def _run(args: Any) -> int:
 def _taskmanager(args: Any) -> int:
     from runtime.cluster.taskmanager import DEFAULT_EXIT_GRACE_S, EXIT_SHUT_DOWN, run_taskmanager
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args.log_level)
     host, port = args.jobmanager
     outcome = run_coroutine(
         run_taskmanager(
@@ -915,6 +927,10 @@ def _report_failure(exc: JobFailedError) -> None:
     if isinstance(cause, TaskManagerLostError):
         # Infrastructure, not code: the line says which TaskManager and how it ended.
         _error(f"job failed: {exc}")
+        return
+    infrastructure = infrastructure_cause(cause)
+    if infrastructure is not None:
+        _error(str(infrastructure))
         return
     user_exc = cause.cause if isinstance(cause, UserFunctionError) else cause.__cause__ or cause
     if isinstance(user_exc, RemoteFailureCause):

@@ -1,0 +1,279 @@
+"""Errors users cause or meet outside their code: one ``error:`` line saying what and what to do,
+the right exit code, no traceback (each in a real ``python -m runtime`` child process)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import kafka_fixtures
+import pytest
+from cli_helpers import (
+    ROOT,
+    error_lines,
+    operator_records_in,
+    printed_address,
+    run_cli,
+    run_command,
+    runtime_command,
+    start_cli,
+    stderr_contains,
+    stop_process,
+    the_one_error,
+    wait_for,
+    without_permission_override,
+)
+from kafka_fixtures import load_sample_events, unique_name
+
+from connectors.kafka.broker import LocalKafkaBroker, find_free_port
+
+kafka_bootstrap = kafka_fixtures.kafka_bootstrap
+
+QUIET = ("--no-progress", "--rest-port", "-1")
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def test_a_missing_input_file_names_the_file_and_the_operator(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-events.jsonl"
+    proc = run_cli(
+        "run",
+        "examples/file_etl.py",
+        *("--set", f"input={missing}", "--set", f"output={tmp_path / 'out'}"),
+        *QUIET,
+    )
+    assert proc.returncode == EXIT_FAILED, proc.stderr
+    error = the_one_error(proc)
+    assert f"input '{missing}' does not exist" in error
+    assert "source 'Source: File(no-such-events.jsonl)' (uid events)" in error
+
+
+def test_a_missing_relative_input_file_says_where_it_was_looked_for() -> None:
+    proc = run_cli("run", "examples/wordcount.py", "--set", "input=no-such-words.txt", *QUIET)
+    assert proc.returncode == EXIT_FAILED, proc.stderr
+    assert f"'no-such-words.txt' does not exist (relative to {ROOT})" in the_one_error(proc)
+
+
+def test_invalid_utf8_in_a_text_file_names_the_file_and_the_line(tmp_path: Path) -> None:
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("first line\nsecond line\nCaf\u00e9 au lait\n".encode("latin-1"))
+    proc = run_cli("run", "examples/wordcount.py", "--set", f"input={text}", *QUIET)
+    assert proc.returncode == EXIT_FAILED, proc.stderr
+    error = the_one_error(proc)
+    assert error.startswith(f"{text} line 3: not valid UTF-8 (byte 4 of the line"), error
+    assert "convert the file" in error
+
+
+def test_invalid_json_is_one_line_naming_the_file_and_the_line(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"user": "a", "kind": "purchase", "amount": 1, "ts": 1}\n{"user": \n')
+    proc = run_cli(
+        "run",
+        "examples/file_etl.py",
+        *("--set", f"input={events}", "--set", f"output={tmp_path / 'out'}"),
+        *QUIET,
+    )
+    assert proc.returncode == EXIT_FAILED, proc.stderr
+    assert the_one_error(proc).startswith(f"{events} line 2: invalid JSON")
+
+
+def _run_with_checkpoint_dir(directory: Path) -> tuple[int, str, str]:
+    proc = run_command(
+        without_permission_override(
+            runtime_command("run", "examples/wordcount.py", "--checkpoint-dir", str(directory))
+        )
+    )
+    return proc.returncode, proc.stdout, the_one_error(proc)
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_the_job_runs(tmp_path: Path) -> None:
+    file = tmp_path / "chk"
+    file.write_text("not a directory\n")
+    code, stdout, error = _run_with_checkpoint_dir(file)
+    assert code == EXIT_USAGE
+    assert stdout == ""  # the job did not run: word count prints its counts
+    assert error == (
+        f"--checkpoint-dir: {file} is not a directory: give a directory (it is created when "
+        "missing)"
+    )
+
+
+def test_a_checkpoint_dir_under_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    code, stdout, error = _run_with_checkpoint_dir(tmp_path / "file" / "chk")
+    assert code == EXIT_USAGE
+    assert stdout == ""
+    assert error == (
+        f"--checkpoint-dir: cannot create {tmp_path / 'file' / 'chk'}: {tmp_path / 'file'} is "
+        "not a directory"
+    )
+
+
+def test_a_checkpoint_dir_that_cannot_be_created_is_refused(tmp_path: Path) -> None:
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        code, stdout, error = _run_with_checkpoint_dir(read_only / "jobs" / "chk")
+    finally:
+        read_only.chmod(0o755)
+    assert code == EXIT_USAGE
+    assert stdout == ""
+    assert error == (
+        f"--checkpoint-dir: cannot create {read_only / 'jobs' / 'chk'}: {read_only} is not "
+        "writable; fix its permissions or give another directory"
+    )
+
+
+def test_a_read_only_checkpoint_dir_is_refused_before_the_job_runs(tmp_path: Path) -> None:
+    read_only = tmp_path / "chk"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        code, stdout, error = _run_with_checkpoint_dir(read_only)
+    finally:
+        read_only.chmod(0o755)
+    assert code == EXIT_USAGE
+    assert stdout == ""
+    assert error == (
+        f"--checkpoint-dir: cannot write into {read_only} (Permission denied): fix its "
+        "permissions or give another directory"
+    )
+    assert list(read_only.iterdir()) == []
+
+
+def test_an_unreadable_checkpoint_dir_is_refused_before_the_job_runs(tmp_path: Path) -> None:
+    unreadable = tmp_path / "chk"
+    unreadable.mkdir()
+    unreadable.chmod(0o333)
+    try:
+        code, stdout, error = _run_with_checkpoint_dir(unreadable)
+    finally:
+        unreadable.chmod(0o755)
+    assert code == EXIT_USAGE
+    assert stdout == ""
+    assert error == (
+        f"--checkpoint-dir: cannot read {unreadable} (Permission denied): fix its permissions "
+        "or give another directory"
+    )
+
+
+SHADOWED_JOB = """
+    from connectors import FileSource
+    from state import ValueStateDescriptor
+
+
+    def build(job):
+        job.from_source(FileSource(job.params["input"])).print()
+"""
+
+
+def _job_next_to(tmp_path: Path, module: str) -> Path:
+    job = tmp_path / "job.py"
+    job.write_text(textwrap.dedent(SHADOWED_JOB))
+    (tmp_path / module).write_text("HELPER = 1\n")
+    return job
+
+
+def test_a_module_next_to_the_job_that_shadows_a_runtime_package_is_named(
+    tmp_path: Path,
+) -> None:
+    job = _job_next_to(tmp_path, "state.py")
+    proc = run_cli("run", str(job), "--set", "input=examples/data/words.txt", *QUIET)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert the_one_error(proc) == (
+        f"{tmp_path / 'state.py'} has the name of the runtime's package 'state', so 'import "
+        "state' finds it instead of the runtime's: rename it (e.g. to my_state.py) and its "
+        "imports"
+    )
+
+
+def test_running_from_the_folder_of_a_shadowing_module_names_it(tmp_path: Path) -> None:
+    """``python -m runtime`` puts the working directory first on ``sys.path``: the runtime's own
+    imports would find the user's ``connectors.py`` (today: a traceback deep in them)."""
+    job = _job_next_to(tmp_path, "connectors.py")
+    proc = run_command(
+        runtime_command("run", job.name, "--set", f"input={ROOT}/examples/data/words.txt", *QUIET),
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert the_one_error(proc).startswith(
+        f"{tmp_path / 'connectors.py'} has the name of the runtime's package 'connectors'"
+    )
+
+
+def test_no_broker_at_the_bootstrap_address_is_one_line_naming_it(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{find_free_port()}"  # nothing listens there
+    proc = run_cli(
+        "run",
+        "examples/kafka_etl.py",
+        *("--set", f"bootstrap={address}", "--set", f"output={tmp_path / 'out'}"),
+        *QUIET,
+    )
+    assert proc.returncode == EXIT_FAILED, proc.stderr
+    error = the_one_error(proc)
+    assert error.startswith(
+        f"source 'Source: Kafka events' (uid kafka-events): no Kafka broker answers at {address}"
+    ), error
+    assert "connect timeout 40s" in error
+    assert "python -m runtime broker" in error
+
+
+def test_a_missing_topic_is_one_line_naming_it_and_how_to_create_it(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    topic = unique_name("missing")
+    proc = run_cli(
+        "run",
+        "examples/kafka_etl.py",
+        *("--set", f"bootstrap={kafka_bootstrap}", "--set", f"input_topic={topic}"),
+        *("--set", f"output={tmp_path / 'out'}"),
+        *QUIET,
+    )
+    assert proc.returncode == EXIT_FAILED, proc.stderr
+    assert the_one_error(proc) == (
+        f"source 'Source: Kafka events' (uid kafka-events): Kafka topic {topic} does not exist "
+        f"on {kafka_bootstrap}: create it first (e.g. kafka-topics.sh --bootstrap-server "
+        f"{kafka_bootstrap} --create --topic {topic}), or fix the topic name"
+    )
+
+
+@pytest.mark.slow
+def test_a_broker_that_goes_away_fails_attempts_with_one_line_each(tmp_path: Path) -> None:
+    """The source's client logs every reconnection attempt: they fold into one line; each
+    attempt fails on the missing broker (one line), the restart strategy restarts it, and once
+    it gives up the CLI's one error line names the address."""
+    with LocalKafkaBroker() as broker:
+        address = broker.bootstrap_servers
+        topic = unique_name("goes-away")
+        load_sample_events(address, topic, partitions=1)
+        stderr = tmp_path / "stderr"
+        proc = start_cli(
+            stderr,
+            *("run", "examples/kafka_etl.py", "--set", f"bootstrap={address}"),
+            *("--set", f"input_topic={topic}", "--set", f"output={tmp_path / 'out'}"),
+            *("--set", "rate=200", "--checkpoint-interval", "100ms"),
+            *("--restart-strategy", "fixed-delay:3:100ms", "--no-progress", "--rest-port", "0"),
+        )
+        try:
+            rest = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
+            wait_for(
+                lambda: operator_records_in(rest, "running-totals") > 0, "records", proc, stderr
+            )
+            broker.stop()
+            wait_for(
+                lambda: stderr_contains(stderr, "job attempt 3 failed"), "3 failures", proc, stderr
+            )
+            assert proc.wait(timeout=30) == EXIT_FAILED
+        finally:
+            stop_process(proc)
+    text = stderr.read_text()
+    assert "Traceback" not in text
+    [error] = error_lines(text)
+    assert f"no Kafka broker answers at {address}" in error
+    refused = [line for line in text.splitlines() if f'Unable connect to "{address}"' in line]
+    assert len(refused) == 1, text  # four attempts in a second: one line, repeats folded
+    attempts = [line for line in text.splitlines() if "failed (" in line and "job attempt" in line]
+    assert len(attempts) == 3, text
+    assert all(f"no Kafka broker answers at {address}" in line for line in attempts[1:]), text
