@@ -41,7 +41,9 @@ from runtime.config import (
 from runtime.master.deployment import DeploymentError
 from runtime.master.jobmaster import JobFailedError, JobMaster
 from runtime.master.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
+from runtime.plan.graph import JobGraph
 from runtime.plan.restore import RestoreMismatchError, RestoreReport
+from runtime.shell.info import describe_job_graph
 from runtime.shell.logfold import KAFKA_CLIENT_LOGGERS, fold_repeats
 from runtime.shell.progress import ProgressReporter
 from runtime.shell.rest import ControlClientError, ControlServer, call
@@ -423,6 +425,16 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     _add_max_parallelism_option(checkpoints)
     _add_params_option(checkpoints)
 
+    info = sub.add_parser(
+        "info",
+        help="print the job graph of a job file without running it: tasks (chains of operators), "
+        "parallelism, uids, partitioners, side outputs",
+    )
+    info.add_argument("file", help="the job file")
+    _add_parallelism_option(info)
+    _add_max_parallelism_option(info)
+    _add_params_option(info)
+
     taskmanager = sub.add_parser(
         "taskmanager",
         help="run a TaskManager for the JobManager at HOST:PORT (run --taskmanagers starts them)",
@@ -466,6 +478,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m runtime") -> int:
         return _control(args)
     if args.command == "checkpoints":
         return _checkpoints(args)
+    if args.command == "info":
+        return _info(args)
     if args.command == "taskmanager":
         return _taskmanager(args)
     if args.command == "broker":
@@ -881,19 +895,12 @@ def _checkpoints(args: Any) -> int:
     if not base.exists():
         _error(f"{args.dir} does not exist")
         return EXIT_USAGE
-    graph = None
+    graph: JobGraph | None = None
     if args.against:
-        try:
-            graph = build_graph(
-                load_job_file(args.against),
-                dict(args.params),
-                args.parallelism,
-                args.max_parallelism,
-                name=_job_name(args.against),
-            )
-        except (JobFileError, JobDefinitionError) as exc:
-            _error(str(exc))
-            return EXIT_USAGE
+        built = _job_file_graph(args.against, args)
+        if isinstance(built, int):
+            return built
+        graph = built
     folders = sorted(set(find_snapshot_folders(base)) | set(list_checkpoint_folders(base)))
     if not folders:
         print(f"no checkpoints or savepoints under {base}")
@@ -919,6 +926,36 @@ def _checkpoints(args: Any) -> int:
             report = RestoreReport(graph, checkpoint)
             for line in report.describe(graph).splitlines():
                 print(f"    {line}")
+    return EXIT_OK
+
+
+def _job_file_graph(file: str, args: Any) -> JobGraph | int:
+    """The graph of job ``file`` with the ``--set``, ``-p`` and ``--max-parallelism`` of
+    ``args``, or the exit code after its error line (2 for a bad job file or job definition)."""
+    try:
+        return build_graph(
+            load_job_file(file),
+            dict(args.params),
+            args.parallelism,
+            args.max_parallelism,
+            name=_job_name(file),
+        )
+    except JobFileError as exc:
+        _error(str(exc))
+    except JobDefinitionError as exc:
+        _error(f"invalid job {file}: {exc}")
+    except Exception:
+        sys.stderr.write(traceback.format_exc())
+        _error(f"build(job) in {file} raised; see the traceback above")
+        return EXIT_FAILED
+    return EXIT_USAGE
+
+
+def _info(args: Any) -> int:
+    graph = _job_file_graph(args.file, args)
+    if isinstance(graph, int):
+        return graph
+    print(describe_job_graph(graph))
     return EXIT_OK
 
 
