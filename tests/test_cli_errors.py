@@ -3,6 +3,7 @@ the right exit code, no traceback (each in a real ``python -m runtime`` child pr
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from pathlib import Path
 
@@ -11,19 +12,19 @@ import pytest
 from cli_helpers import (
     ROOT,
     error_lines,
+    get_json,
     operator_records_in,
     printed_address,
     run_cli,
     run_command,
     runtime_command,
     start_cli,
-    stderr_contains,
     stop_process,
     the_one_error,
     wait_for,
     without_permission_override,
 )
-from kafka_fixtures import load_sample_events, unique_name
+from kafka_fixtures import create_topics, unique_name
 
 from connectors.kafka.broker import LocalKafkaBroker, find_free_port
 
@@ -169,10 +170,8 @@ SHADOWED_JOB = """
 
 
 def _job_next_to(tmp_path: Path, module: str) -> Path:
-    job = tmp_path / "job.py"
-    job.write_text(textwrap.dedent(SHADOWED_JOB))
     (tmp_path / module).write_text("HELPER = 1\n")
-    return job
+    return _job_file(tmp_path, "job.py", SHADOWED_JOB)
 
 
 def test_a_module_next_to_the_job_that_shadows_a_runtime_package_is_named(
@@ -239,6 +238,35 @@ def test_a_missing_topic_is_one_line_naming_it_and_how_to_create_it(
     )
 
 
+SOURCE_JOB = """
+    from connectors.kafka import KafkaSource
+    from runtime import Job
+
+
+    def build(job: Job) -> None:
+        source = KafkaSource(
+            job.params["bootstrap"],
+            job.params["topic"],
+            discovery_interval_s=0.1,  # the periodic partition discovery meets the lost broker
+            client_options={"request_timeout_ms": 1000},
+        )
+        job.from_source(source, name="Source: Kafka").print()
+"""
+
+
+def _job_file(tmp_path: Path, name: str, source: str) -> Path:
+    job = tmp_path / name
+    job.write_text(textwrap.dedent(source))
+    return job
+
+
+def _running(address: str) -> bool:
+    status = get_json(address, "/status")
+    return status["status"] == "running" and all(
+        task["state"] == "running" for task in status["tasks"]
+    )
+
+
 @pytest.mark.slow
 def test_a_broker_that_goes_away_fails_attempts_with_one_line_each(tmp_path: Path) -> None:
     """The source's client logs every reconnection attempt: they fold into one line; each
@@ -247,33 +275,106 @@ def test_a_broker_that_goes_away_fails_attempts_with_one_line_each(tmp_path: Pat
     with LocalKafkaBroker() as broker:
         address = broker.bootstrap_servers
         topic = unique_name("goes-away")
-        load_sample_events(address, topic, partitions=1)
+        asyncio.run(create_topics(address, topic))
         stderr = tmp_path / "stderr"
         proc = start_cli(
             stderr,
-            *("run", "examples/kafka_etl.py", "--set", f"bootstrap={address}"),
-            *("--set", f"input_topic={topic}", "--set", f"output={tmp_path / 'out'}"),
-            *("--set", "rate=200", "--checkpoint-interval", "100ms"),
+            *("run", str(_job_file(tmp_path, "kafka_source.py", SOURCE_JOB))),
+            *("--set", f"bootstrap={address}", "--set", f"topic={topic}"),
             *("--restart-strategy", "fixed-delay:3:100ms", "--no-progress", "--rest-port", "0"),
         )
         try:
             rest = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
-            wait_for(
-                lambda: operator_records_in(rest, "running-totals") > 0, "records", proc, stderr
-            )
-            broker.stop()
-            wait_for(
-                lambda: stderr_contains(stderr, "job attempt 3 failed"), "3 failures", proc, stderr
-            )
+            wait_for(lambda: _running(rest), "the job running", proc, stderr)
+            broker.stop(timeout=0.5)  # then SIGKILL: the broker goes away at once
             assert proc.wait(timeout=30) == EXIT_FAILED
         finally:
             stop_process(proc)
     text = stderr.read_text()
     assert "Traceback" not in text
     [error] = error_lines(text)
-    assert f"no Kafka broker answers at {address}" in error
-    refused = [line for line in text.splitlines() if f'Unable connect to "{address}"' in line]
-    assert len(refused) == 1, text  # four attempts in a second: one line, repeats folded
-    attempts = [line for line in text.splitlines() if "failed (" in line and "job attempt" in line]
+    assert f"no Kafka broker answers at {address} (Kafka({topic})," in error
+    # Four starts in a second each log their failed connection: one line per cause (the
+    # broker closing, then refusing), repeats folded.
+    refused = [
+        line.split(" ", 2)[2] for line in text.splitlines() if f'connect to "{address}"' in line
+    ]
+    assert refused and len(refused) == len(set(refused)) < 4, text
+    attempts = [line for line in text.splitlines() if "job attempt" in line]
     assert len(attempts) == 3, text
-    assert all(f"no Kafka broker answers at {address}" in line for line in attempts[1:]), text
+    assert all(f"no Kafka broker answers at {address}" in line for line in attempts), text
+
+
+SINK_JOB = """
+    from connectors import GeneratorSource
+    from connectors.kafka import KafkaSink
+    from runtime import Job
+
+
+    def build(job: Job) -> None:
+        sink = KafkaSink(
+            job.params["bootstrap"],
+            job.params["topic"],
+            serializer="text",
+            client_options={"request_timeout_ms": 1000},  # a lost broker is noticed in 1 s
+        )
+        numbers = GeneratorSource(lambda i: i, count=None, rate=job.params.get_float("rate", 0))
+        job.from_source(numbers, name="numbers").sink_to(sink, name="Kafka numbers")
+"""
+
+
+def _sink_job(tmp_path: Path) -> Path:
+    return _job_file(tmp_path, "kafka_numbers.py", SINK_JOB)
+
+
+def test_no_broker_for_a_kafka_sink_is_one_line_naming_it(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{find_free_port()}"
+    proc = run_cli(
+        "run",
+        str(_sink_job(tmp_path)),
+        *("--set", f"bootstrap={address}", "--set", "topic=numbers"),
+        *QUIET,
+    )
+    assert proc.returncode == EXIT_FAILED, proc.stderr
+    assert the_one_error(proc) == (
+        f"no Kafka broker answers at {address} (Kafka(numbers), sink; connect timeout 1s): check "
+        "the bootstrap address and that the broker runs (for the dev loop: python -m runtime "
+        "broker)"
+    )
+
+
+@pytest.mark.slow
+def test_a_broker_that_goes_away_under_a_kafka_sink_fails_it_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """The writer's failed sends become one line naming the sink (no line per unretrieved send),
+    the restart strategy restarts, and the restarts meet no broker."""
+    with LocalKafkaBroker() as broker:
+        address = broker.bootstrap_servers
+        stderr = tmp_path / "stderr"
+        proc = start_cli(
+            stderr,
+            *("run", str(_sink_job(tmp_path)), "--set", f"bootstrap={address}"),
+            *("--set", "topic=numbers", "--set", "rate=500", "--checkpoint-interval", "100ms"),
+            *("--restart-strategy", "fixed-delay:1:100ms", "--no-progress", "--rest-port", "0"),
+        )
+        try:
+            rest = wait_for(lambda: printed_address(stderr), "the control endpoint", proc, stderr)
+            wait_for(lambda: operator_records_in(rest, "kafka-numbers") > 0, "sends", proc, stderr)
+            broker.stop(timeout=0.5)  # then SIGKILL: the broker goes away at once
+            assert proc.wait(timeout=60) == EXIT_FAILED
+        finally:
+            stop_process(proc)
+    text = stderr.read_text()
+    assert "Traceback" not in text and "never retrieved" not in text, text
+    [error] = error_lines(text)
+    assert error == (
+        f"error: no Kafka broker answers at {address} (Kafka(numbers), sink; connect timeout 1s): "
+        "check the bootstrap address and that the broker runs (for the dev loop: python -m "
+        "runtime broker)"
+    )
+    [first_attempt] = [line for line in text.splitlines() if "job attempt 1 failed" in line]
+    assert (
+        f"KafkaSink 'Kafka numbers' (subtask 1/1): writing to Kafka(numbers) on {address} failed"
+        in first_attempt
+    )
