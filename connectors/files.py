@@ -8,12 +8,14 @@ line number of the next unread line, kept in operator state, so a restore resume
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +234,20 @@ def _not_utf8(path: str, line_number: int, error: UnicodeDecodeError) -> RecordF
     return RecordFormatError(msg)
 
 
+@contextlib.contextmanager
+def _output_errors(what: str) -> Iterator[None]:
+    """An output path the sink cannot create or write (a file in the way, no permission) as the
+    one line that names it."""
+    try:
+        yield
+    except OSError as exc:
+        # mkdir under a file says "File exists" or "Not a directory".
+        in_the_way = isinstance(exc, FileExistsError | NotADirectoryError)
+        reason = "a file is in the way" if in_the_way else exc.strerror or str(exc)
+        msg = f"{what} ({reason}): give another output path or fix its permissions"
+        raise InfrastructureError(msg) from None
+
+
 class JsonLinesFileSink(Sink):
     """Writes each record as one JSON line (orjson). Not transactional: for exactly-once output
     use the two-phase-commit file sink.
@@ -259,8 +275,9 @@ class _JsonLinesWriter(SinkWriter):
         self._in_flight: asyncio.Future[Any] | None = None
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = await aiofiles.open(self.path, "wb")
+        with _output_errors(f"JSON-lines file sink: cannot write {str(self.path)!r}"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = await aiofiles.open(self.path, "wb")
 
     async def write(self, values: list[Any]) -> None:
         dumps = orjson.dumps
@@ -441,7 +458,7 @@ class _TwoPhaseCommitWriter(SinkWriter):
         self.restored = True
         restored_id = self.restore_context.checkpoint_id
         entries = [self._checked_entry(entry, restored_id) for entry in state]
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._create_directory()
         self._refuse_missing_files(entries, restored_id)
         self._refuse_abandoned(restored_id)
         if restored_id is not None:
@@ -657,8 +674,12 @@ class _TwoPhaseCommitWriter(SinkWriter):
         )
         raise RestoreRefusedError(msg)
 
+    def _create_directory(self) -> None:
+        with _output_errors(f"{self.label}: cannot create {str(self.directory)!r}"):
+            self.directory.mkdir(parents=True, exist_ok=True)
+
     async def open(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._create_directory()
         if not self.restored:
             self._refuse_existing_output()
             self._delete_stale_pending(None, set())

@@ -378,3 +378,25 @@ def test_a_broker_that_goes_away_under_a_kafka_sink_fails_it_with_one_line(
         f"KafkaSink 'Kafka numbers' (subtask 1/1): writing to Kafka(numbers) on {address} failed"
         in first_attempt
     )
+
+
+def test_an_output_path_under_a_file_is_one_line_naming_the_sink(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    output = tmp_path / "file" / "counts.jsonl"
+    proc = run_cli("run", "examples/wordcount.py", "--set", f"output={output}", *QUIET)
+    assert proc.returncode == EXIT_FAILED, proc.stderr
+    assert the_one_error(proc) == (
+        f"JSON-lines file sink: cannot write '{output}' (a file is in the way): give another "
+        "output path or fix its permissions"
+    )
+
+
+def test_an_output_directory_under_a_file_is_one_line_naming_the_sink(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    output = tmp_path / "file" / "out"
+    proc = run_cli("run", "examples/file_etl.py", "--set", f"output={output}", *QUIET)
+    assert proc.returncode == EXIT_FAILED, proc.stderr
+    assert the_one_error(proc) == (
+        f"two-phase file sink 'committed files' (subtask 1/1): cannot create '{output}' (a file "
+        "is in the way): give another output path or fix its permissions"
+    )
