@@ -78,22 +78,30 @@ def test_invalid_json_is_one_line_naming_the_file_and_the_line(tmp_path: Path) -
     assert the_one_error(proc).startswith(f"{events} line 2: invalid JSON")
 
 
-def _run_with_checkpoint_dir(directory: Path) -> tuple[int, str, str]:
-    proc = run_command(
-        without_permission_override(
-            runtime_command("run", "examples/wordcount.py", "--checkpoint-dir", str(directory))
+def _refused_checkpoint_dir(directory: Path, locked: Path | None = None, mode: int = 0) -> str:
+    """The error line of a run with ``--checkpoint-dir directory`` (``locked``, a directory,
+    has permissions ``mode`` meanwhile), asserting that it was refused before the job ran."""
+    if locked is not None:
+        locked.mkdir()
+        locked.chmod(mode)
+    try:
+        proc = run_command(
+            without_permission_override(
+                runtime_command("run", "examples/wordcount.py", "--checkpoint-dir", str(directory))
+            )
         )
-    )
-    return proc.returncode, proc.stdout, the_one_error(proc)
+    finally:
+        if locked is not None:
+            locked.chmod(0o755)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert proc.stdout == ""  # the job did not run: word count prints its counts
+    return the_one_error(proc)
 
 
 def test_a_checkpoint_dir_that_is_a_file_is_refused_before_the_job_runs(tmp_path: Path) -> None:
     file = tmp_path / "chk"
     file.write_text("not a directory\n")
-    code, stdout, error = _run_with_checkpoint_dir(file)
-    assert code == EXIT_USAGE
-    assert stdout == ""  # the job did not run: word count prints its counts
-    assert error == (
+    assert _refused_checkpoint_dir(file) == (
         f"--checkpoint-dir: {file} is not a directory: give a directory (it is created when "
         "missing)"
     )
@@ -101,10 +109,7 @@ def test_a_checkpoint_dir_that_is_a_file_is_refused_before_the_job_runs(tmp_path
 
 def test_a_checkpoint_dir_under_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    code, stdout, error = _run_with_checkpoint_dir(tmp_path / "file" / "chk")
-    assert code == EXIT_USAGE
-    assert stdout == ""
-    assert error == (
+    assert _refused_checkpoint_dir(tmp_path / "file" / "chk") == (
         f"--checkpoint-dir: cannot create {tmp_path / 'file' / 'chk'}: {tmp_path / 'file'} is "
         "not a directory"
     )
@@ -112,15 +117,7 @@ def test_a_checkpoint_dir_under_a_file_is_refused(tmp_path: Path) -> None:
 
 def test_a_checkpoint_dir_that_cannot_be_created_is_refused(tmp_path: Path) -> None:
     read_only = tmp_path / "read-only"
-    read_only.mkdir()
-    read_only.chmod(0o555)
-    try:
-        code, stdout, error = _run_with_checkpoint_dir(read_only / "jobs" / "chk")
-    finally:
-        read_only.chmod(0o755)
-    assert code == EXIT_USAGE
-    assert stdout == ""
-    assert error == (
+    assert _refused_checkpoint_dir(read_only / "jobs" / "chk", read_only, 0o555) == (
         f"--checkpoint-dir: cannot create {read_only / 'jobs' / 'chk'}: {read_only} is not "
         "writable; fix its permissions or give another directory"
     )
@@ -128,15 +125,7 @@ def test_a_checkpoint_dir_that_cannot_be_created_is_refused(tmp_path: Path) -> N
 
 def test_a_read_only_checkpoint_dir_is_refused_before_the_job_runs(tmp_path: Path) -> None:
     read_only = tmp_path / "chk"
-    read_only.mkdir()
-    read_only.chmod(0o555)
-    try:
-        code, stdout, error = _run_with_checkpoint_dir(read_only)
-    finally:
-        read_only.chmod(0o755)
-    assert code == EXIT_USAGE
-    assert stdout == ""
-    assert error == (
+    assert _refused_checkpoint_dir(read_only, read_only, 0o555) == (
         f"--checkpoint-dir: cannot write into {read_only} (Permission denied): fix its "
         "permissions or give another directory"
     )
@@ -145,15 +134,7 @@ def test_a_read_only_checkpoint_dir_is_refused_before_the_job_runs(tmp_path: Pat
 
 def test_an_unreadable_checkpoint_dir_is_refused_before_the_job_runs(tmp_path: Path) -> None:
     unreadable = tmp_path / "chk"
-    unreadable.mkdir()
-    unreadable.chmod(0o333)
-    try:
-        code, stdout, error = _run_with_checkpoint_dir(unreadable)
-    finally:
-        unreadable.chmod(0o755)
-    assert code == EXIT_USAGE
-    assert stdout == ""
-    assert error == (
+    assert _refused_checkpoint_dir(unreadable, unreadable, 0o333) == (
         f"--checkpoint-dir: cannot read {unreadable} (Permission denied): fix its permissions "
         "or give another directory"
     )
@@ -380,23 +361,28 @@ def test_a_broker_that_goes_away_under_a_kafka_sink_fails_it_with_one_line(
     )
 
 
-def test_an_output_path_under_a_file_is_one_line_naming_the_sink(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("job", "output", "error"),
+    [
+        (
+            "examples/wordcount.py",
+            "counts.jsonl",
+            "JSON-lines file sink: cannot write '{output}' (a file is in the way): give another "
+            "output path or fix its permissions",
+        ),
+        (
+            "examples/file_etl.py",
+            "out",
+            "two-phase file sink 'committed files' (subtask 1/1): cannot create '{output}' (a "
+            "file is in the way): give another output path or fix its permissions",
+        ),
+    ],
+)
+def test_an_output_path_under_a_file_is_one_line_naming_the_sink(
+    tmp_path: Path, job: str, output: str, error: str
+) -> None:
     (tmp_path / "file").write_text("")
-    output = tmp_path / "file" / "counts.jsonl"
-    proc = run_cli("run", "examples/wordcount.py", "--set", f"output={output}", *QUIET)
+    path = tmp_path / "file" / output
+    proc = run_cli("run", job, "--set", f"output={path}", *QUIET)
     assert proc.returncode == EXIT_FAILED, proc.stderr
-    assert the_one_error(proc) == (
-        f"JSON-lines file sink: cannot write '{output}' (a file is in the way): give another "
-        "output path or fix its permissions"
-    )
-
-
-def test_an_output_directory_under_a_file_is_one_line_naming_the_sink(tmp_path: Path) -> None:
-    (tmp_path / "file").write_text("")
-    output = tmp_path / "file" / "out"
-    proc = run_cli("run", "examples/file_etl.py", "--set", f"output={output}", *QUIET)
-    assert proc.returncode == EXIT_FAILED, proc.stderr
-    assert the_one_error(proc) == (
-        f"two-phase file sink 'committed files' (subtask 1/1): cannot create '{output}' (a file "
-        "is in the way): give another output path or fix its permissions"
-    )
+    assert the_one_error(proc) == error.format(output=path)
