@@ -55,10 +55,17 @@ def test_a_missing_relative_input_file_says_where_it_was_looked_for() -> None:
     assert f"'no-such-words.txt' does not exist (relative to {ROOT})" in the_one_error(proc)
 
 
-def test_invalid_utf8_in_a_text_file_names_the_file_and_the_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "where", [(), ("--taskmanagers", "2")], ids=["in-process", "on-taskmanagers"]
+)
+def test_invalid_utf8_in_a_text_file_names_the_file_and_the_line(
+    tmp_path: Path, where: tuple[str, ...]
+) -> None:
+    """Also when the reader runs in a TaskManager: the failure crosses the process boundary as
+    the same one line."""
     text = tmp_path / "latin1.txt"
     text.write_bytes("first line\nsecond line\nCaf\u00e9 au lait\n".encode("latin-1"))
-    proc = run_cli("run", "examples/wordcount.py", "--set", f"input={text}", *QUIET)
+    proc = run_cli("run", "examples/wordcount.py", "--set", f"input={text}", *where, *QUIET)
     assert proc.returncode == EXIT_FAILED, proc.stderr
     error = the_one_error(proc)
     assert error.startswith(f"{text} line 3: not valid UTF-8 (byte 4 of the line"), error
