@@ -130,6 +130,9 @@ class ResultSubpartition:
         self.events_sent = 0
         self.backpressure_waits = 0
         self.backpressured_seconds = 0.0
+        """Time the sending task waited for room (credit) in waits that ended."""
+        self.backpressured_since: float | None = None
+        """When the wait in progress began (``time.monotonic()``), if the task waits now."""
         self.released = False
 
     def connect(self, channel: BufferConsumer) -> None:
@@ -148,11 +151,14 @@ class ResultSubpartition:
             self.prepare_send(buffer)
         if self._queued_buffers >= self.max_queued_buffers:
             self.backpressure_waits += 1
-            started = time.perf_counter()
-            while self._queued_buffers >= self.max_queued_buffers:
-                self._space.clear()
-                await self._space.wait()
-            self.backpressured_seconds += time.perf_counter() - started
+            started = self.backpressured_since = time.monotonic()
+            try:
+                while self._queued_buffers >= self.max_queued_buffers:
+                    self._space.clear()
+                    await self._space.wait()
+            finally:
+                self.backpressured_since = None
+                self.backpressured_seconds += time.monotonic() - started
         self._queue.append(buffer)
         self._queued_buffers += 1
         self._drain()
@@ -202,6 +208,14 @@ class ResultSubpartition:
                 self._space.set()
         finally:
             self._draining = False
+
+    def backpressured_until(self, now: float) -> float:
+        """Seconds the sending task waited for room so far, the wait in progress up to ``now``
+        (``time.monotonic()``) included."""
+        since = self.backpressured_since
+        if since is None:
+            return self.backpressured_seconds
+        return self.backpressured_seconds + max(0.0, now - since)
 
     def statistics(self) -> SubpartitionStatistics:
         return SubpartitionStatistics(

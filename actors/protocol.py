@@ -277,6 +277,31 @@ class TaskMetrics:
     source_lag: dict[str, int] | None = None
     """A source task's records behind the end of each split (Kafka: per ``topic[partition]``),
     when its reader can tell."""
+    time_s: float = 0.0
+    """The task's ``time.monotonic()`` when it made the report: rates come from two reports of
+    the same task (one process, one clock)."""
+    busy_ms: float = 0.0
+    """Time since the task started that it was neither idle nor backpressured (Flink's busy
+    time); the three add up to the task's age."""
+    idle_ms: float = 0.0
+    """Time it waited for input (a source: for data), or for its final checkpoint."""
+    backpressured_ms: float = 0.0
+    """Time it waited for room (credit) on an output channel."""
+    buffers_in: int = 0
+    buffers_out: int = 0
+    """Buffers its input channels received, and its output channels sent."""
+    input_queue: int = 0
+    """Buffers queued at its input gate, not processed yet."""
+    output_queue: int = 0
+    """Buffers queued on its output channels, waiting for credit."""
+    output_credit: int = 0
+    """Credit its output channels hold: buffers the receivers can take at once."""
+    input_watermark: int | None = None
+    """The combined watermark of its inputs (None before the first, and for a source task)."""
+    input_idle: bool = False
+    """Every live input is idle."""
+    last_alignment_ms: float | None = None
+    """Barrier alignment of the last checkpoint it took (None before the first)."""
 
 
 # ------------------------------------------------------------------------------------ commands

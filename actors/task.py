@@ -196,6 +196,14 @@ class StreamTask:
         self.clock: Clock = clock if clock is not None else SystemClock()
         """Processing time of this task's timers and callbacks (see :class:`Clock`)."""
         self._timer_handles: set[Cancellable] = set()
+        self._started_s: float | None = None
+        """When :meth:`run` began (``time.monotonic()``); the busy, idle and backpressured
+        times add up to the time since."""
+        self._ended_s: float | None = None
+        self._idle_s = 0.0
+        """Time spent in waits that ended for input, data or the final checkpoint."""
+        self._idle_since: float | None = None
+        self._last_alignment_ms: float | None = None
         self._runner: asyncio.Task[Any] | None = None
         self._closed = False
         self.is_source = isinstance(self.head, SourceOperatorBase)
@@ -220,6 +228,7 @@ class StreamTask:
     async def run(self) -> None:
         """Run the task to its end. Raises on failure; ``CancelledError`` on cancel."""
         self._runner = asyncio.current_task()
+        self._started_s = time.monotonic()
         try:
             self._set_state(TaskState.INITIALIZING)
             if self._restored_finished:
@@ -324,6 +333,8 @@ class StreamTask:
 
     def _set_state(self, state: TaskState, failure: TaskFailureInfo | None = None) -> None:
         self.state = state
+        if state.is_terminal:
+            self._ended_s = time.monotonic()
         self.listener.report(TaskStateChanged(self.task_id, state, failure))
 
     def _source_position(self) -> str | None:
@@ -394,14 +405,24 @@ class StreamTask:
                 await self._on_event(channel, item)  # type: ignore[arg-type]
 
     async def _idle(self, delay: float | None = None) -> None:
-        """Sleep until mail or input arrives, flushing partial buffers after the buffer timeout."""
+        """Sleep until mail or input arrives, flushing partial buffers after the buffer timeout.
+
+        The sleep counts as idle time; the flush, which may wait for credit, does not."""
         if any(w.has_pending for w in self.writers):
             remaining = self._buffer_timeout_s - (time.monotonic() - self._last_flush)
             timeout = remaining if delay is None else min(remaining, delay)
-            if timeout <= 0 or not await self.wakeup.wait(timeout):
+            if timeout <= 0 or not await self._wait_idle(timeout):
                 await self._flush_writers()
             return
-        await self.wakeup.wait(delay)
+        await self._wait_idle(delay)
+
+    async def _wait_idle(self, timeout: float | None) -> bool:
+        started = self._idle_since = time.monotonic()
+        try:
+            return await self.wakeup.wait(timeout)
+        finally:
+            self._idle_since = None
+            self._idle_s += time.monotonic() - started
 
     async def _flush_if_timed_out(self) -> None:
         if time.monotonic() - self._last_flush >= self._buffer_timeout_s:
@@ -548,12 +569,28 @@ class StreamTask:
         return self.mailbox.try_put(command)
 
     def metrics_report(self) -> TaskMetrics:
-        """Records in and out per operator so far, and a source task's lag per split."""
+        """Records in and out per operator so far, a source task's lag per split, and the task's
+        cumulative busy, idle and backpressured time, buffers, queues and input watermark.
+
+        Times are measured around the waits only (two clock reads per wait, none per record);
+        a wait in progress counts up to now."""
         lag = None
         if self.state in (TaskState.RUNNING, TaskState.FINISHING):
             reader_lag = getattr(getattr(self.head, "reader", None), "lag", None)
             if reader_lag is not None:
                 lag = reader_lag()
+        now = time.monotonic()
+        until = self._ended_s if self._ended_s is not None else now
+        subpartitions = [sub for writer in self.writers for sub in writer.subpartitions]
+        backpressured_s = sum(sub.backpressured_until(until) for sub in subpartitions)
+        idle_s = self._idle_s
+        if self._idle_since is not None:
+            idle_s += max(0.0, until - self._idle_since)
+        age_s = until - self._started_s if self._started_s is not None else 0.0
+        channels = self.gate.channels if self.gate is not None else []
+        input_watermark = None
+        if self.gate is not None and self._current_watermark != MIN_TIMESTAMP:
+            input_watermark = self._current_watermark
         return TaskMetrics(
             self.task_id,
             {
@@ -567,6 +604,18 @@ class StreamTask:
                 for op in self.operators
             },
             lag,
+            time_s=now,
+            busy_ms=max(0.0, age_s - idle_s - backpressured_s) * 1000.0,
+            idle_ms=idle_s * 1000.0,
+            backpressured_ms=backpressured_s * 1000.0,
+            buffers_in=sum(c.buffers_received for c in channels),
+            buffers_out=sum(sub.buffers_sent for sub in subpartitions),
+            input_queue=sum(c.queued_buffers for c in channels),
+            output_queue=sum(sub.queued_buffers for sub in subpartitions),
+            output_credit=sum(sub.credit for sub in subpartitions),
+            input_watermark=input_watermark,
+            input_idle=self.gate is not None and self._inputs_idle,
+            last_alignment_ms=self._last_alignment_ms,
         )
 
     async def _drain_mail(self) -> None:
@@ -643,6 +692,7 @@ class StreamTask:
             self.listener.report(DeclineCheckpoint(self.task_id, checkpoint_id, reason))
             return
         await self._broadcast(barrier)
+        self._last_alignment_ms = alignment_ms
         if self.state is TaskState.FINISHING:
             self._finishing_snapshots.append(checkpoint_id)
         self.listener.report(

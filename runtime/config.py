@@ -17,6 +17,7 @@ from actors.operator import NewerOutputPolicy
 from actors.task import DEFAULT_BUFFER_TIMEOUT_S
 from actors.timers import Clock, SystemClock
 from actors.writer import DEFAULT_BUFFER_SIZE
+from runtime.master.alerts import AlertHook, CheckpointFailureThreshold
 from runtime.master.restart import NoRestart, RestartStrategy
 from state.keygroups import DEFAULT_MAX_PARALLELISM as DEFAULT_MAX_PARALLELISM
 
@@ -55,6 +56,12 @@ class CheckpointConfig:
     retained: int = 1
     """Completed checkpoints kept; older ones are subsumed and discarded from the storage."""
     retain_on_cancel: bool = True
+    alert_on_failures: CheckpointFailureThreshold | None = None
+    """Raise the checkpoint failure alert when so many checkpoints failed within a window (see
+    :mod:`runtime.master.alerts`); None: no alert."""
+    on_failure_alert: AlertHook | None = None
+    """Called with a :class:`~runtime.master.alerts.CheckpointFailureAlert` when the alert
+    fires (on the job master's event loop; must not block; what it raises is logged)."""
 
 
 @dataclass

@@ -9,16 +9,21 @@ first; no test sleeps for a fixed time.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 import json
 import os
 import re
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -206,6 +211,28 @@ def get_json(address: str, path: str) -> Any:
     with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
         assert response.headers.get_content_type() == "application/json"
         return json.loads(response.read())
+
+
+def get_metrics(address: str) -> dict[str, Any]:
+    """``GET /metrics`` of a job, parsed with prometheus-client's own parser: family name (as
+    the parser names it: a counter without ``_total``) → its family."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        assert response.headers.get_content_type() == "text/plain"
+        text = response.read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def metric_samples(families: dict[str, Any], sample: str, **labels: str) -> list[Any]:
+    """The samples named ``sample`` (e.g. ``pyflow_records_in_total``) whose labels include
+    ``labels``, from :func:`get_metrics`."""
+    return [
+        s
+        for family in families.values()
+        for s in family.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
 
 
 def printed_address(stderr: Path) -> str | None:
@@ -519,3 +546,96 @@ def listening_sockets(pids: Iterable[int]) -> list[tuple[str, int, int]]:
                 address = address.ipv4_mapped
             found.append((str(address), int(port_hex, 16), owners[inode]))
     return found
+
+
+# --------------------------------------------------------------------------- in a terminal
+
+
+@dataclass
+class TerminalRun:
+    """A child run on a pseudo-terminal: its exit code and every byte it wrote there."""
+
+    returncode: int
+    output: bytes
+    columns: int
+    rows: int
+
+    def text_lines(self) -> list[str]:
+        """The lines as written, escape sequences removed (each as the last carriage return
+        left it): what a terminal wide enough never to wrap would show per line."""
+        text = _ESCAPE_SEQUENCE.sub("", self.output.decode(errors="replace"))
+        return [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
+
+    def screen_lines(self) -> list[str]:
+        """What the terminal shows at the end, with everything scrolled off above it: the
+        output read by a terminal emulator (``pyte``) of the run's size, trailing blanks cut."""
+        import pyte  # the dev extra's; only the terminal tests need it
+
+        screen = pyte.HistoryScreen(self.columns, self.rows, history=100_000, ratio=0.5)
+        pyte.ByteStream(screen).feed(self.output)
+        scrolled = [
+            "".join(line[x].data for x in range(self.columns)).rstrip()
+            for line in screen.history.top
+        ]
+        lines = scrolled + [line.rstrip() for line in screen.display]
+        while lines and not lines[-1]:
+            lines.pop()
+        return lines
+
+
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def run_in_terminal(
+    *args: str,
+    columns: int = 80,
+    rows: int = 24,
+    timeout: float = RUN_TIMEOUT_S,
+    stdout_path: Path | None = None,
+) -> TerminalRun:
+    """Run ``python -m runtime ARGS`` with stdin, stdout and stderr on one pseudo-terminal of
+    ``columns`` x ``rows`` (also in ``COLUMNS``/``LINES``), to its end; stdout into the file
+    ``stdout_path`` instead, if given (``> file`` in a shell)."""
+    master_fd, child_fd = os.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
+    env.update(COLUMNS=str(columns), LINES=str(rows), TERM="xterm-256color")
+    stdout = open(stdout_path, "wb") if stdout_path is not None else None
+    try:
+        proc = subprocess.Popen(
+            runtime_command(*args),
+            cwd=ROOT,
+            stdin=child_fd,
+            stdout=child_fd if stdout is None else stdout,
+            stderr=child_fd,
+            env=env,
+            start_new_session=True,
+        )
+    finally:
+        os.close(child_fd)
+        if stdout is not None:
+            stdout.close()
+    output = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                stop_process(proc)
+                msg = f"timed out after {timeout}s in a terminal: {output.decode(errors='replace')}"
+                raise AssertionError(msg)
+            ready, _, _ = select.select([master_fd], [], [], remaining)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master_fd, 65536)
+            except OSError:  # EIO: every process holding the terminal closed it
+                break
+            if not chunk:
+                break
+            output += chunk
+        returncode = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        os.close(master_fd)
+        stop_process(proc)
+    return TerminalRun(returncode, bytes(output), columns, rows)

@@ -12,10 +12,16 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from cli_helpers import get_json
+from cli_helpers import get_json, get_metrics
 
 from actors.protocol import TaskCommand, TaskId, TaskMetrics, TaskState
-from runtime.api.functions import Collector, KeyedProcessContext, KeyedProcessFunction
+from runtime.api.functions import (
+    Collector,
+    KeyedProcessContext,
+    KeyedProcessFunction,
+    RuntimeContext,
+)
+from runtime.api.sinks import Sink, SinkWriter
 from runtime.api.sources import END_OF_INPUT, Source, SourceReader, SourceReaderContext
 from runtime.config import ExecutionConfig
 from runtime.master.jobmaster import JobMaster
@@ -61,10 +67,23 @@ async def running_job(
 
 async def control_status(master: JobMaster) -> Any:
     """``GET /status`` of the job, through a control endpoint started for the call."""
+    return await control_call(master, get_json, "/status")
+
+
+async def control_metrics(master: JobMaster) -> dict[str, Any]:
+    """``GET /metrics`` of the job, parsed (see ``cli_helpers.get_metrics``), through a control
+    endpoint started for the call."""
+    families: dict[str, Any] = await control_call(master, get_metrics)
+    return families
+
+
+async def control_call(master: JobMaster, call: Callable[..., Any], *args: Any) -> Any:
+    """``call(address, *args)`` in a thread, against a control endpoint of the job started for
+    the call."""
     server = ControlServer(master, lambda: None, port=0)
     address = await server.start()
     try:
-        return await asyncio.to_thread(get_json, address, "/status")
+        return await asyncio.to_thread(call, address, *args)
     finally:
         await server.stop()
 
@@ -348,3 +367,57 @@ def fired(sink: Any) -> list[tuple[Any, ...]]:
 def records(sink: Any) -> list[tuple[Any, ...]]:
     """The records an :class:`EventTimeTimers` wrote to ``sink``, in order."""
     return [r for r in sink.results if r[0] == "record"]
+
+
+async def wait_until_in_time(
+    predicate: Callable[[], bool],
+    what: str,
+    job: asyncio.Task[Any] | None = None,
+    timeout_s: float = 10.0,
+) -> None:
+    """:func:`wait_until` for conditions that need wall time to pass (rates and milliseconds per
+    second, which are means over about the last second): polls every 10 ms until ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if job is not None and job.done():
+            job.result()
+            msg = f"the job ended while waiting for {what}"
+            raise AssertionError(msg)
+        if asyncio.get_running_loop().time() > deadline:
+            msg = f"gave up waiting for {what} after {timeout_s:g}s"
+            raise AssertionError(msg)
+        await asyncio.sleep(0.01)
+
+
+class HeldSink(Sink):
+    """Collects what it writes, but holds every write while ``release`` is not set (the test sets
+    and clears it); each subtask's snapshot raises while ``fail_snapshots`` is set."""
+
+    def __init__(self) -> None:
+        self.results: list[Any] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.fail_snapshots = False
+        self.snapshot_failures = 0
+
+    def name(self) -> str:
+        return "Held"
+
+    def create_writer(self, context: RuntimeContext) -> SinkWriter:
+        return _HeldWriter(self)
+
+
+class _HeldWriter(SinkWriter):
+    def __init__(self, sink: HeldSink) -> None:
+        self.sink = sink
+
+    async def write(self, values: list[Any]) -> None:
+        await self.sink.release.wait()
+        self.sink.results.extend(values)
+
+    async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
+        if self.sink.fail_snapshots:
+            self.sink.snapshot_failures += 1
+            msg = f"snapshot {checkpoint_id} of the held sink fails, as the test asked"
+            raise OSError(msg)
+        return []

@@ -43,6 +43,6 @@ def test_a_layer_imports_no_layer_above_it(layer: str) -> None:
 
 def test_every_runtime_module_is_in_a_layer_or_named_outside_them() -> None:
     top_level = {p.name for p in (ROOT / "runtime").glob("*.py")}
-    assert top_level == {"__init__.py", "__main__.py", "config.py", "testing.py"}
+    assert top_level == {"__init__.py", "__main__.py", "config.py", "testing.py", "version.py"}
     packages = {p.name for p in (ROOT / "runtime").iterdir() if (p / "__init__.py").exists()}
     assert packages <= set(LAYERS)

@@ -287,10 +287,11 @@ def test_sigterm_with_checkpointing_stops_with_a_savepoint_that_resumes_exactly(
 
 
 async def _wait_until_every_transaction_ended(
-    bootstrap: str, partitions: list[TopicPartition]
+    bootstrap: str, partitions: list[TopicPartition], job_log: str
 ) -> None:
     """Until the last stable offsets (read_committed) reach the high watermarks: no transaction
-    is open. Commit markers are written after the commit returns, so this is polled."""
+    is open. Commit markers are written after the commit returns, so this is polled. ``job_log``
+    (the job's stderr) goes into the failure message."""
     topic = partitions[0].topic
     deadline = time.monotonic() + WAIT_S
     async with (
@@ -302,7 +303,9 @@ async def _wait_until_every_transaction_ended(
             stable = await committed.end_offsets(partitions)
             if stable == ends:
                 return
-            assert time.monotonic() < deadline, f"open transactions: {stable=} {ends=}"
+            assert time.monotonic() < deadline, (
+                f"open transactions: {stable=} {ends=}; the job's log:\n{job_log}"
+            )
             await asyncio.sleep(0.05)
 
 
@@ -339,7 +342,8 @@ async def test_sigterm_with_the_exactly_once_kafka_sink_commits_and_leaves_no_tr
         str(chk),
         "--no-progress",
     ]
-    proc = start(stderr, *etl, "--set", "rate=300", "--rest-port", "0")
+    # INFO: if a transaction stays open, the failure message shows each checkpoint and commit.
+    proc = start(stderr, *etl, "--set", "rate=300", "--rest-port", "0", "--log-level", "INFO")
     address = wait_for(lambda: read_address(chk), "the rest-address file", proc, stderr)
     wait_for(
         lambda: operator_records_in(address, "kafka-totals") >= 200,
@@ -357,7 +361,7 @@ async def test_sigterm_with_the_exactly_once_kafka_sink_commits_and_leaves_no_tr
     }
     # Nothing is left in an open transaction: every record written is committed, and it is only
     # part of the output.
-    await _wait_until_every_transaction_ended(kafka_bootstrap, partitions)
+    await _wait_until_every_transaction_ended(kafka_bootstrap, partitions, text)
     async with topic_consumer(kafka_bootstrap, output, 4, "read_committed") as committed:
         before = [
             as_row(r.value)

@@ -50,6 +50,7 @@ from actors.protocol import (
     TriggerCheckpoint,
 )
 from runtime.config import CheckpointConfig
+from runtime.master.alerts import CheckpointFailureAlarm
 from state.operator import has_union_state
 from state.storage import CheckpointKind, CompletedCheckpoint, OperatorCheckpoint, SnapshotMap
 
@@ -204,6 +205,7 @@ class CheckpointCoordinator:
         operators: Mapping[str, CheckpointedOperator],
         first_checkpoint_id: int = 1,
         clock: CoordinatorClock = SYSTEM_CLOCK,
+        job_name: str = "job",
     ) -> None:
         self.config = config
         self.storage = storage
@@ -226,6 +228,15 @@ class CheckpointCoordinator:
         """Task → the first checkpoint id that could cover it after it became FINISHING."""
         self.completed_ids: list[int] = []
         self.stop_savepoint_path: str | None = None
+        self.ended_counts = {CheckpointStatus.COMPLETED: 0, CheckpointStatus.FAILED: 0}
+        """Checkpoints and savepoints of the job that completed or failed (every abort), over
+        its whole life (the history keeps only the latest)."""
+        self.last_completed_stats: CheckpointStats | None = None
+        """The statistics of the latest completed checkpoint or savepoint."""
+        self.alarm = CheckpointFailureAlarm(
+            job_name, config.alert_on_failures, config.on_failure_alert
+        )
+        """The checkpoint failure alert (on this coordinator's clock)."""
 
     # ---------------------------------------------------------------- attempt wiring
 
@@ -497,7 +508,10 @@ class CheckpointCoordinator:
         stats.state_size = checkpoint.state_size
         stats.path = checkpoint.path
         stats.alignment_ms = {task.key: ack.alignment_ms for task, ack in pending.acks.items()}
+        self.ended_counts[CheckpointStatus.COMPLETED] += 1
+        self.last_completed_stats = stats
         if pending.kind is CheckpointKind.CHECKPOINT:
+            self.alarm.on_completed(pending.checkpoint_id)
             self.completed.append(checkpoint)
             subsumed = self.completed[: -self.config.retained]
             del self.completed[: -self.config.retained]
@@ -537,6 +551,7 @@ class CheckpointCoordinator:
             stats.status = CheckpointStatus.FAILED
             stats.failure = reason
             stats.duration_ms = (self.clock.monotonic_s() - pending.trigger_time) * 1000.0
+        self.ended_counts[CheckpointStatus.FAILED] += 1
         log.warning("%s %d aborted: %s", pending.kind.value, pending.checkpoint_id, reason)
         notice = NotifyCheckpointAborted(pending.checkpoint_id, reason)
         for task in self.tasks:
@@ -550,6 +565,7 @@ class CheckpointCoordinator:
             )
             pending.future.exception()  # mark retrieved: periodic checkpoints have no waiter
         if counts and pending.kind is CheckpointKind.CHECKPOINT:
+            self.alarm.on_failure(self.clock.monotonic_s(), pending.checkpoint_id, reason)
             self.consecutive_failures += 1
             if self.consecutive_failures > self.config.tolerable_failures:
                 self.failure = TooManyCheckpointFailures(

@@ -38,6 +38,11 @@ from runtime.api.sources import SPLITS_STATE
 from runtime.config import ExecutionConfig
 from runtime.master.coordinator import CheckpointCoordinator, CheckpointedOperator, TaskHandle
 from runtime.master.deployment import AttemptDeployment, Deployment
+from runtime.master.metrics import (
+    SAMPLE_INTERVAL_S,
+    JobMetricsSnapshot,
+    MetricsTracker,
+)
 from runtime.plan.execution import LocalChannels, build_subtask, upstream_task_ids
 from runtime.plan.graph import JobGraph, JobVertex
 from runtime.plan.restore import assign_restored_state
@@ -64,24 +69,6 @@ class OperatorSummary:
     parallelism: int
     records_in: int
     records_out: int
-
-
-@dataclass(frozen=True)
-class SubtaskWatermark:
-    subtask: int
-    watermark: int | None
-    """None until the subtask emitted one."""
-    idle: bool
-
-
-def combined_watermark(subtasks: list[SubtaskWatermark]) -> tuple[int | None, bool]:
-    """An operator's watermark over its subtasks, as its consumers combine them: the minimum
-    over the active ones, the maximum when all are idle; and whether all are idle."""
-    active = [s.watermark for s in subtasks if not s.idle]
-    if active:
-        return (None if None in active else min(w for w in active if w is not None)), False
-    marks = [s.watermark for s in subtasks if s.watermark is not None]
-    return (max(marks) if marks else None), bool(subtasks)
 
 
 @dataclass
@@ -215,6 +202,7 @@ class JobMaster:
             self.storage,
             checkpointed_operators(graph),
             first_checkpoint_id=first_id + 1,
+            job_name=graph.name,
         )
         if (
             restored is not None
@@ -232,7 +220,8 @@ class JobMaster:
         self.attempt = 0
         self.started = time.monotonic()
         self._all_finished = asyncio.Event()
-        self._metric_totals: dict[str, list[int]] = {}
+        self.metrics = MetricsTracker()
+        """The tasks' recent metrics reports and the counts of ended attempts."""
         self.on_attempt_started: Callable[[JobMaster], None] | None = None
         self._splits: dict[str, list[Any]] = {}
         self.status = "created"
@@ -355,6 +344,7 @@ class JobMaster:
                     name="mark-abandoned-checkpoints",
                 )
             group.create_task(self.coordinator.run(), name="checkpoint-coordinator")
+            helpers.append(group.create_task(self._sample_metrics(), name="metrics-sampler"))
             for vertex in self.graph.vertices:
                 source = vertex.head.transformation.source
                 if source is not None and source.discovery_interval_s and not source.bounded:
@@ -441,51 +431,30 @@ class JobMaster:
 
     # ---------------------------------------------------------------- metrics
 
+    def metrics_snapshot(self) -> JobMetricsSnapshot:
+        """Every figure of the job now, for every view (see :mod:`runtime.master.metrics`)."""
+        return self.metrics.snapshot(self)
+
+    async def _sample_metrics(self) -> None:
+        """Keep the reports the rates come from recent, whoever asks for a snapshot when."""
+        while True:
+            self.metrics.observe(self.handles)
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+
     def _accumulate_metrics(self) -> None:
-        for uid, (records_in, records_out) in self._live_metrics().items():
-            totals = self._metric_totals.setdefault(uid, [0, 0])
-            totals[0] += records_in
-            totals[1] += records_out
-
-    def _live_metrics(self) -> dict[str, tuple[int, int]]:
-        result: dict[str, tuple[int, int]] = {}
-        for task in self.handles:
-            metrics = task.latest_metrics()
-            if metrics is None:
-                continue
-            for uid, records in metrics.records.items():
-                prev = result.get(uid, (0, 0))
-                result[uid] = (prev[0] + records.records_in, prev[1] + records.records_out)
-        return result
-
-    def operator_watermarks(self) -> dict[str, list[SubtaskWatermark]]:
-        """Per operator uid, each subtask's last emitted watermark and status, as the tasks'
-        latest metrics of this attempt say (subtasks that reported none yet are left out)."""
-        result: dict[str, list[SubtaskWatermark]] = {}
-        for task in self.handles:
-            metrics = task.latest_metrics()
-            if metrics is None:
-                continue
-            for uid, records in metrics.records.items():
-                result.setdefault(uid, []).append(
-                    SubtaskWatermark(task.task_id.subtask_index, records.watermark, records.idle)
-                )
-        for subtasks in result.values():
-            subtasks.sort(key=lambda s: s.subtask)
-        return result
+        self.metrics.end_attempt(self.handles)
 
     def operator_summaries(self, include_live: bool = False) -> list[OperatorSummary]:
         """Records in/out per operator over all attempts so far."""
-        live = self._live_metrics() if include_live else {}
+        live = [m for h in self.handles if (m := h.latest_metrics()) is not None]
         result = []
         for vertex in self.graph.vertices:
             for node in vertex.operators:
-                done = self._metric_totals.get(node.uid, [0, 0])
-                cur = live.get(node.uid, (0, 0))
+                records_in, records_out = self.metrics.operator_totals(
+                    node.uid, live if include_live else ()
+                )
                 result.append(
-                    OperatorSummary(
-                        node.uid, node.name, node.parallelism, done[0] + cur[0], done[1] + cur[1]
-                    )
+                    OperatorSummary(node.uid, node.name, node.parallelism, records_in, records_out)
                 )
         return result
 

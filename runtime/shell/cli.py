@@ -38,6 +38,7 @@ from runtime.config import (
     CheckpointConfig,
     ExecutionConfig,
 )
+from runtime.master.alerts import HOOK_NAME, AlertHook, CheckpointFailureThreshold
 from runtime.master.deployment import DeploymentError
 from runtime.master.jobmaster import JobFailedError, JobMaster
 from runtime.master.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
@@ -93,6 +94,13 @@ def _key_value(text: str) -> tuple[str, str]:
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _failure_threshold(text: str) -> CheckpointFailureThreshold:
+    try:
+        return CheckpointFailureThreshold.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -265,6 +273,16 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         default=_CHECKPOINT_DEFAULTS.tolerable_failures,
         metavar="N",
         help="consecutive failed checkpoints tolerated; one more fails the job over",
+    )
+    run.add_argument(
+        "--alert-on-checkpoint-failures",
+        type=_failure_threshold,
+        default=_CHECKPOINT_DEFAULTS.alert_on_failures,
+        metavar="N/WINDOW",
+        help="when N checkpoints failed within WINDOW (e.g. 3/10min): log an ERROR, raise the "
+        "alert of /status and pyflow_checkpoint_failure_alert, and call the job file's "
+        f"{HOOK_NAME}(alert) if it defines one; the next completed checkpoint clears it "
+        "(default: no alert)",
     )
     run.add_argument(
         "--restart-strategy",
@@ -538,6 +556,7 @@ def _run(args: Any) -> int:
         _error(f"build(job) in {args.file} raised; see the traceback above")
         return EXIT_FAILED
     config = execution_config(args, restart)
+    config.checkpoint.on_failure_alert = _alert_hook(build, args)
     try:
         restored = _load_restore_point(args, graph)
     except (InvalidCheckpointError, RestoreMismatchError, ValueError) as exc:
@@ -652,6 +671,7 @@ def execution_config(args: Any, restart: RestartStrategy) -> ExecutionConfig:
             tolerable_failures=args.tolerable_checkpoint_failures,
             retained=args.retained_checkpoints,
             retain_on_cancel=args.on_cancel == "retain",
+            alert_on_failures=args.alert_on_checkpoint_failures,
         ),
         restart_strategy=restart,
         buffer_timeout_s=args.buffer_timeout,
@@ -660,6 +680,23 @@ def execution_config(args: Any, restart: RestartStrategy) -> ExecutionConfig:
         on_newer_committed_output=NewerOutputPolicy(args.on_newer_committed_output),
         allow_existing_output=args.allow_existing_output,
     )
+
+
+def _alert_hook(build: Any, args: Any) -> AlertHook | None:
+    """The job file's top-level ``on_checkpoint_failure_alert(alert)``, if it defines one."""
+    hook = getattr(sys.modules.get(build.__module__), HOOK_NAME, None)
+    if hook is None:
+        return None
+    if not callable(hook):
+        _warning(f"{args.file}: {HOOK_NAME} is not a function; it is ignored")
+        return None
+    if args.alert_on_checkpoint_failures is None:
+        _warning(
+            f"{args.file} defines {HOOK_NAME}, which is called only with "
+            "--alert-on-checkpoint-failures N/WINDOW"
+        )
+    hook_function: AlertHook = hook
+    return hook_function
 
 
 def _restart_strategy(args: Any) -> tuple[RestartStrategy, str]:

@@ -7,7 +7,11 @@ Routes:
   state, subtasks; none without ``--taskmanagers``), records in/out per operator, each operator's
   current output watermark and whether it is idle (``watermark``, ``idle``; per subtask in
   ``subtasks``; watermarks in ms, ``null`` before the first), and per source task the lag of each
-  split (Kafka: records behind each partition's high watermark).
+  split (Kafka: records behind each partition's high watermark). From the job's metrics snapshot
+  (``runtime.master.metrics``): uptime, restarts, checkpoint counts and the last one's duration and
+  size, the checkpoint failure alert; per operator and subtask rates, busy/idle/backpressured ms
+  per second, input watermarks, queues and credit.
+- ``GET /metrics``: the same figures in the Prometheus text format (``runtime.shell.metrics_http``).
 - ``GET /checkpoints``: counts, the latest completed checkpoint, and the history (id, kind,
   status, trigger time, duration, alignment per task, state size, failure).
 - ``POST /savepoints`` with ``{"dir": DIR}``: take a savepoint into DIR; answers with its path.
@@ -28,10 +32,9 @@ from typing import Any
 
 from aiohttp import web
 
-from actors.protocol import TaskState
 from runtime.config import DEFAULT_REST_HOST, DEFAULT_REST_PORT
-from runtime.master.coordinator import CheckpointFailedError, CheckpointStatus, TaskHandle
-from runtime.master.jobmaster import SubtaskWatermark, combined_watermark
+from runtime.master.coordinator import CheckpointFailedError, CheckpointStatus
+from runtime.shell.metrics_http import MetricsEndpoint
 from state.storage import CheckpointKind, CompletedCheckpoint
 
 
@@ -54,6 +57,7 @@ class ControlServer:
         app = web.Application()
         app.router.add_get("/status", self._status)
         app.router.add_get("/checkpoints", self._checkpoints)
+        app.router.add_get("/metrics", MetricsEndpoint(self.master).handle)
         app.router.add_post("/savepoints", self._savepoint)
         app.router.add_post("/stop", self._stop)
         app.router.add_post("/cancel", self._cancel_job)
@@ -72,13 +76,9 @@ class ControlServer:
 
     async def _status(self, request: web.Request) -> web.Response:
         master = self.master
-        late_dropped = _late_records_dropped(master.handles)
-        watermarks = master.operator_watermarks()
         return web.json_response(
             {
-                "job": master.graph.name,
-                "status": master.status,
-                "attempt": master.attempt,
+                **master.metrics_snapshot().status_json(),
                 "tasks": [
                     {
                         "name": t.name,
@@ -88,19 +88,6 @@ class ControlServer:
                     for t in master.handles
                 ],
                 "taskmanagers": master.deployment.taskmanagers(),
-                "operators": [
-                    {
-                        "uid": s.uid,
-                        "name": s.name,
-                        "parallelism": s.parallelism,
-                        "records_in": s.records_in,
-                        "records_out": s.records_out,
-                        "late_records_dropped": late_dropped.get(s.uid, 0),
-                        **_watermark_json(watermarks.get(s.uid, [])),
-                    }
-                    for s in master.operator_summaries(include_live=True)
-                ],
-                "source_lag": _source_lag(master.handles),
             }
         )
 
@@ -159,45 +146,6 @@ class ControlServer:
     async def _cancel_job(self, request: web.Request) -> web.Response:
         asyncio.get_running_loop().call_soon(self._cancel)
         return web.json_response({"status": "cancelling"})
-
-
-def _watermark_json(subtasks: list[SubtaskWatermark]) -> dict[str, Any]:
-    """The operator's current output watermark (None before the first) and idle flag, and each
-    subtask's."""
-    watermark, idle = combined_watermark(subtasks)
-    return {
-        "watermark": watermark,
-        "idle": idle,
-        "subtasks": [
-            {"subtask": s.subtask, "watermark": s.watermark, "idle": s.idle} for s in subtasks
-        ],
-    }
-
-
-def _source_lag(tasks: list[TaskHandle]) -> dict[str, dict[str, int]]:
-    """Per running source task, records behind the end of each split (Kafka: per partition), as
-    its latest metrics report says."""
-    result: dict[str, dict[str, int]] = {}
-    for task in tasks:
-        if task.state not in (TaskState.RUNNING, TaskState.FINISHING):
-            continue
-        metrics = task.latest_metrics()
-        if metrics is not None and metrics.source_lag is not None:
-            result[task.name] = metrics.source_lag
-    return result
-
-
-def _late_records_dropped(tasks: list[TaskHandle]) -> dict[str, int]:
-    """Per operator uid, the late records its subtasks dropped in this attempt (window operators
-    without a late-data side output), as their latest metrics reports say."""
-    result: dict[str, int] = {}
-    for task in tasks:
-        metrics = task.latest_metrics()
-        if metrics is None:
-            continue
-        for uid, records in metrics.records.items():
-            result[uid] = result.get(uid, 0) + records.late_records_dropped
-    return result
 
 
 class ControlClientError(RuntimeError):
