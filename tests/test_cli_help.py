@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import run_cli, the_one_error
 
 from runtime.api.durations import format_duration
 from runtime.shell.cli import make_parser
@@ -89,7 +89,7 @@ def test_a_bare_number_in_the_restart_strategy_is_refused() -> None:
     assert "invalid duration '2': a duration needs a unit" in proc.stderr
 
 
-def test_durations_with_units_and_a_bare_zero_are_accepted(tmp_path: object) -> None:
+def test_durations_with_units_and_a_bare_zero_are_accepted() -> None:
     proc = run_cli(
         "run",
         "examples/wordcount.py",
@@ -122,3 +122,18 @@ def test_the_log_level_is_case_insensitive() -> None:
         "run", "examples/wordcount.py", "--log-level", "info", "--no-progress", "--rest-port", "-1"
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_bare_number_for_a_window_size_from_a_parameter_is_a_usage_error() -> None:
+    """Job code's duration strings go through the same parser: ``--set window=10`` (seconds?
+    milliseconds?) is refused as a bad job definition, in one line."""
+    proc = run_cli(
+        "run",
+        "examples/windowed_counts.py",
+        *("--set", "output=/nonexistent/never-written", "--set", "window=10", "--no-progress"),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert the_one_error(proc) == (
+        "invalid job examples/windowed_counts.py: window size: invalid duration '10': a duration "
+        "needs a unit, e.g. 10ms, 10s or 10min (accepted forms: 500ms, 5s, 1.5s, 1min, 2h)"
+    )
