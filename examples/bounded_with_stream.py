@@ -7,7 +7,8 @@ The side input (``countries``, default the bundled ``data/user_countries.jsonl``
 its source finishes within a second; the click stream (``rate`` clicks per second, default 200;
 ``count`` makes it bounded) goes on. Checkpoints keep completing after the file source finished
 (FLIP-147): see ``python -m runtime checkpoints /tmp/enriched-chk`` or the control endpoint's
-``/checkpoints``. Stop it with ``python -m runtime stop --address … --dir …``.
+``/checkpoints``. Stop it with ``python -m runtime stop bounded_with_stream`` (the savepoint goes
+into ``/tmp/enriched-chk/savepoints``).
 
 Output lines: ``{"user": ..., "click": n, "country": ...}``, each click exactly once.
 """

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import termios
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runtime.cluster.messages import LossCause
+from runtime.shell.registry import runtime_dir
+from runtime.shell.rest import control_token
 from state.keygroups import DEFAULT_MAX_PARALLELISM
 from state.storage import (
     CheckpointKind,
@@ -57,17 +60,26 @@ def run_cli(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedP
 
 
 def run_command(
-    command: list[str],
-    timeout: float = RUN_TIMEOUT_S,
-    cwd: Path = ROOT,
-    env: dict[str, str] | None = None,
+    command: list[str], timeout: float = RUN_TIMEOUT_S
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` to its end from ``cwd`` (the repository root unless told otherwise), with
-    ``env`` added to this process's environment."""
     return subprocess.run(
-        command,
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def run_cli_in(
+    cwd: Path, *args: str, timeout: float = RUN_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m runtime ARGS`` to its end in the working directory ``cwd`` (this
+    checkout's packages still first on its path), for relative paths on its command line."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        runtime_command(*args),
         cwd=cwd,
-        env={**os.environ, **env} if env else None,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -211,6 +223,56 @@ def get_json(address: str, path: str) -> Any:
     with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
         assert response.headers.get_content_type() == "application/json"
         return json.loads(response.read())
+
+
+def control_request(
+    address: str,
+    method: str,
+    path: str,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """A raw request to a job's control endpoint, exactly with ``headers`` (nothing added): the
+    HTTP status and the decoded JSON answer, refusals included."""
+    request = urllib.request.Request(
+        f"http://{address}{path}", data=data, method=method, headers=headers or {}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def post_json(
+    address: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+) -> tuple[int, Any]:
+    """POST ``body`` as JSON to a job's control endpoint as the CLI does, with the job's token
+    (``token``, else the one in the job registry, as :func:`runtime.shell.rest.call` finds it);
+    the HTTP status and the decoded answer."""
+    token = token or control_token(address)
+    assert token, f"no job at {address} in the job registry {runtime_dir()}"
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    return control_request(address, "POST", path, json.dumps(body or {}).encode(), headers)
+
+
+def registry_entry(pid: int) -> Path:
+    """The registry file of the job process ``pid`` (which exists while the job runs)."""
+    return runtime_dir() / f"job-{pid}.json"
+
+
+def registered_jobs() -> list[dict[str, Any]]:
+    """``python -m runtime list --json``: the running jobs of the test session's registry."""
+    listed = run_cli("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    jobs: list[dict[str, Any]] = json.loads(listed.stdout)
+    return jobs
+
+
+def registered_job(pid: int) -> dict[str, Any] | None:
+    """The ``list --json`` row of the job process ``pid``, None while it is not listed."""
+    return next((job for job in registered_jobs() if job["pid"] == pid), None)
 
 
 def get_metrics(address: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@ running in the background, its ``/status`` and its operators' metrics; a ``Manua
 until the tasks ran what became due; a virtual clock and scripted task handles to drive the
 checkpoint coordinator without tasks; a source that emits what the test pushes; an unbounded
 source whose splits the test feeds while the job runs, and a process function that shows the
-watermark each record and timer saw."""
+watermark each record and timer saw; a sink the test holds back (backpressure) and a word
+count job over them."""
 
 from __future__ import annotations
 
@@ -80,10 +81,20 @@ async def control_metrics(master: JobMaster) -> dict[str, Any]:
 async def control_call(master: JobMaster, call: Callable[..., Any], *args: Any) -> Any:
     """``call(address, *args)`` in a thread, against a control endpoint of the job started for
     the call."""
-    server = ControlServer(master, lambda: None, port=0)
+    async with serving_control(master) as (_, address):
+        return await asyncio.to_thread(call, address, *args)
+
+
+@contextlib.asynccontextmanager
+async def serving_control(
+    master: JobMaster, cancel: Callable[[], None] = lambda: None, **options: Any
+) -> AsyncIterator[tuple[ControlServer, str]]:
+    """The job's control endpoint on a free port (``options``: ``host``, ``savepoint_dir``,
+    ``allowed_savepoint_dirs``...) and its address; its token is ``server.token``."""
+    server = ControlServer(master, cancel, port=0, **options)
     address = await server.start()
     try:
-        return await asyncio.to_thread(call, address, *args)
+        yield server, address
     finally:
         await server.stop()
 
@@ -391,14 +402,23 @@ async def wait_until_in_time(
 
 class HeldSink(Sink):
     """Collects what it writes, but holds every write while ``release`` is not set (the test sets
-    and clears it); each subtask's snapshot raises while ``fail_snapshots`` is set."""
+    and clears it; ``held`` starts it clear), so its upstream runs out of credit (backpressure);
+    ``entered`` is set at the first write; each subtask's snapshot raises while
+    ``fail_snapshots`` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: bool = False) -> None:
         self.results: list[Any] = []
         self.release = asyncio.Event()
-        self.release.set()
+        if not held:
+            self.release.set()
+        self.entered = asyncio.Event()
         self.fail_snapshots = False
         self.snapshot_failures = 0
+
+    @property
+    def count(self) -> int:
+        """Records written so far."""
+        return len(self.results)
 
     def name(self) -> str:
         return "Held"
@@ -412,6 +432,7 @@ class _HeldWriter(SinkWriter):
         self.sink = sink
 
     async def write(self, values: list[Any]) -> None:
+        self.sink.entered.set()
         await self.sink.release.wait()
         self.sink.results.extend(values)
 
@@ -421,3 +442,32 @@ class _HeldWriter(SinkWriter):
             msg = f"snapshot {checkpoint_id} of the held sink fails, as the test asked"
             raise OSError(msg)
         return []
+
+
+def _split_words(line: str) -> list[tuple[str, int]]:
+    return [(word, 1) for word in line.split()]
+
+
+def _add_counts(a: tuple[str, int], b: tuple[str, int]) -> tuple[str, int]:
+    return a[0], a[1] + b[1]
+
+
+def word_count_job(source: Source[Any], sink: Sink, count_parallelism: int = 2) -> Any:
+    """``build(job)`` of a word count: ``source`` of lines -> ``split words`` -> key by word ->
+    ``count`` (a reduce, uid ``word-counts``, value state ``reduce`` holding ``(word, count)``,
+    ``count_parallelism`` subtasks) -> ``sink`` (parallelism 1). Three vertices, joined by a hash
+    and a rebalance edge."""
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(source, name="lines")
+            .flat_map(_split_words, name="split words")
+            .key_by(lambda pair: pair[0])
+            .reduce(_add_counts, name="count")
+            .uid("word-counts")
+            .set_parallelism(count_parallelism)
+            .sink_to(sink, name="counts sink")
+            .set_parallelism(1)
+        )
+
+    return build

@@ -16,6 +16,7 @@ from cli_helpers import (
     operator_records_in,
     printed_address,
     run_cli,
+    run_cli_in,
     run_command,
     runtime_command,
     start_cli,
@@ -179,10 +180,8 @@ def test_running_from_the_folder_of_a_shadowing_module_names_it(tmp_path: Path) 
     """``python -m runtime`` puts the working directory first on ``sys.path``: the runtime's own
     imports would find the user's ``connectors.py`` (today: a traceback deep in them)."""
     job = _job_next_to(tmp_path, "connectors.py")
-    proc = run_command(
-        runtime_command("run", job.name, "--set", f"input={ROOT}/examples/data/words.txt", *QUIET),
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(ROOT)},
+    proc = run_cli_in(
+        tmp_path, "run", job.name, "--set", f"input={ROOT}/examples/data/words.txt", *QUIET
     )
     assert proc.returncode == EXIT_USAGE, proc.stderr
     assert the_one_error(proc).startswith(

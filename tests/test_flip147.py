@@ -868,7 +868,15 @@ def test_stop_with_drain_fires_event_time_timers_and_commits_everything(tmp_path
     job_file.write_text(TIMERS_JOB)
     output, chk, savepoints = tmp_path / "out", tmp_path / "chk", tmp_path / "sp"
     job = Background(
-        tmp_path, "job", str(job_file), "--set", f"output={output}", "--checkpoint-dir", str(chk)
+        tmp_path,
+        "job",
+        str(job_file),
+        "--set",
+        f"output={output}",
+        "--checkpoint-dir",
+        str(chk),
+        "--savepoint-dir",
+        str(savepoints),
     )
     try:
         address = rest_address(chk, job)
@@ -927,6 +935,8 @@ def test_stop_without_drain_then_resume_equals_an_uninterrupted_run(tmp_path: Pa
         f"rate={rate}",
         "--checkpoint-dir",
         str(chk),
+        "--savepoint-dir",
+        str(savepoints),
     )
     try:
         address = rest_address(chk, job)

@@ -151,6 +151,8 @@ def run_savepoint_then_abandon_it(
             "100ms",
             "--retained-checkpoints",
             "1000" if from_checkpoint else "1",
+            "--savepoint-dir",
+            str(savepoints),
             *first_extra,
             rate=300,
             parallelism=parallelism,
@@ -423,7 +425,16 @@ def test_a_later_run_in_another_checkpoint_dir_restores_its_checkpoints_of_aband
     first_chk, second_chk = tmp_path / "chk-a", tmp_path / "chk-b"
     first_err, second_err = tmp_path / "first.stderr", tmp_path / "second.stderr"
     first = start_cli(
-        first_err, *file_etl_args(out, first_chk, "--checkpoint-interval", "100ms", rate=300)
+        first_err,
+        *file_etl_args(
+            out,
+            first_chk,
+            "--checkpoint-interval",
+            "100ms",
+            "--savepoint-dir",
+            str(savepoints),
+            rate=300,
+        ),
     )
     try:
         address = wait_for(

@@ -186,6 +186,7 @@ def test_savepoint_at_parallelism_2_resumed_at_3_reads_every_partition_once(
     command = etl_command(
         kafka_bootstrap, topic, out, chk, 2, rate=300, bounded=True, restore="latest", rest=True
     )
+    command += ["--savepoint-dir", str(sp)]
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     try:

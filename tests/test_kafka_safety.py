@@ -122,6 +122,7 @@ async def test_second_restore_after_a_crash_before_the_first_checkpoint_recovers
         stderr,
         *kafka_etl_args(kafka_bootstrap, source, chk, *sink, bounded=False, rest=True),
         *("--set", "testing.crash-at=before-commit", "--set", "testing.crash-mode=exit"),
+        *("--savepoint-dir", str(savepoints)),
     )
     try:
         address = wait_for(lambda: read_address(chk), "the control endpoint", first, stderr)

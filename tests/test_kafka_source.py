@@ -35,7 +35,7 @@ from kafka_fixtures import (
     unique_name,
     wait_until,
 )
-from loop_helpers import EventTimeTimers, control_status, fired, records, running_job
+from loop_helpers import EventTimeTimers, HeldSink, control_status, fired, records, running_job
 
 from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, DEFAULT_SENDER_QUEUE
 from connectors import CollectSink
@@ -90,28 +90,6 @@ class _ListWriter(SinkWriter):
 
     async def write(self, values: list[Any]) -> None:
         self.sink.records.extend(values)
-
-
-class HeldSink(Sink):
-    """A sink whose writes block until the test sets ``release``."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.entered = asyncio.Event()
-        self.count = 0
-
-    def create_writer(self, context: Any) -> SinkWriter:
-        return _HeldWriter(self)
-
-
-class _HeldWriter(SinkWriter):
-    def __init__(self, sink: HeldSink) -> None:
-        self.sink = sink
-
-    async def write(self, values: list[Any]) -> None:
-        self.sink.entered.set()
-        await self.sink.release.wait()
-        self.sink.count += len(values)
 
 
 async def group_committed(
@@ -720,7 +698,7 @@ async def test_slow_sink_keeps_the_source_buffers_bounded_and_lag_shows_it(
     await create_topics(kafka_bootstrap, topic, partitions=4)
     count = 50_000
     await produce(kafka_bootstrap, topic, json_records(count, 4), linger_ms=20)
-    sink = HeldSink()
+    sink = HeldSink(held=True)
     buffer_size = 256
     config = ExecutionConfig(buffer_size=buffer_size)
 

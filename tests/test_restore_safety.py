@@ -146,7 +146,9 @@ def stop_midway(tmp_path: Path, job: Path, out: Path, *extra: str) -> Path:
     """Run the counting job throttled, stop it with a savepoint midway; the savepoint folder."""
     chk, savepoints, stderr = tmp_path / "chk", tmp_path / "savepoints", tmp_path / "first.stderr"
     proc = start_cli(
-        stderr, *job_args(job, out, "--set", "rate=150", "--checkpoint-dir", str(chk), *extra)
+        stderr,
+        *job_args(job, out, "--set", "rate=150", "--checkpoint-dir", str(chk), *extra),
+        *("--savepoint-dir", str(savepoints)),
     )
     try:
         address = wait_for(lambda: read_address(chk), "the rest-address file", proc, stderr)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import collections
 import re
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from cli_helpers import (
     ROOT,
     RUN_TIMEOUT_S,
     get_json,
+    post_json,
     read_address,
     run_cli,
     start_cli,
@@ -85,6 +84,7 @@ def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     proc = start_cli(
         stderr,
         *etl_args(out, "--set", "rate=1000", "--checkpoint-dir", str(chk), "--rest-port", "0"),
+        *("--savepoint-dir", str(sp)),
     )
     try:
         address = wait_for(lambda: read_address(chk), "the rest-address file", proc, stderr)
@@ -209,6 +209,8 @@ def test_stop_at_parallelism_3_and_resume_at_1_gives_the_uninterrupted_result(
             "200ms",
             "--rest-port",
             "0",
+            "--savepoint-dir",
+            str(sp),
         ),
     )
     try:
@@ -486,11 +488,9 @@ def test_status_checkpoints_endpoints_and_cancel(tmp_path: Path) -> None:
         assert ids == sorted(ids)
 
         # A savepoint request without a directory is refused.
-        request = urllib.request.Request(f"http://{address}/savepoints", data=b"{}", method="POST")
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=10)
-        assert refused.value.code == 400
-        refused.value.close()
+        status, answer = post_json(address, "/savepoints", {})
+        assert status == 400, answer
+        assert "dir" in answer["error"]
 
         assert not any(markers.glob("close-*"))
         cancel = run_cli("cancel", "--address", address)

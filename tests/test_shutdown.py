@@ -24,6 +24,7 @@ from cli_helpers import (
     operator_records_in,
     printed_address,
     read_address,
+    registry_entry,
     run_cli,
     start_cli,
     stderr_contains,
@@ -443,6 +444,7 @@ def test_the_shutdown_timeout_forces_the_exit_while_close_hangs(
     assert (tmp_path / "markers" / "closing").exists()
     assert "shutdown timeout of 1s" in text
     assert "Traceback" not in text
+    assert not registry_entry(proc.pid).exists()  # the forced exit took the job off the list
 
 
 def test_sigint_still_exits_130(tmp_path: Path, start: Start) -> None:

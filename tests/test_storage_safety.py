@@ -379,7 +379,7 @@ def savepoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     proc = start_cli(
         stderr,
         *_etl_args(out, chk, "--set", "rate=1000", "--checkpoint-interval", "100ms"),
-        *("--rest-port", "0"),
+        *("--rest-port", "0", "--savepoint-dir", str(sp)),
     )
     try:
         address = wait_for(lambda: read_address(chk), "the rest-address file", proc, stderr)

@@ -280,6 +280,7 @@ def test_stop_with_savepoint_on_two_taskmanagers_resumes_on_one_at_another_paral
     proc = start_cli(
         stderr,
         *file_etl_args(out, chk, "-p", "2", "--taskmanagers", "2", rate=1000, rest=True),
+        *(("--savepoint-dir", str(tmp_path / "savepoints")) if how == "rest" else ()),
     )
     try:
         address, _ = job_on_taskmanagers(proc, stderr, 2, taskmanager_pids)

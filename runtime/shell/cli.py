@@ -44,9 +44,12 @@ from runtime.master.jobmaster import JobFailedError, JobMaster
 from runtime.master.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
 from runtime.plan.graph import JobGraph
 from runtime.plan.restore import RestoreMismatchError, RestoreReport
+from runtime.shell import registry
 from runtime.shell.info import describe_job_graph
+from runtime.shell.joblist import print_jobs
 from runtime.shell.logfold import KAFKA_CLIENT_LOGGERS, fold_repeats
 from runtime.shell.progress import ProgressReporter
+from runtime.shell.queryable import add_state_command, state_command
 from runtime.shell.rest import ControlClientError, ControlServer, call
 from runtime.shell.runner import JobFileError, build_graph, load_job_file, run_coroutine
 from runtime.shell.shutdown import EXIT_TERMINATED, GracefulShutdown
@@ -207,12 +210,6 @@ def _add_parallelism_option(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="subtasks of each operator without set_parallelism()",
     )
-
-
-_ADDRESS_HELP = (
-    "the job's control endpoint, as its run printed it (control endpoint: http://HOST:PORT) and "
-    "wrote to CHECKPOINT_DIR/rest-address"
-)
 
 
 def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
@@ -412,16 +409,31 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         help="the address this process listens on for its TaskManagers' control connections; "
         "on a Ray cluster of several machines, one of this machine's that the nodes reach",
     )
+    run.add_argument(
+        "--savepoint-dir",
+        default=None,
+        metavar="DIR",
+        help="where savepoint and stop (given no --dir) and SIGTERM write savepoints, and what "
+        "the control endpoint's relative savepoint targets are inside (default: "
+        "<checkpoint-dir>/savepoints)",
+    )
+    run.add_argument(
+        "--allow-savepoint-dir",
+        dest="allowed_savepoint_dirs",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="let savepoint and stop --dir write below DIR too (repeatable); other directories "
+        "outside the savepoint directory are refused",
+    )
     run.add_argument("--no-progress", action="store_true", help="do not show progress")
     _add_log_level_option(run)
 
     savepoint = sub.add_parser("savepoint", help="take a savepoint of a running job")
-    savepoint.add_argument("--address", required=True, metavar="HOST:PORT", help=_ADDRESS_HELP)
-    savepoint.add_argument("--dir", required=True, help="directory to write the savepoint into")
+    _add_control_target(savepoint, savepoint_dir=True)
 
     stop = sub.add_parser("stop", help="stop a running job with a savepoint")
-    stop.add_argument("--address", required=True, metavar="HOST:PORT", help=_ADDRESS_HELP)
-    stop.add_argument("--dir", required=True, help="directory to write the savepoint into")
+    _add_control_target(stop, savepoint_dir=True)
     stop.add_argument(
         "--drain",
         action="store_true",
@@ -429,7 +441,10 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     )
 
     cancel = sub.add_parser("cancel", help="cancel a running job")
-    cancel.add_argument("--address", required=True, metavar="HOST:PORT", help=_ADDRESS_HELP)
+    _add_control_target(cancel, savepoint_dir=False)
+
+    jobs = sub.add_parser("list", help="list the jobs running on this machine")
+    jobs.add_argument("--json", action="store_true", help="print them as a JSON array")
 
     checkpoints = sub.add_parser("checkpoints", help="list checkpoints and savepoints under DIR")
     checkpoints.add_argument("dir", help="a checkpoint directory, or a folder of savepoints")
@@ -452,6 +467,8 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     _add_parallelism_option(info)
     _add_max_parallelism_option(info)
     _add_params_option(info)
+
+    add_state_command(sub)
 
     taskmanager = sub.add_parser(
         "taskmanager",
@@ -494,10 +511,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m runtime") -> int:
         return _run(args)
     if args.command in ("savepoint", "stop", "cancel"):
         return _control(args)
+    if args.command == "list":
+        return print_jobs(as_json=args.json)
     if args.command == "checkpoints":
         return _checkpoints(args)
     if args.command == "info":
         return _info(args)
+    if args.command == "state":
+        return state_command(args)
     if args.command == "taskmanager":
         return _taskmanager(args)
     if args.command == "broker":
@@ -592,7 +613,11 @@ def _run(args: Any) -> int:
     master = JobMaster(graph, config, storage=storage, restored=restored, deployment=deployment)
     reporter = None if args.no_progress else ProgressReporter(master)
     shutdown = GracefulShutdown(
-        master, args.checkpoint_dir, args.checkpoint_interval, args.shutdown_timeout
+        master,
+        args.checkpoint_dir,
+        args.checkpoint_interval,
+        args.shutdown_timeout,
+        savepoint_dir=_savepoint_dir(args),
     )
     sys.stderr.write(restart_line)
     try:
@@ -881,13 +906,22 @@ async def _supervise(
         job.cancel()
 
     server = None
+    address = None
     if args.rest_port >= 0:
-        server = ControlServer(master, cancel, args.rest_host, args.rest_port)
+        server = ControlServer(
+            master,
+            cancel,
+            args.rest_host,
+            args.rest_port,
+            savepoint_dir=_savepoint_dir(args),
+            allowed_savepoint_dirs=tuple(map(os.path.abspath, args.allowed_savepoint_dirs)),
+        )
         address = await server.start()
         sys.stderr.write(f"control endpoint: http://{address}\n")
         sys.stderr.flush()
         if args.checkpoint_dir:
             _write_address_file(args.checkpoint_dir, address)
+    _register(master, args, address, server)
     progress = asyncio.create_task(reporter.run()) if reporter is not None else None
     try:
         return await job
@@ -903,6 +937,35 @@ async def _supervise(
                 await progress
         if server is not None:
             await server.stop()
+        registry.unregister(os.getpid())
+
+
+def _savepoint_dir(args: Any) -> str | None:
+    """``--savepoint-dir``, else ``<checkpoint-dir>/savepoints``, as an absolute path (relative
+    ones are relative to where ``run`` was started); None without either."""
+    if args.savepoint_dir:
+        return os.path.abspath(str(args.savepoint_dir))
+    if args.checkpoint_dir:
+        return os.path.join(os.path.abspath(args.checkpoint_dir), "savepoints")
+    return None
+
+
+def _register(
+    master: JobMaster, args: Any, address: str | None, server: ControlServer | None
+) -> None:
+    """Enter the job in the registry (``python -m runtime list``); a job that cannot be entered
+    still runs, said once."""
+    entry = registry.new_entry(
+        master.graph.name,
+        address,
+        server.token if server is not None else "",
+        os.path.abspath(args.checkpoint_dir) if args.checkpoint_dir else None,
+        _savepoint_dir(args),
+    )
+    try:
+        registry.register(entry)
+    except (registry.RegistryError, OSError) as exc:
+        _warning(f"the job is not listed by python -m runtime list: {exc}")
 
 
 def _write_address_file(checkpoint_dir: str, address: str) -> None:
@@ -910,16 +973,70 @@ def _write_address_file(checkpoint_dir: str, address: str) -> None:
     (Path(checkpoint_dir) / "rest-address").write_text(address + "\n")
 
 
+def _add_control_target(parser: argparse.ArgumentParser, savepoint_dir: bool) -> None:
+    """The options that say which job ``savepoint``, ``stop`` and ``cancel`` talk to."""
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "job",
+        nargs="?",
+        metavar="JOB",
+        help="the job's name or pid, as python -m runtime list shows",
+    )
+    target.add_argument(
+        "--address", metavar="HOST:PORT", help="the job's control endpoint, instead of JOB"
+    )
+    if savepoint_dir:
+        parser.add_argument(
+            "--dir",
+            help="directory to write the savepoint into, relative to the current directory "
+            "(default: the job's savepoint directory, --savepoint-dir of run)",
+        )
+    parser.add_argument(
+        "--token",
+        help="the job's control token (default: from the job registry, else $PYFLOW_TOKEN)",
+    )
+
+
+def _control_target(args: Any) -> tuple[str, str | None, str | None]:
+    """The control address, token and savepoint directory that ``args`` name, from the
+    registry; raises :class:`registry.JobLookupError` when they cannot be found."""
+    job: registry.JobEntry | None
+    if args.job is not None:
+        job = registry.resolve_job(args.job)
+        if job.address is None:
+            msg = f"job {job.name} (pid {job.pid}) runs without a control endpoint (--rest-port -1)"
+            raise registry.JobLookupError(msg)
+        address = job.address
+    else:
+        address = args.address
+        job = registry.find_by_address(address)
+    token = args.token or (job.token if job is not None else None)
+    if getattr(args, "dir", None):
+        return address, token, os.path.abspath(args.dir)
+    savepoint_dir = job.savepoint_dir if job is not None else None
+    if args.command != "cancel" and savepoint_dir is None:
+        known = "has no savepoint directory" if job else "is not in this machine's job registry"
+        msg = f"the job at {address} {known}: give --dir"
+        raise registry.JobLookupError(msg)
+    return address, token, savepoint_dir
+
+
 def _control(args: Any) -> int:
     try:
+        address, token, target = _control_target(args)
+    except registry.JobLookupError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    try:
         if args.command == "savepoint":
-            answer = call(args.address, "POST", "/savepoints", {"dir": args.dir})
+            answer = call(address, "POST", "/savepoints", {"dir": target}, token=token)
             print(f"savepoint {answer['id']} written to {answer['path']}")
         elif args.command == "stop":
-            answer = call(args.address, "POST", "/stop", {"dir": args.dir, "drain": args.drain})
+            body = {"dir": target, "drain": args.drain}
+            answer = call(address, "POST", "/stop", body, token=token)
             print(f"stopped with savepoint {answer['id']} at {answer['path']}")
         else:
-            call(args.address, "POST", "/cancel")
+            call(address, "POST", "/cancel", token=token)
             print("cancel requested")
     except ControlClientError as exc:
         _error(str(exc))

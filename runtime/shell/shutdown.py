@@ -1,6 +1,7 @@
 """What ``python -m runtime run`` does on SIGTERM (``docker stop``, Kubernetes, systemd).
 
-1. With a checkpoint directory, the job stops with a savepoint into ``<checkpoint-dir>/savepoints``
+1. With a savepoint directory (``--savepoint-dir``, else ``<checkpoint-dir>/savepoints``), the job
+   stops with a savepoint into it
    (no drain, as ``python -m runtime stop`` without ``--drain``; the same
    :meth:`~runtime.master.jobmaster.JobMaster.stop_with_savepoint` as the control endpoint's ``/stop``)
    and the process exits 0, printing where the savepoint is.
@@ -29,6 +30,7 @@ from typing import Any
 from actors.task import StopWithSavepointFailed
 from runtime.api.durations import format_duration
 from runtime.master.coordinator import CheckpointFailedError
+from runtime.shell import registry
 
 EXIT_TERMINATED = 128 + signal.SIGTERM
 FORCED_CLOSE_S = 1.0
@@ -44,9 +46,13 @@ class GracefulShutdown:
         checkpoint_dir: str | None,
         checkpoint_interval_s: float | None,
         timeout_s: float,
+        savepoint_dir: str | None = None,
     ) -> None:
         self.master = master
         self.checkpoint_dir = checkpoint_dir
+        self.savepoint_dir = savepoint_dir or (
+            str(Path(checkpoint_dir) / "savepoints") if checkpoint_dir else None
+        )
         self.checkpoint_interval_s = checkpoint_interval_s
         self.timeout_s = timeout_s
         self.requested = False
@@ -114,9 +120,8 @@ class GracefulShutdown:
             f"a second SIGTERM or the shutdown timeout of {format_duration(self.timeout_s)} "
             "forces the exit"
         )
-        if self.checkpoint_dir:
-            target = Path(self.checkpoint_dir) / "savepoints"
-            _say(f"stopping with a savepoint into {target} (no drain); {limit}")
+        if self.savepoint_dir:
+            _say(f"stopping with a savepoint into {self.savepoint_dir} (no drain); {limit}")
             assert self._loop is not None
             self._stopping = self._loop.create_task(self._stop_with_savepoint())
             return
@@ -131,12 +136,13 @@ class GracefulShutdown:
 
     async def _stop_with_savepoint(self) -> None:
         try:
-            await self.master.stop_with_savepoint(None, drain=False)
+            await self.master.stop_with_savepoint(self.savepoint_dir, drain=False)
         except CheckpointFailedError as exc:
             self.fallback_reason = str(exc)
+            kept = f", and the checkpoints in {self.checkpoint_dir} are kept"
             _say(
                 f"the stop with savepoint failed ({exc}); cancelling the job instead: close() "
-                f"runs everywhere, and the checkpoints in {self.checkpoint_dir} are kept"
+                f"runs everywhere{kept if self.checkpoint_dir else ''}"
             )
             self._cancel_job()
 
@@ -175,6 +181,7 @@ class GracefulShutdown:
             f"{format_duration(FORCED_CLOSE_S)} later: exiting now\n"
         )
         sys.stderr.flush()
+        registry.unregister(os.getpid())  # no finally block runs past os._exit
         os._exit(EXIT_TERMINATED)
 
 
