@@ -424,7 +424,7 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="let savepoint and stop --dir write below DIR too (repeatable); other directories "
-        "outside the savepoint directory are refused",
+        "outside the savepoint directory are refused (default: none)",
     )
     run.add_argument("--no-progress", action="store_true", help="do not show progress")
     _add_log_level_option(run)
@@ -983,7 +983,9 @@ def _add_control_target(parser: argparse.ArgumentParser, savepoint_dir: bool) ->
         help="the job's name or pid, as python -m runtime list shows",
     )
     target.add_argument(
-        "--address", metavar="HOST:PORT", help="the job's control endpoint, instead of JOB"
+        "--address",
+        metavar="HOST:PORT",
+        help="the job's control endpoint, instead of JOB (default: JOB's, from the registry)",
     )
     if savepoint_dir:
         parser.add_argument(
