@@ -72,12 +72,20 @@ def run_cli_in(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m runtime ARGS`` to its end in the working directory ``cwd`` (this
     checkout's packages still first on its path), for relative paths on its command line."""
+    return run_command_in(cwd, runtime_command(*args), timeout=timeout)
+
+
+def run_command_in(
+    cwd: Path, command: list[str], timeout: float = RUN_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` to its end in the working directory ``cwd``, with this checkout's packages
+    first on the Python path."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     return subprocess.run(
-        runtime_command(*args),
+        command,
         cwd=cwd,
         env=env,
         capture_output=True,

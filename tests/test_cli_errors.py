@@ -4,6 +4,7 @@ the right exit code, no traceback (each in a real ``python -m runtime`` child pr
 from __future__ import annotations
 
 import asyncio
+import sys
 import textwrap
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cli_helpers import (
     run_cli,
     run_cli_in,
     run_command,
+    run_command_in,
     runtime_command,
     start_cli,
     stop_process,
@@ -187,6 +189,25 @@ def test_running_from_the_folder_of_a_shadowing_module_names_it(tmp_path: Path) 
     assert the_one_error(proc).startswith(
         f"{tmp_path / 'connectors.py'} has the name of the runtime's package 'connectors'"
     )
+
+
+def test_a_program_importing_the_runtime_next_to_a_shadowing_module_gets_an_import_error(
+    tmp_path: Path,
+) -> None:
+    """Only for the packages the runtime imports itself: a program's own ``connectors.py`` is
+    its business as long as it does not also want the runtime's connectors."""
+    (tmp_path / "state.py").write_text("HELPER = 1\n")
+    (tmp_path / "program.py").write_text("import runtime\nprint('imported')\n")
+    proc = run_command_in(tmp_path, [sys.executable, "program.py"])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"ImportError: {tmp_path / 'state.py'} has the name of the runtime's package 'state', so "
+        "'import state' finds it instead of the runtime's: rename it (e.g. to my_state.py) and "
+        "its imports"
+    )
+    (tmp_path / "state.py").rename(tmp_path / "connectors.py")
+    proc = run_command_in(tmp_path, [sys.executable, "program.py"])
+    assert (proc.returncode, proc.stdout) == (0, "imported\n"), proc.stderr
 
 
 def test_no_broker_at_the_bootstrap_address_is_one_line_naming_it(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ in the job's folder or in the working directory of ``python -m runtime`` comes f
 ``sys.path``, so ``import state`` finds it instead of the runtime's package, and the runtime
 fails deep inside its own imports. Both places are checked before that can happen:
 :func:`shadowing_modules` for the job's folder (``load_job_file``), and importing this module
-(the first thing ``runtime/__init__.py`` does) for ``sys.path``. Standard library only, since it
+(the first thing ``runtime/__init__.py`` does) for ``sys.path``: under ``python -m runtime`` every
+package, as one ``error:`` line and exit 2; for a program that imports the runtime, the packages
+it imports itself, as an ``ImportError``. Standard library only, since it
 runs before the runtime's packages can be imported.
 """
 
@@ -47,9 +49,13 @@ def shadowing_modules(folder: Path) -> list[tuple[Path, str]]:
     return found
 
 
-def _shadowed_on_import_path() -> list[tuple[Path, str]]:
+_IMPORTED_BY_RUNTIME = ("actors", "state")
+"""The packages ``import runtime`` imports itself: shadowed, it cannot be imported at all."""
+
+
+def _shadowed_on_import_path(names: tuple[str, ...]) -> list[tuple[Path, str]]:
     found = []
-    for name in RUNTIME_PACKAGES:
+    for name in names:
         loaded = sys.modules.get(name)
         if loaded is not None:
             origin = getattr(loaded, "__file__", None)
@@ -66,13 +72,16 @@ def _shadowed_on_import_path() -> list[tuple[Path, str]]:
 
 
 def _refuse_shadowed_packages() -> None:
-    shadowed = _shadowed_on_import_path()
+    # ``python -m runtime`` is importing its package: a job it runs may import any of the
+    # runtime's packages. A program importing the runtime may have a module named like one it
+    # never imports (``connectors``).
+    command_line = sys.argv[:1] == ["-m"]
+    shadowed = _shadowed_on_import_path(RUNTIME_PACKAGES if command_line else _IMPORTED_BY_RUNTIME)
     if not shadowed:
         return
     message = "; ".join(describe_shadowing(path, name) for path, name in shadowed)
-    if sys.argv[:1] == ["-m"]:
-        # ``python -m runtime`` is importing its package: the CLI's one-line error, exit 2.
-        sys.stderr.write(f"error: {message}\n")
+    if command_line:
+        sys.stderr.write(f"error: {message}\n")  # the CLI's one line, exit 2
         raise SystemExit(2)
     raise ImportError(message)
 
