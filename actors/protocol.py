@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import enum
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors.events import CheckpointBarrier
+from actors.infrastructure import InfrastructureError, infrastructure_cause
 from actors.operator import UserFunctionError
 from actors.wire import wire_message
 from state.refusal import RestoreRefusedError, restore_refusal
@@ -84,6 +86,9 @@ class FailureCategory(enum.StrEnum):
     """User code raised (``UserFunctionError``): the message names operator, subtask and record."""
     RESTORE_REFUSED = "restore-refused"
     """An operator refused its restore (``RestoreRefusedError`` along the causes): no restart."""
+    INFRASTRUCTURE = "infrastructure"
+    """Trouble outside the job's code (``InfrastructureError`` along the causes): the restart
+    strategy decides; the CLI prints its one line."""
     TASK_FAILURE = "task-failure"
     """Anything else (``TaskFailure``): the restart strategy decides."""
 
@@ -130,21 +135,39 @@ class RemoteRestoreRefusedError(RestoreRefusedError):
     """A ``RestoreRefusedError`` raised in another process (its text is the original's)."""
 
 
+class RemoteInfrastructureError(InfrastructureError):
+    """An ``InfrastructureError`` raised in another process (its text is the original's)."""
+
+
+_KNOWN_CAUSES: tuple[tuple[FailureCategory, Callable[[BaseException], Exception | None]], ...] = (
+    (FailureCategory.RESTORE_REFUSED, restore_refusal),
+    (FailureCategory.INFRASTRUCTURE, infrastructure_cause),
+)
+"""Causes the job master and the CLI recognise along a failure's causes, first match wins; each
+is rebuilt on the other side of the wire as the class of :data:`_REMOTE_KNOWN_CAUSES`."""
+
+_REMOTE_KNOWN_CAUSES: dict[FailureCategory, Callable[[str], Exception]] = {
+    FailureCategory.RESTORE_REFUSED: RemoteRestoreRefusedError,
+    FailureCategory.INFRASTRUCTURE: RemoteInfrastructureError,
+}
+
+
 def failure_info(exc: BaseException, task_name: str = "") -> TaskFailureInfo:
     """``exc`` (what a task's ``run()`` raised) as data; ``task_name`` names the task when
     ``exc`` does not (a ``TaskFailure`` does)."""
     if isinstance(exc, TaskFailure):
         task_name = exc.task_name
-    refusal = restore_refusal(exc)
-    if refusal is not None:
-        return TaskFailureInfo(
-            FailureCategory.RESTORE_REFUSED,
-            _describe(exc),
-            task_name,
-            cause_type=type(refusal).__name__,
-            cause_message=str(refusal),
-            cause_traceback=_format(refusal),
-        )
+    for category, find in _KNOWN_CAUSES:
+        known = find(exc)
+        if known is not None:
+            return TaskFailureInfo(
+                category,
+                _describe(exc),
+                task_name,
+                cause_type=type(known).__name__,
+                cause_message=str(known),
+                cause_traceback=_format(known),
+            )
     if isinstance(exc, UserFunctionError):
         return TaskFailureInfo(
             FailureCategory.USER_FUNCTION,
@@ -169,10 +192,10 @@ def failure_info(exc: BaseException, task_name: str = "") -> TaskFailureInfo:
 
 def failure_from_info(info: TaskFailureInfo) -> UserFunctionError | TaskFailure:
     """The exception :func:`failure_info` described: same class family, same text."""
-    if info.category is FailureCategory.RESTORE_REFUSED:
-        refused = RemoteRestoreRefusedError(info.cause_message)
+    known_cause = _REMOTE_KNOWN_CAUSES.get(info.category)
+    if known_cause is not None:
         failure: UserFunctionError | TaskFailure = RemoteTaskFailure(info.message, info.task_name)
-        failure.__cause__ = refused
+        failure.__cause__ = known_cause(info.cause_message)
         return failure
     cause = RemoteFailureCause(info.cause_type, info.cause_message, info.cause_traceback)
     if info.category is FailureCategory.USER_FUNCTION:

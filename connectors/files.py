@@ -8,12 +8,14 @@ line number of the next unread line, kept in operator state, so a restore resume
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import aiofiles
 import aiofiles.os
 import orjson
 
+from actors.infrastructure import InfrastructureError
 from actors.operator import NewerOutputPolicy
 from runtime.api.functions import RuntimeContext
 from runtime.api.sinks import Sink, SinkWriter
@@ -33,8 +36,9 @@ _CHUNK = 1 << 18
 log = logging.getLogger(__name__)
 
 
-class RecordFormatError(ValueError):
-    """A line could not be parsed; names the file and line."""
+class RecordFormatError(InfrastructureError, ValueError):
+    """A line could not be parsed (invalid JSON, or text that is not UTF-8); names the file and
+    line. Bad input is the user's to fix outside the job's code: the CLI prints it as one line."""
 
 
 class FileSource(Source[Any]):
@@ -64,8 +68,12 @@ class FileSource(Source[Any]):
                 p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".")
             )
         if not self.path.exists():
-            msg = f"FileSource: input {str(self.path)!r} does not exist"
-            raise FileNotFoundError(msg)
+            where = "" if self.path.is_absolute() else f" (relative to {os.getcwd()})"
+            msg = (
+                f"FileSource: input {str(self.path)!r} does not exist{where}: check the path "
+                "the job reads"
+            )
+            raise InfrastructureError(msg)
         return [self.path]
 
     def create_splits(self, parallelism: int) -> list[Any]:
@@ -132,7 +140,7 @@ class _FileReader(SourceReader[Any]):
         while self.splits:
             split = self.splits[0]
             if self._file is None:
-                self._file = open(split["path"], "rb")
+                self._file = self._open(split["path"])
                 self._file.seek(split["offset"])
                 self._lines.clear()
                 self._tail = b""
@@ -143,6 +151,17 @@ class _FileReader(SourceReader[Any]):
             self._file = None
             self.done.append(self.splits.popleft())
         return False
+
+    def _open(self, path: str) -> Any:
+        try:
+            return open(path, "rb")
+        except OSError as exc:
+            msg = (
+                f"file source {self.context.source_name!r} "
+                f"(subtask {self.context.subtask_index + 1}/{self.context.parallelism}): cannot "
+                f"read {path!r}: {exc.strerror or exc}"
+            )
+            raise InfrastructureError(msg) from None
 
     def _fill(self) -> bool:
         while not self._lines and not self._eof:
@@ -183,7 +202,16 @@ class _FileReader(SourceReader[Any]):
                     msg = f"{split['path']} line {number}: invalid JSON ({exc}): {line[:200]!r}"
                     raise RecordFormatError(msg) from None
             return values
-        return [line.decode("utf-8").rstrip("\r") for line in raw]
+        try:
+            return [line.decode("utf-8").rstrip("\r") for line in raw]
+        except UnicodeDecodeError:
+            # Rare: find the line to name, decoding them one by one.
+            for number, line in enumerate(raw, first_line):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(split["path"], number, exc) from None
+            raise
 
     def snapshot_splits(self) -> list[Any]:
         return [dict(s) for s in self.done] + [dict(s) for s in self.splits]
@@ -195,6 +223,29 @@ class _FileReader(SourceReader[Any]):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _not_utf8(path: str, line_number: int, error: UnicodeDecodeError) -> RecordFormatError:
+    msg = (
+        f"{path} line {line_number}: not valid UTF-8 (byte {error.start + 1} of the line: "
+        f"{error.reason}); the file source reads text as UTF-8: convert the file, e.g. with "
+        "iconv -f latin1 -t utf-8"
+    )
+    return RecordFormatError(msg)
+
+
+@contextlib.contextmanager
+def _output_errors(what: str) -> Iterator[None]:
+    """An output path the sink cannot create or write (a file in the way, no permission) as the
+    one line that names it."""
+    try:
+        yield
+    except OSError as exc:
+        # mkdir under a file says "File exists" or "Not a directory".
+        in_the_way = isinstance(exc, FileExistsError | NotADirectoryError)
+        reason = "a file is in the way" if in_the_way else exc.strerror or str(exc)
+        msg = f"{what} ({reason}): give another output path or fix its permissions"
+        raise InfrastructureError(msg) from None
 
 
 class JsonLinesFileSink(Sink):
@@ -224,8 +275,9 @@ class _JsonLinesWriter(SinkWriter):
         self._in_flight: asyncio.Future[Any] | None = None
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = await aiofiles.open(self.path, "wb")
+        with _output_errors(f"JSON-lines file sink: cannot write {str(self.path)!r}"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = await aiofiles.open(self.path, "wb")
 
     async def write(self, values: list[Any]) -> None:
         dumps = orjson.dumps
@@ -406,7 +458,7 @@ class _TwoPhaseCommitWriter(SinkWriter):
         self.restored = True
         restored_id = self.restore_context.checkpoint_id
         entries = [self._checked_entry(entry, restored_id) for entry in state]
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._create_directory()
         self._refuse_missing_files(entries, restored_id)
         self._refuse_abandoned(restored_id)
         if restored_id is not None:
@@ -622,8 +674,12 @@ class _TwoPhaseCommitWriter(SinkWriter):
         )
         raise RestoreRefusedError(msg)
 
+    def _create_directory(self) -> None:
+        with _output_errors(f"{self.label}: cannot create {str(self.directory)!r}"):
+            self.directory.mkdir(parents=True, exist_ok=True)
+
     async def open(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._create_directory()
         if not self.restored:
             self._refuse_existing_output()
             self._delete_stale_pending(None, set())

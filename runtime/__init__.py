@@ -4,6 +4,8 @@ Write a job file with ``build(job)`` and run it with ``python -m runtime run job
 build function from Python with :func:`run_job`.
 """
 
+# First: refuses (one clear line) a module of the user's that would shadow the runtime's packages.
+import runtime.plan.shadowing  # noqa: F401
 from actors.operator import NewerOutputPolicy
 from runtime.api.functions import (
     AggregateFunction,

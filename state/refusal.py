@@ -6,6 +6,10 @@ It lives at the bottom layer because state (incompatible keyed state), operators
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
 
 class RestoreRefusedError(RuntimeError):
     """An operator refuses the restore (or the fresh start) of its attempt: its restored state or
@@ -16,10 +20,16 @@ class RestoreRefusedError(RuntimeError):
 
 def restore_refusal(failure: BaseException) -> RestoreRefusedError | None:
     """The :class:`RestoreRefusedError` that caused ``failure`` (itself or along its causes)."""
+    return find_cause(failure, RestoreRefusedError)
+
+
+def find_cause(failure: BaseException, kind: type[E]) -> E | None:
+    """The exception of class ``kind`` that caused ``failure``: itself, or the first along its
+    ``__cause__`` chain."""
     seen: set[int] = set()
     current: BaseException | None = failure
     while current is not None and id(current) not in seen:
-        if isinstance(current, RestoreRefusedError):
+        if isinstance(current, kind):
             return current
         seen.add(id(current))
         current = current.__cause__

@@ -265,6 +265,45 @@ def mark_abandoned(
     return marked
 
 
+class CheckpointDirectoryError(RuntimeError):
+    """The checkpoint directory cannot hold checkpoints; the message is one line naming the
+    directory, the problem and what to do."""
+
+
+def check_checkpoint_directory(directory: str | os.PathLike[str]) -> None:
+    """Prove that this process can list ``directory`` and write into it (a probe file is created
+    and removed), or, when it does not exist yet, create it (its nearest existing ancestor is a
+    writable directory), so that a job fails at its start rather than at its first checkpoint,
+    minutes later. Creates nothing. Raises :class:`CheckpointDirectoryError`."""
+    path = Path(directory)
+    remedy = "fix its permissions or give another directory"
+    if not path.exists():
+        ancestor = next(parent for parent in path.absolute().parents if parent.exists())
+        if not ancestor.is_dir():
+            msg = f"cannot create {path}: {ancestor} is not a directory"
+            raise CheckpointDirectoryError(msg)
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            msg = f"cannot create {path}: {ancestor} is not writable; {remedy}"
+            raise CheckpointDirectoryError(msg)
+        return
+    if not path.is_dir():
+        msg = f"{path} is not a directory: give a directory (it is created when missing)"
+        raise CheckpointDirectoryError(msg)
+    try:
+        os.listdir(path)
+    except OSError as exc:
+        msg = f"cannot read {path} ({exc.strerror or exc}): {remedy}"
+        raise CheckpointDirectoryError(msg) from None
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "xb"):
+            pass
+        probe.unlink()
+    except OSError as exc:
+        msg = f"cannot write into {path} ({exc.strerror or exc}): {remedy}"
+        raise CheckpointDirectoryError(msg) from None
+
+
 class CheckpointStorage:
     """Checkpoints under ``directory/chk-<id>``; savepoints under a directory named per request."""
 

@@ -72,12 +72,20 @@ def run_cli_in(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m runtime ARGS`` to its end in the working directory ``cwd`` (this
     checkout's packages still first on its path), for relative paths on its command line."""
+    return run_command_in(cwd, runtime_command(*args), timeout=timeout)
+
+
+def run_command_in(
+    cwd: Path, command: list[str], timeout: float = RUN_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` to its end in the working directory ``cwd``, with this checkout's packages
+    first on the Python path."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     return subprocess.run(
-        runtime_command(*args),
+        command,
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -85,6 +93,29 @@ def run_cli_in(
         timeout=timeout,
         check=False,
     )
+
+
+def without_permission_override(command: list[str]) -> list[str]:
+    """``command`` run so that file permissions apply to it: as root (CI containers), without the
+    capabilities that let root read and write anything (``setpriv`` from util-linux)."""
+    if os.geteuid() != 0:
+        return command
+    dropped = "-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", f"--bounding-set={dropped}", *command]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``error: ...`` lines the CLI wrote."""
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def the_one_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The CLI's one ``error:`` line (without the prefix), asserting that there is exactly one
+    and no traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1, proc.stderr
+    return errors[0].removeprefix("error: ")
 
 
 def start_cli(stderr_path: Path, *args: str) -> subprocess.Popen[bytes]:

@@ -18,7 +18,7 @@ from runtime.api.durations import duration_ms, format_duration, parse_duration
         ("1.5s", 1500),
         ("1min", 60_000),
         ("2h", 7_200_000),
-        ("3", 3000),
+        ("0", 0),
     ],
 )
 def test_duration_ms_takes_milliseconds_or_a_duration_string(value: int | str, ms: int) -> None:
@@ -28,7 +28,11 @@ def test_duration_ms_takes_milliseconds_or_a_duration_string(value: int | str, m
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("10 parsecs", r"window size: invalid duration '10 parsecs': use e\.g\. 500ms"),
+        ("10 parsecs", r"window size: invalid duration '10 parsecs': use a number with a unit"),
+        (
+            "3",
+            r"window size: invalid duration '3': a duration needs a unit, e\.g\. 3ms, 3s or 3min",
+        ),
         (-5, r"window size: must not be negative, got -5"),
         (1.5, r"window size: expected milliseconds \(an int\) or a duration like '10s', got 1\.5"),
         (True, r"window size: expected milliseconds"),

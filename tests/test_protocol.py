@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 import actors.protocol as protocol
+from actors.infrastructure import InfrastructureError, infrastructure_cause
 from actors.operator import UserFunctionError
 from actors.protocol import (
     AcknowledgeCheckpoint,
@@ -189,6 +190,20 @@ def test_a_refused_restore_is_still_refused_after_the_wire() -> None:
     assert rebuilt.task_name == "sink (1/1)"
     assert describe_failure(rebuilt) == describe_failure(original)
     assert failure_info(original).category is FailureCategory.RESTORE_REFUSED
+
+
+def test_an_infrastructure_error_is_still_one_after_the_wire() -> None:
+    """A TaskManager's reader that finds no broker: the CLI prints the same one line."""
+    trouble = InfrastructureError("no Kafka broker answers at 127.0.0.1:1 (...)")
+    original = _task_failure(trouble)
+    rebuilt = _over_the_wire(original)
+    found = infrastructure_cause(rebuilt)
+    assert isinstance(found, InfrastructureError)
+    assert str(found) == str(trouble)
+    assert isinstance(rebuilt, TaskFailure)
+    assert describe_failure(rebuilt) == describe_failure(original)
+    assert restore_refusal(rebuilt) is None
+    assert failure_info(original).category is FailureCategory.INFRASTRUCTURE
 
 
 def test_any_other_failure_is_rebuilt_as_a_task_failure_with_the_same_text() -> None:

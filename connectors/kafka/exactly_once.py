@@ -56,6 +56,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
 from aiokafka.protocol.transaction import EndTxnRequest
 
 from actors.faults import crash_point
+from actors.infrastructure import InfrastructureError
 from actors.operator import NewerOutputPolicy
 from connectors.kafka.clients import start_client, stop_client
 from runtime.api.functions import RuntimeContext
@@ -73,8 +74,9 @@ DEFAULT_BROKER_MAX_TIMEOUT_MS = 900_000
 COMMIT_TIMEOUT_S = 60.0
 
 
-class TransactionCommitError(RuntimeError):
-    """A pre-committed transaction could not be committed, or its outcome is unknown."""
+class TransactionCommitError(InfrastructureError):
+    """A pre-committed transaction could not be committed, or its outcome is unknown (the
+    message names the sink, the transaction and what happens next: one line in the CLI)."""
 
 
 class ExactlyOnceWriter(SinkWriter):

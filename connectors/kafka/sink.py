@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
+from actors.infrastructure import InfrastructureError
 from connectors.kafka.clients import KafkaClients, start_client, stop_client
 from runtime.api.functions import RuntimeContext
 from runtime.api.sinks import Sink, SinkWriter
@@ -89,7 +91,7 @@ class KafkaSink(Sink):
         self.transactional_id_pool = transactional_id_pool
         self.broker_max_transaction_timeout_ms = broker_max_transaction_timeout_ms
         """The broker's transaction.max.timeout.ms if known (Kafka's default, 15 min, otherwise)."""
-        self.clients = KafkaClients(bootstrap_servers, client_options)
+        self.clients = KafkaClients(bootstrap_servers, client_options, owner=self.name())
         """Creates every client of this sink (see :mod:`connectors.kafka.clients`)."""
         self.initialised_ids: set[str] = set()
         """Transactional ids this process has initialised (exactly-once): their earlier epochs
@@ -123,6 +125,22 @@ class KafkaSink(Sink):
         ]
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _abandon(futures: list[asyncio.Future[Any]]) -> None:
+    """Sends nobody will await any more (the writer failed or closes): their outcomes are
+    retrieved, or asyncio logs every failed one when it is collected (a broker that went away
+    fails thousands at once)."""
+    for future in futures:
+        if future.done():
+            _retrieve(future)
+        else:
+            future.add_done_callback(_retrieve)
+
+
 class _KafkaWriter(SinkWriter):
     """Guarantee none or at-least-once."""
 
@@ -140,32 +158,59 @@ class _KafkaWriter(SinkWriter):
         )
         await start_client(self.producer)
 
+    @contextlib.contextmanager
+    def _broker_errors(self) -> Iterator[None]:
+        """The client's errors while writing (the broker went away, a topic it cannot find) as
+        the one line that names the sink and where it writes."""
+        try:
+            yield
+        except KafkaError as exc:
+            # aiokafka's errors start with their class name.
+            detail = str(exc) if str(exc).startswith(type(exc).__name__) else repr(exc)
+            msg = (
+                f"KafkaSink {self.context.operator_name!r} "
+                f"(subtask {self.context.subtask_index + 1}/{self.context.parallelism}): "
+                f"writing to {self.sink.name()} on {self.sink.bootstrap_servers} failed "
+                f"({detail}): check that the broker runs and the topic exists"
+            )
+            raise InfrastructureError(msg) from exc
+
     async def write(self, values: list[Any]) -> None:
         assert self.producer is not None
         send = self.producer.send
-        for topic, key, value in self.sink.records(values):
-            self._inflight.append(await send(topic, value, key=key))
+        with self._broker_errors():
+            for topic, key, value in self.sink.records(values):
+                self._inflight.append(await send(topic, value, key=key))
         if len(self._inflight) > 10_000:
             await self._await_acks()
 
+    async def _flush_and_await_acks(self) -> None:
+        assert self.producer is not None
+        with self._broker_errors():
+            await self.producer.flush()
+        await self._await_acks()
+
     async def _await_acks(self) -> None:
         inflight, self._inflight = self._inflight, []
-        for future in inflight:
-            await future  # raises the broker's error: nothing acknowledged is lost silently
+        try:
+            with self._broker_errors():
+                for future in inflight:
+                    await future  # raises the broker's error: nothing acknowledged is lost silently
+        except BaseException:
+            _abandon(inflight)
+            raise
 
     async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
         if self.sink.guarantee == DeliveryGuarantee.AT_LEAST_ONCE:
-            assert self.producer is not None
-            await self.producer.flush()
-            await self._await_acks()
+            await self._flush_and_await_acks()
         return []
 
     async def finish(self) -> None:
-        assert self.producer is not None
-        await self.producer.flush()
-        await self._await_acks()
+        await self._flush_and_await_acks()
 
     async def close(self) -> None:
+        _abandon(self._inflight)
+        self._inflight = []
         if self.producer is not None:
             with contextlib.suppress(Exception):
                 await stop_client(self.producer)

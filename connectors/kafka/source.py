@@ -27,7 +27,14 @@ import msgpack
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from connectors.kafka.clients import KafkaClients, finish_then_cancel, start_client, stop_client
+from actors.infrastructure import InfrastructureError
+from connectors.kafka.clients import (
+    KafkaClients,
+    finish_then_cancel,
+    missing_topics,
+    start_client,
+    stop_client,
+)
 from runtime.api.sources import END_OF_INPUT, EndOfInput, Source, SourceReader, SourceReaderContext
 from runtime.api.watermarks import WatermarkStrategy
 from state.keygroups import stable_hash
@@ -172,7 +179,7 @@ class KafkaSource(Source[Any]):
         self.watermark_strategy = watermark_strategy
         self.discovery_interval_s = None if bounded else discovery_interval_s
         self.rate = rate
-        self.clients = KafkaClients(bootstrap_servers, client_options)
+        self.clients = KafkaClients(bootstrap_servers, client_options, owner=self.name())
         """Creates every client of this source (see :mod:`connectors.kafka.clients`)."""
         self.skipped = 0
         """Records skipped by ``on_error="skip"`` across all subtasks of this process."""
@@ -200,8 +207,7 @@ class KafkaSource(Source[Any]):
             wanted = [t for t in self.topics if t in topics]
             missing = [t for t in self.topics if t not in topics]
             if missing:
-                msg = f"KafkaSource: topic(s) {', '.join(missing)} do not exist on {self.bootstrap_servers}"
-                raise LookupError(msg)
+                raise InfrastructureError(missing_topics(missing, self.bootstrap_servers))
         else:
             assert self.pattern is not None
             wanted = sorted(t for t in topics if self.pattern.fullmatch(t))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors.infrastructure import InfrastructureError
 from actors.operator import RestoreContext, UserFunctionError
 from actors.protocol import (
     AddSplits,
@@ -383,7 +384,8 @@ class JobMaster:
             )
 
     async def _discover_splits(self) -> None:
-        """List every source's splits once, on the coordinator, before the first attempt."""
+        """List every source's splits once, on the coordinator, before the first attempt; a
+        source's :class:`InfrastructureError` (no input, no broker) ends the job, naming it."""
         restored = self.restore_point.operators if self.restore_point is not None else {}
         for vertex in self.graph.vertices:
             node = vertex.head
@@ -395,7 +397,11 @@ class JobMaster:
                 # source is not even run, so its input need not exist any more.
                 self._splits[node.uid] = []
             else:
-                self._splits[node.uid] = await source.discover_splits(vertex.parallelism)
+                try:
+                    self._splits[node.uid] = await source.discover_splits(vertex.parallelism)
+                except InfrastructureError as exc:
+                    msg = f"source {node.name!r} (uid {node.uid}): {exc}"
+                    raise InfrastructureError(msg) from exc
 
     async def _watch_new_splits(self, vertex: JobVertex) -> None:
         """Periodically hand splits that appeared while running (new partitions) to readers."""

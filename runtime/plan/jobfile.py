@@ -18,13 +18,15 @@ from typing import Any
 from runtime.api.streams import Job
 from runtime.config import DEFAULT_PARALLELISM
 from runtime.plan.graph import JobGraph, build_job_graph
+from runtime.plan.shadowing import describe_shadowing, shadowing_modules
 from state.keygroups import DEFAULT_MAX_PARALLELISM
 
 BuildFunction = Callable[[Job], Any]
 
 
 class JobFileError(RuntimeError):
-    """The job file is missing, cannot be imported, or defines no ``build(job)``."""
+    """The job file is missing, cannot be imported, defines no ``build(job)``, or sits next to a
+    module that takes the name of one of the runtime's packages."""
 
 
 def load_job_file(path: str | Path) -> BuildFunction:
@@ -34,6 +36,10 @@ def load_job_file(path: str | Path) -> BuildFunction:
         raise JobFileError(msg)
     if not file.is_file():
         msg = f"job file {str(file)!r} is not a file"
+        raise JobFileError(msg)
+    shadowing = shadowing_modules(file.resolve().parent)
+    if shadowing:
+        msg = "; ".join(describe_shadowing(path, name) for path, name in shadowing)
         raise JobFileError(msg)
     module_name = f"_job_{abs(hash(str(file.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, file)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.barriers import CheckpointingMode
+from actors.infrastructure import InfrastructureError, infrastructure_cause
 from actors.operator import NewerOutputPolicy, UserFunctionError
 from actors.protocol import RemoteFailureCause
 from runtime.api.durations import format_duration, parse_duration
@@ -41,9 +42,12 @@ from runtime.master.alerts import HOOK_NAME, AlertHook, CheckpointFailureThresho
 from runtime.master.deployment import DeploymentError
 from runtime.master.jobmaster import JobFailedError, JobMaster
 from runtime.master.restart import RestartStrategy, default_restart_strategy, parse_restart_strategy
+from runtime.plan.graph import JobGraph
 from runtime.plan.restore import RestoreMismatchError, RestoreReport
 from runtime.shell import registry
+from runtime.shell.info import describe_job_graph
 from runtime.shell.joblist import print_jobs
+from runtime.shell.logfold import KAFKA_CLIENT_LOGGERS, fold_repeats
 from runtime.shell.progress import ProgressReporter
 from runtime.shell.queryable import add_state_command, state_command
 from runtime.shell.rest import ControlClientError, ControlServer, call
@@ -55,12 +59,14 @@ from state.keygroups import UPPER_BOUND_MAX_PARALLELISM
 from state.refusal import restore_refusal
 from state.storage import (
     METADATA,
+    CheckpointDirectoryError,
     CheckpointKind,
     CheckpointStorage,
     CompletedCheckpoint,
     InvalidCheckpointError,
     SkippedSnapshot,
     SnapshotSearch,
+    check_checkpoint_directory,
     find_latest_valid,
     find_newest_snapshot,
     find_snapshot_folders,
@@ -100,6 +106,17 @@ def _failure_threshold(text: str) -> CheckpointFailureThreshold:
         return CheckpointFailureThreshold.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        msg = f"invalid log level {text!r}: use one of {', '.join(LOG_LEVELS)}"
+        raise argparse.ArgumentTypeError(msg)
+    return level
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -160,6 +177,29 @@ def _add_max_parallelism_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_log_level_option(parser: argparse.ArgumentParser) -> None:
+    _add_option(
+        parser,
+        "--log-level",
+        type=_log_level,
+        default="WARNING",
+        metavar="LEVEL",
+        help=f"least level of the log lines shown: {', '.join(LOG_LEVELS)}",
+    )
+
+
+def _add_params_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="params",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a job parameter, readable as job.params[KEY] (repeatable; default: none)",
+    )
+
+
 def _add_parallelism_option(parser: argparse.ArgumentParser) -> None:
     _add_option(
         parser,
@@ -167,6 +207,7 @@ def _add_parallelism_option(parser: argparse.ArgumentParser) -> None:
         "--parallelism",
         type=_positive_int,
         default=DEFAULT_PARALLELISM,
+        metavar="N",
         help="subtasks of each operator without set_parallelism()",
     )
 
@@ -182,22 +223,14 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     run.add_argument("file", help="the job file")
     _add_parallelism_option(run)
     _add_max_parallelism_option(run)
-    run.add_argument(
-        "--set",
-        dest="params",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a job parameter, readable as job.params[KEY] (repeatable)",
-    )
+    _add_params_option(run)
     run.add_argument(
         "--checkpoint-interval",
         type=_duration,
         default=_CHECKPOINT_DEFAULTS.interval_s,
         metavar="DURATION",
-        help="periodic checkpoints this often (default: none, only final checkpoints and "
-        "savepoints)",
+        help="periodic checkpoints this often, a duration such as 500ms, 5s, 1min (default: none, "
+        "only final checkpoints and savepoints)",
     )
     _add_option(
         run,
@@ -251,6 +284,7 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     run.add_argument(
         "--restart-strategy",
         default=None,
+        metavar="STRATEGY",
         help="none | fixed-delay[:ATTEMPTS[:DELAY]] | failure-rate[:MAX:INTERVAL[:DELAY]] | "
         "exponential-delay[:INITIAL[:MAX]] (default with a --checkpoint-interval: "
         f"{default_restart_strategy(True).describe()}; without: "
@@ -283,7 +317,8 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         metavar="latest|PATH",
         help="restore from the latest valid checkpoint in --checkpoint-dir (none: start from the "
         "beginning, with a warning), from a checkpoint or savepoint folder, or from the newest "
-        "valid one in a folder of them (as stop --dir writes)",
+        "valid one in a folder of them, as stop --dir writes (default: none, start from the "
+        "beginning)",
     )
     run.add_argument(
         "--allow-non-restored-state",
@@ -311,12 +346,14 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         "--rest-port",
         type=int,
         default=DEFAULT_REST_PORT,
+        metavar="PORT",
         help="port of the control endpoint; 0: a free one, -1: none",
     )
     _add_option(
         run,
         "--rest-host",
         default=DEFAULT_REST_HOST,
+        metavar="HOST",
         help="address the control endpoint listens on",
     )
     _add_option(
@@ -387,10 +424,10 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="let savepoint and stop --dir write below DIR too (repeatable); other directories "
-        "outside the savepoint directory are refused",
+        "outside the savepoint directory are refused (default: none)",
     )
     run.add_argument("--no-progress", action="store_true", help="do not show progress")
-    run.add_argument("--log-level", default="WARNING")
+    _add_log_level_option(run)
 
     savepoint = sub.add_parser("savepoint", help="take a savepoint of a running job")
     _add_control_target(savepoint, savepoint_dir=True)
@@ -410,17 +447,26 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     jobs.add_argument("--json", action="store_true", help="print them as a JSON array")
 
     checkpoints = sub.add_parser("checkpoints", help="list checkpoints and savepoints under DIR")
-    checkpoints.add_argument("dir")
+    checkpoints.add_argument("dir", help="a checkpoint directory, or a folder of savepoints")
     checkpoints.add_argument(
         "--against",
         metavar="FILE",
-        help="dry run: how each snapshot would restore into this job file",
+        help="dry run: how each snapshot would restore into this job file (default: none, only "
+        "list them)",
     )
     _add_parallelism_option(checkpoints)
     _add_max_parallelism_option(checkpoints)
-    checkpoints.add_argument(
-        "--set", dest="params", type=_key_value, action="append", default=[], metavar="KEY=VALUE"
+    _add_params_option(checkpoints)
+
+    info = sub.add_parser(
+        "info",
+        help="print the job graph of a job file without running it: tasks (chains of operators), "
+        "parallelism, uids, partitioners, side outputs",
     )
+    info.add_argument("file", help="the job file")
+    _add_parallelism_option(info)
+    _add_max_parallelism_option(info)
+    _add_params_option(info)
 
     add_state_command(sub)
 
@@ -441,12 +487,15 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         "--slots",
         type=_positive_int,
         default=1,
+        metavar="N",
         help="subtasks of each vertex it can run",
     )
-    taskmanager.add_argument("--log-level", default="WARNING")
+    _add_log_level_option(taskmanager)
 
     broker = sub.add_parser("broker", help="start the local Kafka-protocol broker for the dev loop")
-    broker.add_argument("--port", type=int, default=9092)
+    _add_option(
+        broker, "--port", type=int, default=9092, help="the port it listens on, on 127.0.0.1"
+    )
     return parser
 
 
@@ -466,6 +515,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m runtime") -> int:
         return print_jobs(as_json=args.json)
     if args.command == "checkpoints":
         return _checkpoints(args)
+    if args.command == "info":
+        return _info(args)
     if args.command == "state":
         return state_command(args)
     if args.command == "taskmanager":
@@ -489,15 +540,25 @@ def _warning(message: str) -> None:
     sys.stderr.flush()
 
 
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A Kafka client retrying against a broker that went away logs every attempt.
+    fold_repeats(KAFKA_CLIENT_LOGGERS)
+
+
 def _run(args: Any) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args.log_level)
     try:
         build = load_job_file(args.file)
     except JobFileError as exc:
         _error(str(exc))
         return EXIT_USAGE
+    if args.checkpoint_dir:
+        try:
+            check_checkpoint_directory(args.checkpoint_dir)
+        except CheckpointDirectoryError as exc:
+            _error(f"--checkpoint-dir: {exc}")
+            return EXIT_USAGE
     params = dict(args.params)
     try:
         restart, restart_line = _restart_strategy(args)
@@ -565,7 +626,7 @@ def _run(args: Any) -> int:
         _error("cancelled (Ctrl-C): every task was closed")
         _cleanup_on_cancel(master, args)
         return EXIT_INTERRUPTED
-    except (TaskManagerStartError, DeploymentError) as exc:
+    except (TaskManagerStartError, DeploymentError, InfrastructureError) as exc:
         _error(str(exc))
         return EXIT_FAILED
     except JobFailedError as exc:
@@ -602,9 +663,7 @@ def _run(args: Any) -> int:
 def _taskmanager(args: Any) -> int:
     from runtime.cluster.taskmanager import DEFAULT_EXIT_GRACE_S, EXIT_SHUT_DOWN, run_taskmanager
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args.log_level)
     host, port = args.jobmanager
     outcome = run_coroutine(
         run_taskmanager(
@@ -924,7 +983,9 @@ def _add_control_target(parser: argparse.ArgumentParser, savepoint_dir: bool) ->
         help="the job's name or pid, as python -m runtime list shows",
     )
     target.add_argument(
-        "--address", metavar="HOST:PORT", help="the job's control endpoint, instead of JOB"
+        "--address",
+        metavar="HOST:PORT",
+        help="the job's control endpoint, instead of JOB (default: JOB's, from the registry)",
     )
     if savepoint_dir:
         parser.add_argument(
@@ -990,19 +1051,12 @@ def _checkpoints(args: Any) -> int:
     if not base.exists():
         _error(f"{args.dir} does not exist")
         return EXIT_USAGE
-    graph = None
+    graph: JobGraph | None = None
     if args.against:
-        try:
-            graph = build_graph(
-                load_job_file(args.against),
-                dict(args.params),
-                args.parallelism,
-                args.max_parallelism,
-                name=_job_name(args.against),
-            )
-        except (JobFileError, JobDefinitionError) as exc:
-            _error(str(exc))
-            return EXIT_USAGE
+        built = _job_file_graph(args.against, args)
+        if isinstance(built, int):
+            return built
+        graph = built
     folders = sorted(set(find_snapshot_folders(base)) | set(list_checkpoint_folders(base)))
     if not folders:
         print(f"no checkpoints or savepoints under {base}")
@@ -1031,11 +1085,45 @@ def _checkpoints(args: Any) -> int:
     return EXIT_OK
 
 
+def _job_file_graph(file: str, args: Any) -> JobGraph | int:
+    """The graph of job ``file`` with the ``--set``, ``-p`` and ``--max-parallelism`` of
+    ``args``, or the exit code after its error line (2 for a bad job file or job definition)."""
+    try:
+        return build_graph(
+            load_job_file(file),
+            dict(args.params),
+            args.parallelism,
+            args.max_parallelism,
+            name=_job_name(file),
+        )
+    except JobFileError as exc:
+        _error(str(exc))
+    except JobDefinitionError as exc:
+        _error(f"invalid job {file}: {exc}")
+    except Exception:
+        sys.stderr.write(traceback.format_exc())
+        _error(f"build(job) in {file} raised; see the traceback above")
+        return EXIT_FAILED
+    return EXIT_USAGE
+
+
+def _info(args: Any) -> int:
+    graph = _job_file_graph(args.file, args)
+    if isinstance(graph, int):
+        return graph
+    print(describe_job_graph(graph))
+    return EXIT_OK
+
+
 def _report_failure(exc: JobFailedError) -> None:
     cause = exc.cause
     if isinstance(cause, TaskManagerLostError):
         # Infrastructure, not code: the line says which TaskManager and how it ended.
         _error(f"job failed: {exc}")
+        return
+    infrastructure = infrastructure_cause(cause)
+    if infrastructure is not None:
+        _error(str(infrastructure))
         return
     user_exc = cause.cause if isinstance(cause, UserFunctionError) else cause.__cause__ or cause
     if isinstance(user_exc, RemoteFailureCause):
