@@ -23,6 +23,16 @@ from runtime.api.functions import (
     RichFunction,
     RuntimeContext,
 )
+from runtime.api.joins import (
+    CoGroupedStreams,
+    CoGroupFunction,
+    IntervalJoin,
+    IntervalJoinContext,
+    IntervalJoined,
+    JoinFunction,
+    ProcessJoinFunction,
+    WindowedJoin,
+)
 from runtime.api.sinks import PrintSink, Sink, SinkWriter
 from runtime.api.sources import Source, SourceReader
 from runtime.api.streams import (
@@ -78,6 +88,8 @@ __all__ = [
     "CheckpointConfig",
     "CheckpointFailureAlert",
     "CheckpointFailureThreshold",
+    "CoGroupFunction",
+    "CoGroupedStreams",
     "Collector",
     "ConnectedStreams",
     "ContinuousEventTimeTrigger",
@@ -90,11 +102,15 @@ __all__ = [
     "FlatMapFunction",
     "GlobalWindow",
     "GlobalWindows",
+    "IntervalJoin",
+    "IntervalJoinContext",
+    "IntervalJoined",
     "Job",
     "JobDefinitionError",
     "JobFailedError",
     "JobParameters",
     "JobResult",
+    "JoinFunction",
     "KeyedCoProcessFunction",
     "KeyedProcessContext",
     "KeyedProcessFunction",
@@ -106,6 +122,7 @@ __all__ = [
     "ProcessAllWindowFunction",
     "ProcessContext",
     "ProcessFunction",
+    "ProcessJoinFunction",
     "ProcessWindowFunction",
     "ProcessingTimeSessionWindows",
     "ProcessingTimeTrigger",
@@ -133,6 +150,7 @@ __all__ = [
     "WatermarkStrategy",
     "WindowAssigner",
     "WindowContext",
+    "WindowedJoin",
     "WindowedStream",
     "load_job_file",
     "run_job",

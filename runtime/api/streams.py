@@ -44,6 +44,7 @@ from runtime.config import DEFAULT_PARALLELISM
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
 
 if TYPE_CHECKING:
+    from runtime.api.joins import CoGroupedStreams, IntervalJoin
     from runtime.api.windows import AllWindowedStream, WindowAssigner, WindowedStream
 
 VIRTUAL_KINDS = ("partition", "union", "side_output")
@@ -365,6 +366,21 @@ class DataStream:
             raise JobDefinitionError(msg)
         return ConnectedStreams(self, other)
 
+    def join(self, other: DataStream) -> CoGroupedStreams:
+        """A window join: ``a.join(b).where(key_a).equal_to(key_b).window(assigner).apply(fn)``
+        joins every pair of records with equal keys in the same window (see
+        ``runtime.api.joins``)."""
+        from runtime.api.joins import CoGroupedStreams
+
+        return CoGroupedStreams(self, other, "join")
+
+    def co_group(self, other: DataStream) -> CoGroupedStreams:
+        """A window co-group: like :meth:`join`, but ``apply(fn(firsts, seconds, out))`` gets
+        all of a key's records of a window from both inputs at once."""
+        from runtime.api.joins import CoGroupedStreams
+
+        return CoGroupedStreams(self, other, "co_group")
+
     def window_all(self, assigner: WindowAssigner) -> AllWindowedStream:
         """Group the whole (non-keyed) stream into windows of ``assigner``, evaluated by one
         subtask (parallelism 1): an ``AllWindowedStream``."""
@@ -453,6 +469,22 @@ class KeyedStream(DataStream):
 
         _require_sync("reduce()", fn)
         return self._operator(KeyedReduceOperator, "Reduce", fn, name, self.key_selector)
+
+    def interval_join(self, other: KeyedStream) -> IntervalJoin:
+        """An interval join on event time with another keyed stream:
+        ``left.interval_join(right).between(lower, upper).process(ProcessJoinFunction)``."""
+        from runtime.api.joins import IntervalJoin
+
+        if not isinstance(other, KeyedStream):
+            msg = (
+                "interval_join() needs a keyed stream to join with: call key_by() on it, got "
+                f"{type(other).__name__}"
+            )
+            raise JobDefinitionError(msg)
+        if other.job is not self.job:
+            msg = "interval_join() of streams from different jobs"
+            raise JobDefinitionError(msg)
+        return IntervalJoin(self, other)
 
     def window(self, assigner: WindowAssigner) -> WindowedStream:
         """Group each key's records into the windows of ``assigner`` (``runtime.windows``):
