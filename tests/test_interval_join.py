@@ -13,7 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from loop_helpers import ControlledSource, operator_metric, running_job, take_checkpoint, wait_until
+from loop_helpers import (
+    ControlledSource,
+    ended_source,
+    operator_metric,
+    running_job,
+    take_checkpoint,
+    wait_until,
+)
 
 from connectors import CollectSink
 from runtime import (
@@ -116,13 +123,6 @@ def join_job(
 
 LEFT_LATE = OutputTag("left-late")
 RIGHT_LATE = OutputTag("right-late")
-
-
-def ended_source(name: str, events: list[Event]) -> ControlledSource:
-    source = ControlledSource(name)
-    source.push(*events)
-    source.end()
-    return source
 
 
 BOUNDS_CASES: dict[str, tuple[Callable[[Any], Any], tuple[int, int, bool, bool]]] = {
