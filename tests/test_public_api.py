@@ -13,6 +13,9 @@ PUBLIC = {
     "runtime": {
         "AggregateFunction",
         "AllWindowedStream",
+        "AsyncSink",
+        "AsyncSinkWriteError",
+        "AsyncSinkWriter",
         "BoundedOutOfOrdernessWatermarks",
         "CheckpointConfig",
         "CheckpointFailureAlert",

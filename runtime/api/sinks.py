@@ -59,6 +59,11 @@ class Sink:
     def create_writer(self, context: RuntimeContext) -> SinkWriter:
         raise NotImplementedError
 
+    def create_operator(self, name: str, uid: str) -> StreamOperator:
+        """The operator that runs this sink in each subtask: the :class:`SinkOperator` around
+        ``create_writer``'s writers, unless a kind of sink needs its own (``AsyncSink``)."""
+        return SinkOperator(name, uid, self)
+
 
 class SinkOperator(StreamOperator):
     def __init__(self, name: str, uid: str, sink: Sink) -> None:

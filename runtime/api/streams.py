@@ -432,14 +432,12 @@ class DataStream:
         return DataStream(self.job, t)
 
     def sink_to(self, sink: Sink, name: str | None = None) -> DataStream:
-        from runtime.api.sinks import SinkOperator
-
         if not isinstance(sink, Sink):
             msg = f"sink_to() needs a runtime.Sink, got {type(sink).__name__}"
             raise JobDefinitionError(msg)
 
         def factory(op_name: str, uid: str) -> Any:
-            return SinkOperator(op_name, uid, sink)
+            return sink.create_operator(op_name, uid)
 
         t = self.job._add(
             "sink", name or f"Sink: {sink.name()}", [self.transformation], operator_factory=factory
