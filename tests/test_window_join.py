@@ -19,6 +19,7 @@ from loop_helpers import (
     take_checkpoint,
     wait_until,
 )
+from test_windows import sliding, tumbling
 
 from connectors import CollectSink
 from runtime import (
@@ -58,18 +59,6 @@ RIGHTS = make_events(200, keys=4, seed=22, prefix="b")
 def as_right(event: Event) -> dict[str, Any]:
     """The second input is of another shape, with its key under another name."""
     return {"id": event[2], "ts": event[1], "user": event[0]}
-
-
-def tumbling(size: int) -> Callable[[int], list[Window]]:
-    return lambda ts: [(ts - ts % size, ts - ts % size + size)]
-
-
-def sliding(size: int, slide: int) -> Callable[[int], list[Window]]:
-    def assign(ts: int) -> list[Window]:
-        last = ts - ts % slide
-        return [(s, s + size) for s in range(last, ts - size, -slide)]
-
-    return assign
 
 
 def sessions(events: list[tuple[str, int, int, str]], gap: int) -> dict[Any, list[Any]]:

@@ -29,7 +29,7 @@ from typing import Any
 from actors.operator import StreamOperator
 from runtime.api.durations import duration_ms
 from runtime.api.functions import RuntimeContext
-from runtime.api.sinks import Sink
+from runtime.api.sinks import Sink, sink_runtime_context
 from state.snapshot import OperatorSnapshot, RestoredState
 
 
@@ -121,17 +121,8 @@ class AsyncSinkOperator(StreamOperator):
         self.batches_written = 0
 
     async def initialize_state(self, restored: RestoredState | None) -> None:
-        ctx = self.context
-        runtime_ctx = RuntimeContext(
-            ctx.operator_name,
-            ctx.subtask_index,
-            ctx.parallelism,
-            ctx.params,
-            checkpoint_interval_s=ctx.checkpoint_interval_s,
-            restore=ctx.restore,
-        )
         try:
-            writer = self.sink.writer_factory(runtime_ctx)
+            writer = self.sink.writer_factory(sink_runtime_context(self.context, None))
         except Exception as exc:
             raise self.user_error(exc) from exc
         if not isinstance(writer, AsyncSinkWriter):

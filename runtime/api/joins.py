@@ -292,10 +292,10 @@ class IntervalJoined:
     ) -> DataStream:
         """Call ``fn.process_element(left, right, ctx, out)`` for every joined pair."""
         from runtime.api.streams import (
-            DataStream,
             JobDefinitionError,
             _function_name,
             _require_sync,
+            keyed_two_input,
         )
 
         if not isinstance(fn, ProcessJoinFunction):
@@ -313,16 +313,7 @@ class IntervalJoined:
         def factory(op_name: str, uid: str) -> Any:
             return IntervalJoinOperator(op_name, uid, fn, keys[0], keys[1], lower, upper, late_tags)
 
-        job = left.job
-        t = job._add(
-            "operator",
-            label,
-            [left.transformation, right.transformation],
-            operator_factory=factory,
-            key_selector=keys[0],
-            two_input=True,
-        )
-        return DataStream(job, t)
+        return keyed_two_input(left, right, label, factory)
 
 
 # ------------------------------------------------------------------------------ window join

@@ -626,13 +626,21 @@ class ConnectedStreams:
         def factory(op_name: str, uid: str) -> Any:
             return KeyedCoProcessOperator(op_name, uid, fn, keys[0], keys[1])
 
-        job = first.job
-        t = job._add(
-            "operator",
-            label,
-            [first.transformation, second.transformation],
-            operator_factory=factory,
-            key_selector=keys[0],
-            two_input=True,
-        )
-        return DataStream(job, t)
+        return keyed_two_input(first, second, label, factory)
+
+
+def keyed_two_input(
+    first: KeyedStream, second: KeyedStream, label: str, factory: Callable[[str, str], Any]
+) -> DataStream:
+    """The stream of a two-input operator (``factory``) on two keyed streams: input 1 is
+    ``first``, input 2 ``second``; both are partitioned by the operator's key groups."""
+    job = first.job
+    t = job._add(
+        "operator",
+        label,
+        [first.transformation, second.transformation],
+        operator_factory=factory,
+        key_selector=first.key_selector,
+        two_input=True,
+    )
+    return DataStream(job, t)
