@@ -93,6 +93,7 @@ def join_job(
     sink: CollectSink,
     describe: Callable[[Any], Any],
     late_sinks: tuple[CollectSink, CollectSink] | None = None,
+    function: ProcessJoinFunction[Any, Any, Any] | None = None,
 ) -> Callable[[Any], None]:
     """A job joining ``left_source`` and ``right_source`` (each one subtask, timestamps from
     the events, watermarks ``BOUND`` behind) with the interval join ``describe`` sets up on
@@ -112,7 +113,7 @@ def join_job(
         joined = describe(
             side(job, left_source, "left").interval_join(side(job, right_source, "right"))
         )
-        result = joined.process(Pairs()).uid("join")
+        result = joined.process(function or Pairs()).uid("join")
         result.sink_to(sink).uid("sink")
         if late_sinks is not None:
             result.get_side_output(LEFT_LATE).sink_to(late_sinks[0]).uid("left-late")
@@ -163,15 +164,15 @@ def test_interval_join_equals_the_reference(case: str, parallelism: int) -> None
 
 
 def buffered(master: JobMaster) -> int:
-    """Records in the join's left and right buffers (keyed state), over its subtasks."""
+    """Records in the join's left and right buffers (its keyed state), over its subtasks."""
     total = 0
     for task in master.tasks:
         for op in task.operators:
-            if isinstance(op, IntervalJoinOperator):
-                for buffer in op._buffers:
-                    total += sum(
-                        len(v) for per_key in buffer._values.values() for v in per_key.values()
-                    )
+            if isinstance(op, IntervalJoinOperator) and op.keyed_backend is not None:
+                state = op.keyed_backend.snapshot()
+                for name in ("left-buffer", "right-buffer"):
+                    for per_key in state.get(name, {"values": []})["values"]:
+                        total += sum(len(records) for records in per_key.values())
     return total
 
 
@@ -320,3 +321,34 @@ def test_input_without_timestamps_fails_saying_what_to_add() -> None:
 
     with pytest.raises(JobFailedError, match="assign_timestamps_and_watermarks"):
         run_job(build)
+
+
+def test_an_async_join_function_is_refused_and_an_awaitable_result_fails_the_task() -> None:
+    class Awaiting(ProcessJoinFunction[Event, Event, Any]):
+        async def process_element(  # type: ignore[override]
+            self, left: Event, right: Event, ctx: IntervalJoinContext, out: Collector[Any]
+        ) -> None:
+            out.collect((left, right))
+
+    async def later() -> None:
+        pass
+
+    class ReturnsCoroutine(ProcessJoinFunction[Event, Event, Any]):
+        def process_element(
+            self, left: Event, right: Event, ctx: IntervalJoinContext, out: Collector[Any]
+        ) -> Any:
+            return later()
+
+    def build_with(fn: Any) -> Callable[[Any], None]:
+        return join_job(
+            ended_source("l", [("k", 1, "l")]),
+            ended_source("r", [("k", 1, "r")]),
+            CollectSink(),
+            lambda j: j.between(0, 0),
+            function=fn,
+        )
+
+    with pytest.raises(JobDefinitionError, match="async function"):
+        run_job(build_with(Awaiting()))
+    with pytest.raises(JobFailedError, match="returned a coroutine"):
+        run_job(build_with(ReturnsCoroutine()))

@@ -29,7 +29,13 @@ from actors.events import Watermark
 from actors.operator import UserFunctionError
 from actors.timers import TimerService
 from runtime.api.durations import duration_ms
-from runtime.api.functions import Collector, OutputTag, RichFunction, _SideOutputContext
+from runtime.api.functions import (
+    Collector,
+    OutputTag,
+    RichFunction,
+    _SideOutputContext,
+    is_async_result,
+)
 from runtime.api.operators import _ProcessFunctionOperator
 from runtime.api.windows import ProcessWindowFunction, WindowContext
 from state.keyed import MapStateDescriptor
@@ -37,7 +43,7 @@ from state.serde import SNAPSHOT_SCALAR_TYPES, check_state_value
 
 if TYPE_CHECKING:
     from runtime.api.streams import DataStream, KeyedStream
-    from runtime.api.windows import Trigger, WindowAssigner
+    from runtime.api.windows import Trigger, WindowAssigner, WindowedStream
 
 IN1 = TypeVar("IN1")
 IN2 = TypeVar("IN2")
@@ -201,8 +207,6 @@ class IntervalJoinOperator(_ProcessFunctionOperator):
                 await self.emit_side(tag.name, late_values, late_timestamps)
 
     def _check_returned(self, returned: Any, record: Any) -> None:
-        from runtime.api.functions import is_async_result
-
         if is_async_result(returned):
             raise self._returned_awaitable(self.function.process_element, returned, record)
 
@@ -444,23 +448,34 @@ class WindowedJoin:
         keys: tuple[Callable[[Any], Any], Callable[[Any], Any]],
         assigner: WindowAssigner,
     ) -> None:
-        from runtime.api.windows import WindowedStream
-
         self._streams = streams
-        first = streams._first.map(_Tag(0), name=f"{streams._kind.title()}: tag first input")
-        second = streams._second.map(_Tag(1), name=f"{streams._kind.title()}: tag second input")
-        keyed = first.union(second).key_by(_TaggedKey(*keys))
-        self._windowed = WindowedStream(keyed, assigner)
+        self._keys = keys
+        self._assigner = assigner
+        self._trigger: Trigger | None = None
+        self._allowed_lateness: int | str = 0
 
     def trigger(self, trigger: Trigger) -> WindowedJoin:
         """Replace the assigner's default trigger."""
-        self._windowed.trigger(trigger)
+        self._trigger = trigger
         return self
 
     def allowed_lateness(self, lateness: int | str) -> WindowedJoin:
         """Keep windows this long after their end; a late record fires the window again."""
-        self._windowed.allowed_lateness(lateness)
+        self._allowed_lateness = lateness
         return self
+
+    def _windowed(self) -> WindowedStream:
+        """The tagged union of both inputs, keyed and windowed (only made by ``apply``, so that
+        a join never applied leaves nothing in the job)."""
+        from runtime.api.windows import WindowedStream
+
+        streams = self._streams
+        label = streams._kind.title().replace("_", "")
+        first = streams._first.map(_Tag(0), name=f"{label}: tag first input")
+        second = streams._second.map(_Tag(1), name=f"{label}: tag second input")
+        keyed = first.union(second).key_by(_TaggedKey(*self._keys))
+        windowed = WindowedStream(keyed, self._assigner).allowed_lateness(self._allowed_lateness)
+        return windowed if self._trigger is None else windowed.trigger(self._trigger)
 
     def apply(self, fn: Any, name: str | None = None) -> DataStream:
         """Evaluate each window and key. A join takes a :class:`JoinFunction` or a function of
@@ -485,5 +500,6 @@ class WindowedJoin:
             _PairwiseJoin(target) if kind == "join" else target
         )
         fn_name = _function_name(fn)
-        label = name or (f"Window{kind.title()}({fn_name})" if fn_name else f"Window{kind.title()}")
-        return self._windowed.process(_CoGroupWindowFunction(co_group), name=label)
+        kind_label = kind.title().replace("_", "")
+        label = name or (f"Window{kind_label}({fn_name})" if fn_name else f"Window{kind_label}")
+        return self._windowed().process(_CoGroupWindowFunction(co_group), name=label)
