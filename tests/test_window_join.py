@@ -260,3 +260,50 @@ def test_join_definition_errors_name_what_to_change() -> None:
 
     with pytest.raises(JobDefinitionError, match="async function"):
         run_job(build_with(joined))
+
+
+@pytest.mark.asyncio
+async def test_a_late_record_within_the_allowed_lateness_fires_the_window_join_again() -> None:
+    """As for windows: the window fires at its end, and again with every pair for a record
+    that comes later but within the allowed lateness; a record later than that is dropped."""
+    lefts, rights = ControlledSource("a"), ControlledSource("b")
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        first, second = two_inputs(job, lefts, rights)
+        (
+            first.join(second)
+            .where(lambda e: e[0])
+            .equal_to(lambda e: e["user"])
+            .window(TumblingEventTimeWindows.of(100))
+            .allowed_lateness(300)
+            .apply(Pair())
+            .uid("window-join")
+            .sink_to(sink)
+        )
+
+    async with running_job(build) as (master, job):
+        lefts.push(("k", 10, "a10"), ("k", 250, "a250"))
+        rights.push((("k", 20, "b20")), (("k", 250, "b250")))
+        # The watermark (250 - BOUND - 1) passed the window [0, 100): it fired once.
+        await wait_until(lambda: sink.results == [("a10", "b20")], "the window fired", job)
+        rights.push(("k", 30, "b30"))  # late, within the lateness
+        await wait_until(lambda: len(sink.results) == 3, "the window fired again", job)
+        lefts.push(("k", 900, "a900"))
+        rights.push(("k", 900, "b900"))
+        await wait_until(
+            lambda: operator_metric(master, "window-join", "watermark") == 900 - BOUND - 1,
+            "the watermark past the lateness",
+            job,
+        )
+        rights.push(("k", 40, "b40"))  # later than the lateness: dropped
+        await wait_until(
+            lambda: operator_metric(master, "window-join", "late_records_dropped") == 1,
+            "the late record dropped",
+            job,
+        )
+        lefts.end()
+        rights.end()
+        await job
+    assert sorted(sink.results[1:3]) == [("a10", "b20"), ("a10", "b30")]
+    assert sorted(sink.results[3:]) == [("a250", "b250"), ("a900", "b900")]
