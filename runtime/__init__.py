@@ -7,6 +7,7 @@ build function from Python with :func:`run_job`.
 # First: refuses (one clear line) a module of the user's that would shadow the runtime's packages.
 import runtime.plan.shadowing  # noqa: F401
 from actors.operator import NewerOutputPolicy
+from runtime.api.async_sink import AsyncSink, AsyncSinkWriteError, AsyncSinkWriter
 from runtime.api.functions import (
     AggregateFunction,
     Collector,
@@ -22,6 +23,16 @@ from runtime.api.functions import (
     ReduceFunction,
     RichFunction,
     RuntimeContext,
+)
+from runtime.api.joins import (
+    CoGroupedStreams,
+    CoGroupFunction,
+    IntervalJoin,
+    IntervalJoinContext,
+    IntervalJoined,
+    JoinFunction,
+    ProcessJoinFunction,
+    WindowedJoin,
 )
 from runtime.api.sinks import PrintSink, Sink, SinkWriter
 from runtime.api.sources import Source, SourceReader
@@ -74,10 +85,15 @@ from state.keyed import StateTtlConfig, StateVisibility, TtlUpdateType
 __all__ = [
     "AggregateFunction",
     "AllWindowedStream",
+    "AsyncSink",
+    "AsyncSinkWriteError",
+    "AsyncSinkWriter",
     "BoundedOutOfOrdernessWatermarks",
     "CheckpointConfig",
     "CheckpointFailureAlert",
     "CheckpointFailureThreshold",
+    "CoGroupFunction",
+    "CoGroupedStreams",
     "Collector",
     "ConnectedStreams",
     "ContinuousEventTimeTrigger",
@@ -90,11 +106,15 @@ __all__ = [
     "FlatMapFunction",
     "GlobalWindow",
     "GlobalWindows",
+    "IntervalJoin",
+    "IntervalJoinContext",
+    "IntervalJoined",
     "Job",
     "JobDefinitionError",
     "JobFailedError",
     "JobParameters",
     "JobResult",
+    "JoinFunction",
     "KeyedCoProcessFunction",
     "KeyedProcessContext",
     "KeyedProcessFunction",
@@ -106,6 +126,7 @@ __all__ = [
     "ProcessAllWindowFunction",
     "ProcessContext",
     "ProcessFunction",
+    "ProcessJoinFunction",
     "ProcessWindowFunction",
     "ProcessingTimeSessionWindows",
     "ProcessingTimeTrigger",
@@ -133,6 +154,7 @@ __all__ = [
     "WatermarkStrategy",
     "WindowAssigner",
     "WindowContext",
+    "WindowedJoin",
     "WindowedStream",
     "load_job_file",
     "run_job",

@@ -27,6 +27,7 @@ from runtime.api.functions import (
     ProcessContext,
     RichFunction,
     RuntimeContext,
+    _SideOutputContext,
     close_async_results,
     is_async_result,
 )
@@ -395,7 +396,7 @@ class _ProcessFunctionOperator(UserFunctionOperator):
     """What the operators of process functions share: the collector and the context's side
     outputs, emitted once per buffer (or per batch of timers)."""
 
-    _ctx: KeyedProcessContext[Any] | ProcessContext
+    _ctx: _SideOutputContext
     _out: Collector[Any]
 
     async def _emit_collected(self, method: Callable[..., Any]) -> None:

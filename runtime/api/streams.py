@@ -44,6 +44,7 @@ from runtime.config import DEFAULT_PARALLELISM
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
 
 if TYPE_CHECKING:
+    from runtime.api.joins import CoGroupedStreams, IntervalJoin
     from runtime.api.windows import AllWindowedStream, WindowAssigner, WindowedStream
 
 VIRTUAL_KINDS = ("partition", "union", "side_output")
@@ -365,6 +366,21 @@ class DataStream:
             raise JobDefinitionError(msg)
         return ConnectedStreams(self, other)
 
+    def join(self, other: DataStream) -> CoGroupedStreams:
+        """A window join: ``a.join(b).where(key_a).equal_to(key_b).window(assigner).apply(fn)``
+        joins every pair of records with equal keys in the same window (see
+        ``runtime.api.joins``)."""
+        from runtime.api.joins import CoGroupedStreams
+
+        return CoGroupedStreams(self, other, "join")
+
+    def co_group(self, other: DataStream) -> CoGroupedStreams:
+        """A window co-group: like :meth:`join`, but ``apply(fn(firsts, seconds, out))`` gets
+        all of a key's records of a window from both inputs at once."""
+        from runtime.api.joins import CoGroupedStreams
+
+        return CoGroupedStreams(self, other, "co_group")
+
     def window_all(self, assigner: WindowAssigner) -> AllWindowedStream:
         """Group the whole (non-keyed) stream into windows of ``assigner``, evaluated by one
         subtask (parallelism 1): an ``AllWindowedStream``."""
@@ -416,14 +432,12 @@ class DataStream:
         return DataStream(self.job, t)
 
     def sink_to(self, sink: Sink, name: str | None = None) -> DataStream:
-        from runtime.api.sinks import SinkOperator
-
         if not isinstance(sink, Sink):
             msg = f"sink_to() needs a runtime.Sink, got {type(sink).__name__}"
             raise JobDefinitionError(msg)
 
         def factory(op_name: str, uid: str) -> Any:
-            return SinkOperator(op_name, uid, sink)
+            return sink.create_operator(op_name, uid)
 
         t = self.job._add(
             "sink", name or f"Sink: {sink.name()}", [self.transformation], operator_factory=factory
@@ -453,6 +467,22 @@ class KeyedStream(DataStream):
 
         _require_sync("reduce()", fn)
         return self._operator(KeyedReduceOperator, "Reduce", fn, name, self.key_selector)
+
+    def interval_join(self, other: KeyedStream) -> IntervalJoin:
+        """An interval join on event time with another keyed stream:
+        ``left.interval_join(right).between(lower, upper).process(ProcessJoinFunction)``."""
+        from runtime.api.joins import IntervalJoin
+
+        if not isinstance(other, KeyedStream):
+            msg = (
+                "interval_join() needs a keyed stream to join with: call key_by() on it, got "
+                f"{type(other).__name__}"
+            )
+            raise JobDefinitionError(msg)
+        if other.job is not self.job:
+            msg = "interval_join() of streams from different jobs"
+            raise JobDefinitionError(msg)
+        return IntervalJoin(self, other)
 
     def window(self, assigner: WindowAssigner) -> WindowedStream:
         """Group each key's records into the windows of ``assigner`` (``runtime.windows``):
@@ -596,13 +626,21 @@ class ConnectedStreams:
         def factory(op_name: str, uid: str) -> Any:
             return KeyedCoProcessOperator(op_name, uid, fn, keys[0], keys[1])
 
-        job = first.job
-        t = job._add(
-            "operator",
-            label,
-            [first.transformation, second.transformation],
-            operator_factory=factory,
-            key_selector=keys[0],
-            two_input=True,
-        )
-        return DataStream(job, t)
+        return keyed_two_input(first, second, label, factory)
+
+
+def keyed_two_input(
+    first: KeyedStream, second: KeyedStream, label: str, factory: Callable[[str, str], Any]
+) -> DataStream:
+    """The stream of a two-input operator (``factory``) on two keyed streams: input 1 is
+    ``first``, input 2 ``second``; both are partitioned by the operator's key groups."""
+    job = first.job
+    t = job._add(
+        "operator",
+        label,
+        [first.transformation, second.transformation],
+        operator_factory=factory,
+        key_selector=first.key_selector,
+        two_input=True,
+    )
+    return DataStream(job, t)
