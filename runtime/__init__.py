@@ -7,6 +7,17 @@ build function from Python with :func:`run_job`.
 # First: refuses (one clear line) a module of the user's that would shadow the runtime's packages.
 import runtime.plan.shadowing  # noqa: F401
 from actors.operator import NewerOutputPolicy
+from runtime.api.broadcast import (
+    BroadcastConnectedStream,
+    BroadcastContext,
+    BroadcastProcessFunction,
+    BroadcastReadOnlyContext,
+    BroadcastStream,
+    KeyedBroadcastContext,
+    KeyedBroadcastProcessFunction,
+    KeyedBroadcastReadOnlyContext,
+)
+from runtime.api.connected import CoFlatMapFunction, CoMapFunction, CoProcessFunction
 from runtime.api.functions import (
     AggregateFunction,
     Collector,
@@ -75,9 +86,17 @@ __all__ = [
     "AggregateFunction",
     "AllWindowedStream",
     "BoundedOutOfOrdernessWatermarks",
+    "BroadcastConnectedStream",
+    "BroadcastContext",
+    "BroadcastProcessFunction",
+    "BroadcastReadOnlyContext",
+    "BroadcastStream",
     "CheckpointConfig",
     "CheckpointFailureAlert",
     "CheckpointFailureThreshold",
+    "CoFlatMapFunction",
+    "CoMapFunction",
+    "CoProcessFunction",
     "Collector",
     "ConnectedStreams",
     "ContinuousEventTimeTrigger",
@@ -95,6 +114,9 @@ __all__ = [
     "JobFailedError",
     "JobParameters",
     "JobResult",
+    "KeyedBroadcastContext",
+    "KeyedBroadcastProcessFunction",
+    "KeyedBroadcastReadOnlyContext",
     "KeyedCoProcessFunction",
     "KeyedProcessContext",
     "KeyedProcessFunction",
