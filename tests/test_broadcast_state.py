@@ -15,7 +15,11 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import kafka_fixtures
+import orjson
 import pytest
+from cli_helpers import ROOT, run_cli
+from kafka_fixtures import create_topics, load_sample_events, produce, unique_name
 from loop_helpers import (
     ControlledSource,
     operator_metric,
@@ -24,7 +28,7 @@ from loop_helpers import (
     wait_until,
 )
 
-from connectors import CollectionSource, CollectSink
+from connectors import CollectionSource, CollectSink, committed_files
 from runtime import (
     BroadcastContext,
     BroadcastProcessFunction,
@@ -46,6 +50,8 @@ from runtime.plan.restore import RestoreReport
 from runtime.shell.runner import build_graph
 from state import MapStateDescriptor, ReadOnlyStateError, StateTtlConfig, ValueStateDescriptor
 from state.storage import CheckpointStorage, load_checkpoint
+
+kafka_bootstrap = kafka_fixtures.kafka_bootstrap
 
 RULES = MapStateDescriptor[str, int]("rules")
 COUNT = ValueStateDescriptor[int]("count")
@@ -410,3 +416,84 @@ def test_a_keyed_broadcast_function_needs_a_keyed_stream() -> None:
 
     with pytest.raises(JobDefinitionError, match="call key_by\\(\\) before connect\\(\\)"):
         build_graph(build, {}, 1)
+
+
+# --------------------------------------------------------------------------- the example
+
+EXAMPLE = ROOT / "examples" / "enrichment_broadcast.py"
+EVENTS = ROOT / "examples" / "data" / "events.jsonl"
+REFERENCE = ROOT / "examples" / "data" / "user_segments.jsonl"
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def expected_enrichment() -> list[bytes]:
+    """Every bundled event with its user's segment and country, in plain Python."""
+    profiles = {
+        r["user"]: {"segment": r["segment"], "country": r["country"]} for r in json_lines(REFERENCE)
+    }
+    return sorted(orjson.dumps({**e, **profiles[e["user"]]}) for e in json_lines(EVENTS))
+
+
+def committed_enrichment(out: Path) -> list[bytes]:
+    return sorted(
+        orjson.dumps(orjson.loads(line))
+        for path in committed_files(out)
+        for line in path.read_bytes().splitlines()
+        if line.strip()
+    )
+
+
+def test_the_enrichment_example_runs_on_files_without_kafka(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli("run", str(EXAMPLE), "-p", "2", "--set", f"output={out}")
+    assert result.returncode == 0, result.stderr
+    assert len(expected_enrichment()) == 3000
+    assert committed_enrichment(out) == expected_enrichment()
+
+
+@pytest.mark.slow
+def test_the_enrichment_example_enriches_a_kafka_topic_from_a_file_and_a_topic(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Events from a topic of 4 partitions; the reference rows of the first 30 users from a file,
+    those of the other 10 from a reference topic: every event enriched once (exactly-once file
+    sink), also those that came before their user's row."""
+    events_topic, reference_topic = unique_name("bc-events"), unique_name("bc-reference")
+    load_sample_events(kafka_bootstrap, events_topic)
+    rows = json_lines(REFERENCE)
+    reference_file = tmp_path / "reference.jsonl"
+    reference_file.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows[:30]))
+    asyncio.run(create_topics(kafka_bootstrap, reference_topic))
+    asyncio.run(
+        produce(
+            kafka_bootstrap,
+            reference_topic,
+            [{"key": r["user"].encode(), "value": orjson.dumps(r)} for r in rows[30:]],
+        )
+    )
+    out = tmp_path / "out"
+    result = run_cli(
+        "run",
+        str(EXAMPLE),
+        "-p",
+        "2",
+        "--set",
+        f"bootstrap={kafka_bootstrap}",
+        "--set",
+        f"input_topic={events_topic}",
+        "--set",
+        f"reference_topic={reference_topic}",
+        "--set",
+        f"reference={reference_file}",
+        "--set",
+        "bounded=true",
+        "--set",
+        f"output={out}",
+        "--checkpoint-interval",
+        "100ms",
+    )
+    assert result.returncode == 0, result.stderr
+    assert committed_enrichment(out) == expected_enrichment()
