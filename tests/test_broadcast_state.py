@@ -45,11 +45,22 @@ from runtime import (
     RuntimeContext,
     WatermarkStrategy,
     run_job,
+    run_job_async,
 )
 from runtime.plan.restore import RestoreReport
 from runtime.shell.runner import build_graph
-from state import MapStateDescriptor, ReadOnlyStateError, StateTtlConfig, ValueStateDescriptor
-from state.storage import CheckpointStorage, load_checkpoint
+from state import (
+    MapStateDescriptor,
+    OperatorStateStore,
+    ReadOnlyStateError,
+    RestoreRefusedError,
+    StateSerializer,
+    StateTtlConfig,
+    ValueStateDescriptor,
+)
+from state.operator import redistribute_operator_state
+from state.serde import packb, unpackb
+from state.storage import CheckpointStorage, find_latest_valid, load_checkpoint
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
 
@@ -497,3 +508,94 @@ def test_the_enrichment_example_enriches_a_kafka_topic_from_a_file_and_a_topic(
     )
     assert result.returncode == 0, result.stderr
     assert committed_enrichment(out) == expected_enrichment()
+
+
+# --------------------------------------------------------------------------- state and restore
+
+
+def broadcast_snapshot(subtask: int) -> dict[str, Any]:
+    store = OperatorStateStore("old")
+    store.get_broadcast_state("rules").put("written by", subtask)
+    return store.snapshot()
+
+
+@pytest.mark.parametrize(("old", "new"), [(1, 3), (3, 2), (2, 5)])
+def test_new_subtask_i_restores_old_subtask_i_modulo_the_old_parallelism(
+    old: int, new: int
+) -> None:
+    """Flink's assignment: at the same or a lower parallelism each subtask reads its own copy,
+    extra subtasks read the old copies round robin (tagged here, as copies are equal in a job)."""
+    restored = redistribute_operator_state([broadcast_snapshot(i) for i in range(old)], new)
+    for index, snapshot in enumerate(restored):
+        store = OperatorStateStore("new")
+        store.restore(snapshot)
+        assert store.get_broadcast_state("rules").items() == [("written by", index % old)]
+
+
+def test_list_state_restored_under_a_broadcast_state_name_is_refused() -> None:
+    old = OperatorStateStore("old")
+    old.get_list_state("rules").add("x")
+    store = OperatorStateStore("'enrich' (subtask 1/1)")
+    store.restore(old.snapshot())
+    with pytest.raises(RestoreRefusedError, match="'rules' was restored as even-split list state"):
+        store.get_broadcast_state("rules")
+
+
+def test_a_serializer_turns_the_whole_broadcast_state_into_snapshot_data() -> None:
+    as_pairs = StateSerializer(
+        to_data=lambda entries: sorted(entries.items()),
+        from_data=lambda pairs: {key: frozenset(value) for key, value in pairs},
+    )
+    store = OperatorStateStore("old")
+    store.get_broadcast_state("tags", as_pairs).put("u1", frozenset({"a"}))
+    [snapshot] = redistribute_operator_state([unpackb(packb(store.snapshot()))], 1)
+    restored = OperatorStateStore("new")
+    restored.restore(snapshot)
+    assert restored.get_broadcast_state("tags", as_pairs).items() == [("u1", frozenset({"a"}))]
+
+
+class ListInsteadOfBroadcast(BroadcastProcessFunction[Any, Any, Any]):
+    def open(self, ctx: RuntimeContext) -> None:
+        ctx.get_list_state("rules").add("x")
+
+    def process_element(
+        self, value: Any, ctx: BroadcastReadOnlyContext, out: Collector[Any]
+    ) -> None:
+        pass
+
+    def process_broadcast_element(
+        self, value: Any, ctx: BroadcastContext, out: Collector[Any]
+    ) -> None:
+        pass
+
+
+def test_the_restore_report_refuses_list_state_under_a_declared_broadcast_state(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint whose operator kept list state ``rules`` does not restore into a job that
+    declares broadcast state ``rules`` for it: the dry run (``checkpoints --against``) says so."""
+
+    def job_with(descriptor: MapStateDescriptor[Any, Any]) -> Any:
+        def build(job: Job) -> None:
+            rules = job.from_source(CollectionSource(["r"])).broadcast(descriptor)
+            (
+                job.from_source(CollectionSource([1]))
+                .connect(rules)
+                .process(ListInsteadOfBroadcast(), name="enrich")
+                .uid("enrich")
+                .sink_to(CollectSink())
+            )
+
+        return build
+
+    storage = CheckpointStorage(tmp_path / "chk", "job")
+    asyncio.run(run_job_async(job_with(MapStateDescriptor("other")), storage=storage))
+    checkpoint = find_latest_valid(tmp_path / "chk").checkpoint
+    assert checkpoint is not None
+    graph = build_graph(job_with(RULES), {}, 1)
+    report = RestoreReport(graph, checkpoint)
+    assert report.errors == [
+        "operator 'enrich' (uid enrich) declares broadcast state 'rules', but the checkpoint "
+        "holds even-split list state of that name; give the broadcast state another name, or the "
+        "operator another uid() and pass --allow-non-restored-state to drop the old state"
+    ]
