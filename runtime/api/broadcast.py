@@ -47,19 +47,21 @@ KEY = TypeVar("KEY")
 IN1 = TypeVar("IN1")
 IN2 = TypeVar("IN2")
 OUT = TypeVar("OUT")
+S = TypeVar("S")
+"""The broadcast state a context hands out: read-write or a read-only view."""
 
 
-class _BroadcastStates:
+class _BroadcastStates(Generic[S]):
     """The broadcast states of one operator subtask by name, as one side of its function sees
-    them (read-write on the broadcast side, read-only on the other)."""
+    them (read-write on the broadcast side, read-only views on the other)."""
 
     __slots__ = ("_operator", "_states")
 
-    def __init__(self, operator: str, states: dict[str, Any]) -> None:
+    def __init__(self, operator: str, states: dict[str, S]) -> None:
         self._operator = operator
-        self._states = states
+        self._states: dict[str, S] = states
 
-    def get(self, descriptor: MapStateDescriptor[Any, Any]) -> Any:
+    def get(self, descriptor: MapStateDescriptor[Any, Any]) -> S:
         if not isinstance(descriptor, MapStateDescriptor):
             msg = (
                 f"operator {self._operator}: get_broadcast_state() needs the MapStateDescriptor "
@@ -78,62 +80,59 @@ class _BroadcastStates:
         return state
 
 
-class BroadcastReadOnlyContext(ProcessContext):
+class _BroadcastStateAccess(Generic[S]):
+    """``get_broadcast_state`` of the contexts of broadcast process functions."""
+
+    __slots__ = ()
+    _broadcast: _BroadcastStates[S]
+
+    def get_broadcast_state(self, descriptor: MapStateDescriptor[Any, Any]) -> S:
+        """The broadcast state of ``descriptor`` (one of those given to ``broadcast()``): a
+        read-only view, whose writes raise, except in ``process_broadcast_element``."""
+        return self._broadcast.get(descriptor)
+
+
+class _NonKeyedBroadcastContext(_BroadcastStateAccess[S], ProcessContext):
+    __slots__ = ("_broadcast",)
+
+    def __init__(self, time_service: NonKeyedTimerService, states: _BroadcastStates[S]) -> None:
+        super().__init__(time_service)
+        self._broadcast = states
+
+
+class BroadcastReadOnlyContext(_NonKeyedBroadcastContext[ReadOnlyBroadcastState]):
     """The context of :meth:`BroadcastProcessFunction.process_element`: a
     :class:`~runtime.api.functions.ProcessContext` (timestamp, side outputs, processing time and
     watermark) and a read-only view of the broadcast state."""
 
-    __slots__ = ("_broadcast",)
-
-    def __init__(self, time_service: NonKeyedTimerService, states: _BroadcastStates) -> None:
-        super().__init__(time_service)
-        self._broadcast = states
-
-    def get_broadcast_state(
-        self, descriptor: MapStateDescriptor[Any, Any]
-    ) -> ReadOnlyBroadcastState:
-        """The read-only view of the broadcast state of ``descriptor`` (one given to
-        ``broadcast()``); its writes raise."""
-        state: ReadOnlyBroadcastState = self._broadcast.get(descriptor)
-        return state
+    __slots__ = ()
 
 
-class BroadcastContext(ProcessContext):
+class BroadcastContext(_NonKeyedBroadcastContext[BroadcastState]):
     """The context of ``process_broadcast_element`` of a non-keyed
-    :class:`BroadcastProcessFunction`: the broadcast state to read and write."""
+    :class:`BroadcastProcessFunction`: the broadcast state to read and write, the record's
+    timestamp, side outputs, processing time and the watermark."""
 
-    __slots__ = ("_broadcast",)
-
-    def __init__(self, time_service: NonKeyedTimerService, states: _BroadcastStates) -> None:
-        super().__init__(time_service)
-        self._broadcast = states
-
-    def get_broadcast_state(self, descriptor: MapStateDescriptor[Any, Any]) -> BroadcastState:
-        """The broadcast state of ``descriptor`` (one given to ``broadcast()``)."""
-        state: BroadcastState = self._broadcast.get(descriptor)
-        return state
+    __slots__ = ()
 
 
-class KeyedBroadcastReadOnlyContext(KeyedProcessContext[KEY]):
+class KeyedBroadcastReadOnlyContext(
+    _BroadcastStateAccess[ReadOnlyBroadcastState], KeyedProcessContext[KEY]
+):
     """The context of :meth:`KeyedBroadcastProcessFunction.process_element` and ``on_timer``: a
     :class:`~runtime.api.functions.KeyedProcessContext` (current key, timers, timestamp, side
     outputs) and a read-only view of the broadcast state."""
 
     __slots__ = ("_broadcast",)
 
-    def __init__(self, timers: TimerService, states: _BroadcastStates) -> None:
+    def __init__(
+        self, timers: TimerService, states: _BroadcastStates[ReadOnlyBroadcastState]
+    ) -> None:
         super().__init__(timers)
         self._broadcast = states
 
-    def get_broadcast_state(
-        self, descriptor: MapStateDescriptor[Any, Any]
-    ) -> ReadOnlyBroadcastState:
-        """The read-only view of the broadcast state of ``descriptor``; its writes raise."""
-        state: ReadOnlyBroadcastState = self._broadcast.get(descriptor)
-        return state
 
-
-class KeyedBroadcastContext(_SideOutputContext):
+class KeyedBroadcastContext(_BroadcastStateAccess[BroadcastState], _SideOutputContext):
     """The context of :meth:`KeyedBroadcastProcessFunction.process_broadcast_element`: the
     broadcast state to read and write, the keyed state of every key of this subtask through
     :meth:`apply_to_keyed_state`, the record's timestamp, side outputs, processing time and the
@@ -144,18 +143,13 @@ class KeyedBroadcastContext(_SideOutputContext):
     def __init__(
         self,
         timers: TimerService,
-        states: _BroadcastStates,
+        states: _BroadcastStates[BroadcastState],
         apply: Callable[[StateDescriptor, Callable[[Any, Any], None]], None],
     ) -> None:
         super().__init__()
         self._timers = timers
         self._broadcast = states
         self._apply = apply
-
-    def get_broadcast_state(self, descriptor: MapStateDescriptor[Any, Any]) -> BroadcastState:
-        """The broadcast state of ``descriptor`` (one given to ``broadcast()``)."""
-        state: BroadcastState = self._broadcast.get(descriptor)
-        return state
 
     def apply_to_keyed_state(
         self, descriptor: StateDescriptor, function: Callable[[Any, Any], None]
@@ -214,7 +208,7 @@ class KeyedBroadcastProcessFunction(RichFunction, Generic[KEY, IN1, IN2, OUT]):
 def _declare_states(
     operator: KeyedProcessOperator | ProcessOperator,
     descriptors: tuple[MapStateDescriptor[Any, Any], ...],
-) -> tuple[_BroadcastStates, _BroadcastStates]:
+) -> tuple[_BroadcastStates[BroadcastState], _BroadcastStates[ReadOnlyBroadcastState]]:
     """The operator's broadcast states (restored ones with their entries): read-write for the
     broadcast side, read-only views for the other."""
     ctx = operator.context
