@@ -116,7 +116,7 @@ class BroadcastState(_BroadcastReads):
         self.entries.clear()
 
     def read_only(self, where: str) -> ReadOnlyBroadcastState:
-        """A view that refuses writes, naming ``where`` (the operator, subtask and method)."""
+        """A view that refuses writes, naming ``where`` (the operator and subtask)."""
         return ReadOnlyBroadcastState(self, where)
 
     def snapshot(self) -> dict[str, Any]:
@@ -147,9 +147,10 @@ class ReadOnlyBroadcastState(_BroadcastReads):
 
     def _refuse(self, what: str) -> None:
         msg = (
-            f"{self._where}: cannot {what} broadcast state {self._state.name!r}: it is read-only "
-            "here; change it in process_broadcast_element(), which every subtask runs for each "
-            "broadcast record, so that all subtasks keep the same state"
+            f"{self._where}: cannot {what} broadcast state {self._state.name!r} outside "
+            "process_broadcast_element(): this view of it is read-only; change it there, which "
+            "every subtask runs for each broadcast record, so that all subtasks keep the same "
+            "state"
         )
         raise ReadOnlyStateError(msg)
 

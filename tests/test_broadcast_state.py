@@ -188,9 +188,10 @@ def test_the_read_only_view_refuses_writes_naming_the_operator() -> None:
     with pytest.raises(JobFailedError) as failure:
         run_job(build)
     message = str(failure.value)
-    assert "operator 'enrich' (subtask 1/1), process_element()" in message
-    assert "cannot put into broadcast state 'rules': it is read-only here" in message
-    assert "process_broadcast_element()" in message
+    assert (
+        "operator 'enrich' (subtask 1/1): cannot put into broadcast state 'rules' outside "
+        "process_broadcast_element(): this view of it is read-only" in message
+    )
     cause = failure.value.__cause__
     while cause is not None and not isinstance(cause, ReadOnlyStateError):
         cause = cause.__cause__
@@ -599,3 +600,40 @@ def test_the_restore_report_refuses_list_state_under_a_declared_broadcast_state(
         "holds even-split list state of that name; give the broadcast state another name, or the "
         "operator another uid() and pass --allow-non-restored-state to drop the old state"
     ]
+
+
+class KeyedStateOnTheBroadcastSide(KeyedBroadcastProcessFunction[str, Any, Any, Any]):
+    def open(self, ctx: RuntimeContext) -> None:
+        self.count = ctx.get_state(COUNT)
+
+    def process_element(
+        self, value: Any, ctx: KeyedBroadcastReadOnlyContext[str], out: Collector[Any]
+    ) -> None:
+        self.count.update(1)
+
+    def process_broadcast_element(
+        self, value: Any, ctx: KeyedBroadcastContext, out: Collector[Any]
+    ) -> None:
+        self.count.update(2)
+
+
+def test_keyed_state_without_a_key_on_the_broadcast_side_is_refused() -> None:
+    """A broadcast record has no key: a state object used there fails clearly instead of
+    writing the entry of a made-up key."""
+
+    def build(job: Job) -> None:
+        rules = job.from_source(CollectionSource(["r"])).broadcast(RULES)
+        (
+            job.from_source(CollectionSource([("a", 1)]))
+            .key_by(lambda e: e[0])
+            .connect(rules)
+            .process(KeyedStateOnTheBroadcastSide(), name="counts")
+            .sink_to(CollectSink())
+        )
+
+    with pytest.raises(JobFailedError) as failure:
+        run_job(build)
+    message = str(failure.value)
+    assert "operator 'counts' (subtask 1/1): keyed state has no current key in " in message
+    assert "process_broadcast_element()" in message
+    assert "ctx.apply_to_keyed_state(descriptor, function)" in message

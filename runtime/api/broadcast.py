@@ -217,7 +217,7 @@ def _declare_states(
         d.name: operator.operator_state.get_broadcast_state(d.name, d.serializer)
         for d in descriptors
     }
-    views = {name: state.read_only(f"{where}, process_element()") for name, state in states.items()}
+    views = {name: state.read_only(where) for name, state in states.items()}
     return _BroadcastStates(ctx.subtask_label, states), _BroadcastStates(ctx.subtask_label, views)
 
 
@@ -279,6 +279,7 @@ class KeyedBroadcastProcessOperator(KeyedProcessOperator):
             self.timers, writable, self._apply_to_keyed_state
         )
         self._out = Collector()
+        self._no_key = _NoKeyOfBroadcastRecords(self.context.subtask_label)
         await super(KeyedProcessOperator, self).open()
 
     async def process_batch(
@@ -291,7 +292,7 @@ class KeyedBroadcastProcessOperator(KeyedProcessOperator):
             return
         assert self.keyed_backend is not None
         # A broadcast record has no key: keyed state is reachable through apply_to_keyed_state.
-        self.keyed_backend.current_key = None
+        self.keyed_backend.current_key = self._no_key
         await self._process_unkeyed(
             values, timestamps, fn.process_broadcast_element, self._broadcast_ctx
         )
@@ -309,6 +310,28 @@ class KeyedBroadcastProcessOperator(KeyedProcessOperator):
                 function(key, state)
         finally:
             backend.current_key = previous
+
+
+class _NoKeyOfBroadcastRecords:
+    """The current key of the keyed state backend while a broadcast record is processed: keyed
+    state used then (a state object kept from ``open()``) raises at its lookup of the key,
+    instead of reading or writing the entry of a made-up key."""
+
+    __slots__ = ("_operator",)
+
+    def __init__(self, operator: str) -> None:
+        self._operator = operator
+
+    def __hash__(self) -> int:
+        msg = (
+            f"operator {self._operator}: keyed state has no current key in "
+            "process_broadcast_element() (a broadcast record has no key); reach the state of "
+            "every key there with ctx.apply_to_keyed_state(descriptor, function)"
+        )
+        raise RuntimeError(msg)
+
+    def __repr__(self) -> str:
+        return "<no key: a broadcast record>"
 
 
 class BroadcastStream:
