@@ -237,3 +237,38 @@ async def test_an_idle_broadcast_input_does_not_stall_event_time() -> None:
         events.feed(0, [("a", 200)])
         await wait_until(lambda: len(sink.results) == 1, "the first timer", job)
         assert sink.results == [("timer", "a", 110, [("gold", "gold")])]
+
+
+class AsyncMap2(CoMapFunction[int, str, str]):
+    def map1(self, value: int) -> str:
+        return str(value)
+
+    async def map2(self, value: str) -> str:  # type: ignore[override]
+        return value
+
+
+class AsyncBroadcastSide(KeyedBroadcastProcessFunction[str, Any, Any, Any]):
+    async def process_broadcast_element(  # type: ignore[override]
+        self, value: Any, ctx: KeyedBroadcastContext, out: Collector[Any]
+    ) -> None:
+        pass
+
+
+def test_async_methods_of_co_and_broadcast_functions_are_refused_when_the_job_is_built() -> None:
+    def co_map(job: Job) -> None:
+        numbers, words = two_inputs(job)
+        numbers.connect(words).map(AsyncMap2())
+
+    def broadcast(job: Job) -> None:
+        numbers, words = two_inputs(job)
+        numbers.key_by(str).connect(words.broadcast(RULES)).process(AsyncBroadcastSide())
+
+    with pytest.raises(
+        JobDefinitionError, match=r"map\(\): AsyncMap2\.map2 .* is an async function"
+    ):
+        build_graph(co_map, {}, 1)
+    with pytest.raises(
+        JobDefinitionError,
+        match=r"process\(\): AsyncBroadcastSide\.process_broadcast_element .* is an async function",
+    ):
+        build_graph(broadcast, {}, 1)
