@@ -58,28 +58,30 @@ class _BroadcastReads:
     """The reads of broadcast state, shared by the state and its read-only view."""
 
     __slots__ = ()
-    entries: dict[Any, Any]
+
+    def _entries(self) -> dict[Any, Any]:
+        raise NotImplementedError
 
     def get(self, key: Any, default: Any = None) -> Any:
-        return self.entries.get(key, default)
+        return self._entries().get(key, default)
 
     def contains(self, key: Any) -> bool:
-        return key in self.entries
+        return key in self._entries()
 
     def __contains__(self, key: object) -> bool:
-        return key in self.entries
+        return key in self._entries()
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self._entries())
 
     def items(self) -> list[tuple[Any, Any]]:
-        return list(self.entries.items())
+        return list(self._entries().items())
 
     def keys(self) -> list[Any]:
-        return list(self.entries)
+        return list(self._entries())
 
     def values(self) -> list[Any]:
-        return list(self.entries.values())
+        return list(self._entries().values())
 
 
 class BroadcastState(_BroadcastReads):
@@ -97,7 +99,10 @@ class BroadcastState(_BroadcastReads):
         self.owner = owner
         """The operator and subtask, for error messages."""
         self.serializer = serializer
-        self.entries = {}
+        self.entries: dict[Any, Any] = {}
+
+    def _entries(self) -> dict[Any, Any]:
+        return self.entries
 
     def put(self, key: Any, value: Any) -> None:
         if self.serializer is None:
@@ -137,8 +142,7 @@ class ReadOnlyBroadcastState(_BroadcastReads):
         self._state = state
         self._where = where
 
-    @property
-    def entries(self) -> dict[Any, Any]:  # type: ignore[override]
+    def _entries(self) -> dict[Any, Any]:
         return self._state.entries
 
     @property
