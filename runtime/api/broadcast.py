@@ -11,7 +11,7 @@ broadcast state, read by the records of another stream.
 The broadcast input goes to every subtask (broadcast partitioning), where
 ``process_broadcast_element`` may change the broadcast state; ``process_element`` (the other
 input) and ``on_timer`` get a read-only view of it, so that every subtask changes its copy alike
-and all copies stay the same (as long as the broadcast side is deterministic: it must not depend
+and all copies stay the same (as long as those changes depend on the broadcast records only, not
 on the subtask or on keyed state). There is no order between the two inputs: a record sees the
 broadcast records that reached its subtask before it.
 
