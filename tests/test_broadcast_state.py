@@ -458,9 +458,15 @@ def committed_enrichment(out: Path) -> list[bytes]:
     )
 
 
-def test_the_enrichment_example_runs_on_files_without_kafka(tmp_path: Path) -> None:
+@pytest.mark.parametrize("taskmanagers", ["1", "2"])
+def test_the_enrichment_example_runs_on_files_without_kafka(
+    tmp_path: Path, taskmanagers: str
+) -> None:
+    """Also with two TaskManager processes: the reference rows cross processes to every subtask."""
     out = tmp_path / "out"
-    result = run_cli("run", str(EXAMPLE), "-p", "2", "--set", f"output={out}")
+    result = run_cli(
+        "run", str(EXAMPLE), "-p", "2", "--taskmanagers", taskmanagers, "--set", f"output={out}"
+    )
     assert result.returncode == 0, result.stderr
     assert len(expected_enrichment()) == 3000
     assert committed_enrichment(out) == expected_enrichment()
