@@ -42,6 +42,7 @@ from runtime import (
     KeyedBroadcastContext,
     KeyedBroadcastProcessFunction,
     KeyedBroadcastReadOnlyContext,
+    OutputTag,
     RuntimeContext,
     WatermarkStrategy,
     run_job,
@@ -643,3 +644,43 @@ def test_keyed_state_without_a_key_on_the_broadcast_side_is_refused() -> None:
     assert "operator 'counts' (subtask 1/1): keyed state has no current key in " in message
     assert "process_broadcast_element()" in message
     assert "ctx.apply_to_keyed_state(descriptor, function)" in message
+
+
+CHANGES = OutputTag("rule-changes")
+
+
+class ReportsChanges(KeyedBroadcastProcessFunction[str, Any, Any, Any]):
+    """Each subtask reports the rules it took to a side output."""
+
+    def open(self, ctx: RuntimeContext) -> None:
+        self.subtask = ctx.subtask_index
+
+    def process_element(
+        self, value: Any, ctx: KeyedBroadcastReadOnlyContext[str], out: Collector[Any]
+    ) -> None:
+        out.collect(value)
+
+    def process_broadcast_element(
+        self, value: Any, ctx: KeyedBroadcastContext, out: Collector[Any]
+    ) -> None:
+        ctx.get_broadcast_state(RULES).put(value, 1)
+        ctx.output(CHANGES, ("took", self.subtask, value))
+
+
+def test_the_broadcast_side_emits_to_side_outputs_in_every_subtask() -> None:
+    main, side = CollectSink(), CollectSink()
+
+    def build(job: Job) -> None:
+        rules = job.from_source(CollectionSource(["r1", "r2"])).broadcast(RULES)
+        processed = (
+            job.from_source(CollectionSource([]))
+            .key_by(str)
+            .connect(rules)
+            .process(ReportsChanges())
+        )
+        processed.sink_to(main)
+        processed.get_side_output(CHANGES).sink_to(side)
+
+    run_job(build, parallelism=2)
+    assert main.results == []
+    assert sorted(side.results) == [("took", s, r) for s in (0, 1) for r in ("r1", "r2")]

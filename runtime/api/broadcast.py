@@ -168,8 +168,8 @@ class KeyedBroadcastContext(_BroadcastStateAccess[BroadcastState], _SideOutputCo
 
 class BroadcastProcessFunction(RichFunction, Generic[IN1, IN2, OUT]):
     """Processes a non-keyed stream (``process_element``, read-only broadcast state) connected
-    with a broadcast stream (``process_element`` of each broadcast record in every subtask: may
-    change the broadcast state). Side outputs through ``ctx.output(tag, value)`` on both sides."""
+    with a broadcast stream (``process_broadcast_element`` of each broadcast record in every
+    subtask: may change the broadcast state). Side outputs through ``ctx.output(tag, value)`` on both sides."""
 
     def process_element(
         self, value: IN1, ctx: BroadcastReadOnlyContext, out: Collector[OUT]
