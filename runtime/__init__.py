@@ -8,6 +8,17 @@ build function from Python with :func:`run_job`.
 import runtime.plan.shadowing  # noqa: F401
 from actors.operator import NewerOutputPolicy
 from runtime.api.async_sink import AsyncSink, AsyncSinkWriteError, AsyncSinkWriter
+from runtime.api.broadcast import (
+    BroadcastConnectedStream,
+    BroadcastContext,
+    BroadcastProcessFunction,
+    BroadcastReadOnlyContext,
+    BroadcastStream,
+    KeyedBroadcastContext,
+    KeyedBroadcastProcessFunction,
+    KeyedBroadcastReadOnlyContext,
+)
+from runtime.api.connected import CoFlatMapFunction, CoMapFunction, CoProcessFunction
 from runtime.api.functions import (
     AggregateFunction,
     Collector,
@@ -89,11 +100,19 @@ __all__ = [
     "AsyncSinkWriteError",
     "AsyncSinkWriter",
     "BoundedOutOfOrdernessWatermarks",
+    "BroadcastConnectedStream",
+    "BroadcastContext",
+    "BroadcastProcessFunction",
+    "BroadcastReadOnlyContext",
+    "BroadcastStream",
     "CheckpointConfig",
     "CheckpointFailureAlert",
     "CheckpointFailureThreshold",
+    "CoFlatMapFunction",
     "CoGroupFunction",
     "CoGroupedStreams",
+    "CoMapFunction",
+    "CoProcessFunction",
     "Collector",
     "ConnectedStreams",
     "ContinuousEventTimeTrigger",
@@ -115,6 +134,9 @@ __all__ = [
     "JobParameters",
     "JobResult",
     "JoinFunction",
+    "KeyedBroadcastContext",
+    "KeyedBroadcastProcessFunction",
+    "KeyedBroadcastReadOnlyContext",
     "KeyedCoProcessFunction",
     "KeyedProcessContext",
     "KeyedProcessFunction",
