@@ -7,6 +7,7 @@ build function from Python with :func:`run_job`.
 # First: refuses (one clear line) a module of the user's that would shadow the runtime's packages.
 import runtime.plan.shadowing  # noqa: F401
 from actors.operator import NewerOutputPolicy
+from runtime.api.async_io import AsyncFunction, AsyncRetryStrategy, AsyncTimeoutError
 from runtime.api.functions import (
     AggregateFunction,
     Collector,
@@ -74,6 +75,9 @@ from state.keyed import StateTtlConfig, StateVisibility, TtlUpdateType
 __all__ = [
     "AggregateFunction",
     "AllWindowedStream",
+    "AsyncFunction",
+    "AsyncRetryStrategy",
+    "AsyncTimeoutError",
     "BoundedOutOfOrdernessWatermarks",
     "CheckpointConfig",
     "CheckpointFailureAlert",

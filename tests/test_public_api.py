@@ -13,6 +13,9 @@ PUBLIC = {
     "runtime": {
         "AggregateFunction",
         "AllWindowedStream",
+        "AsyncFunction",
+        "AsyncRetryStrategy",
+        "AsyncTimeoutError",
         "BoundedOutOfOrdernessWatermarks",
     "CheckpointConfig",
     "CheckpointFailureAlert",
@@ -121,6 +124,7 @@ PUBLIC = {
         "POINTS",
         "InjectedCrash",
         "ManualClock",
+        "SimulatedService",
         "TestingSink",
         "TestingSource",
         "arm",

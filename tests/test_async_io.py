@@ -1,0 +1,478 @@
+"""Async I/O (``map_async`` / ``flat_map_async``): order, capacity, backpressure, watermarks,
+checkpoints of pending requests, timeouts, retries, the keyed variant and the end of input.
+
+In-process jobs against :class:`runtime.testing.SimulatedService` (seeded random latencies,
+calls counted there); the crash-and-restore run through the CLI is at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+import pytest
+from loop_helpers import (
+    ControlledSource,
+    operator_metric,
+    running_job,
+    start_job_on_master,
+    take_checkpoint,
+    wait_until,
+)
+
+from actors.protocol import TaskState
+from runtime import (
+    AsyncFunction,
+    AsyncRetryStrategy,
+    Collector,
+    JobFailedError,
+    ProcessContext,
+    ProcessFunction,
+    RuntimeContext,
+    WatermarkStrategy,
+    testing,
+)
+from runtime.api.sources import DEFAULT_SOURCE_BATCH
+from runtime.api.streams import JobDefinitionError
+from runtime.config import CheckpointConfig, ExecutionConfig
+from runtime.master.jobmaster import JobMaster
+from runtime.plan.jobfile import build_graph
+from runtime.testing import SimulatedService
+from state.keyed import ValueStateDescriptor
+
+WAIT_S = 30.0
+
+
+def enriched(value: Any) -> tuple[Any, str]:
+    return (value, f"info-{value}")
+
+
+def _steps_pass() -> Any:
+    """Let the loop run a while (the tasks take what they can) without waiting on time."""
+
+    async def run() -> None:
+        for _ in range(200):
+            await asyncio.sleep(0)
+
+    return run()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+@pytest.mark.parametrize("capacity", [1, 50])
+async def test_output_equals_the_sequential_result_and_capacity_bounds_calls(
+    ordered: bool, capacity: int
+) -> None:
+    service = SimulatedService(enriched, latency_s=(0.0, 0.002), seed=capacity)
+    sink = testing.TestingSink()
+    values = list(range(300))
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(testing.TestingSource(values))
+            .map_async(service.call, capacity=capacity, ordered=ordered)
+            .sink_to(sink)
+        )
+
+    async with running_job(build) as (_, job):
+        await asyncio.wait_for(job, WAIT_S)
+
+    sequential = [enriched(v) for v in values]
+    if ordered:
+        assert sink.written == sequential
+    else:
+        assert collections.Counter(sink.written) == collections.Counter(sequential)
+    assert service.calls == len(values)
+    assert service.max_in_flight <= capacity
+    if capacity > 1:
+        assert service.max_in_flight > 1  # the requests did overlap
+
+
+@pytest.mark.asyncio
+async def test_flat_map_async_emits_every_result_of_each_request_in_order() -> None:
+    sink = testing.TestingSink()
+
+    async def split(line: str) -> list[str]:
+        await asyncio.sleep(0)
+        return line.split()
+
+    def build(job: Any) -> None:
+        job.from_source(testing.TestingSource(["a b", "", "c d e"])).flat_map_async(split).sink_to(
+            sink
+        )
+
+    async with running_job(build) as (_, job):
+        await asyncio.wait_for(job, WAIT_S)
+    assert sink.written == ["a", "b", "c", "d", "e"]
+
+
+@pytest.mark.asyncio
+async def test_a_slow_service_holds_the_source_back() -> None:
+    """Bounded memory: with every call held, the source emits no more than the capacity and the
+    one source batch the operator was taking when it filled up; nothing piles up in between."""
+    service = SimulatedService(enriched)
+    service.hold()
+    sink = testing.TestingSink()
+    source = ControlledSource("held")
+    capacity = 20
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(source)
+            .uid("source")
+            .map_async(service.call, capacity=capacity)
+            .sink_to(sink)
+        )
+
+    async with running_job(build) as (master, job):
+        source.push(*range(5000))
+        await wait_until(lambda: service.in_flight == capacity, "the operator full", job)
+        await _steps_pass()
+        emitted = operator_metric(master, "source", "records_out")
+        assert emitted <= capacity + DEFAULT_SOURCE_BATCH < 5000
+        assert service.max_in_flight == capacity
+        service.release()
+        source.end()
+        await asyncio.wait_for(job, WAIT_S)
+    assert sink.written == [enriched(v) for v in range(5000)]
+    assert service.max_in_flight == capacity
+
+
+class SeenWatermark(ProcessFunction[Any, Any]):
+    """Emits (record, the watermark it arrived after)."""
+
+    def process_element(self, value: Any, ctx: ProcessContext, out: Collector[Any]) -> None:
+        out.collect((value, ctx.current_watermark()))
+
+
+@pytest.mark.asyncio
+async def test_unordered_results_never_overtake_a_later_watermark() -> None:
+    slow_gate = asyncio.Event()
+    service = SimulatedService()
+
+    async def lookup(value: tuple[int, str]) -> str:
+        if value[1].startswith("a"):
+            await slow_gate.wait()
+        result: str = await service.call(value[1])
+        return result
+
+    sink = testing.TestingSink()
+    source = ControlledSource("events")
+    strategy = WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(
+        lambda v, _: v[0]
+    )
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(source)
+            .assign_timestamps_and_watermarks(strategy)
+            .map_async(lookup, ordered=False)
+            .process(SeenWatermark())
+            .sink_to(sink)
+        )
+
+    config = ExecutionConfig(auto_watermark_interval_s=0)
+    master = JobMaster(build_graph(build, None, 1), config)
+    job = asyncio.create_task(master.run())
+    try:
+        source.push((1, "a1"), (2, "a2"), (3, "a3"))
+        await wait_until(lambda: service.calls == 0 and bool(master.tasks), "job running", job)
+        await _steps_pass()
+        source.push((10, "b1"), (11, "b2"))
+        await wait_until(lambda: service.calls == 2 and service.in_flight == 0, "b done", job)
+        await _steps_pass()
+        # b1 and b2 came back, but a watermark (2) that followed a1..a3 stands before them.
+        assert sink.written == []
+        slow_gate.set()
+        await wait_until(lambda: len(sink.written) == 5, "every result", job)
+    finally:
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+    before = [seen for (name, seen) in sink.written if name.startswith("a")]
+    after = [seen for (name, seen) in sink.written if name.startswith("b")]
+    assert all(seen < 2 for seen in before)
+    assert all(seen >= 2 for seen in after)
+    assert [name for name, _ in sink.written][3:] in (["b1", "b2"], ["b2", "b1"])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+async def test_a_checkpoint_does_not_wait_for_requests_and_a_restore_reissues_them(
+    ordered: bool,
+) -> None:
+    """Requests held for as long as the test likes: the checkpoint completes anyway, with the
+    pending inputs in its state; a new run restored from it (the first one cancelled, as on a
+    crash) re-issues them, and the sink commits every input's result exactly once."""
+    service = SimulatedService(enriched)
+    source = ControlledSource("events")
+    sink = testing.TestingSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(source)
+            .uid("source")
+            .map_async(service.call, capacity=50, ordered=ordered)
+            .uid("enrich")
+            .disable_chaining()
+            .sink_to(sink)
+            .uid("sink")
+        )
+
+    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=None))
+    master, job = await start_job_on_master(build, config)
+    try:
+        source.push(*range(10))
+        await wait_until(lambda: len(sink.written) == 10, "the first ten through", job)
+        service.hold()
+        source.push(*range(10, 30))
+        await wait_until(lambda: service.in_flight == 20, "twenty requests held", job)
+        checkpoint = await take_checkpoint(master)
+        assert service.in_flight == 20  # none of them came back for it
+    finally:
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+    service.release()
+    await asyncio.sleep(0)
+    assert sink.committed == [enriched(v) for v in range(10)]
+
+    source.push(*range(30, 40))
+    source.end()
+    restored = JobMaster(build_graph(build, None, 1), config, restored=checkpoint)
+    await asyncio.wait_for(restored.run(), WAIT_S)
+    expected = [enriched(v) for v in range(40)]
+    if ordered:
+        assert sink.committed == expected
+    else:
+        assert collections.Counter(sink.committed) == collections.Counter(expected)
+    # At-least-once calls: the twenty held requests were asked for twice.
+    repeated = [v for v, n in collections.Counter(service.requests).items() if n > 1]
+    assert sorted(repeated) == list(range(10, 30))
+
+
+class Enricher(AsyncFunction[int, Any]):
+    def __init__(self, service: SimulatedService) -> None:
+        self.service = service
+        self.opened = False
+
+    def open(self, ctx: RuntimeContext) -> None:
+        self.opened = True
+
+    async def invoke(self, value: int) -> Any:
+        assert self.opened
+        return await self.service.call(value)
+
+
+class WithFallback(Enricher):
+    def timeout(self, value: int) -> Any:
+        return (value, "fallback")
+
+
+@pytest.mark.asyncio
+async def test_a_timed_out_request_calls_the_timeout_hook() -> None:
+    service = SimulatedService(enriched, fail=None)
+    sink = testing.TestingSink()
+    never = asyncio.Event()
+
+    async def lookup(value: int) -> Any:
+        if value == 3:
+            await never.wait()
+        return await service.call(value)
+
+    class Slow(WithFallback):
+        async def invoke(self, value: int) -> Any:
+            return await lookup(value)
+
+    def build(job: Any) -> None:
+        job.from_source(testing.TestingSource(list(range(6)))).map_async(
+            Slow(service), timeout="20ms"
+        ).sink_to(sink)
+
+    async with running_job(build) as (_, job):
+        await asyncio.wait_for(job, WAIT_S)
+    assert sink.written == [*map(enriched, range(3)), (3, "fallback"), *map(enriched, range(4, 6))]
+
+
+@pytest.mark.asyncio
+async def test_a_timeout_without_hook_fails_the_task_naming_operator_subtask_and_record() -> None:
+    never = asyncio.Event()
+
+    async def lookup(value: int) -> int:
+        if value == 7:
+            await never.wait()
+        return value
+
+    def build(job: Any) -> None:
+        job.from_source(testing.TestingSource(list(range(10)))).map_async(
+            lookup, timeout="20ms", name="lookup"
+        ).sink_to(testing.TestingSink())
+
+    with pytest.raises(JobFailedError) as failure:
+        await asyncio.wait_for(JobMaster(build_graph(build, None, 1)).run(), WAIT_S)
+    message = str(failure.value)
+    assert "'lookup' (subtask 1/1)" in message
+    assert "record 7" in message
+    assert "timed out after 20ms" in message
+    assert "timeout(value)" in message
+
+
+@pytest.mark.asyncio
+async def test_a_failed_request_fails_the_task_with_the_record_and_the_attempts() -> None:
+    service = SimulatedService(fail=lambda v: ValueError("no such user") if v == 4 else None)
+
+    def build(job: Any) -> None:
+        job.from_source(testing.TestingSource(list(range(8)))).map_async(
+            service.call, name="users", retry=AsyncRetryStrategy.fixed_delay(2, "1ms")
+        ).sink_to(testing.TestingSink())
+
+    with pytest.raises(JobFailedError) as failure:
+        await asyncio.wait_for(JobMaster(build_graph(build, None, 1)).run(), WAIT_S)
+    message = str(failure.value)
+    assert "'users' (subtask 1/1)" in message
+    assert "record 4 failed after 2 attempts: ValueError: no such user" in message
+    assert service.requests.count(4) == 2
+
+
+@pytest.mark.asyncio
+async def test_retries_with_exponential_backoff_until_the_service_answers() -> None:
+    attempts: collections.Counter[int] = collections.Counter()
+
+    async def flaky(value: int) -> Any:
+        attempts[value] += 1
+        if attempts[value] < 3:
+            raise ConnectionError("try again")
+        return enriched(value)
+
+    strategy = AsyncRetryStrategy.exponential_backoff(
+        5,
+        initial_delay="1ms",
+        max_delay="4ms",
+        retry_on_exception=lambda e: isinstance(e, ConnectionError),
+    )
+    sink = testing.TestingSink()
+
+    def build(job: Any) -> None:
+        job.from_source(testing.TestingSource(list(range(5)))).map_async(
+            flaky, retry=strategy
+        ).sink_to(sink)
+
+    async with running_job(build) as (_, job):
+        await asyncio.wait_for(job, WAIT_S)
+    assert sink.written == [enriched(v) for v in range(5)]
+    assert attempts == {v: 3 for v in range(5)}
+    assert [strategy.delay_ms(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 4]
+
+
+@pytest.mark.asyncio
+async def test_retry_on_result_emits_the_last_result_when_attempts_run_out() -> None:
+    calls: collections.Counter[int] = collections.Counter()
+
+    async def lookup(value: int) -> Any:
+        calls[value] += 1
+        return None if value % 2 else value
+
+    strategy = AsyncRetryStrategy.fixed_delay(3, 0, retry_on_result=lambda r: r is None)
+    sink = testing.TestingSink()
+
+    def build(job: Any) -> None:
+        job.from_source(testing.TestingSource([1, 2])).map_async(lookup, retry=strategy).sink_to(
+            sink
+        )
+
+    async with running_job(build) as (_, job):
+        await asyncio.wait_for(job, WAIT_S)
+    assert sink.written == [None, 2]
+    assert calls == {1: 3, 2: 1}
+
+
+KEY_GATES: dict[str, asyncio.Event] = {}
+KEY_STARTED: list[tuple[str, int]] = []
+"""What :class:`CountPerKey` awaits per key (module-level: each subtask gets a deep copy of a
+rich function, and a copy of an event would never be set)."""
+
+
+class CountPerKey(AsyncFunction[tuple[str, int], Any]):
+    """Reads and writes keyed state before and after awaiting, while other keys interleave."""
+
+    def open(self, ctx: RuntimeContext) -> None:
+        self.count = ctx.get_state(ValueStateDescriptor("count", default=0))
+
+    async def invoke(self, value: tuple[str, int]) -> Any:
+        key, n = value
+        before = self.count.value()
+        self.count.update(before + 1)
+        KEY_STARTED.append(value)
+        await KEY_GATES[key].wait()
+        after = self.count.value()
+        self.count.update(after + 10)
+        return (key, n, before, after)
+
+
+@pytest.mark.asyncio
+async def test_keyed_variant_sees_its_own_keys_state_after_the_await() -> None:
+    gates = {"x": asyncio.Event(), "y": asyncio.Event()}
+    KEY_GATES.clear()
+    KEY_GATES.update(gates)
+    KEY_STARTED.clear()
+    sink = testing.TestingSink()
+    source = ControlledSource("keys")
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(source)
+            .key_by(lambda v: v[0])
+            .map_async(CountPerKey(), ordered=False)
+            .sink_to(sink)
+        )
+
+    async with running_job(build) as (_, job):
+        source.push(("x", 1), ("y", 1), ("x", 2), ("y", 2))
+        await wait_until(lambda: len(KEY_STARTED) == 4, "every request awaiting", job)
+        gates["y"].set()
+        await wait_until(lambda: len(sink.written) == 2, "y's results", job)
+        gates["x"].set()
+        source.end()
+        await asyncio.wait_for(job, WAIT_S)
+    by_key = sorted(sink.written)
+    # Both requests of a key ran their first half before either awaited; each saw its key's
+    # count only (1 + 1 before, then +10 each after).
+    assert by_key == [("x", 1, 0, 2), ("x", 2, 1, 12), ("y", 1, 0, 2), ("y", 2, 1, 12)]
+
+
+@pytest.mark.asyncio
+async def test_end_of_input_waits_for_pending_requests_before_finish() -> None:
+    service = SimulatedService(enriched)
+    service.hold()
+    sink = testing.TestingSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(testing.TestingSource(list(range(30))))
+            .map_async(service.call, capacity=100)
+            .disable_chaining()
+            .sink_to(sink)
+        )
+
+    master = JobMaster(build_graph(build, None, 1), ExecutionConfig())
+    job = asyncio.create_task(master.run())
+    await wait_until(lambda: service.in_flight == 30, "every request held", job)
+    await _steps_pass()
+    assert sink.written == []
+    assert all(t.state is TaskState.RUNNING for t in master.tasks if not t.is_source)
+    service.release()
+    await asyncio.wait_for(job, WAIT_S)
+    assert sink.committed == [enriched(v) for v in range(30)]
+
+
+def test_map_async_refuses_what_is_not_async_and_bad_options() -> None:
+    from runtime import Job
+
+    job = Job()
+    stream = job.from_source(testing.TestingSource([1]))
+    with pytest.raises(JobDefinitionError, match=r"not an async def function.*use map\(\)"):
+        stream.map_async(lambda v: v)
+    with pytest.raises(JobDefinitionError, match="capacity must be an int >= 1"):
+        stream.map_async(SimulatedService().call, capacity=0)
+    with pytest.raises(JobDefinitionError, match="needs a unit"):
+        stream.map_async(SimulatedService().call, timeout="5")
+    with pytest.raises(JobDefinitionError, match="AsyncRetryStrategy"):
+        stream.map_async(SimulatedService().call, retry=3)  # type: ignore[arg-type]
