@@ -785,16 +785,19 @@ class StreamTask:
         await self._run_callbacks(position)
 
     async def _run_callbacks(self, position: int) -> None:
+        """Run the queued callbacks of operators at ``position`` or later in the chain, one at a
+        time and each taken off the queue only when it runs: a callback that waits in a
+        :meth:`yield_to_callbacks` of its own finds those queued after it."""
         queued = self._callbacks
-        if all(index >= position for index, _ in queued):
-            due = list(queued)
-            queued.clear()
-        else:
-            due = [entry for entry in queued if entry[0] >= position]
-            kept = [entry for entry in queued if entry[0] < position]
-            queued.clear()
-            queued.extend(kept)
-        for _, callback in due:
+        while queued:
+            if queued[0][0] >= position:
+                callback = queued.popleft()[1]
+            else:
+                found = next((i for i, entry in enumerate(queued) if entry[0] >= position), None)
+                if found is None:
+                    return
+                callback = queued[found][1]
+                del queued[found]
             await callback()
 
     def _schedule_mail(self, timestamp_ms: int, mail: Any) -> None:

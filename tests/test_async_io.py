@@ -8,9 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from cli_helpers import (
+    ROOT,
+    checkpoint_list_state,
+    checkpointed_run_args,
+    committed_output_checkpoints,
+    kill_when,
+    max_completed,
+    run_cli,
+    set_args,
+    start_cli,
+)
 from loop_helpers import (
     ControlledSource,
     operator_metric,
@@ -21,6 +35,7 @@ from loop_helpers import (
 )
 
 from actors.protocol import TaskState
+from connectors.files import committed_files
 from runtime import (
     AsyncFunction,
     AsyncRetryStrategy,
@@ -32,6 +47,7 @@ from runtime import (
     WatermarkStrategy,
     testing,
 )
+from runtime.api.async_io import IN_FLIGHT_STATE
 from runtime.api.sources import DEFAULT_SOURCE_BATCH
 from runtime.api.streams import JobDefinitionError
 from runtime.config import CheckpointConfig, ExecutionConfig
@@ -39,8 +55,15 @@ from runtime.master.jobmaster import JobMaster
 from runtime.plan.jobfile import build_graph
 from runtime.testing import SimulatedService
 from state.keyed import ValueStateDescriptor
+from state.keygroups import (
+    DEFAULT_MAX_PARALLELISM,
+    key_group_for_key,
+    key_group_range_for_subtask,
+)
 
 WAIT_S = 30.0
+EXAMPLE = ROOT / "examples" / "async_enrichment.py"
+EVENTS = ROOT / "examples" / "data" / "events.jsonl"
 
 
 def enriched(value: Any) -> tuple[Any, str]:
@@ -86,6 +109,29 @@ async def test_output_equals_the_sequential_result_and_capacity_bounds_calls(
     assert service.max_in_flight <= capacity
     if capacity > 1:
         assert service.max_in_flight > 1  # the requests did overlap
+
+
+@pytest.mark.asyncio
+async def test_chained_async_operators_keep_order_while_each_waits_for_room() -> None:
+    """The second operator, full, waits inside a buffer the first one handed it: only its own
+    results (and those after it in the chain) may run then, or the first one would hand it more
+    records halfway through that buffer."""
+    first = SimulatedService(lambda v: v * 10, latency_s=(0.0, 0.001), seed=1)
+    second = SimulatedService(lambda v: v + 1, latency_s=(0.0, 0.003), seed=2)
+    sink = testing.TestingSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(testing.TestingSource(list(range(200))))
+            .map_async(first.call, capacity=20)
+            .map_async(second.call, capacity=3)
+            .sink_to(sink)
+        )
+
+    async with running_job(build) as (_, job):
+        await asyncio.wait_for(job, WAIT_S)
+    assert sink.written == [v * 10 + 1 for v in range(200)]
+    assert second.max_in_flight <= 3
 
 
 @pytest.mark.asyncio
@@ -247,6 +293,66 @@ async def test_a_checkpoint_does_not_wait_for_requests_and_a_restore_reissues_th
     # At-least-once calls: the twenty held requests were asked for twice.
     repeated = [v for v, n in collections.Counter(service.requests).items() if n > 1]
     assert sorted(repeated) == list(range(10, 30))
+
+
+CALLED_IN: list[tuple[int, int, int]] = []
+"""(value, subtask index, parallelism) of each call of :class:`RecordsSubtask`."""
+
+
+class RecordsSubtask(AsyncFunction[int, Any]):
+    def __init__(self, service: SimulatedService) -> None:
+        self.service = service
+
+    def open(self, ctx: RuntimeContext) -> None:
+        self.where = (ctx.subtask_index, ctx.parallelism)
+
+    async def invoke(self, value: int) -> Any:
+        CALLED_IN.append((value, *self.where))
+        return await self.service.call(value)
+
+
+@pytest.mark.asyncio
+async def test_keyed_pending_requests_are_reissued_once_by_their_keys_subtask_after_rescaling() -> (
+    None
+):
+    service = SimulatedService(enriched)
+    CALLED_IN.clear()
+    source = ControlledSource("events")
+    sink = testing.TestingSink()
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(source)
+            .uid("source")
+            .set_parallelism(1)
+            .key_by(lambda v: v % 7)
+            .map_async(RecordsSubtask(service), ordered=False)
+            .uid("enrich")
+            .sink_to(sink)
+            .uid("sink")
+        )
+
+    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=None))
+    master, job = await start_job_on_master(build, config, parallelism=2)
+    try:
+        service.hold()
+        source.push(*range(40))
+        await wait_until(lambda: service.in_flight == 40, "every request held", job)
+        checkpoint = await take_checkpoint(master)
+    finally:
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+    service.release()
+    source.end()
+    restored = JobMaster(build_graph(build, None, 3), config, restored=checkpoint)
+    await asyncio.wait_for(restored.run(), WAIT_S)
+    assert collections.Counter(sink.committed) == collections.Counter(map(enriched, range(40)))
+    assert collections.Counter(service.requests) == {v: 2 for v in range(40)}
+    reissued = [(v, subtask) for v, subtask, parallelism in CALLED_IN if parallelism == 3]
+    assert sorted(v for v, _ in reissued) == list(range(40))
+    for value, subtask in reissued:
+        key_group = key_group_for_key(value % 7, DEFAULT_MAX_PARALLELISM)
+        assert key_group in key_group_range_for_subtask(DEFAULT_MAX_PARALLELISM, 3, subtask)
 
 
 class Enricher(AsyncFunction[int, Any]):
@@ -476,3 +582,58 @@ def test_map_async_refuses_what_is_not_async_and_bad_options() -> None:
         stream.map_async(SimulatedService().call, timeout="5")
     with pytest.raises(JobDefinitionError, match="AsyncRetryStrategy"):
         stream.map_async(SimulatedService().call, retry=3)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------
+# The example, and a crash through the CLI
+
+
+def test_the_async_enrichment_example_enriches_every_event(tmp_path: Path) -> None:
+    proc = run_cli("run", str(EXAMPLE), "--no-progress", "--rest-port", "-1")
+    assert proc.returncode == 0, proc.stderr
+    printed = [orjson.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    events = [orjson.loads(line) for line in EVENTS.read_bytes().splitlines() if line.strip()]
+    assert [{k: e[k] for k in events[0]} for e in printed] == events  # all, in input order
+    assert {e["tier"] for e in printed} <= {"bronze", "silver", "gold"}
+    assert len({e["tier"] for e in printed}) == 3
+
+
+@pytest.mark.slow
+def test_sigkill_with_requests_in_flight_then_restore_enriches_every_event_once(
+    tmp_path: Path,
+) -> None:
+    """The job is killed while its latest checkpoint holds requests in flight; the restore
+    re-issues them. The committed output holds every event once; the service was asked about
+    those events twice (calls are at least once, by design: their answers were lost with the
+    process)."""
+    out, chk, calls = tmp_path / "out", tmp_path / "chk", tmp_path / "calls.txt"
+    args = [
+        "run",
+        str(EXAMPLE),
+        *set_args(output=out, rate=600, latency="50ms", calls=calls),
+        *checkpointed_run_args(chk),
+    ]
+    stderr = tmp_path / "stderr-1.txt"
+
+    def in_flight_in_latest() -> list[Any]:
+        latest = max_completed(chk)
+        if not latest:
+            return []
+        pending = checkpoint_list_state(chk / f"chk-{latest}", "profile-lookup", IN_FLIGHT_STATE)
+        return pending if committed_output_checkpoints(out) else []
+
+    pending = kill_when(in_flight_in_latest, "a checkpoint with requests in flight",
+                        start_cli(stderr, *args), stderr)  # fmt: skip
+    final = run_cli(*args)
+    assert final.returncode == 0, final.stderr
+    assert re.search(r"restoring checkpoint \d+ from ", final.stderr), final.stderr
+
+    events = [orjson.loads(line) for line in EVENTS.read_bytes().splitlines() if line.strip()]
+    committed = [orjson.loads(line) for path in committed_files(out)
+                 for line in path.read_bytes().splitlines() if line.strip()]  # fmt: skip
+    assert collections.Counter(e["ts"] for e in committed) == collections.Counter(
+        e["ts"] for e in events
+    )
+    assert all(e["tier"] in {"bronze", "silver", "gold"} for e in committed)
+    asked = collections.Counter(int(line) for line in calls.read_text().split())
+    assert all(asked[entry["value"]["ts"]] >= 2 for entry in pending)
