@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,26 @@ async def test_unordered_results_never_overtake_a_later_watermark() -> None:
     assert [name for name, _ in sink.written][3:] in (["b1", "b2"], ["b2", "b1"])
 
 
+def enrich_in_own_task(
+    source: ControlledSource, fn: Any, sink: Any, **options: Any
+) -> Callable[[Any], None]:
+    """source (uid ``source``) → ``map_async(fn, **options)`` (uid ``enrich``, a task of its
+    own, so that barriers reach it through a channel) → sink (uid ``sink``)."""
+
+    def build(job: Any) -> None:
+        (
+            job.from_source(source)
+            .uid("source")
+            .map_async(fn, **options)
+            .uid("enrich")
+            .disable_chaining()
+            .sink_to(sink)
+            .uid("sink")
+        )
+
+    return build
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
 async def test_a_checkpoint_does_not_wait_for_requests_and_a_restore_reissues_them(
@@ -253,17 +274,7 @@ async def test_a_checkpoint_does_not_wait_for_requests_and_a_restore_reissues_th
     source = ControlledSource("events")
     sink = testing.TestingSink()
 
-    def build(job: Any) -> None:
-        (
-            job.from_source(source)
-            .uid("source")
-            .map_async(service.call, capacity=50, ordered=ordered)
-            .uid("enrich")
-            .disable_chaining()
-            .sink_to(sink)
-            .uid("sink")
-        )
-
+    build = enrich_in_own_task(source, service.call, sink, capacity=50, ordered=ordered)
     config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=None))
     master, job = await start_job_on_master(build, config)
     try:
@@ -355,6 +366,41 @@ async def test_keyed_pending_requests_are_reissued_once_by_their_keys_subtask_af
         assert key_group in key_group_range_for_subtask(DEFAULT_MAX_PARALLELISM, 3, subtask)
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("drain", [False, True], ids=["no-drain", "drain"])
+async def test_stop_with_savepoint_snapshots_pending_requests_or_drains_them(
+    tmp_path: Path, drain: bool
+) -> None:
+    """Without drain the pending requests go into the savepoint and their results never leave
+    (no record may follow the end of input); with drain the stop waits for them (FLIP-147)."""
+    service = SimulatedService(enriched)
+    source = ControlledSource("events")
+    sink = testing.TestingSink()
+
+    build = enrich_in_own_task(source, service.call, sink)
+    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=None))
+    master, job = await start_job_on_master(build, config)
+    service.hold()
+    source.push(*range(12))
+    await wait_until(lambda: service.in_flight == 12, "every request held", job)
+    stop = asyncio.create_task(master.stop_with_savepoint(str(tmp_path / "sp"), drain=drain))
+    if drain:
+        await _steps_pass()
+        assert not stop.done()  # waiting for the requests
+        service.release()
+    savepoint = await asyncio.wait_for(stop, WAIT_S)
+    await asyncio.wait_for(job, WAIT_S)
+    service.release()
+    await _steps_pass()
+    pending = checkpoint_list_state(Path(savepoint.path), "enrich", IN_FLIGHT_STATE)
+    if drain:
+        assert pending == []
+        assert sink.committed == [enriched(v) for v in range(12)]
+    else:
+        assert [entry["value"] for entry in pending] == list(range(12))
+        assert sink.written == []
+
+
 class Enricher(AsyncFunction[int, Any]):
     def __init__(self, service: SimulatedService) -> None:
         self.service = service
@@ -398,6 +444,18 @@ async def test_a_timed_out_request_calls_the_timeout_hook() -> None:
     assert sink.written == [*map(enriched, range(3)), (3, "fallback"), *map(enriched, range(4, 6))]
 
 
+async def failure_of(values: Iterable[Any], fn: Any, **options: Any) -> str:
+    """The message the job ``values → map_async(fn, **options) → sink`` fails with."""
+
+    def build(job: Any) -> None:
+        source = job.from_source(testing.TestingSource(list(values)))
+        source.map_async(fn, **options).sink_to(testing.TestingSink())
+
+    with pytest.raises(JobFailedError) as failure:
+        await asyncio.wait_for(JobMaster(build_graph(build, None, 1)).run(), WAIT_S)
+    return str(failure.value)
+
+
 @pytest.mark.asyncio
 async def test_a_timeout_without_hook_fails_the_task_naming_operator_subtask_and_record() -> None:
     never = asyncio.Event()
@@ -407,14 +465,7 @@ async def test_a_timeout_without_hook_fails_the_task_naming_operator_subtask_and
             await never.wait()
         return value
 
-    def build(job: Any) -> None:
-        job.from_source(testing.TestingSource(list(range(10)))).map_async(
-            lookup, timeout="20ms", name="lookup"
-        ).sink_to(testing.TestingSink())
-
-    with pytest.raises(JobFailedError) as failure:
-        await asyncio.wait_for(JobMaster(build_graph(build, None, 1)).run(), WAIT_S)
-    message = str(failure.value)
+    message = await failure_of(range(10), lookup, timeout="20ms", name="lookup")
     assert "'lookup' (subtask 1/1)" in message
     assert "record 7" in message
     assert "timed out after 20ms" in message
@@ -425,14 +476,8 @@ async def test_a_timeout_without_hook_fails_the_task_naming_operator_subtask_and
 async def test_a_failed_request_fails_the_task_with_the_record_and_the_attempts() -> None:
     service = SimulatedService(fail=lambda v: ValueError("no such user") if v == 4 else None)
 
-    def build(job: Any) -> None:
-        job.from_source(testing.TestingSource(list(range(8)))).map_async(
-            service.call, name="users", retry=AsyncRetryStrategy.fixed_delay(2, "1ms")
-        ).sink_to(testing.TestingSink())
-
-    with pytest.raises(JobFailedError) as failure:
-        await asyncio.wait_for(JobMaster(build_graph(build, None, 1)).run(), WAIT_S)
-    message = str(failure.value)
+    retry = AsyncRetryStrategy.fixed_delay(2, "1ms")
+    message = await failure_of(range(8), service.call, name="users", retry=retry)
     assert "'users' (subtask 1/1)" in message
     assert "record 4 failed after 2 attempts: ValueError: no such user" in message
     assert service.requests.count(4) == 2
