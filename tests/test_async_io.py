@@ -106,6 +106,8 @@ async def test_output_equals_the_sequential_result_and_capacity_bounds_calls(
         assert sink.written == sequential
     else:
         assert collections.Counter(sink.written) == collections.Counter(sequential)
+        if capacity > 1:
+            assert sink.written != sequential  # as they completed
     assert service.calls == len(values)
     assert service.max_in_flight <= capacity
     if capacity > 1:
@@ -304,6 +306,38 @@ async def test_a_checkpoint_does_not_wait_for_requests_and_a_restore_reissues_th
     # At-least-once calls: the twenty held requests were asked for twice.
     repeated = [v for v, n in collections.Counter(service.requests).items() if n > 1]
     assert sorted(repeated) == list(range(10, 30))
+
+
+@pytest.mark.asyncio
+async def test_ordered_results_waiting_for_their_turn_are_checkpointed_not_asked_again() -> None:
+    """Ordered: 10 is held, 11..19 came back and wait behind it. The checkpoint keeps their
+    results; the restored run asks the service for 10 only."""
+    service = SimulatedService(enriched)
+    held = asyncio.Event()
+
+    async def lookup(value: int) -> Any:
+        if value == 10:
+            await held.wait()
+        return await service.call(value)
+
+    source = ControlledSource("events")
+    sink = testing.TestingSink()
+    build = enrich_in_own_task(source, lookup, sink)
+    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=None))
+    master, job = await start_job_on_master(build, config)
+    try:
+        source.push(*range(20))
+        await wait_until(lambda: service.calls == 19, "all but 10 answered", job)
+        checkpoint = await take_checkpoint(master)
+    finally:
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+    held.set()
+    source.end()
+    restored = JobMaster(build_graph(build, None, 1), config, restored=checkpoint)
+    await asyncio.wait_for(restored.run(), WAIT_S)
+    assert sink.committed == [enriched(v) for v in range(20)]
+    assert collections.Counter(service.requests) == {v: 1 for v in range(20)}
 
 
 CALLED_IN: list[tuple[int, int, int]] = []
