@@ -14,8 +14,8 @@ timeout hook.
   only once every request before it has (Flink's unordered queue).
 - Checkpoints do not wait for requests: the inputs of the requests still pending (and the results
   that completed but wait for their turn) go into operator list state; a restore re-issues them.
-  On a keyed stream the list is given whole to every new subtask (union), which keeps the entries
-  of its own key groups, so a rescaled job re-issues each request in the subtask of its key.
+  On a keyed stream they go into keyed list state under each request's key, so a rescaled job
+  re-issues each request in the subtask of its key.
 - A request longer than ``timeout`` calls the function's ``timeout(value)`` hook (default: the task
   fails naming the operator, subtask and record); an exception fails the task (the restart strategy
   takes over) unless the :class:`AsyncRetryStrategy` retries it.
@@ -40,15 +40,15 @@ from actors.operator import UserFunctionError
 from actors.timers import Cancellable
 from runtime.api.functions import RichFunction
 from runtime.api.operators import UserFunctionOperator
-from state.keygroups import key_group_for_key
-from state.operator import Redistribution
+from state.keyed import ListStateDescriptor
 from state.snapshot import OperatorSnapshot
 
 IN = TypeVar("IN")
 OUT = TypeVar("OUT")
 
 IN_FLIGHT_STATE = "async-in-flight"
-"""The operator list state holding the requests pending at a checkpoint."""
+"""The state holding the requests pending at a checkpoint (operator list state; keyed list state
+on a keyed stream)."""
 
 
 class AsyncFunction(RichFunction, Generic[IN, OUT]):
@@ -321,24 +321,35 @@ class AsyncWaitOperator(UserFunctionOperator):
         self._reissue_restored()
 
     def _in_flight_state(self) -> Any:
-        mode = Redistribution.UNION if self.keyed else Redistribution.EVEN_SPLIT
-        return self.operator_state.get_list_state(IN_FLIGHT_STATE, mode)
+        """Where a checkpoint keeps the pending requests: operator list state, or on a keyed
+        stream keyed list state of each request's key (restored by the key's subtask, at any
+        parallelism), filled for the snapshot only."""
+        if self.keyed_backend is not None:
+            return self.keyed_backend.get_state(ListStateDescriptor(IN_FLIGHT_STATE))
+        return self.operator_state.get_list_state(IN_FLIGHT_STATE)
+
+    def _take_restored_entries(self) -> list[dict[str, Any]]:
+        state = self._in_flight_state()
+        backend = self.keyed_backend
+        if backend is None:
+            entries: list[dict[str, Any]] = state.get()
+            state.clear()
+            return entries
+        entries = []
+        for key in list(backend.keys(IN_FLIGHT_STATE)):
+            backend.current_key = key
+            entries.extend(state.get())
+            state.clear()
+        entries.sort(key=lambda entry: entry["seq"])  # their order at the checkpoint
+        return entries
 
     def _reissue_restored(self) -> None:
-        """Re-issue the requests a restored checkpoint held (on a keyed stream only those of this
-        subtask's key groups); completed ones wait for their turn again without a new call."""
-        state = self._in_flight_state()
-        entries = state.get()
-        state.clear()
-        ctx = self.context
+        """Re-issue the requests a restored checkpoint held; completed ones wait for their turn
+        again without a new call."""
         completed = False
-        for entry in entries:
+        for entry in self._take_restored_entries():
             value = entry["value"]
-            key = None
-            if self.keyed:
-                key = self._key_of(value)
-                if key_group_for_key(key, ctx.max_parallelism) not in ctx.key_groups:
-                    continue
+            key = self._key_of(value) if self.keyed else None
             request = self._enqueue(value, entry["timestamp"], key)
             if "results" in entry:
                 request.outcome = list(entry["results"])
@@ -591,14 +602,29 @@ class AsyncWaitOperator(UserFunctionOperator):
         return [r for segment in self._segments for r in segment.requests.values()]
 
     async def snapshot_state(self, checkpoint_id: int) -> OperatorSnapshot | None:
+        requests = self._pending_requests()
         entries: list[dict[str, Any]] = []
-        for request in self._pending_requests():
-            entry = {"value": request.value, "timestamp": request.timestamp}
+        for seq, request in enumerate(requests):
+            entry = {"seq": seq, "value": request.value, "timestamp": request.timestamp}
             if request.outcome is not _PENDING:
                 entry["results"] = request.outcome
             entries.append(entry)
-        self._in_flight_state().update(entries)
-        return await super().snapshot_state(checkpoint_id)
+        state = self._in_flight_state()
+        backend = self.keyed_backend
+        if backend is None:
+            state.update(entries)
+            return await super().snapshot_state(checkpoint_id)
+        previous = backend.current_key
+        try:
+            for request, entry in zip(requests, entries, strict=True):
+                backend.current_key = request.key
+                state.add(entry)
+            return await super().snapshot_state(checkpoint_id)
+        finally:
+            for request in requests:
+                backend.current_key = request.key
+                state.clear()
+            backend.current_key = previous
 
     async def close(self) -> None:
         for request in self._pending_requests():
