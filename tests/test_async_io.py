@@ -156,29 +156,32 @@ async def test_flat_map_async_emits_every_result_of_each_request_in_order() -> N
 
 
 @pytest.mark.asyncio
-async def test_a_slow_service_holds_the_source_back() -> None:
-    """Bounded memory: with every call held, the source emits no more than the capacity and the
-    one source batch the operator was taking when it filled up; nothing piles up in between."""
+@pytest.mark.parametrize("chained", [True, False], ids=["chained", "through-a-channel"])
+async def test_a_slow_service_holds_the_source_back(chained: bool) -> None:
+    """Bounded memory: with every call held, the source emits no more than the capacity, the
+    buffer the operator was taking when it filled up, what the channel's credits let through
+    (none when chained) and the source batch it was emitting; nothing piles up in between."""
     service = SimulatedService(enriched)
     service.hold()
     sink = testing.TestingSink()
     source = ControlledSource("held")
     capacity = 20
+    buffer_size = 16
+    config = ExecutionConfig(buffer_size=buffer_size, exclusive_credits=1, floating_buffers=0)
 
     def build(job: Any) -> None:
-        (
-            job.from_source(source)
-            .uid("source")
-            .map_async(service.call, capacity=capacity)
-            .sink_to(sink)
-        )
+        enriching = job.from_source(source).uid("source").map_async(service.call, capacity=capacity)
+        if not chained:
+            enriching.disable_chaining()
+        enriching.sink_to(sink)
 
-    async with running_job(build) as (master, job):
+    async with running_job(build, config=config) as (master, job):
         source.push(*range(5000))
         await wait_until(lambda: service.in_flight == capacity, "the operator full", job)
         await _steps_pass()
         emitted = operator_metric(master, "source", "records_out")
-        assert emitted <= capacity + DEFAULT_SOURCE_BATCH < 5000
+        in_channel = 0 if chained else 2 * buffer_size  # one credit, and the writer's buffer
+        assert emitted <= capacity + buffer_size + in_channel + DEFAULT_SOURCE_BATCH < 5000
         assert service.max_in_flight == capacity
         service.release()
         source.end()
