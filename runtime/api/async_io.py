@@ -12,7 +12,8 @@ timeout hook.
 - ``ordered=True``: results leave in input order. ``ordered=False``: as they complete, but never
   across a watermark: the records between two watermarks form a segment, and a watermark leaves
   only once every request before it has (Flink's unordered queue).
-- Checkpoints do not wait for requests: the inputs of the requests still pending (and the results
+- Checkpoints do not wait for requests (but a barrier, like a record, waits while the operator is
+  full, as in Flink with aligned checkpoints): the inputs of the requests still pending (and the results
   that completed but wait for their turn) go into operator list state; a restore re-issues them.
   On a keyed stream they go into keyed list state under each request's key, so a rescaled job
   re-issues each request in the subtask of its key.
@@ -22,7 +23,10 @@ timeout hook.
 - The end of input with drain (FLIP-147) waits in ``finish()`` for every request; a stop without
   drain leaves them pending for the savepoint.
 - Keyed streams: the function may read and write keyed state before and after its awaits; every
-  step of a request's coroutine runs with the request's key as the current key.
+  step of a request's coroutine runs with the request's key as the current key (not the steps of
+  tasks it starts itself, e.g. with ``asyncio.gather``: those must not touch keyed state). A
+  request re-issued after a restore runs from its start again, so what it wrote before its first
+  await was in the checkpoint and is written once more: keep such writes idempotent.
 """
 
 from __future__ import annotations
