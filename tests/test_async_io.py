@@ -53,6 +53,7 @@ from runtime.api.sources import DEFAULT_SOURCE_BATCH
 from runtime.api.streams import JobDefinitionError
 from runtime.config import CheckpointConfig, ExecutionConfig
 from runtime.master.jobmaster import JobMaster
+from runtime.master.restart import FixedDelayRestart
 from runtime.plan.jobfile import build_graph
 from runtime.testing import SimulatedService
 from state.keyed import ValueStateDescriptor
@@ -518,6 +519,27 @@ async def test_a_failed_request_fails_the_task_with_the_record_and_the_attempts(
     assert "'users' (subtask 1/1)" in message
     assert "record 4 failed after 2 attempts: ValueError: no such user" in message
     assert service.requests.count(4) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_failed_request_restarts_the_job_by_its_restart_strategy() -> None:
+    failures: list[int] = []
+
+    async def fails_once(value: int) -> Any:
+        if value == 5 and not failures:
+            failures.append(value)
+            raise ConnectionError("service unavailable")
+        return enriched(value)
+
+    sink = testing.TestingSink()
+
+    def build(job: Any) -> None:
+        job.from_source(testing.TestingSource(list(range(10)))).map_async(fails_once).sink_to(sink)
+
+    config = ExecutionConfig(restart_strategy=FixedDelayRestart(1, 0))
+    result = await asyncio.wait_for(JobMaster(build_graph(build, None, 1), config).run(), WAIT_S)
+    assert result.attempts == 2
+    assert sink.committed == [enriched(v) for v in range(10)]
 
 
 @pytest.mark.asyncio
