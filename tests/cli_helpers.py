@@ -489,7 +489,12 @@ def checkpoint_sink_entries(folder: Path, uid: str) -> list[dict[str, Any]]:
 def checkpoint_list_state(folder: Path, uid: str, name: str) -> list[Any]:
     """The items of the operator list state ``name`` of operator ``uid`` in a checkpoint folder,
     over its subtasks in order."""
-    operator = load_checkpoint(folder).operators[uid]
+    return list_state_in(load_checkpoint(folder), uid, name)
+
+
+def list_state_in(checkpoint: Any, uid: str, name: str) -> list[Any]:
+    """:func:`checkpoint_list_state` of a loaded (or in-memory) completed checkpoint."""
+    operator = checkpoint.operators[uid]
     return [
         item
         for subtask in sorted(operator.subtask_states)

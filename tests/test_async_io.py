@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from cli_helpers import (
     checkpointed_run_args,
     committed_output_checkpoints,
     kill_when,
+    list_state_in,
     max_completed,
     run_cli,
     set_args,
@@ -268,6 +269,31 @@ def enrich_in_own_task(
     return build
 
 
+ONLY_TRIGGERED_CHECKPOINTS = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=None))
+
+
+async def checkpoint_then_crash(
+    build: Callable[[Any], None],
+    prepare: Callable[[asyncio.Task[Any]], Awaitable[None]],
+    parallelism: int = 1,
+) -> Any:
+    """Run ``build``, await ``prepare(job)``, take a checkpoint and cancel the job (a crash)."""
+    master, job = await start_job_on_master(build, ONLY_TRIGGERED_CHECKPOINTS, parallelism)
+    try:
+        await prepare(job)
+        return await take_checkpoint(master)
+    finally:
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+
+
+async def run_restored(build: Callable[[Any], None], checkpoint: Any, parallelism: int = 1) -> None:
+    """Run ``build`` to its end, restored from ``checkpoint``."""
+    graph = build_graph(build, None, parallelism)
+    master = JobMaster(graph, ONLY_TRIGGERED_CHECKPOINTS, restored=checkpoint)
+    await asyncio.wait_for(master.run(), WAIT_S)
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
 async def test_a_checkpoint_does_not_wait_for_requests_and_a_restore_reissues_them(
@@ -281,27 +307,24 @@ async def test_a_checkpoint_does_not_wait_for_requests_and_a_restore_reissues_th
     sink = testing.TestingSink()
 
     build = enrich_in_own_task(source, service.call, sink, capacity=50, ordered=ordered)
-    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=None))
-    master, job = await start_job_on_master(build, config)
-    try:
+
+    async def hold_twenty(job: asyncio.Task[Any]) -> None:
         source.push(*range(10))
         await wait_until(lambda: len(sink.written) == 10, "the first ten through", job)
         service.hold()
         source.push(*range(10, 30))
         await wait_until(lambda: service.in_flight == 20, "twenty requests held", job)
-        checkpoint = await take_checkpoint(master)
-        assert service.in_flight == 20  # none of them came back for it
-    finally:
-        job.cancel()
-        await asyncio.gather(job, return_exceptions=True)
+
+    checkpoint = await checkpoint_then_crash(build, hold_twenty)
+    pending = list_state_in(checkpoint, "enrich", IN_FLIGHT_STATE)
+    assert [entry["value"] for entry in pending] == list(range(10, 30))  # none came back for it
     service.release()
     await asyncio.sleep(0)
     assert sink.committed == [enriched(v) for v in range(10)]
 
     source.push(*range(30, 40))
     source.end()
-    restored = JobMaster(build_graph(build, None, 1), config, restored=checkpoint)
-    await asyncio.wait_for(restored.run(), WAIT_S)
+    await run_restored(build, checkpoint)
     expected = [enriched(v) for v in range(40)]
     if ordered:
         assert sink.committed == expected
@@ -327,19 +350,15 @@ async def test_ordered_results_waiting_for_their_turn_are_checkpointed_not_asked
     source = ControlledSource("events")
     sink = testing.TestingSink()
     build = enrich_in_own_task(source, lookup, sink)
-    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=None))
-    master, job = await start_job_on_master(build, config)
-    try:
+
+    async def hold_ten(job: asyncio.Task[Any]) -> None:
         source.push(*range(20))
         await wait_until(lambda: service.calls == 19, "all but 10 answered", job)
-        checkpoint = await take_checkpoint(master)
-    finally:
-        job.cancel()
-        await asyncio.gather(job, return_exceptions=True)
+
+    checkpoint = await checkpoint_then_crash(build, hold_ten)
     held.set()
     source.end()
-    restored = JobMaster(build_graph(build, None, 1), config, restored=checkpoint)
-    await asyncio.wait_for(restored.run(), WAIT_S)
+    await run_restored(build, checkpoint)
     assert sink.committed == [enriched(v) for v in range(20)]
     assert collections.Counter(service.requests) == {v: 1 for v in range(20)}
 
@@ -381,20 +400,15 @@ async def test_keyed_pending_requests_are_reissued_once_by_their_keys_subtask_af
             .uid("sink")
         )
 
-    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=None))
-    master, job = await start_job_on_master(build, config, parallelism=2)
-    try:
+    async def hold_all(job: asyncio.Task[Any]) -> None:
         service.hold()
         source.push(*range(40))
         await wait_until(lambda: service.in_flight == 40, "every request held", job)
-        checkpoint = await take_checkpoint(master)
-    finally:
-        job.cancel()
-        await asyncio.gather(job, return_exceptions=True)
+
+    checkpoint = await checkpoint_then_crash(build, hold_all, parallelism=2)
     service.release()
     source.end()
-    restored = JobMaster(build_graph(build, None, 3), config, restored=checkpoint)
-    await asyncio.wait_for(restored.run(), WAIT_S)
+    await run_restored(build, checkpoint, parallelism=3)
     assert collections.Counter(sink.committed) == collections.Counter(map(enriched, range(40)))
     assert collections.Counter(service.requests) == {v: 2 for v in range(40)}
     reissued = [(v, subtask) for v, subtask, parallelism in CALLED_IN if parallelism == 3]
@@ -416,8 +430,7 @@ async def test_stop_with_savepoint_snapshots_pending_requests_or_drains_them(
     sink = testing.TestingSink()
 
     build = enrich_in_own_task(source, service.call, sink)
-    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=None))
-    master, job = await start_job_on_master(build, config)
+    master, job = await start_job_on_master(build, ONLY_TRIGGERED_CHECKPOINTS)
     service.hold()
     source.push(*range(12))
     await wait_until(lambda: service.in_flight == 12, "every request held", job)
