@@ -161,6 +161,9 @@ def failing_record(exc: BaseException, values: list[Any]) -> tuple[int, Any] | N
             "<genexpr>",
             "process_batch",
             "_process_elements",
+            "_process_unkeyed",
+            "_map_values",
+            "_flat_map_values",
         }:
             for name in ("value", "v", "record"):
                 if name in frame.f_locals:

@@ -8,6 +8,18 @@ build function from Python with :func:`run_job`.
 import runtime.plan.shadowing  # noqa: F401
 from actors.operator import NewerOutputPolicy
 from runtime.api.async_io import AsyncFunction, AsyncRetryStrategy, AsyncTimeoutError
+from runtime.api.async_sink import AsyncSink, AsyncSinkWriteError, AsyncSinkWriter
+from runtime.api.broadcast import (
+    BroadcastConnectedStream,
+    BroadcastContext,
+    BroadcastProcessFunction,
+    BroadcastReadOnlyContext,
+    BroadcastStream,
+    KeyedBroadcastContext,
+    KeyedBroadcastProcessFunction,
+    KeyedBroadcastReadOnlyContext,
+)
+from runtime.api.connected import CoFlatMapFunction, CoMapFunction, CoProcessFunction
 from runtime.api.functions import (
     AggregateFunction,
     Collector,
@@ -23,6 +35,16 @@ from runtime.api.functions import (
     ReduceFunction,
     RichFunction,
     RuntimeContext,
+)
+from runtime.api.joins import (
+    CoGroupedStreams,
+    CoGroupFunction,
+    IntervalJoin,
+    IntervalJoinContext,
+    IntervalJoined,
+    JoinFunction,
+    ProcessJoinFunction,
+    WindowedJoin,
 )
 from runtime.api.sinks import PrintSink, Sink, SinkWriter
 from runtime.api.sources import Source, SourceReader
@@ -77,11 +99,24 @@ __all__ = [
     "AllWindowedStream",
     "AsyncFunction",
     "AsyncRetryStrategy",
+    "AsyncSink",
+    "AsyncSinkWriteError",
+    "AsyncSinkWriter",
     "AsyncTimeoutError",
     "BoundedOutOfOrdernessWatermarks",
+    "BroadcastConnectedStream",
+    "BroadcastContext",
+    "BroadcastProcessFunction",
+    "BroadcastReadOnlyContext",
+    "BroadcastStream",
     "CheckpointConfig",
     "CheckpointFailureAlert",
     "CheckpointFailureThreshold",
+    "CoFlatMapFunction",
+    "CoGroupFunction",
+    "CoGroupedStreams",
+    "CoMapFunction",
+    "CoProcessFunction",
     "Collector",
     "ConnectedStreams",
     "ContinuousEventTimeTrigger",
@@ -94,11 +129,18 @@ __all__ = [
     "FlatMapFunction",
     "GlobalWindow",
     "GlobalWindows",
+    "IntervalJoin",
+    "IntervalJoinContext",
+    "IntervalJoined",
     "Job",
     "JobDefinitionError",
     "JobFailedError",
     "JobParameters",
     "JobResult",
+    "JoinFunction",
+    "KeyedBroadcastContext",
+    "KeyedBroadcastProcessFunction",
+    "KeyedBroadcastReadOnlyContext",
     "KeyedCoProcessFunction",
     "KeyedProcessContext",
     "KeyedProcessFunction",
@@ -110,6 +152,7 @@ __all__ = [
     "ProcessAllWindowFunction",
     "ProcessContext",
     "ProcessFunction",
+    "ProcessJoinFunction",
     "ProcessWindowFunction",
     "ProcessingTimeSessionWindows",
     "ProcessingTimeTrigger",
@@ -137,6 +180,7 @@ __all__ = [
     "WatermarkStrategy",
     "WindowAssigner",
     "WindowContext",
+    "WindowedJoin",
     "WindowedStream",
     "load_job_file",
     "run_job",

@@ -24,7 +24,14 @@ from state.keygroups import (
     stable_hash,
     subtask_for_key_group,
 )
-from state.operator import BroadcastState, OperatorListState, OperatorStateStore, Redistribution
+from state.operator import (
+    BroadcastState,
+    OperatorListState,
+    OperatorStateStore,
+    ReadOnlyBroadcastState,
+    ReadOnlyStateError,
+    Redistribution,
+)
 from state.refusal import RestoreRefusedError
 from state.serde import StateSerializationError, StateSerializer
 
@@ -41,6 +48,8 @@ __all__ = [
     "MapStateDescriptor",
     "OperatorListState",
     "OperatorStateStore",
+    "ReadOnlyBroadcastState",
+    "ReadOnlyStateError",
     "Redistribution",
     "ReducingState",
     "ReducingStateDescriptor",

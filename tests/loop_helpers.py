@@ -225,6 +225,15 @@ class ControlledSource(Source[Any]):
             self._notify()
 
 
+def ended_source(name: str, elements: list[Any]) -> ControlledSource:
+    """A :class:`ControlledSource` that has all of ``elements`` and has ended: a bounded source
+    of one split, whose position a restored job resumes from."""
+    source = ControlledSource(name)
+    source.push(*elements)
+    source.end()
+    return source
+
+
 class _ControlledReader(SourceReader[Any]):
     def __init__(self, source: ControlledSource) -> None:
         self.source = source

@@ -51,6 +51,7 @@ from connectors import CollectSink
 from connectors.kafka import KafkaRecord, KafkaSource
 from connectors.kafka.clients import stop_client
 from connectors.kafka.source import MAX_QUEUED_BATCHES
+from connectors.kafka.transactions import TransactionalProducer
 from runtime import (
     BoundedOutOfOrdernessWatermarks,
     CheckpointConfig,
@@ -154,6 +155,38 @@ async def test_bounded_read_of_four_partitions_gets_every_record_once(
         seen = [v["i"] for v in values if v["p"] == p]
         assert seen == list(range(p, count, 4)), f"partition {p} out of order"
     assert result.attempts == 1
+
+
+@pytest.mark.asyncio
+async def test_bounded_read_of_a_topic_that_ends_with_transaction_markers_gets_every_record(
+    kafka_bootstrap: str,
+) -> None:
+    """The last batch of each partition is a commit marker, which fetches never return: the end
+    is confirmed by the consumer's position moving past it, not by records."""
+    topic = unique_name("src-txn-end")
+    await create_topics(kafka_bootstrap, topic, partitions=2)
+    producer = TransactionalProducer(
+        bootstrap_servers=kafka_bootstrap,
+        transactional_id=unique_name("src-txn-end"),
+        transaction_timeout_ms=60_000,
+    )
+    await producer.start()
+    try:
+        for first in (0, 10):
+            await producer.begin_transaction()
+            for i in range(first, first + 10):
+                await producer.send(topic, orjson.dumps({"i": i}), partition=i % 2)
+            await producer.commit_transaction()
+    finally:
+        await producer.stop()
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        job.from_source(KafkaSource(kafka_bootstrap, topic, bounded=True)).sink_to(sink)
+
+    await asyncio.wait_for(run_job_async(build, parallelism=2), WAIT_S)
+
+    assert sorted(v["i"] for v in sink.committed) == list(range(20))
 
 
 @pytest.mark.asyncio

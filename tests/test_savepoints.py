@@ -20,7 +20,9 @@ from cli_helpers import (
     post_json,
     read_address,
     run_cli,
+    set_args,
     start_cli,
+    stop_process,
     wait_for,
 )
 
@@ -29,16 +31,6 @@ from state.storage import CheckpointKind, load_checkpoint
 
 EXAMPLE = ROOT / "examples" / "file_etl.py"
 EVENTS = ROOT / "examples" / "data" / "events.jsonl"
-
-
-
-
-
-
-
-
-
-
 
 
 def records_in(address: str, uid: str) -> int:
@@ -514,3 +506,34 @@ def test_status_checkpoints_endpoints_and_cancel(tmp_path: Path) -> None:
     gone = run_cli("cancel", "--address", address)
     assert gone.returncode == 1
     assert "cannot reach the job" in gone.stderr
+
+
+def test_a_savepoint_requested_while_the_job_fails_for_good_is_answered_with_the_failure(
+    tmp_path: Path,
+) -> None:
+    """The savepoint's snapshot crashes the task and no restart is allowed: the request gets the
+    job's end as its answer and the job exits, instead of both waiting for a savepoint that can
+    never complete."""
+    out, chk, stderr = tmp_path / "out", tmp_path / "chk", tmp_path / "job.stderr"
+    job = start_cli(
+        stderr,
+        "run",
+        str(ROOT / "examples" / "file_etl.py"),
+        *set_args(output=out, rate=200, **{"testing.crash-at": "before-snapshot"}),
+        "--restart-strategy",
+        "none",
+        "--checkpoint-dir",
+        str(chk),
+        "--no-progress",
+        "--rest-port",
+        "0",
+    )
+    try:
+        address = wait_for(lambda: read_address(chk), "the rest-address file", job, stderr)
+        taken = run_cli("savepoint", "--address", address)
+        assert taken.returncode != 0, taken.stdout
+        assert "the job has ended (failed)" in taken.stderr, taken.stderr
+        assert job.wait(timeout=RUN_TIMEOUT_S) == 1, stderr.read_text()
+        assert "injected crash at before-snapshot" in stderr.read_text()
+    finally:
+        stop_process(job)

@@ -333,11 +333,19 @@ class KafkaSource(Source[Any]):
         return KafkaSourceReader(self, context)
 
 
+END_OFFSET_CONFIRM_TIMEOUT_S = 30.0
+"""How long confirming a partition's end by reading may take before the source gives up."""
+
+
 async def confirmed_end_offsets(
     consumer: AIOKafkaConsumer, partitions: list[TopicPartition], source: KafkaSource
 ) -> dict[TopicPartition, int]:
     """End offsets, confirmed by reading: some brokers answer "latest" with the start of the last
-    record batch + 1, which is short of the real log end. Read from there until nothing more comes."""
+    record batch + 1, which is short of the real log end. Read from there until nothing more comes.
+
+    Raises :class:`InfrastructureError` when the broker delivers nothing from the last reported
+    batch within :data:`END_OFFSET_CONFIRM_TIMEOUT_S`: a bounded source must not stop short of
+    the end on a guess."""
     if not partitions:
         return {}
     reported = await consumer.end_offsets(partitions)
@@ -350,26 +358,52 @@ async def confirmed_end_offsets(
             if probe is None:
                 probe = source.consumer("end offset probe")
                 await start_client(probe)
-            probe.assign([tp])
-            probe.seek(tp, reported[tp] - 1)
-            end = reported[tp]
-            # The record before the reported end exists, so the first fetch may wait for it (a
-            # busy broker can answer a short fetch with nothing); later ones only confirm that
-            # nothing follows.
-            timeout_ms = 5000
-            while True:
-                batch = await probe.getmany(tp, timeout_ms=timeout_ms)
-                records = batch.get(tp, [])
-                if not records:
-                    break
-                end = max(end, records[-1].offset + 1)
-                probe.seek(tp, end)
-                timeout_ms = 500
-            result[tp] = end
+            result[tp] = await _read_to_end(probe, tp, reported[tp], source)
     finally:
         if probe is not None:
             await stop_client(probe)
     return result
+
+
+async def _read_to_end(
+    probe: AIOKafkaConsumer, tp: TopicPartition, reported: int, source: KafkaSource
+) -> int:
+    """The end of ``tp``: read from the record before the ``reported`` end until nothing follows.
+
+    That record exists, so the first fetches must reach it: either they return records, or the
+    consumer's position moves past it (a transaction marker, which fetches do not return). Until
+    then an empty fetch only means a busy broker, and the probe waits; once reached, an empty
+    fetch confirms that nothing follows."""
+    start = reported - 1
+    probe.assign([tp])
+    probe.seek(tp, start)
+    end = reported
+    reached = False
+    deadline = asyncio.get_running_loop().time() + END_OFFSET_CONFIRM_TIMEOUT_S
+    while True:
+        batch = await probe.getmany(tp, timeout_ms=500)
+        records = batch.get(tp, [])
+        if records:
+            end = max(end, records[-1].offset + 1)
+            probe.seek(tp, end)
+            reached = True
+            continue
+        position: int = await probe.position(tp)
+        if position > start:
+            end = max(end, position)
+            if reached:
+                return end
+            reached = True
+            continue
+        if asyncio.get_running_loop().time() > deadline:
+            msg = (
+                f"Kafka source {source.name()!r}: cannot confirm where {tp.topic}[{tp.partition}] "
+                f"ends: the broker {source.bootstrap_servers} reported offset {reported} but "
+                f"delivered nothing from offset {start} within "
+                f"{END_OFFSET_CONFIRM_TIMEOUT_S:.0f}s; a bounded source stops only at a "
+                "confirmed end (is the broker overloaded or the record deleted by retention?)"
+            )
+            raise InfrastructureError(msg)
 
 
 class KafkaSourceReader(SourceReader[Any]):
@@ -385,7 +419,12 @@ class KafkaSourceReader(SourceReader[Any]):
         self._dead_letters: AIOKafkaProducer | None = None
         self._dead_letter_queue: list[tuple[bytes | None, bytes | None, list[Any]]] = []
         self._committer: AIOKafkaConsumer | None = None
-        self._queue: deque[tuple[TopicPartition, list[Any]]] = deque()
+        self._queue: deque[tuple[TopicPartition, list[Any] | int]] = deque()
+        """Fetched records per partition, in order; an int instead of records says that the
+        consumer's position moved there without records (transaction markers, aborted records:
+        a partition that ends with a marker would otherwise never reach its stop offset)."""
+        self._fetched_to: dict[TopicPartition, int] = {}
+        """Per assigned partition, the offset after the last record or position queued."""
         self._room = asyncio.Event()
         self._room.set()
         self._fetch_task: asyncio.Task[None] | None = None
@@ -440,8 +479,11 @@ class KafkaSourceReader(SourceReader[Any]):
         assert self._consumer is not None
         active = self._active()
         self._consumer.assign([TopicPartition(s["topic"], s["partition"]) for s in active])
+        self._fetched_to.clear()
         for split in active:
-            self._consumer.seek(TopicPartition(split["topic"], split["partition"]), split["offset"])
+            tp = TopicPartition(split["topic"], split["partition"])
+            self._consumer.seek(tp, split["offset"])
+            self._fetched_to[tp] = split["offset"]
 
     async def start(self) -> None:
         if not self.splits and self.source.bounded:
@@ -477,14 +519,22 @@ class KafkaSourceReader(SourceReader[Any]):
                     self._room.clear()
                     await self._room.wait()
                 fetched = await consumer.getmany(timeout_ms=200, max_records=2048)
+                moved = False
                 for tp, records in fetched.items():
                     if records:
                         self._queue.append((tp, records))
+                        self._fetched_to[tp] = records[-1].offset + 1
                 for tp in consumer.assignment():
                     high = consumer.highwater(tp)
                     if high is not None:
                         self.highwater[(tp.topic, tp.partition)] = high
-                if fetched:
+                    if tp not in fetched and tp in self._fetched_to:
+                        position: int = await consumer.position(tp)
+                        if position > self._fetched_to[tp]:
+                            self._queue.append((tp, position))
+                            self._fetched_to[tp] = position
+                            moved = True
+                if fetched or moved:
                     self.context.notify_available()
         except asyncio.CancelledError:
             raise
@@ -510,6 +560,9 @@ class KafkaSourceReader(SourceReader[Any]):
             split = self.splits.get((tp.topic, tp.partition))
             if split is None:
                 continue
+            if isinstance(records, int):
+                self._skip_to(split, records)
+                continue
             if len(records) > max_records:
                 self._queue.appendleft((tp, records[max_records:]))
                 records = records[:max_records]
@@ -521,6 +574,15 @@ class KafkaSourceReader(SourceReader[Any]):
         if self.source.bounded and not self._active():
             return END_OF_INPUT
         return None
+
+    def _skip_to(self, split: dict[str, Any], position: int) -> None:
+        """The consumer moved to ``position`` past offsets that hold no records for us."""
+        stop = split["stop"]
+        if position <= split["offset"]:
+            return
+        split["offset"] = position if stop is None else min(position, stop)
+        if stop is not None and split["offset"] >= stop:
+            self._assign()
 
     def _convert(
         self, split: dict[str, Any], records: list[Any]

@@ -27,6 +27,7 @@ from runtime.api.functions import (
     ProcessContext,
     RichFunction,
     RuntimeContext,
+    _SideOutputContext,
     close_async_results,
     is_async_result,
 )
@@ -192,13 +193,17 @@ class MapOperator(UserFunctionOperator):
     async def process_batch(
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
-        fn = self.function
+        await self._map_values(self.function, "map function", values, timestamps)
+
+    async def _map_values(
+        self, fn: Callable[[Any], Any], role: str, values: list[Any], timestamps: list[int] | None
+    ) -> None:
         try:
             out = [fn(value) for value in values]
         except Exception as exc:
             raise self.user_error(exc, values) from exc
         if out and is_async_result(out[0]):
-            raise _async_result_error(self, "map function", out, values[0])
+            raise _async_result_error(self, role, out, values[0])
         await self.output.emit(out, timestamps)
 
 
@@ -236,7 +241,15 @@ class FlatMapOperator(UserFunctionOperator):
     async def process_batch(
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
-        fn = self.function
+        await self._flat_map_values(self.function, "flat_map function", values, timestamps)
+
+    async def _flat_map_values(
+        self,
+        fn: Callable[[Any], Iterable[Any]],
+        role: str,
+        values: list[Any],
+        timestamps: list[int] | None,
+    ) -> None:
         if not values:
             return
         try:
@@ -244,10 +257,10 @@ class FlatMapOperator(UserFunctionOperator):
             value = values[0]
             first = fn(value)
             if is_async_result(first):
-                raise _async_result_error(self, "flat_map function", [first], value)
+                raise _async_result_error(self, role, [first], value)
             out = list(first)
             if out and is_async_result(out[0]):
-                raise _async_result_error(self, "flat_map function", out, value)
+                raise _async_result_error(self, role, out, value)
             if timestamps is None:
                 out += [result for value in values[1:] for result in fn(value)]
                 await self.output.emit(out, None)
@@ -395,22 +408,55 @@ class _ProcessFunctionOperator(UserFunctionOperator):
     """What the operators of process functions share: the collector and the context's side
     outputs, emitted once per buffer (or per batch of timers)."""
 
-    _ctx: KeyedProcessContext[Any] | ProcessContext
+    _ctx: _SideOutputContext
     _out: Collector[Any]
 
-    async def _emit_collected(self, method: Callable[..., Any]) -> None:
-        """Emit what ``method`` collected; like the other operators, the first record of each
-        buffer is checked for an awaitable (an ``async def`` function called without await)."""
+    async def _emit_collected(
+        self, method: Callable[..., Any], ctx: _SideOutputContext | None = None
+    ) -> None:
+        """Emit what ``method`` collected and emitted to side outputs through ``ctx`` (default:
+        the operator's context); like the other operators, the first record of each buffer is
+        checked for an awaitable (an ``async def`` function called without await)."""
         emitted, emitted_ts = self._out._take()
         if emitted and is_async_result(emitted[0]):
             raise _async_result_error(self, _method_role(method), emitted, verb="collected")
         await self.output.emit(emitted, emitted_ts)
-        for tag, values, timestamps in self._ctx._take_side_outputs():
+        for tag, values, timestamps in (ctx or self._ctx)._take_side_outputs():
             if is_async_result(values[0]):
                 raise _async_result_error(
                     self, _method_role(method), values, verb=f"emitted to side output {tag!r}"
                 )
             await self.emit_side(tag, values, timestamps)
+
+    async def _process_unkeyed(
+        self,
+        values: list[Any],
+        timestamps: list[int] | None,
+        process: Callable[[Any, Any, Any], Any],
+        ctx: _SideOutputContext,
+    ) -> None:
+        """Call ``process(value, ctx, out)`` per record, with no key, and emit what it produced."""
+        out = self._out
+        try:
+            if timestamps is None:
+                ctx.timestamp = None
+                out._default_ts = None
+                for value in values:
+                    result = process(value, ctx, out)
+                    if result is not None and is_async_result(result):
+                        raise self._returned_awaitable(process, result, value)
+            else:
+                for value, ts in zip(values, timestamps, strict=True):
+                    ctx.timestamp = ts
+                    out._default_ts = ts
+                    result = process(value, ctx, out)
+                    if result is not None and is_async_result(result):
+                        raise self._returned_awaitable(process, result, value)
+        except UserFunctionError:
+            raise
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        await self._emit_collected(process, ctx)
 
     def _returned_awaitable(
         self, method: Callable[..., Any], result: Any, record: Any = None
@@ -434,29 +480,7 @@ class ProcessOperator(_ProcessFunctionOperator):
     async def process_batch(
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
-        process = self.function.process_element
-        ctx = self._ctx
-        out = self._out
-        try:
-            if timestamps is None:
-                ctx.timestamp = None
-                out._default_ts = None
-                for value in values:
-                    result = process(value, ctx, out)
-                    if result is not None and is_async_result(result):
-                        raise self._returned_awaitable(process, result, value)
-            else:
-                for value, ts in zip(values, timestamps, strict=True):
-                    ctx.timestamp = ts
-                    out._default_ts = ts
-                    result = process(value, ctx, out)
-                    if result is not None and is_async_result(result):
-                        raise self._returned_awaitable(process, result, value)
-        except UserFunctionError:
-            raise
-        except Exception as exc:
-            raise self.user_error(exc, values) from exc
-        await self._emit_collected(process)
+        await self._process_unkeyed(values, timestamps, self.function.process_element, self._ctx)
 
     async def process_watermark(self, watermark: Watermark) -> None:
         time_service = self._time

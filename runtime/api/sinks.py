@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from actors.operator import StreamOperator
+from actors.operator import OperatorContext, StreamOperator
 from runtime.api.functions import RuntimeContext
 from state.operator import OperatorStateStore
 from state.snapshot import OperatorSnapshot, RestoredState
@@ -59,6 +59,27 @@ class Sink:
     def create_writer(self, context: RuntimeContext) -> SinkWriter:
         raise NotImplementedError
 
+    def create_operator(self, name: str, uid: str) -> StreamOperator:
+        """The operator that runs this sink in each subtask: the :class:`SinkOperator` around
+        ``create_writer``'s writers, unless a kind of sink needs its own (``AsyncSink``)."""
+        return SinkOperator(name, uid, self)
+
+
+def sink_runtime_context(
+    context: OperatorContext, operator_state: OperatorStateStore | None
+) -> RuntimeContext:
+    """What a sink's writer learns of where it runs (no keyed state: sinks are not keyed)."""
+    return RuntimeContext(
+        context.operator_name,
+        context.subtask_index,
+        context.parallelism,
+        context.params,
+        None,
+        operator_state,
+        context.checkpoint_interval_s,
+        context.restore,
+    )
+
 
 class SinkOperator(StreamOperator):
     def __init__(self, name: str, uid: str, sink: Sink) -> None:
@@ -70,17 +91,7 @@ class SinkOperator(StreamOperator):
     async def initialize_state(self, restored: RestoredState | None) -> None:
         ctx = self.context
         self._state = OperatorStateStore(ctx.subtask_label)
-        runtime_ctx = RuntimeContext(
-            ctx.operator_name,
-            ctx.subtask_index,
-            ctx.parallelism,
-            ctx.params,
-            None,
-            self._state,
-            ctx.checkpoint_interval_s,
-            ctx.restore,
-        )
-        self.writer = self.sink.create_writer(runtime_ctx)
+        self.writer = self.sink.create_writer(sink_runtime_context(ctx, self._state))
         if restored is not None and restored.operator is not None:
             self._state.restore(restored.operator)
             await self.writer.restore(self._state.get_list_state(SINK_STATE).get())

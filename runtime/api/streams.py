@@ -20,7 +20,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from actors.partitioner import (
     BroadcastPartitioner,
@@ -42,10 +42,14 @@ from runtime.api.sinks import PrintSink, Sink
 from runtime.api.sources import Source
 from runtime.api.watermarks import WatermarkStrategy
 from runtime.config import DEFAULT_PARALLELISM
+from state.keyed import MapStateDescriptor
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
 
 if TYPE_CHECKING:
     from runtime.api.async_io import AsyncRetryStrategy
+    from runtime.api.broadcast import BroadcastConnectedStream, BroadcastStream
+    from runtime.api.connected import CoFlatMapFunction, CoMapFunction, CoProcessFunction
+    from runtime.api.joins import CoGroupedStreams, IntervalJoin
     from runtime.api.windows import AllWindowedStream, WindowAssigner, WindowedStream
 
 VIRTUAL_KINDS = ("partition", "union", "side_output")
@@ -111,6 +115,8 @@ class Transformation:
     """Inputs are two logical inputs (input 1, input 2), not a union."""
     side_output_tag: str | None = None
     """Of ``side_output`` nodes: the tag of their input operator's side output they read."""
+    broadcast_state: tuple[str, ...] = ()
+    """Of operators with a broadcast input: the names of the broadcast states they keep."""
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.name!r}>"
@@ -427,8 +433,42 @@ class DataStream:
     def rebalance(self) -> DataStream:
         return self._partition("rebalance", RebalancePartitioner)
 
-    def broadcast(self) -> DataStream:
-        return self._partition("broadcast", BroadcastPartitioner)
+    @overload
+    def broadcast(self) -> DataStream: ...
+
+    @overload
+    def broadcast(self, *descriptors: MapStateDescriptor[Any, Any]) -> BroadcastStream: ...
+
+    def broadcast(self, *descriptors: MapStateDescriptor[Any, Any]) -> DataStream | BroadcastStream:
+        """Send every record to every subtask of the next operator. With broadcast state
+        descriptors (``MapStateDescriptor``, one per broadcast state): a ``BroadcastStream`` for
+        the broadcast state pattern, to ``connect()`` a stream with (see ``runtime.api.broadcast``).
+        """
+        if not descriptors:
+            return self._partition("broadcast", BroadcastPartitioner)
+        from runtime.api.broadcast import BroadcastStream
+
+        names: set[str] = set()
+        for descriptor in descriptors:
+            if not isinstance(descriptor, MapStateDescriptor):
+                msg = (
+                    "broadcast() takes MapStateDescriptors of the broadcast states, got "
+                    f"{type(descriptor).__name__}"
+                )
+                raise JobDefinitionError(msg)
+            if descriptor.ttl is not None:
+                msg = (
+                    f"broadcast state {descriptor.name!r}: a TTL is not supported on broadcast "
+                    "state (every subtask must hold the same entries); remove entries in "
+                    "process_broadcast_element() instead"
+                )
+                raise JobDefinitionError(msg)
+            if descriptor.name in names:
+                msg = f"broadcast(): two descriptors of broadcast state {descriptor.name!r}"
+                raise JobDefinitionError(msg)
+            names.add(descriptor.name)
+        partition = self._partition("broadcast", BroadcastPartitioner)
+        return BroadcastStream(self.job, partition.transformation, tuple(descriptors))
 
     def forward(self) -> DataStream:
         return self._partition("forward", ForwardPartitioner)
@@ -448,12 +488,42 @@ class DataStream:
         )
         return DataStream(self.job, t)
 
-    def connect(self, other: DataStream) -> ConnectedStreams:
-        """Two streams processed together by one two-input function (see ``KeyedCoProcessFunction``)."""
+    @overload
+    def connect(self, other: DataStream) -> ConnectedStreams: ...
+
+    @overload
+    def connect(self, other: BroadcastStream) -> BroadcastConnectedStream: ...
+
+    def connect(
+        self, other: DataStream | BroadcastStream
+    ) -> ConnectedStreams | BroadcastConnectedStream:
+        """Two streams processed together by one two-input function: ``map``, ``flat_map`` or
+        ``process`` with a co-function (``CoMapFunction``, ``CoFlatMapFunction``,
+        ``CoProcessFunction``; ``KeyedCoProcessFunction`` after ``key_by``); with a
+        ``BroadcastStream`` (``broadcast(descriptor)``), the broadcast state pattern."""
+        from runtime.api.broadcast import BroadcastConnectedStream, BroadcastStream
+
         if other.job is not self.job:
             msg = "connect() of streams from different jobs"
             raise JobDefinitionError(msg)
+        if isinstance(other, BroadcastStream):
+            return BroadcastConnectedStream(self, other)
         return ConnectedStreams(self, other)
+
+    def join(self, other: DataStream) -> CoGroupedStreams:
+        """A window join: ``a.join(b).where(key_a).equal_to(key_b).window(assigner).apply(fn)``
+        joins every pair of records with equal keys in the same window (see
+        ``runtime.api.joins``)."""
+        from runtime.api.joins import CoGroupedStreams
+
+        return CoGroupedStreams(self, other, "join")
+
+    def co_group(self, other: DataStream) -> CoGroupedStreams:
+        """A window co-group: like :meth:`join`, but ``apply(fn(firsts, seconds, out))`` gets
+        all of a key's records of a window from both inputs at once."""
+        from runtime.api.joins import CoGroupedStreams
+
+        return CoGroupedStreams(self, other, "co_group")
 
     def window_all(self, assigner: WindowAssigner) -> AllWindowedStream:
         """Group the whole (non-keyed) stream into windows of ``assigner``, evaluated by one
@@ -506,14 +576,12 @@ class DataStream:
         return DataStream(self.job, t)
 
     def sink_to(self, sink: Sink, name: str | None = None) -> DataStream:
-        from runtime.api.sinks import SinkOperator
-
         if not isinstance(sink, Sink):
             msg = f"sink_to() needs a runtime.Sink, got {type(sink).__name__}"
             raise JobDefinitionError(msg)
 
         def factory(op_name: str, uid: str) -> Any:
-            return SinkOperator(op_name, uid, sink)
+            return sink.create_operator(op_name, uid)
 
         t = self.job._add(
             "sink", name or f"Sink: {sink.name()}", [self.transformation], operator_factory=factory
@@ -543,6 +611,22 @@ class KeyedStream(DataStream):
 
         _require_sync("reduce()", fn)
         return self._operator(KeyedReduceOperator, "Reduce", fn, name, self.key_selector)
+
+    def interval_join(self, other: KeyedStream) -> IntervalJoin:
+        """An interval join on event time with another keyed stream:
+        ``left.interval_join(right).between(lower, upper).process(ProcessJoinFunction)``."""
+        from runtime.api.joins import IntervalJoin
+
+        if not isinstance(other, KeyedStream):
+            msg = (
+                "interval_join() needs a keyed stream to join with: call key_by() on it, got "
+                f"{type(other).__name__}"
+            )
+            raise JobDefinitionError(msg)
+        if other.job is not self.job:
+            msg = "interval_join() of streams from different jobs"
+            raise JobDefinitionError(msg)
+        return IntervalJoin(self, other)
 
     def window(self, assigner: WindowAssigner) -> WindowedStream:
         """Group each key's records into the windows of ``assigner`` (``runtime.windows``):
@@ -652,7 +736,10 @@ def default_uids(job: Job) -> dict[int, str]:
 
 
 class ConnectedStreams:
-    """Two streams to be processed by one two-input operator."""
+    """Two streams to be processed by one two-input operator: ``map``, ``flat_map`` and
+    ``process`` with a co-function, input 1 the stream ``connect()`` was called on. After
+    ``key_by(first_key, second_key)`` ``process`` takes a ``KeyedCoProcessFunction`` (keyed
+    state and timers shared by both inputs)."""
 
     def __init__(self, first: DataStream, second: DataStream) -> None:
         self.first = first
@@ -666,17 +753,88 @@ class ConnectedStreams:
         _require_sync("key_by() (second key)", second_key)
         return ConnectedStreams(self.first.key_by(first_key), self.second.key_by(second_key))
 
-    def process(
-        self, fn: KeyedCoProcessFunction[Any, Any, Any], name: str | None = None
+    def _two_input(
+        self,
+        label: str,
+        factory: Callable[[str, str], Any],
+        key_selector: Callable[[Any], Any] | None = None,
     ) -> DataStream:
+        job = self.first.job
+        t = job._add(
+            "operator",
+            label,
+            [self.first.transformation, self.second.transformation],
+            operator_factory=factory,
+            key_selector=key_selector,
+            two_input=True,
+        )
+        return DataStream(job, t)
+
+    def map(self, fn: CoMapFunction[Any, Any, Any], name: str | None = None) -> DataStream:
+        """``fn.map1`` on each record of input 1, ``fn.map2`` on each of input 2."""
+        from runtime.api.connected import CoMapFunction, CoMapOperator
+
+        return self._co_function("map", CoMapFunction, CoMapOperator, "CoMap", fn, name)
+
+    def flat_map(self, fn: CoFlatMapFunction[Any, Any, Any], name: str | None = None) -> DataStream:
+        """``fn.flat_map1`` on each record of input 1, ``fn.flat_map2`` on each of input 2,
+        each returning an iterable of results."""
+        from runtime.api.connected import CoFlatMapFunction, CoFlatMapOperator
+
+        return self._co_function(
+            "flat_map", CoFlatMapFunction, CoFlatMapOperator, "CoFlatMap", fn, name
+        )
+
+    def _co_function(
+        self,
+        method: str,
+        function_class: type,
+        operator_class: type,
+        default_name: str,
+        fn: Any,
+        name: str | None,
+    ) -> DataStream:
+        if not isinstance(fn, function_class):
+            msg = (
+                f"{method}() on connected streams needs a {function_class.__name__}, got "
+                f"{type(fn).__name__}"
+            )
+            raise JobDefinitionError(msg)
+        _require_sync(f"{method}()", fn)
+        fn_name = _function_name(fn)
+        label = name or (f"{default_name}({fn_name})" if fn_name else default_name)
+
+        def factory(op_name: str, uid: str) -> Any:
+            return operator_class(op_name, uid, fn)
+
+        return self._two_input(label, factory)
+
+    def process(
+        self,
+        fn: KeyedCoProcessFunction[Any, Any, Any] | CoProcessFunction[Any, Any, Any],
+        name: str | None = None,
+    ) -> DataStream:
+        """A ``CoProcessFunction`` (no keyed state, no timers), or after ``key_by`` a
+        ``KeyedCoProcessFunction``."""
+        from runtime.api.connected import CoProcessFunction, CoProcessOperator
         from runtime.api.operators import KeyedCoProcessOperator
 
+        if isinstance(fn, CoProcessFunction):
+            return self._co_function(
+                "process", CoProcessFunction, CoProcessOperator, "CoProcess", fn, name
+            )
         first, second = self.first, self.second
-        if not (isinstance(first, KeyedStream) and isinstance(second, KeyedStream)):
-            msg = "process() on connected streams needs key_by(first_key, second_key) first"
-            raise JobDefinitionError(msg)
         if not isinstance(fn, KeyedCoProcessFunction):
-            msg = f"process() needs a KeyedCoProcessFunction, got {type(fn).__name__}"
+            msg = (
+                "process() on connected streams needs a CoProcessFunction (or, after key_by, a "
+                f"KeyedCoProcessFunction), got {type(fn).__name__}"
+            )
+            raise JobDefinitionError(msg)
+        if not (isinstance(first, KeyedStream) and isinstance(second, KeyedStream)):
+            msg = (
+                "process() with a KeyedCoProcessFunction needs key_by(first_key, second_key) "
+                "first (or a CoProcessFunction, which has no keyed state)"
+            )
             raise JobDefinitionError(msg)
         _require_sync("process()", fn)
         keys = (first.key_selector, second.key_selector)
@@ -686,13 +844,12 @@ class ConnectedStreams:
         def factory(op_name: str, uid: str) -> Any:
             return KeyedCoProcessOperator(op_name, uid, fn, keys[0], keys[1])
 
-        job = first.job
-        t = job._add(
-            "operator",
-            label,
-            [first.transformation, second.transformation],
-            operator_factory=factory,
-            key_selector=keys[0],
-            two_input=True,
-        )
-        return DataStream(job, t)
+        return self._two_input(label, factory, keys[0])
+
+
+def keyed_two_input(
+    first: KeyedStream, second: KeyedStream, label: str, factory: Callable[[str, str], Any]
+) -> DataStream:
+    """The stream of a two-input operator (``factory``) on two keyed streams: input 1 is
+    ``first``, input 2 ``second``; both are partitioned by the operator's key groups."""
+    return ConnectedStreams(first, second)._two_input(label, factory, first.key_selector)

@@ -233,6 +233,7 @@ class CheckpointCoordinator:
         its whole life (the history keeps only the latest)."""
         self.last_completed_stats: CheckpointStats | None = None
         """The statistics of the latest completed checkpoint or savepoint."""
+        self._shut_down_reason = "the job has ended"
         self.alarm = CheckpointFailureAlarm(
             job_name, config.alert_on_failures, config.on_failure_alert
         )
@@ -266,7 +267,10 @@ class CheckpointCoordinator:
     ) -> asyncio.Future[CompletedCheckpoint]:
         """Trigger from outside the coordinator's actor (e.g. the control endpoint)."""
         result: asyncio.Future[CompletedCheckpoint] = asyncio.get_running_loop().create_future()
-        self.mailbox.put(_TriggerRequest(kind, target_dir, stop, result))
+        if not self.mailbox.try_put(_TriggerRequest(kind, target_dir, stop, result)):
+            result.set_exception(
+                CheckpointFailedError(f"{kind.value} not taken: {self._shut_down_reason}")
+            )
         return result
 
     def request_stop(self) -> None:
@@ -339,6 +343,19 @@ class CheckpointCoordinator:
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - self.clock.monotonic_s())
+
+    def shut_down(self, reason: str) -> None:
+        """The job ended (``reason`` says how): abort what is pending, fail the trigger requests
+        never served, and refuse further ones, so that nobody waits for a checkpoint that can
+        never come (the control endpoint would otherwise hang on a savepoint request)."""
+        self._shut_down_reason = reason
+        for pending in list(self.pending.values()):
+            self._abort(pending, reason, counts=False)
+        for mail in self.mailbox.close():
+            if type(mail) is _TriggerRequest and not mail.result.done():
+                mail.result.set_exception(
+                    CheckpointFailedError(f"{mail.kind.value} not taken: {reason}")
+                )
 
     def end(self) -> None:
         """Every task finished: what is still pending can never complete."""

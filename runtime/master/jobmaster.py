@@ -255,6 +255,7 @@ class JobMaster:
         try:
             return await self._run_attempts()
         finally:
+            self.coordinator.shut_down(f"the job has ended ({self.status})")
             await self.deployment.close()
 
     async def _run_attempts(self) -> JobResult:

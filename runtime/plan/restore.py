@@ -3,7 +3,9 @@
 - Keyed state and timers: every new subtask receives the key-group-organised snapshots of all old
   subtasks and keeps the key groups it owns.
 - Operator list state: redistributed by its mode (even split or union) over the old subtasks that
-  were still running; broadcast state from one running old subtask (FLIP-147).
+  were still running (FLIP-147). Broadcast state: every new subtask gets a whole copy, new subtask
+  *i* that of running old subtask *i* modulo their number (Flink's assignment; all copies are the
+  same), at any parallelism.
 - Operators that had fully finished: not run again. If every operator of a vertex finished, its
   subtasks start as *finished* (they only hand their state to ``initialize_state`` so that sinks can
   commit what was pending, then send ``EndOfData``).
@@ -13,11 +15,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from state.operator import redistribute_operator_state
-from state.snapshot import RestoredState
+from state.operator import Redistribution, redistribute_operator_state
+from state.snapshot import OperatorSnapshot, RestoredState
 
 if TYPE_CHECKING:
-    from runtime.plan.graph import JobGraph
+    from runtime.plan.graph import JobGraph, OperatorNode
     from state.storage import CompletedCheckpoint, OperatorCheckpoint
 
 
@@ -84,10 +86,13 @@ class RestoreReport:
         ]
         self.finished = [uid for uid in self.restored if checkpoint.operators[uid].fully_finished]
         self.errors: list[str] = []
+        self.broadcast: dict[str, list[str]] = {}
+        """Per restored operator, the broadcast states that every new subtask restores whole."""
         for uid in self.restored:
             entry = checkpoint.operators[uid]
             node = graph.operators[uid]
             snapshots = [snapshot for _, snapshot in entry.subtask_states.snapshots()]
+            self._check_broadcast_state(uid, node, snapshots)
             keyed_parts = [
                 part
                 for part, present in (
@@ -145,6 +150,28 @@ class RestoreReport:
                     "operators cannot be added in front of a finished operator"
                 )
 
+    def _check_broadcast_state(
+        self, uid: str, node: OperatorNode, snapshots: list[OperatorSnapshot]
+    ) -> None:
+        """Operator state the checkpoint holds under the name of a broadcast state the job
+        declares must be broadcast state too (list state cannot become it)."""
+        modes: dict[str, str] = {}
+        for snapshot in snapshots:
+            for name, part in (snapshot.operator or {}).items():
+                modes.setdefault(name, part.get("mode", ""))
+        restored = [n for n, m in modes.items() if m == Redistribution.BROADCAST.value]
+        if restored:
+            self.broadcast[uid] = sorted(restored)
+        for name in node.transformation.broadcast_state:
+            mode = modes.get(name)
+            if mode is not None and mode != Redistribution.BROADCAST.value:
+                self.errors.append(
+                    f"operator {node.name!r} (uid {uid}) declares broadcast state {name!r}, but "
+                    f"the checkpoint holds {mode} list state of that name; give the broadcast "
+                    "state another name, or the operator another uid() and pass "
+                    "--allow-non-restored-state to drop the old state"
+                )
+
     def check(self, allow_non_restored_state: bool) -> None:
         problems = list(self.errors)
         if self.dropped and not allow_non_restored_state:
@@ -172,5 +199,9 @@ class RestoreReport:
         ]
         if self.finished:
             lines.append(f"finished (not run again): {names(self.finished)}")
+        for uid, states in self.broadcast.items():
+            lines.append(
+                f"broadcast state of {names([uid])}, whole in every subtask: {', '.join(states)}"
+            )
         lines.extend(f"error: {e}" for e in self.errors)
         return "\n".join(lines)
