@@ -693,6 +693,13 @@ def test_map_async_refuses_what_is_not_async_and_bad_options() -> None:
     stream = job.from_source(testing.TestingSource([1]))
     with pytest.raises(JobDefinitionError, match=r"not an async def function.*use map\(\)"):
         stream.map_async(lambda v: v)
+
+    class AsyncHook(Enricher):
+        async def timeout(self, value: int) -> Any:  # type: ignore[override]
+            return value
+
+    with pytest.raises(JobDefinitionError, match=r"AsyncHook.timeout is an async function"):
+        stream.map_async(AsyncHook(SimulatedService()))
     with pytest.raises(JobDefinitionError, match="capacity must be an int >= 1"):
         stream.map_async(SimulatedService().call, capacity=0)
     with pytest.raises(JobDefinitionError, match="needs a unit"):

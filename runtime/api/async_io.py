@@ -160,8 +160,15 @@ class AsyncRetryStrategy:
 def describe_async_function(fn: Any) -> str | None:
     """Why ``fn`` cannot be the function of ``map_async``, or None when it can."""
     if isinstance(fn, AsyncFunction):
-        if not inspect.iscoroutinefunction(type(fn).invoke):
-            return f"{type(fn).__name__}.invoke must be an async def method"
+        cls = type(fn)
+        if not inspect.iscoroutinefunction(cls.invoke):
+            return f"{cls.__name__}.invoke must be an async def method"
+        for hook in ("open", "finish", "close", "timeout"):
+            if inspect.iscoroutinefunction(getattr(cls, hook)):
+                return (
+                    f"{cls.__name__}.{hook} is an async function; only invoke() is awaited, "
+                    f"{hook}() runs on the task and must be a plain def"
+                )
         return None
     if inspect.iscoroutinefunction(fn):
         return None
