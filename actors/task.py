@@ -32,6 +32,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -57,7 +58,7 @@ from actors.events import (
     WatermarkStatus,
 )
 from actors.faults import InjectedCrash, crash_point
-from actors.mailbox import Mailbox, Wakeup
+from actors.mailbox import Mailbox, MailboxState, Wakeup
 from actors.network import Buffer, InputChannel, InputGate
 from actors.operator import StreamOperator, UserFunctionError
 from actors.protocol import (
@@ -139,6 +140,10 @@ class ProcessingCallbackMail:
     callback: ProcessingCallback
 
 
+TaskCallback = Callable[[], Awaitable[None]]
+"""Work that completed elsewhere (an async request), run on the task's actor."""
+
+
 class TaskListener(Protocol):
     """Where a task's reports go (the job master, or a TaskManager's control connection).
 
@@ -196,6 +201,10 @@ class StreamTask:
         self.clock: Clock = clock if clock is not None else SystemClock()
         """Processing time of this task's timers and callbacks (see :class:`Clock`)."""
         self._timer_handles: set[Cancellable] = set()
+        self._callbacks: deque[tuple[int, TaskCallback]] = deque()
+        """What :meth:`run_on_task` queued, with the chain position of the operator it is for."""
+        self._callback_queued = asyncio.Event()
+        self._chain_positions = {id(op): index for index, op in enumerate(operators)}
         self._started_s: float | None = None
         """When :meth:`run` began (``time.monotonic()``); the busy, idle and backpressured
         times add up to the time since."""
@@ -619,6 +628,13 @@ class StreamTask:
         )
 
     async def _drain_mail(self) -> None:
+        if self._callbacks:
+            if self.state is TaskState.RUNNING and not self._closed:
+                await self._run_callbacks(0)
+            else:
+                # Once the input ended no record may leave the task any more (a stop without
+                # drain snapshots what is still pending); after close nothing runs.
+                self._callbacks.clear()
         mailbox = self.mailbox
         while mailbox.has_mail():
             mail = mailbox.take_nowait()
@@ -739,6 +755,50 @@ class StreamTask:
         clock reaches ``timestamp_ms``; only while the task is RUNNING (not after its input
         ended)."""
         self._schedule_mail(timestamp_ms, ProcessingCallbackMail(timestamp_ms, callback))
+
+    # ---------------------------------------------------------------- callbacks
+
+    def run_on_task(self, callback: TaskCallback, operator: StreamOperator) -> bool:
+        """Run ``callback()`` on this task's actor for ``operator`` (any coroutine or loop callback
+        may call this; it must not block): between buffers while the task is RUNNING, or inside a
+        :meth:`yield_to_callbacks` of ``operator`` or of an operator before it in the chain.
+        Exceptions it raises fail the task. Callbacks still queued when the input ended or the
+        task closed are dropped (an operator that needs its work back waits for it in
+        ``finish()``, or snapshots it); False once the task takes none any more."""
+        if self._closed or self.mailbox.state is not MailboxState.OPEN:
+            return False
+        self._callbacks.append((self._chain_positions[id(operator)], callback))
+        self._callback_queued.set()
+        self.wakeup.set()
+        return True
+
+    async def yield_to_callbacks(self, operator: StreamOperator) -> None:
+        """Called by ``operator`` inside one of its calls (``process_batch``, ``finish``...) that
+        cannot go on before work it started elsewhere is back: waits until a callback of it, or
+        of an operator after it in the chain, is queued and runs those queued (Flink's mailbox
+        ``yield``). Nothing else runs meanwhile: no checkpoint, no timer, and no callback of an
+        operator before it, which would hand it records while it is midway through a call."""
+        position = self._chain_positions[id(operator)]
+        while not any(index >= position for index, _ in self._callbacks):
+            self._callback_queued.clear()
+            await self._callback_queued.wait()
+        await self._run_callbacks(position)
+
+    async def _run_callbacks(self, position: int) -> None:
+        """Run the queued callbacks of operators at ``position`` or later in the chain, one at a
+        time and each taken off the queue only when it runs: a callback that waits in a
+        :meth:`yield_to_callbacks` of its own finds those queued after it."""
+        queued = self._callbacks
+        while queued:
+            if queued[0][0] >= position:
+                callback = queued.popleft()[1]
+            else:
+                found = next((i for i, entry in enumerate(queued) if entry[0] >= position), None)
+                if found is None:
+                    return
+                callback = queued[found][1]
+                del queued[found]
+            await callback()
 
     def _schedule_mail(self, timestamp_ms: int, mail: Any) -> None:
         mailbox = self.mailbox

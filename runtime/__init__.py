@@ -7,6 +7,7 @@ build function from Python with :func:`run_job`.
 # First: refuses (one clear line) a module of the user's that would shadow the runtime's packages.
 import runtime.plan.shadowing  # noqa: F401
 from actors.operator import NewerOutputPolicy
+from runtime.api.async_io import AsyncFunction, AsyncRetryStrategy, AsyncTimeoutError
 from runtime.api.async_sink import AsyncSink, AsyncSinkWriteError, AsyncSinkWriter
 from runtime.api.broadcast import (
     BroadcastConnectedStream,
@@ -96,9 +97,12 @@ from state.keyed import StateTtlConfig, StateVisibility, TtlUpdateType
 __all__ = [
     "AggregateFunction",
     "AllWindowedStream",
+    "AsyncFunction",
+    "AsyncRetryStrategy",
     "AsyncSink",
     "AsyncSinkWriteError",
     "AsyncSinkWriter",
+    "AsyncTimeoutError",
     "BoundedOutOfOrdernessWatermarks",
     "BroadcastConnectedStream",
     "BroadcastContext",

@@ -11,13 +11,18 @@
 - :class:`ManualClock`: processing time that moves only when the test says so; pass it as
   ``ExecutionConfig(clock=ManualClock())`` and ``advance(ms)`` fires processing-time timers,
   periodic watermarks and idleness without waiting on the wall clock.
+- :class:`SimulatedService`: an async service for ``map_async`` (random latencies from a seed, a
+  gate that holds every call, failures), counting calls and the most in flight at once.
 
 A test then reads: run, crash, restore, and assert ``committed`` equals the expected output.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
+from collections.abc import Callable
 from typing import Any
 
 from actors.faults import POINTS, InjectedCrash, arm, crash_point, disarm_all
@@ -37,6 +42,7 @@ __all__ = [
     "POINTS",
     "InjectedCrash",
     "ManualClock",
+    "SimulatedService",
     "TestingSink",
     "TestingSource",
     "arm",
@@ -187,3 +193,67 @@ def arm_from_params(params: dict[str, str]) -> None:
         return
     point, _, hit = spec.partition(":")
     arm(point, int(hit) if hit else 1, params.get("testing.crash-mode", "raise"))
+
+
+class SimulatedService:
+    """An async service to call from ``map_async`` in tests, examples and benchmarks.
+
+    ``await service.call(value)`` returns ``respond(value)`` after a latency: ``latency_s``
+    seconds, or a uniform draw from a ``(low, high)`` range with a generator seeded by ``seed``.
+    While :meth:`hold` is in effect every call also waits until :meth:`release`. ``fail(value)``
+    returning an exception makes that call raise it. Counts every call (``calls``, ``requests``:
+    the values asked for, repeats included), the calls in flight now and the most at once.
+    One instance is shared by every subtask in the process (copying a function keeps it).
+    """
+
+    def __init__(
+        self,
+        respond: Callable[[Any], Any] = lambda value: value,
+        latency_s: float | tuple[float, float] = 0.0,
+        seed: int = 0,
+        fail: Callable[[Any], BaseException | None] | None = None,
+    ) -> None:
+        self.respond = respond
+        self.latency_s = latency_s
+        self.fail = fail
+        self._random = random.Random(seed)
+        self._gate: asyncio.Event | None = None
+        self.calls = 0
+        self.requests: list[Any] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SimulatedService:
+        return self
+
+    def hold(self) -> None:
+        """Calls from now on wait until :meth:`release` (calls already waiting stay held)."""
+        if self._gate is None:
+            self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        """Let every held call go on."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
+
+    async def call(self, value: Any) -> Any:
+        self.calls += 1
+        self.requests.append(value)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            latency = self.latency_s
+            if isinstance(latency, tuple):
+                latency = self._random.uniform(*latency)
+            await asyncio.sleep(latency)
+            gate = self._gate
+            if gate is not None:
+                await gate.wait()
+            if self.fail is not None:
+                error = self.fail(value)
+                if error is not None:
+                    raise error
+            return self.respond(value)
+        finally:
+            self.in_flight -= 1

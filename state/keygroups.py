@@ -76,8 +76,8 @@ def stable_hash(key: Any) -> int:
         key.close()  # dropped unawaited, it would warn "never awaited" on top of this error
         msg = (
             f"the key selector returned a coroutine ({key.__qualname__}), not a key: key_by() "
-            "needs a synchronous function; async functions need the async I/O operator "
-            "(map_async), which is not available yet"
+            "needs a synchronous function; await a service in map_async() instead (async I/O) "
+            "and key by what it returns"
         )
         raise UnhashableKeyError(msg)
     msg = (

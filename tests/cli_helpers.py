@@ -486,6 +486,24 @@ def checkpoint_sink_entries(folder: Path, uid: str) -> list[dict[str, Any]]:
     ]
 
 
+def checkpoint_list_state(folder: Path, uid: str, name: str) -> list[Any]:
+    """The items of the operator list state ``name`` of operator ``uid`` in a checkpoint folder,
+    over its subtasks in order."""
+    return list_state_in(load_checkpoint(folder), uid, name)
+
+
+def list_state_in(checkpoint: Any, uid: str, name: str) -> list[Any]:
+    """:func:`checkpoint_list_state` of a loaded (or in-memory) completed checkpoint."""
+    operator = checkpoint.operators[uid]
+    return [
+        item
+        for subtask in sorted(operator.subtask_states)
+        for item in (operator.subtask_states[subtask].get("operator") or {})
+        .get(name, {})
+        .get("items", [])
+    ]
+
+
 def committed_output_checkpoints(out: Path) -> set[int]:
     """The checkpoints whose two-phase file sink output is committed in ``out`` (by file name)."""
     found = set()

@@ -161,8 +161,7 @@ def test_async_user_functions_are_refused_when_the_job_is_built(
     assert method in message
     assert function in message
     assert _line_of(_DEFINITIONS[function]) in message  # file:line of the definition
-    assert "map_async" in message
-    assert "not available yet" in message
+    assert "use stream.map_async(fn) or flat_map_async(fn)" in message
     assert "synchronous" in message
 
 

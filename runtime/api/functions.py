@@ -348,8 +348,8 @@ class KeyedCoProcessFunction(RichFunction, Generic[KEY, IN, OUT]):
 
 
 ASYNC_ALTERNATIVE = (
-    "async functions need the async I/O operator (map_async), which is not available yet; "
-    "call synchronous code here"
+    "async functions run in the async I/O operator: use stream.map_async(fn) or "
+    "flat_map_async(fn) (capacity, timeout, ordered, retry), or call synchronous code here"
 )
 """What to do instead of an async user function; part of every refusal."""
 

@@ -15,6 +15,7 @@ Each method returns a new :class:`DataStream`; ``name``, ``uid``, ``set_parallel
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections.abc import Callable, Iterable
@@ -45,6 +46,7 @@ from state.keyed import MapStateDescriptor
 from state.keygroups import DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM
 
 if TYPE_CHECKING:
+    from runtime.api.async_io import AsyncRetryStrategy
     from runtime.api.broadcast import BroadcastConnectedStream, BroadcastStream
     from runtime.api.connected import CoFlatMapFunction, CoMapFunction, CoProcessFunction
     from runtime.api.joins import CoGroupedStreams, IntervalJoin
@@ -268,6 +270,94 @@ class DataStream:
 
         _require_sync("map()", fn)
         return self._operator(MapOperator, "Map", fn, name, self._key_selector())
+
+    def map_async(
+        self,
+        fn: Any,
+        capacity: int = 100,
+        timeout: int | str = "5s",
+        ordered: bool = True,
+        retry: AsyncRetryStrategy | None = None,
+        name: str | None = None,
+    ) -> DataStream:
+        """Async I/O: ``await fn(value)`` per record (an ``async def`` or an
+        :class:`AsyncFunction`), at most ``capacity`` requests pending per subtask (then the
+        operator takes no more input: backpressure). ``ordered``: results in input order; else
+        as they complete, but never past a later watermark. ``timeout`` (ms or ``"5s"``; 0 for
+        none) covers all attempts and calls the function's ``timeout(value)`` hook (default: the
+        task fails); ``retry`` an :class:`AsyncRetryStrategy`. Pending requests are checkpointed
+        and re-issued on restore. On a keyed stream ``fn`` may use keyed state before and after
+        its awaits. See ``runtime/api/async_io.py``."""
+        return self._async_operator(
+            "map_async()", "AsyncMap", fn, capacity, timeout, ordered, retry, name, flat=False
+        )
+
+    def flat_map_async(
+        self,
+        fn: Any,
+        capacity: int = 100,
+        timeout: int | str = "5s",
+        ordered: bool = True,
+        retry: AsyncRetryStrategy | None = None,
+        name: str | None = None,
+    ) -> DataStream:
+        """:meth:`map_async` whose requests return an iterable of results (none, one or more)."""
+        return self._async_operator(
+            "flat_map_async()",
+            "AsyncFlatMap",
+            fn,
+            capacity,
+            timeout,
+            ordered,
+            retry,
+            name,
+            flat=True,
+        )
+
+    def _async_operator(
+        self,
+        method: str,
+        default_name: str,
+        fn: Any,
+        capacity: int,
+        timeout: int | str,
+        ordered: bool,
+        retry: AsyncRetryStrategy | None,
+        name: str | None,
+        *,
+        flat: bool,
+    ) -> DataStream:
+        from runtime.api.async_io import (
+            AsyncRetryStrategy,
+            AsyncWaitOperator,
+            describe_async_function,
+        )
+        from runtime.api.durations import duration_ms
+
+        problem = describe_async_function(fn)
+        if problem is not None:
+            raise JobDefinitionError(f"{method}: {problem}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            msg = f"{method}: capacity must be an int >= 1, got {capacity!r}"
+            raise JobDefinitionError(msg)
+        timeout_ms = duration_ms(timeout, f"{method} timeout")
+        if retry is not None and not isinstance(retry, AsyncRetryStrategy):
+            msg = f"{method}: retry must be an AsyncRetryStrategy, got {type(retry).__name__}"
+            raise JobDefinitionError(msg)
+        options = {
+            "capacity": capacity,
+            "timeout_ms": timeout_ms,
+            "ordered": bool(ordered),
+            "retry": retry,
+            "flat": flat,
+        }
+        return self._operator(
+            functools.partial(AsyncWaitOperator, **options),  # type: ignore[arg-type]
+            default_name,
+            fn,
+            name,
+            self._key_selector(),
+        )
 
     def filter(self, fn: Callable[[Any], bool], name: str | None = None) -> DataStream:
         from runtime.api.operators import FilterOperator
