@@ -14,8 +14,8 @@ record before its barrier was written: after a crash, the restored job writes ag
 records after that checkpoint (at least once). Nothing is kept in state.
 
 The requests run as asyncio tasks of their own; they touch nothing of the operator. When one
-ends, it only puts mail to the task (``schedule_processing_callback`` for now), and the task's
-actor collects it: a failed write fails the task with an error naming the sink, the subtask and
+ends, it only hands a callback to the task (``StreamTask.run_on_task``), and the task's actor
+collects it: a failed write fails the task with an error naming the sink, the subtask and
 the size of the batch, and the restart strategy takes over.
 """
 
@@ -183,15 +183,15 @@ class AsyncSinkOperator(StreamOperator):
         assert self.writer is not None
         request = asyncio.ensure_future(self.writer.write(batch))
         in_flight[request] = len(batch)
-        scheduler, clock = self.context.scheduler, self.context.clock
+        scheduler = self.context.scheduler
 
         def ended(_request: asyncio.Task[None]) -> None:
-            # On the event loop, not the task: only mail to the task, which collects it.
-            scheduler.schedule_processing_callback(clock.now_ms(), self._on_request_ended)
+            # On the event loop, not the task: the task's actor collects it.
+            scheduler.run_on_task(self._on_request_ended, self)
 
         request.add_done_callback(ended)
 
-    async def _on_request_ended(self, _now: int) -> None:
+    async def _on_request_ended(self) -> None:
         self._collect_ended()
 
     def _collect_ended(self) -> None:
