@@ -67,9 +67,14 @@ def test_max_records_returns_exactly_n_records_committed_by_the_final_checkpoint
     assert result.stopped_with_savepoint is None
 
 
-def test_max_records_at_parallelism_2_counts_over_all_sink_subtasks() -> None:
+@pytest.mark.parametrize(
+    "sink_parallelism", [None, 1], ids=["chained-sinks", "one-sink-behind-a-network-edge"]
+)
+def test_max_records_at_parallelism_2_counts_over_all_sink_subtasks(
+    sink_parallelism: int | None,
+) -> None:
     sink = CollectSink()
-    result = run_job(generator_job(sink), parallelism=2, max_records=25)
+    result = run_job(generator_job(sink, sink_parallelism), parallelism=2, max_records=25)
     assert result.stopped_by == "max_records"
     assert len(sink.committed) == 25
     assert sorted(sink.committed) == sorted(sink.written)
@@ -135,6 +140,15 @@ async def test_timeout_commits_what_the_sinks_received() -> None:
     assert sink.committed == sink.written
     assert sink.written == [i * 10 for i in range(len(sink.written))]
     assert sink_records_in(result) == len(sink.written)
+
+
+@pytest.mark.asyncio
+async def test_run_job_works_where_an_event_loop_already_runs() -> None:
+    """As in a Jupyter notebook, whose cells run on the kernel's event loop."""
+    sink = CollectSink()
+    result = run_job(generator_job(sink), max_records=3)
+    assert result.stopped_by == "max_records"
+    assert sink.committed == [0, 10, 20]
 
 
 def test_timeout_on_the_wall_clock_from_synchronous_code() -> None:

@@ -8,6 +8,8 @@ too). Both raise :class:`JobFileError` with a message that says what to fix.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 from typing import Any
 
 from runtime.config import DEFAULT_PARALLELISM, ExecutionConfig
@@ -88,9 +90,57 @@ def run_job(
 
 
 def run_coroutine(coro: Any) -> Any:
-    """Run ``coro`` to completion on uvloop (or asyncio's loop when uvloop is missing)."""
+    """Run ``coro`` to completion on uvloop (or asyncio's loop when uvloop is missing).
+
+    Called where an event loop already runs in this thread (a Jupyter notebook, IPython),
+    ``coro`` runs on a loop of its own in a worker thread while this call blocks, since loops do
+    not nest; an interrupt (Ctrl-C, the notebook's stop button) cancels it there and is raised
+    once it ended."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _run_on_new_loop(coro)
+    return _run_in_worker_thread(coro)
+
+
+def _run_on_new_loop(coro: Any) -> Any:
     try:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+def _run_in_worker_thread(coro: Any) -> Any:
+    outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = []
+    started = threading.Event()
+
+    async def main() -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        running.append((asyncio.get_running_loop(), task))
+        started.set()
+        return await coro
+
+    def work() -> None:
+        try:
+            outcome.set_result(_run_on_new_loop(main()))
+        except BaseException as exc:
+            # Everything, cancellation included, is the caller's to see, in its own thread.
+            outcome.set_exception(exc)
+        finally:
+            started.set()
+
+    worker = threading.Thread(target=work, name="run_job", daemon=True)
+    worker.start()
+    try:
+        return outcome.result()
+    except BaseException:
+        if not outcome.done():
+            started.wait()
+            if running:
+                loop, task = running[0]
+                loop.call_soon_threadsafe(task.cancel)
+            worker.join()
+        raise
