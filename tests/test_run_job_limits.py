@@ -24,6 +24,8 @@ from loop_helpers import (
 from actors.operator import StreamOperator
 from connectors import CollectSink, GeneratorSource, TwoPhaseCommitFileSink, committed_files
 from runtime import ExecutionConfig, JobResult, run_job, run_job_async
+from runtime.api.async_sink import AsyncSink, AsyncSinkWriter
+from runtime.api.functions import RuntimeContext
 from runtime.master.restart import FixedDelayRestart
 from runtime.plan.limits import RecordLimitedSink, RunLimits
 from runtime.testing import ManualClock
@@ -175,6 +177,29 @@ async def test_with_both_limits_the_first_one_reached_ends_the_job() -> None:
     clock.advance(1000)
     result = await asyncio.wait_for(job, 10)
     assert result.stopped_by == "timeout"
+
+
+def test_a_sink_with_its_own_operator_gets_exactly_n_records_flushed_at_the_end() -> None:
+    """An ``AsyncSink`` brings its own operator (batches, requests in flight); the drain's
+    ``finish()`` flushes its last batch before the final checkpoint."""
+    written: list[Any] = []
+
+    class Service(AsyncSinkWriter):
+        def __init__(self, context: RuntimeContext) -> None:
+            pass
+
+        async def write(self, batch: list[Any]) -> None:
+            written.extend(batch)
+
+    sink = AsyncSink(Service, max_batch_size=4, max_batch_time="1h")
+    result = run_job(generator_job(sink), max_records=10)
+    assert result.stopped_by == "max_records"
+    assert written == [i * 10 for i in range(10)]
+
+
+def test_max_records_needs_the_sinks_in_this_process() -> None:
+    with pytest.raises(ValueError, match="max_records counts the records at the sink operators"):
+        asyncio.run(run_job_async(generator_job(CollectSink()), max_records=5, deployment=object()))
 
 
 def test_a_job_that_ends_before_its_limits_returns_as_usual() -> None:
