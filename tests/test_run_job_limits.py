@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,37 @@ async def test_run_job_works_where_an_event_loop_already_runs() -> None:
     result = run_job(generator_job(sink), max_records=3)
     assert result.stopped_by == "max_records"
     assert sink.committed == [0, 10, 20]
+
+
+class CellInterrupted(Exception):
+    """What the notebook's stop button raises in the cell (KeyboardInterrupt would stop pytest)."""
+
+
+@pytest.mark.asyncio
+async def test_interrupting_run_job_where_a_loop_runs_cancels_the_job() -> None:
+    """The interrupt reaches the thread that waits for the job; the job, on its own loop in a
+    worker thread, is cancelled (its tasks close) before the interrupt is raised."""
+    source = FedSplitsSource(1)
+
+    class InterruptOnceRunning(FedSplitsSource):
+        def create_reader(self, context: Any) -> Any:
+            signal.setitimer(signal.ITIMER_REAL, 0.001)  # the interrupt, once the job runs
+            return source.create_reader(context)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise CellInterrupted
+
+    def build(job: Any) -> None:
+        job.from_source(InterruptOnceRunning(1)).sink_to(CollectSink())
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with pytest.raises(CellInterrupted):
+            run_job(build, timeout="1h")
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert source.readers  # the job ran
+    assert [t.name for t in threading.enumerate() if t.name == "run_job"] == []
 
 
 def test_timeout_on_the_wall_clock_from_synchronous_code() -> None:
