@@ -12,32 +12,43 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import kafka_fixtures
 import pytest
 from cli_helpers import ROOT, RUN_TIMEOUT_S, max_completed, read_address, stop_process, wait_for
 from etl_expectations import assert_exact_output, committed_records, expected_output
-from kafka_fixtures import KAFKA_BOOTSTRAP_ENV
+from kafka_fixtures import KAFKA_BOOTSTRAP_ENV, unique_name
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
 
 README_BOOTSTRAP = "127.0.0.1:9092"
 
 
-def dev_loop_commands() -> list[str]:
-    """The commands of the README's "Kafka: the dev loop" block, continuation lines joined,
-    comments dropped."""
+def readme_block(heading: str, language: str = "bash") -> str:
+    """The first ``language`` code block of the README after ``heading``."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Kafka: the dev loop", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
-    assert block, "the README's dev loop has no bash block"
-    joined = block.group(1).replace("\\\n", " ")
+    assert heading in readme, f"the README has no {heading!r}"
+    section = readme.split(heading, 1)[1]
+    block = re.search(rf"```{language}\n(.*?)```", section, re.DOTALL)
+    assert block, f"the README's {heading!r} has no {language} block"
+    return block.group(1)
+
+
+def shell_commands(block: str) -> list[str]:
+    """The commands of a bash block, continuation lines joined, comments dropped."""
+    joined = block.replace("\\\n", " ")
     commands = []
     for line in joined.splitlines():
         command = line.split(" #", 1)[0].strip()
         if command and not command.startswith("#"):
             commands.append(re.sub(r"\s+", " ", command))
     return commands
+
+
+def dev_loop_commands() -> list[str]:
+    """The commands of the README's "Kafka: the dev loop" block."""
+    return shell_commands(readme_block("## Kafka: the dev loop"))
 
 
 def localized(command: str, bootstrap: str, tmp: Path) -> str:
@@ -122,3 +133,38 @@ def test_the_dev_loop_runs_as_written_with_two_savepoints(
     assert f"restoring the newest valid snapshot in it, {second_savepoint}" in resumed_again
     assert third_savepoint not in (first_savepoint, second_savepoint)
     assert_exact_output(out)
+
+
+def test_the_notebook_form_runs_as_written(kafka_bootstrap: str) -> None:
+    """The README's ``run_job(build, max_records=10)`` on a live topic returns, and the collect
+    sink holds the 10 records, committed. Only the broker's address and the topic are replaced
+    (a topic of this test's own, loaded with the sample events)."""
+    code = readme_block("### From a notebook or a script", "python")
+    assert 'KafkaSource("127.0.0.1:9092", "events")' in code
+    topic = unique_name("notebook-events")
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "examples/load_events.py",
+            "--bootstrap",
+            kafka_bootstrap,
+            "--topic",
+            topic,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+    assert loaded.returncode == 0 and "loaded 3000 events" in loaded.stdout, loaded.stderr
+    localized_code = code.replace(README_BOOTSTRAP, kafka_bootstrap).replace(
+        '"events"', repr(topic)
+    )
+    namespace: dict[str, Any] = {}
+    exec(compile(localized_code, "README.md", "exec"), namespace)
+    result, sink = namespace["result"], namespace["sink"]
+    assert result.stopped_by == "max_records"
+    assert len(sink.committed) == 10
+    assert sink.committed == sink.results
+    assert all(event["kind"] == "purchase" for event in sink.committed)

@@ -542,7 +542,7 @@ class CheckpointCoordinator:
         # An intermediate savepoint commits no side effects and is not used for failover (as in
         # Flink 1.15+): a later failover restores the latest checkpoint, which must not find
         # output committed beyond it. A stop-with-savepoint does commit: the job ends on it.
-        if pending.stop is not None:
+        if pending.stop is not None and pending.kind is CheckpointKind.SAVEPOINT:
             self.stop_savepoint_path = checkpoint.path
         if pending.kind is CheckpointKind.CHECKPOINT or pending.stop is not None:
             self.completed_ids.append(pending.checkpoint_id)

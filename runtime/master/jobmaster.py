@@ -34,9 +34,15 @@ from actors.protocol import (
     TaskStateChanged,
 )
 from actors.task import StreamTask, TaskListener
+from runtime.api.durations import format_duration
 from runtime.api.sources import SPLITS_STATE
 from runtime.config import ExecutionConfig
-from runtime.master.coordinator import CheckpointCoordinator, CheckpointedOperator, TaskHandle
+from runtime.master.coordinator import (
+    CheckpointCoordinator,
+    CheckpointedOperator,
+    CheckpointFailedError,
+    TaskHandle,
+)
 from runtime.master.deployment import AttemptDeployment, Deployment
 from runtime.master.metrics import (
     SAMPLE_INTERVAL_S,
@@ -45,6 +51,7 @@ from runtime.master.metrics import (
 )
 from runtime.plan.execution import LocalChannels, build_subtask, upstream_task_ids
 from runtime.plan.graph import JobGraph, JobVertex
+from runtime.plan.limits import RunLimits, SinkRecordLimit
 from runtime.plan.restore import assign_restored_state
 from state.operator import list_state_items
 from state.refusal import restore_refusal
@@ -79,6 +86,9 @@ class JobResult:
     attempts: int
     checkpoints_completed: int
     stopped_with_savepoint: str | None = None
+    stopped_by: str | None = None
+    """Which limit of a bounded run ended the job (``"max_records"`` or ``"timeout"``); None
+    when it ended by itself or was stopped from outside."""
 
 
 class LocalTaskHandle:
@@ -110,9 +120,16 @@ class LocalDeployment(Deployment):
     """Every subtask of an attempt as a :class:`StreamTask` on this process's event loop, with
     channels that hand Python objects over."""
 
-    def __init__(self, graph: JobGraph, config: ExecutionConfig) -> None:
+    def __init__(
+        self,
+        graph: JobGraph,
+        config: ExecutionConfig,
+        sink_limit: SinkRecordLimit | None = None,
+    ) -> None:
         self.graph = graph
         self.config = config
+        self.sink_limit = sink_limit
+        """Where the sink operators stop taking records (``max_records``), if anywhere."""
         self.tasks: list[StreamTask] = []
 
     async def start(self) -> None:
@@ -139,6 +156,7 @@ class LocalDeployment(Deployment):
                     attempt=attempt.attempt,
                     config=self.config,
                     listener=listener,
+                    sink_limit=self.sink_limit,
                 )
                 upstream = upstream_task_ids(graph, vertex, index, attempt.attempt)
                 handles.append(LocalTaskHandle(task, upstream))
@@ -186,10 +204,26 @@ class JobMaster:
         restored: CompletedCheckpoint | None = None,
         coordinator: CheckpointCoordinator | None = None,
         deployment: Deployment | None = None,
+        limits: RunLimits | None = None,
     ) -> None:
+        """``limits``: a bounded run (``run_job(max_records=, timeout=)``): the job ends through
+        :meth:`stop_with_final_checkpoint` once one is reached. ``max_records`` counts at the sink
+        operators, so it needs the subtasks in this process (no ``deployment``)."""
         self.graph = graph
         self.config = config or ExecutionConfig()
-        self.deployment = deployment or LocalDeployment(graph, self.config)
+        self.limits = limits or RunLimits()
+        self.sink_limit: SinkRecordLimit | None = None
+        if self.limits.max_records is not None:
+            if deployment is not None:
+                msg = (
+                    "max_records counts the records at the sink operators, which must run in "
+                    "this process: run without TaskManagers, or bound the run with timeout="
+                )
+                raise ValueError(msg)
+            self.sink_limit = SinkRecordLimit(
+                self.limits.max_records, lambda: self._limit_reached("max_records")
+            )
+        self.deployment = deployment or LocalDeployment(graph, self.config, self.sink_limit)
         """Where the subtasks run (this process unless told otherwise)."""
         self.storage = storage if storage is not None else CheckpointStorage(None, graph.name)
         self.restore_point = restored
@@ -229,6 +263,11 @@ class JobMaster:
         self.restarts_allowed = True
         """False once the job is being shut down: a failed attempt then ends the job."""
         self._all_restored = asyncio.Event()
+        self._limits_hit: list[str] = []
+        """The limits of a bounded run reached so far, first first."""
+        self._limit_wakeup = asyncio.Event()
+        self.stopped_by: str | None = None
+        """The limit whose stop ended (or is ending) the job."""
 
     # ---------------------------------------------------------------- TaskListener
 
@@ -251,10 +290,18 @@ class JobMaster:
     async def run(self) -> JobResult:
         """Run attempts until the job ends; raises :class:`JobFailedError` when it fails for good."""
         self.started = time.monotonic()
+        timeout = None
+        if self.limits.timeout_ms is not None:
+            clock = self.config.clock
+            timeout = clock.call_at(
+                clock.now_ms() + self.limits.timeout_ms, lambda: self._limit_reached("timeout")
+            )
         await self.deployment.start()
         try:
             return await self._run_attempts()
         finally:
+            if timeout is not None:
+                timeout.cancel()
             self.coordinator.shut_down(f"the job has ended ({self.status})")
             await self.deployment.close()
 
@@ -265,6 +312,7 @@ class JobMaster:
             self.attempt += 1
             self._all_finished = asyncio.Event()
             self.restore_context = self._restore_context(self.restore_point)
+            self._rewind_limits(self.restore_point)
             handles = await self._deploy(self.restore_point)
             self.tasks = [h.task for h in handles if isinstance(h, LocalTaskHandle)]
             self.handles = list(handles)
@@ -309,6 +357,13 @@ class JobMaster:
             self.restore_point = latest or self.restore_point
         self._accumulate_metrics()
         self.status = "finished"
+        if self.sink_limit is not None and self.sink_limit.discarded:
+            log.info(
+                "max_records=%d: %d later records that were on their way to the sinks were not "
+                "written",
+                self.sink_limit.limit,
+                self.sink_limit.discarded,
+            )
         return JobResult(
             self.graph.name,
             time.monotonic() - self.started,
@@ -316,6 +371,7 @@ class JobMaster:
             self.attempt,
             len(self.coordinator.completed_ids),
             self.coordinator.stop_savepoint_path,
+            self.stopped_by,
         )
 
     async def stop_with_savepoint(
@@ -334,6 +390,55 @@ class JobMaster:
             CheckpointKind.SAVEPOINT, target_dir, StopRequest(drain)
         )
 
+    async def stop_with_final_checkpoint(self) -> CompletedCheckpoint:
+        """End the job as a bounded job ends (the limits of a bounded run use it).
+
+        The same stop as :meth:`stop_with_savepoint` with drain (the sources end, timers fire,
+        ``finish()`` runs everywhere), but its snapshot is the job's final checkpoint: in the
+        checkpoint directory like any checkpoint, in memory without one, so it needs no
+        directory; two-phase sinks commit everything they received when it completes, and
+        :meth:`run` then returns. Raises
+        :class:`~runtime.master.coordinator.CheckpointFailedError` as that does.
+        """
+        return await self.coordinator.request_trigger(
+            CheckpointKind.CHECKPOINT, None, StopRequest(drain=True)
+        )
+
+    def _limit_reached(self, limit: str) -> None:
+        """A limit of the bounded run was reached (the timeout's clock callback, or the sinks'
+        count): the attempt's :meth:`_stop_at_limits` ends the job."""
+        if limit not in self._limits_hit:
+            self._limits_hit.append(limit)
+        self._limit_wakeup.set()
+
+    def _rewind_limits(self, restore_point: CompletedCheckpoint | None) -> None:
+        """A new attempt counts the sinks' records from what its restored checkpoint
+        committed: a limit reached in a failed attempt may be ahead of it again."""
+        self._limit_wakeup = asyncio.Event()
+        if self.sink_limit is not None:
+            self.sink_limit.rewind(restore_point.checkpoint_id if restore_point else None)
+            if not self.sink_limit.reached and "max_records" in self._limits_hit:
+                self._limits_hit.remove("max_records")
+        if self._limits_hit:
+            self._limit_wakeup.set()
+
+    async def _stop_at_limits(self) -> None:
+        """Once a limit of the bounded run is reached and every task runs, end the job with the
+        final checkpoint. A stop that fails fails the attempt (its sources already ended), and
+        the next attempt stops again."""
+        await self._limit_wakeup.wait()
+        await self._all_restored.wait()
+        limit = self._limits_hit[0]
+        log.info("%s reached: the job ends with a final checkpoint", _describe_limit(self, limit))
+        self.stopped_by = limit
+        try:
+            await self.stop_with_final_checkpoint()
+        except CheckpointFailedError as exc:
+            if all(t.state is TaskState.FINISHED for t in self.handles):
+                self.stopped_by = None  # the job had ended by itself
+                return
+            log.warning("%s: the final checkpoint failed (%s)", _describe_limit(self, limit), exc)
+
     async def _run_attempt(self) -> None:
         self._all_restored = asyncio.Event()
         async with asyncio.TaskGroup() as group:
@@ -346,6 +451,8 @@ class JobMaster:
                 )
             group.create_task(self.coordinator.run(), name="checkpoint-coordinator")
             helpers.append(group.create_task(self._sample_metrics(), name="metrics-sampler"))
+            if self.limits.any:
+                helpers.append(group.create_task(self._stop_at_limits(), name="run-limits"))
             for vertex in self.graph.vertices:
                 source = vertex.head.transformation.source
                 if source is not None and source.discovery_interval_s and not source.bounded:
@@ -506,6 +613,12 @@ def root_cause(group: BaseException) -> BaseException:
             if isinstance(leaf, kind):
                 return leaf
     return leaves[0]
+
+
+def _describe_limit(master: JobMaster, limit: str) -> str:
+    if limit == "timeout":
+        return f"timeout={format_duration((master.limits.timeout_ms or 0) / 1000)}"
+    return f"max_records={master.limits.max_records}"
 
 
 def describe_failure(failure: BaseException) -> str:

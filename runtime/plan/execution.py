@@ -31,6 +31,7 @@ from actors.writer import RecordWriter
 from runtime.api.sources import SourceOperator, assign_splits
 from runtime.config import ExecutionConfig
 from runtime.plan.graph import JobEdge, JobGraph, JobVertex
+from runtime.plan.limits import RecordLimitedSink, SinkRecordLimit
 from state.keygroups import key_group_range_for_subtask
 from state.snapshot import RestoredState
 
@@ -118,12 +119,15 @@ def build_subtask(
     attempt: int,
     config: ExecutionConfig,
     listener: TaskListener,
+    sink_limit: SinkRecordLimit | None = None,
 ) -> StreamTask:
     """Subtask ``index`` of ``vertex`` as a task ready to run.
 
     ``splits`` holds every split of each source (by operator uid); the subtask takes its share by
     the source's assignment. ``restored`` is this subtask's share of the restored state by
     operator uid, ``restored_finished`` whether all its operators had finished (FLIP-147).
+    ``sink_limit``: the count of records that reached the job's sinks, which its sink operators
+    stop at (``run_job(max_records=...)``).
     """
     p = vertex.parallelism
     name = subtask_name(vertex, index)
@@ -153,6 +157,8 @@ def build_subtask(
         else:
             assert t.operator_factory is not None
             operators[t.id] = t.operator_factory(node.name, node.uid)
+            if t.kind == "sink" and sink_limit is not None:
+                operators[t.id] = RecordLimitedSink(operators[t.id], sink_limit)
     # Per operator and output (None: the main one, else a side output's tag), its writers.
     writers_by_output: dict[tuple[int, str | None], list[RecordWriter]] = {}
     all_writers: list[RecordWriter] = []
