@@ -262,8 +262,9 @@ class WatchSession:
 
     async def _layout(self, master: JobMaster) -> CompletedCheckpoint:
         """What the state looks like now, to check a new version against before the job stops:
-        the latest completed checkpoint, else a savepoint taken now (the job goes on)."""
-        latest = master.coordinator.latest_completed
+        the latest completed checkpoint, else the one the job restored, else a savepoint taken
+        now (the job goes on)."""
+        latest = master.coordinator.latest_completed or master.restore_point
         if latest is not None:
             return latest
         return await master.coordinator.request_trigger(
