@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import (
     ROOT,
+    checkpointed_run_args,
     committed_output_checkpoints,
     max_completed,
     printed_address,
@@ -72,17 +73,18 @@ def write_input(path: Path, records: int) -> None:
             file.write(json.dumps({"key": f"k{seq % KEYS}", "seq": seq}) + "\n")
 
 
+def not_watched_job(folder: str, names: list[str]) -> list[str]:
+    return [name for name in names if not name.startswith("watched_")]
+
+
 @pytest.fixture
 def watched(tmp_path: Path) -> Iterator[Callable[..., WatchedRun]]:
     runs: list[WatchedRun] = []
 
     def start(records: int, rate: int, *extra: str) -> WatchedRun:
-        folder = tmp_path / "job"
-        folder.mkdir()
-        job = folder / "watched_counts.py"
-        labels = folder / "watched_labels.py"
-        shutil.copy(JOBS / job.name, job)
-        shutil.copy(JOBS / labels.name, labels)
+        # The job's folder holds only the job and its module: the watcher watches that folder.
+        folder = Path(shutil.copytree(JOBS, tmp_path / "job", ignore=not_watched_job))
+        job, labels = folder / "watched_counts.py", folder / "watched_labels.py"
         write_input(tmp_path / "in.jsonl", records)
         out, chk, stderr = tmp_path / "out", tmp_path / "chk", tmp_path / "stderr.txt"
         proc = start_cli(
@@ -90,13 +92,7 @@ def watched(tmp_path: Path) -> Iterator[Callable[..., WatchedRun]]:
             "run",
             str(job),
             *set_args(input=tmp_path / "in.jsonl", output=out, rate=rate),
-            "--checkpoint-dir",
-            str(chk),
-            "--checkpoint-interval",
-            "100ms",
-            "--no-progress",
-            "--rest-port",
-            "0",
+            *checkpointed_run_args(chk, rest=True),
             "--watch",
             *extra,
         )
