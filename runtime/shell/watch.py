@@ -10,7 +10,8 @@ the runtime's). On a change it
    mtime) and builds its graph;
 2. checks, with the same :class:`~runtime.plan.restore.RestoreReport` as ``--restore`` and
    ``checkpoints --against``, that the state restores into the new graph: against the latest
-   completed checkpoint, else a savepoint taken for the check (the job goes on running);
+   completed checkpoint, else the snapshot the job restored, else a savepoint taken for the check
+   (the job goes on running);
 3. only then stops the job with a savepoint (no drain) into the savepoint directory, checks that
    savepoint again (state may have appeared since step 2) and resumes the new version from it,
    printing one line: what changed, the savepoint, the time from the save to every task running.
@@ -24,9 +25,11 @@ Without ``--savepoint-dir`` or ``--checkpoint-dir``, reload savepoints go into a
 of this run, removed when it ends (SIGTERM then cancels, as it does without ``--watch``). A job that
 finishes by itself (a bounded input) or fails waits for the next change: a finished job's version
 then runs from the beginning (its final checkpoint would restore every operator as finished, so
-nothing would run), a failed one resumes from its latest completed checkpoint or savepoint. SIGTERM
-and Ctrl-C end the run as without ``--watch``; SIGTERM while waiting exits 0. ``--watch`` runs the
-job in this process: it refuses ``--taskmanagers`` and ``--cluster ray``.
+nothing would run; two-phase sinks then need ``--allow-existing-output`` to write over the first
+run's output, as on any fresh start), a failed one resumes from its latest completed checkpoint or
+savepoint. SIGTERM and Ctrl-C end the run as without ``--watch``; SIGTERM while waiting exits 0
+after a finished job, 1 after a failed one. ``--watch`` runs the job in this process: it refuses
+``--taskmanagers`` and ``--cluster ray``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import asyncio
 import contextlib
 import importlib
 import importlib.util
-import logging
 import os
 import shutil
 import signal
@@ -70,8 +72,6 @@ from runtime.shell.runner import (
 from runtime.shell.shutdown import EXIT_TERMINATED, GracefulShutdown
 from state.refusal import restore_refusal
 from state.storage import CheckpointKind, CheckpointStorage, CompletedCheckpoint
-
-log = logging.getLogger(__name__)
 
 DEBOUNCE_STEP_MS = 50
 """How long the file system must stay quiet before a change is taken: an editor's save (a write
