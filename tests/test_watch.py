@@ -5,6 +5,7 @@ that does not import or whose state does not restore is refused while the old on
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -60,6 +61,10 @@ class WatchedRun:
         wait_for(
             lambda: max_completed(self.chk) > seen, "a later checkpoint", self.proc, self.stderr
         )
+
+    def versions_started(self) -> int:
+        """Job masters started so far (each starts its control endpoint)."""
+        return self.stderr.read_text().count("control endpoint: http://")
 
     def terminate(self) -> int:
         """SIGTERM, as ``docker stop``: the exit code."""
@@ -172,6 +177,7 @@ def test_a_syntax_error_is_refused_naming_its_line_and_the_fix_reloads(watched) 
     text = run.stderr.read_text()
     assert f'File "{run.job}", line {broken_line}' in text[text.index(refused.group(0)) :]
     assert not stderr_line(run.stderr, RELOADED, after=mark)
+    assert run.versions_started() == 2
     run.keeps_running()
     mark = run.position()
     replace_in_file(
@@ -200,12 +206,18 @@ def test_a_changed_uid_of_a_stateful_operator_needs_allow_non_restored_state(
         assert re.search(r"starts empty:\s+running count \(running-count-v2\)", text), text
         run.keeps_running()
         assert not stderr_line(run.stderr, RELOADED)
+        assert run.versions_started() == 1  # refused before the job stopped: it never did
     assert run.terminate() == 0, run.stderr.read_text()
 
 
-def test_an_edit_of_a_module_from_the_jobs_folder_reloads(watched) -> None:
+def test_an_edit_of_a_module_from_the_jobs_folder_reloads_once_per_save(watched) -> None:
     run = watched(100_000, 100)
-    replace_in_file(run.labels, 'return "old"', 'return "new"')
+    new_text = run.labels.read_text().replace('return "old"', 'return "new"')
+    with run.labels.open("w") as file:  # an editor writing in place, in several writes
+        for start in range(0, len(new_text), 16):
+            file.write(new_text[start : start + 16])
+            file.flush()
+            os.fsync(file.fileno())
     reload = run.wait_line(RELOADED, "the reload")
     assert reload.group("files") == "watched_labels.py"
     savepoint = int(reload.group("id"))
@@ -217,7 +229,11 @@ def test_an_edit_of_a_module_from_the_jobs_folder_reloads(watched) -> None:
         )
 
     wait_for(new_labels, "output of the new version", run.proc, run.stderr)
+    mark = run.position()
+    replace_in_file(run.labels, 'return "new"', 'return "newer"')
+    run.wait_line(RELOADED, "the reload of the next save", after=mark)
+    assert len(re.findall(RELOADED, run.stderr.read_text(), re.MULTILINE)) == 2
     assert run.terminate() == 0, run.stderr.read_text()
     by_checkpoint = committed_records(run.out)
     assert all(r["label"] == "old" for c, rs in by_checkpoint.items() if c <= savepoint for r in rs)
-    assert all(r["label"] == "new" for c, rs in by_checkpoint.items() if c > savepoint for r in rs)
+    assert all(r["label"] != "old" for c, rs in by_checkpoint.items() if c > savepoint for r in rs)
