@@ -237,3 +237,27 @@ def test_an_edit_of_a_module_from_the_jobs_folder_reloads_once_per_save(watched)
     by_checkpoint = committed_records(run.out)
     assert all(r["label"] == "old" for c, rs in by_checkpoint.items() if c <= savepoint for r in rs)
     assert all(r["label"] != "old" for c, rs in by_checkpoint.items() if c > savepoint for r in rs)
+
+
+def test_a_fix_of_a_job_failing_over_resumes_from_the_latest_checkpoint(watched) -> None:
+    run = watched(100_000, 100)
+    signature = "def shape(record: dict[str, Any]) -> dict[str, Any]:\n"
+    bug = '    if record["seq"] % 7 == 6:\n        raise ValueError("bad record")\n'
+    replace_in_file(run.job, signature, signature + bug)
+    run.wait_line(RELOADED, "the reload of the version with the bug")
+    mark = run.position()
+    run.wait_line(r"job attempt 1 failed .*ValueError: bad record", "the failover", after=mark)
+    replace_in_file(run.job, bug, "")
+    # Between attempts there is no savepoint to take: the job is cancelled and the new version
+    # resumes from what the next attempt would have restored.
+    run.wait_line(r"^watch: the job was failing over \(attempt \d\): cancelled it", "the cancel")
+    run.wait_line(r"^watch: reloaded watched_counts.py: .*running again", "the fix", after=mark)
+    run.keeps_running()
+    assert run.terminate() == 0, run.stderr.read_text()
+
+    every = [r for rs in committed_records(run.out).values() for r in rs]
+    seqs = sorted(r["seq"] for r in every)  # type: ignore[type-var]
+    assert seqs == list(range(len(seqs))), "records lost or doubled across the reloads"
+    assert sorted((r["key"], r["n"]) for r in every) == sorted(
+        (f"k{seq % KEYS}", seq // KEYS + 1) for seq in seqs
+    )

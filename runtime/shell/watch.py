@@ -198,7 +198,7 @@ class WatchSession:
         self._temporary_dir: str | None = None
         self.savepoint_dir = cli._savepoint_dir(args) or self._make_temporary_dir()
         self.master: JobMaster | None = None
-        self._reloaded: tuple[str, float, float] | None = None
+        self._reloaded: tuple[str, float, float | None] | None = None
         """The reload line, when its change was seen and when its savepoint completed, until the
         next version runs."""
         self._changes: asyncio.Queue[set[Path]] = asyncio.Queue()
@@ -326,16 +326,14 @@ class WatchSession:
                 if accepted is None:
                     return await self._ended_by_itself(await job, shutdown, reporter)
                 changed, version, seen_at = accepted
-                try:
-                    savepoint = await master.stop_with_savepoint(self.savepoint_dir, drain=False)
-                except CheckpointFailedError as exc:
-                    cli._error(f"watch: the stop with savepoint for the reload failed: {exc}")
+                stopped = await self._stop_for_reload(master, job)
+                if stopped is None:
                     continue
-                saved_at = time.monotonic()
-                outcome = await job
+                restore_point, outcome, saved = stopped
+                saved_at = time.monotonic() if saved else None
                 if shutdown.requested:  # SIGTERM while the reload stopped the job
                     return await self._ended_by_itself(outcome, shutdown, reporter)
-                self._resume_from(savepoint, changed, version, (seen_at, saved_at))
+                self._resume_from(restore_point, changed, version, (seen_at, saved_at))
                 return None
         except JobFailedError as exc:
             return await self._failed(exc, shutdown)
@@ -382,21 +380,58 @@ class WatchSession:
             f"({meanwhile}; the next save tries again): {reason}"
         )
 
+    async def _stop_for_reload(
+        self, master: JobMaster, job: asyncio.Task[Any]
+    ) -> tuple[CompletedCheckpoint, JobResult | None, bool] | None:
+        """Stop the job for a reload: the snapshot to resume from, the job's outcome and whether
+        it stopped with a savepoint; None (said) when the job could not be stopped and goes on.
+
+        A running job stops with a savepoint. A job failing over (waiting to restart, or failing
+        while the savepoint was taken: a bug the edit may fix) has no savepoint to give; it is
+        cancelled, and the next version resumes from the latest completed checkpoint, the one
+        its next attempt would have restored (two-phase sinks commit nothing past it)."""
+        attempt = master.attempt
+        if master.status != "restarting":
+            try:
+                savepoint = await master.stop_with_savepoint(self.savepoint_dir, drain=False)
+            except CheckpointFailedError as exc:
+                if master.attempt == attempt and master.status == "running":
+                    cli._error(f"watch: the stop with savepoint for the reload failed: {exc}")
+                    return None
+            else:
+                outcome = await job
+                if self.args.checkpoint_dir and savepoint.path:
+                    cli._record_stop_savepoint(self.args.checkpoint_dir, savepoint.path)
+                return savepoint, outcome, True
+        latest = master.coordinator.latest_completed or master.restore_point
+        if latest is None:
+            cli._error(
+                "watch: the job is failing over and has no completed checkpoint to resume the "
+                "new version from; it goes on (--checkpoint-interval makes checkpoints)"
+            )
+            return None
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+        sys.stderr.write(
+            f"watch: the job was failing over (attempt {master.attempt}): cancelled it, to resume "
+            f"from {latest.kind.value} {latest.checkpoint_id}\n"
+        )
+        return latest, None, False
+
     def _resume_from(
         self,
-        savepoint: CompletedCheckpoint,
+        restore_point: CompletedCheckpoint,
         changed: set[Path],
         version: JobVersion,
-        times: tuple[float, float],
+        times: tuple[float, float | None],
     ) -> None:
-        """After the stop with savepoint: which version runs next (the new one, unless the
-        savepoint does not restore into it), from that savepoint."""
-        if self.args.checkpoint_dir and savepoint.path:
-            cli._record_stop_savepoint(self.args.checkpoint_dir, savepoint.path)
-        self.restore_point = savepoint
-        where = f"savepoint {savepoint.checkpoint_id} ({savepoint.path})"
+        """After the job stopped: which version runs next (the new one, unless the state does
+        not restore into it), from ``restore_point``."""
+        self.restore_point = restore_point
+        where = f"{restore_point.kind.value} {restore_point.checkpoint_id} ({restore_point.path})"
         try:
-            self._check_restore(version, savepoint)
+            self._check_restore(version, restore_point)
         except RefusedVersion as exc:
             self._refused(changed, str(exc), f"the old version resumes from {where}")
             self._reloaded = (f"watch: the old version resumed from {where}", *times)
@@ -405,15 +440,18 @@ class WatchSession:
         self._reloaded = (f"watch: reloaded {self.jobs.names(changed)}: {where}", *times)
 
     async def _announce_running(
-        self, master: WatchedJobMaster, line: str, seen_at: float, saved_at: float
+        self, master: WatchedJobMaster, line: str, seen_at: float, saved_at: float | None
     ) -> None:
         """The reload line, once every task of ``master`` runs (restored)."""
         await master.all_running.wait()
         now = time.monotonic()
-        sys.stderr.write(
-            f"{line}; running again {now - saved_at:.3f}s after the save "
-            f"({now - seen_at:.3f}s after the change was seen)\n"
-        )
+        since_change = f"{now - seen_at:.3f}s after the change was seen"
+        if saved_at is None:  # resumed from a checkpoint: no save
+            sys.stderr.write(f"{line}; running again {since_change}\n")
+        else:
+            sys.stderr.write(
+                f"{line}; running again {now - saved_at:.3f}s after the save ({since_change})\n"
+            )
         sys.stderr.flush()
 
     # ---------------------------------------------------------------- ends
