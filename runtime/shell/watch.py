@@ -20,6 +20,8 @@ A refused version (it does not import, ``build()`` raises, its graph is invalid,
 not restore into it) leaves the old job running; the reason names the user's file and line, and
 the next save tries again. Should only the check of step 3 refuse, the old version resumes from
 that savepoint. Dropping an operator's state needs ``--allow-non-restored-state``, as on a restore.
+A job failing over (a bug the edit fixes) has no savepoint to give: it is cancelled and the new
+version resumes from the snapshot its next attempt would have restored.
 
 Without ``--savepoint-dir`` or ``--checkpoint-dir``, reload savepoints go into a temporary folder
 of this run, removed when it ends (SIGTERM then cancels, as it does without ``--watch``). A job that
