@@ -261,3 +261,10 @@ def test_a_fix_of_a_job_failing_over_resumes_from_the_latest_checkpoint(watched)
     assert sorted((r["key"], r["n"]) for r in every) == sorted(
         (f"k{seq % KEYS}", seq // KEYS + 1) for seq in seqs
     )
+
+
+def test_ctrl_c_while_watching_cancels_as_without_watch(watched) -> None:
+    run = watched(100_000, 100)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.proc.wait(timeout=30) == 130, run.stderr.read_text()
+    assert stderr_line(run.stderr, r"^error: cancelled \(Ctrl-C\): every task was closed$")
