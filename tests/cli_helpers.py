@@ -727,3 +727,21 @@ def run_in_terminal(
         os.close(master_fd)
         stop_process(proc)
     return TerminalRun(returncode, bytes(output), columns, rows)
+
+
+def replace_in_file(path: Path, old: str, new: str) -> None:
+    """Edit ``path`` as an editor saves it: ``old`` (which must occur exactly once) becomes
+    ``new``, written to a temporary file renamed over the old one."""
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times in {path}"
+    temporary = path.with_name(f".{path.name}.swp")
+    temporary.write_text(text.replace(old, new))
+    os.replace(temporary, path)
+
+
+def stderr_line(stderr: Path, pattern: str, after: int = 0) -> re.Match[str] | None:
+    """The first match of the regular expression ``pattern`` in a line of ``stderr`` past its
+    first ``after`` characters (None while there is none)."""
+    if not stderr.exists():
+        return None
+    return re.search(pattern, stderr.read_text()[after:], re.MULTILINE)

@@ -426,6 +426,13 @@ def make_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
         help="let savepoint and stop --dir write below DIR too (repeatable); other directories "
         "outside the savepoint directory are refused (default: none)",
     )
+    run.add_argument(
+        "--watch",
+        action="store_true",
+        help="when the job file or a module it imports from its folder changes, stop the job "
+        "with a savepoint and resume the new version from it (a version that does not import, "
+        "build or restore is refused and the old one goes on running)",
+    )
     run.add_argument("--no-progress", action="store_true", help="do not show progress")
     _add_log_level_option(run)
 
@@ -588,6 +595,11 @@ def _run(args: Any) -> int:
     except ValueError as exc:
         _error(str(exc))
         return EXIT_USAGE
+    if args.watch:
+        from runtime.shell.watch import run_watching
+
+        sys.stderr.write(restart_line)
+        return run_watching(args, build, graph, restored, config)
     storage = CheckpointStorage(args.checkpoint_dir, graph.name)
     deployment = None
     if args.taskmanagers > 1 or args.cluster != "local":
