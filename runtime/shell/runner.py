@@ -142,5 +142,8 @@ def _run_in_worker_thread(coro: Any) -> Any:
             if running:
                 loop, task = running[0]
                 loop.call_soon_threadsafe(task.cancel)
-            worker.join()
         raise
+    finally:
+        # The outcome is set a moment before the worker thread ends: join it, so
+        # that no thread of this call outlives it.
+        worker.join()
