@@ -277,6 +277,54 @@ class FlatMapOperator(UserFunctionOperator):
         await self.output.emit(out, out_ts)
 
 
+class MapBatchesOperator(UserFunctionOperator):
+    """``map_batches(fn)``: one call of ``fn`` per buffer, with a list of the buffer's records;
+    it returns a list of as many results, in order, each keeping its input's timestamp."""
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        out = self._call_batch_function("map_batches function", values)
+        if len(out) != len(values):
+            msg = (
+                f"the map_batches function returned {len(out)} records for a batch of "
+                f"{len(values)}: it must return one result per record, in order (each keeps "
+                "its record's timestamp); use flat_map_batches for any other number"
+            )
+            raise self.user_error(ValueError(msg))
+        await self.output.emit(out, timestamps)
+
+    def _call_batch_function(self, role: str, values: list[Any]) -> list[Any]:
+        """``fn`` called with a copy of the buffer's records (a buffer may be shared, a user's
+        function may change its argument), checked to return a list of values."""
+        try:
+            out = self.function(list(values))
+        except Exception as exc:
+            raise self.user_error(exc) from exc
+        if is_async_result(out):
+            raise _async_result_error(self, role, [out])
+        if type(out) is not list:
+            msg = f"the {role} returned a {type(out).__name__}; it must return a list"
+            raise self.user_error(TypeError(msg))
+        if out and is_async_result(out[0]):
+            raise _async_result_error(self, role, out, verb="returned a list holding")
+        return out
+
+
+class FlatMapBatchesOperator(MapBatchesOperator):
+    """``flat_map_batches(fn)``: one call of ``fn`` per buffer; it returns a list of any number
+    of results, which all get the buffer's latest timestamp (none without event time)."""
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        out = self._call_batch_function("flat_map_batches function", values)
+        if timestamps is None or not out:
+            await self.output.emit(out, None)
+            return
+        await self.output.emit(out, [max(timestamps)] * len(out))
+
+
 class _RunningValueOperator(UserFunctionOperator):
     """A keyed operator with one running value per key in the value state ``_STATE``, whose
     dict it uses directly: one lookup and one store per record."""
