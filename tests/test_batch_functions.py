@@ -54,9 +54,7 @@ def test_map_batches_maps_every_record_in_batches_and_keeps_each_timestamp(
 
 def test_map_batches_returning_another_number_of_records_fails_naming_the_operator() -> None:
     def build(job: Job) -> None:
-        timed(job).map_batches(lambda values: values[1:], name="drop-first").sink_to(
-            CollectSink()
-        )
+        timed(job).map_batches(lambda values: values[1:], name="drop-first").sink_to(CollectSink())
 
     with pytest.raises(JobFailedError) as info:
         run_job(build, parallelism=1)
@@ -87,13 +85,7 @@ def test_flat_map_batches_results_get_the_latest_timestamp_of_their_batch(
         return [(len(values), 1000 + max(values))]
 
     def build(job: Job) -> None:
-        (
-            timed(job)
-            .flat_map_batches(summarise)
-            .uid("summaries")
-            .process(Stamped())
-            .sink_to(sink)
-        )
+        (timed(job).flat_map_batches(summarise).uid("summaries").process(Stamped()).sink_to(sink))
 
     result = run_job(build, parallelism=parallelism, config=ExecutionConfig(buffer_size=100))
     assert sum(count for (count, _), _ in sink.results) == len(RECORDS)
