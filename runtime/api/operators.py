@@ -556,14 +556,28 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
             values, timestamps, self.key_selector, self.function.process_element
         )
 
+    def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
+        # Input 0 is the keyed one (input 1 of a keyed broadcast operator is the broadcast side).
+        return self.key_selector if input_index == 0 else None
+
+    async def process_keyed_batch(
+        self, values: list[Any], timestamps: list[int] | None, keys: list[Any], input_index: int
+    ) -> None:
+        assert self.key_selector is not None
+        await self._process_elements(
+            values, timestamps, self.key_selector, self.function.process_element, keys
+        )
+
     async def _process_elements(
         self,
         values: list[Any],
         timestamps: list[int] | None,
         key_of: Callable[[Any], Any],
         process: Callable[[Any, Any, Any], Any],
+        keys: list[Any] | None = None,
     ) -> None:
-        """Call ``process`` per record with its key set on the state backend and the context."""
+        """Call ``process`` per record with its key set on the state backend and the context;
+        ``keys``: the records' keys when the partitioner computed them with ``key_of``."""
         assert self.keyed_backend is not None
         backend = self.keyed_backend
         ctx = self._ctx
@@ -572,7 +586,30 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
             self._verify_first_key(key_of, values[0])
         check_rule = backend.has_cleanup_rule
         try:
-            if timestamps is None:
+            if keys is not None and timestamps is None:
+                ctx.timestamp = None
+                out._default_ts = None
+                for value, key in zip(values, keys, strict=True):
+                    backend.current_key = key
+                    ctx.current_key = key
+                    result = process(value, ctx, out)
+                    if result is not None and is_async_result(result):
+                        raise self._returned_awaitable(process, result, value)
+                    if check_rule:
+                        backend.check_cleanup_rule(key)
+            elif keys is not None:
+                assert timestamps is not None
+                for value, key, ts in zip(values, keys, timestamps, strict=True):
+                    backend.current_key = key
+                    ctx.current_key = key
+                    ctx.timestamp = ts
+                    out._default_ts = ts
+                    result = process(value, ctx, out)
+                    if result is not None and is_async_result(result):
+                        raise self._returned_awaitable(process, result, value)
+                    if check_rule:
+                        backend.check_cleanup_rule(key)
+            elif timestamps is None:
                 ctx.timestamp = None
                 out._default_ts = None
                 for value in values:
@@ -666,6 +703,18 @@ class KeyedCoProcessOperator(KeyedProcessOperator):
         assert key_of is not None
         process = fn.process_element1 if input_index == 0 else fn.process_element2
         await self._process_elements(values, timestamps, key_of, process)
+
+    def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
+        return self._selectors[input_index]
+
+    async def process_keyed_batch(
+        self, values: list[Any], timestamps: list[int] | None, keys: list[Any], input_index: int
+    ) -> None:
+        fn = self.function
+        key_of = self._selectors[input_index]
+        assert key_of is not None
+        process = fn.process_element1 if input_index == 0 else fn.process_element2
+        await self._process_elements(values, timestamps, key_of, process, keys)
 
     async def end_input(self, input_index: int) -> None:
         end_input = self.function.end_input
