@@ -165,6 +165,7 @@ def failing_record(exc: BaseException, values: list[Any]) -> tuple[int, Any] | N
             "_process_unkeyed",
             "_map_values",
             "_flat_map_values",
+            "_run_buffer",
         }:
             for name in ("value", "v", "record"):
                 if name in frame.f_locals:

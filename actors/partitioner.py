@@ -6,6 +6,7 @@ timestamps) for it, so that routing costs one tight loop per buffer and no per-r
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -104,9 +105,7 @@ class KeyGroupPartitioner(Partitioner):
             # hash; anything else is hashed once to validate it.
             keys = [selector(value) for value in values]
             if not _PLAIN_KEY_TYPES.issuperset(map(type, keys)):
-                for key in keys:
-                    if type(key) not in _PLAIN_KEY_TYPES:
-                        stable_hash(key)
+                _check_stable_hashes(keys)
             return [(0, values, timestamps, keys)]
         maxp = self.max_parallelism
         per_channel: list[list[Any]] = [[] for _ in range(channels)]
@@ -130,3 +129,17 @@ class KeyGroupPartitioner(Partitioner):
             for i, vs in enumerate(per_channel)
             if vs
         ]
+
+
+def _check_stable_hashes(keys: list[Any]) -> None:
+    """Raise ``UnhashableKeyError`` for the first key without a stable hash, closing every
+    coroutine among ``keys`` (an async key selector's: unawaited, each would warn)."""
+    try:
+        for key in keys:
+            if type(key) not in _PLAIN_KEY_TYPES:
+                stable_hash(key)
+    except Exception:
+        for key in keys:
+            if inspect.iscoroutine(key):
+                key.close()
+        raise

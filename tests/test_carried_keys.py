@@ -11,8 +11,10 @@ import pytest
 
 from connectors import CollectionSource, CollectSink
 from runtime import (
+    AggregateFunction,
     Collector,
     Job,
+    JobFailedError,
     KeyedCoProcessFunction,
     KeyedProcessContext,
     KeyedProcessFunction,
@@ -86,3 +88,62 @@ def test_a_keyed_co_process_function_gets_the_keys_of_both_inputs(parallelism: i
     assert sorted(sink.results) == sorted(
         [("first", k, i) for k, i in RECORDS] + [("second", k, i) for k, i in RECORDS[:100]]
     )
+
+
+class CountAndSum(AggregateFunction[Any, Any, Any]):
+    def create_accumulator(self) -> Any:
+        return (0, 0)
+
+    def add(self, value: Any, accumulator: Any) -> Any:
+        return (accumulator[0] + 1, accumulator[1] + value[1])
+
+    def get_result(self, accumulator: Any) -> Any:
+        return accumulator
+
+
+@pytest.mark.parametrize("parallelism", [1, 2])
+@pytest.mark.parametrize("kind", ["reduce", "aggregate"])
+def test_rolling_reduce_and_aggregate_get_the_partitioner_s_keys(
+    kind: str, parallelism: int
+) -> None:
+    selector = CountingSelector()
+    sink = CollectSink()
+
+    def build(job: Job) -> None:
+        keyed = job.from_source(CollectionSource(RECORDS)).key_by(selector)
+        if kind == "reduce":
+            rolled = keyed.reduce(lambda a, b: (a[0], a[1] + b[1]))
+            keyed_results = rolled.map(lambda r: (r[0], r[1]))
+        else:
+            keyed_results = keyed.aggregate(CountAndSum()).map(lambda r: ("", r[1]))
+        keyed_results.sink_to(sink)
+
+    run_job(build, parallelism=parallelism)
+    assert selector.calls == len(RECORDS)
+    totals: dict[str, int] = {}
+    for key, value in RECORDS:
+        totals[key] = totals.get(key, 0) + value
+    finals = set(sink.results)
+    if kind == "reduce":
+        assert set(totals.items()) <= finals
+    else:
+        assert set(totals.values()) <= {total for _, total in finals}
+
+
+def test_a_failing_reduce_function_names_its_record() -> None:
+    def fail_on_42(a: Any, b: Any) -> Any:
+        if b[1] == 42:
+            raise ValueError("no 42")
+        return b
+
+    def build(job: Job) -> None:
+        job.from_source(CollectionSource(RECORDS)).key_by(lambda r: r[0]).reduce(
+            fail_on_42, name="picky"
+        ).sink_to(CollectSink())
+
+    with pytest.raises(JobFailedError) as info:
+        run_job(build, parallelism=1)
+    message = str(info.value)
+    assert "'picky' (subtask 1/1)" in message
+    assert "on record ('k0', 42)" in message
+    assert "ValueError: no 42" in message

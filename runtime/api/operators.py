@@ -337,6 +337,41 @@ class _RunningValueOperator(UserFunctionOperator):
         assert self.keyed_backend is not None
         self._state = self.keyed_backend.get_state(self._STATE)
 
+    def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
+        return self.key_selector
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        await self.process_keyed_batch(values, timestamps, None, input_index)
+
+    async def process_keyed_batch(
+        self,
+        values: list[Any],
+        timestamps: list[int] | None,
+        keys: list[Any] | None,
+        input_index: int = 0,
+    ) -> None:
+        """Run the buffer with the records' keys: ``keys`` when the partitioner carried them,
+        else computed here."""
+        key_of, table, backend = self._start_buffer(values)
+        if keys is None:
+            try:
+                keys = [key_of(value) for value in values]
+            except Exception as exc:
+                raise self.user_error(exc, values) from exc
+        await self._run_buffer(values, timestamps, keys, table, backend)
+
+    async def _run_buffer(
+        self,
+        values: list[Any],
+        timestamps: list[int] | None,
+        keys: list[Any],
+        table: dict[Any, Any],
+        backend: KeyedStateBackend,
+    ) -> None:
+        raise NotImplementedError
+
     def _start_buffer(
         self, values: list[Any]
     ) -> tuple[Callable[[Any], Any], dict[Any, Any], KeyedStateBackend]:
@@ -355,11 +390,15 @@ class KeyedReduceOperator(_RunningValueOperator):
 
     _STATE = ValueStateDescriptor[Any]("reduce")
 
-    async def process_batch(
-        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    async def _run_buffer(
+        self,
+        values: list[Any],
+        timestamps: list[int] | None,
+        keys: list[Any],
+        table: dict[Any, Any],
+        backend: KeyedStateBackend,
     ) -> None:
         fn = self.function
-        key_of, table, backend = self._start_buffer(values)
         missing = _MISSING
         out: list[Any] = []
         append = out.append
@@ -369,8 +408,7 @@ class KeyedReduceOperator(_RunningValueOperator):
         unchecked = True
         check_rule = backend.has_cleanup_rule
         try:
-            for value in values:
-                key = key_of(value)
+            for value, key in zip(values, keys, strict=True):
                 current = table.get(key, missing)
                 if current is not missing:
                     value = fn(current, value)
@@ -407,12 +445,16 @@ class KeyedAggregateOperator(_RunningValueOperator):
 
     _STATE = ValueStateDescriptor[Any]("accumulator")
 
-    async def process_batch(
-        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    async def _run_buffer(
+        self,
+        values: list[Any],
+        timestamps: list[int] | None,
+        keys: list[Any],
+        table: dict[Any, Any],
+        backend: KeyedStateBackend,
     ) -> None:
         fn = self.function
         create, add, get_result = fn.create_accumulator, fn.add, fn.get_result
-        key_of, table, backend = self._start_buffer(values)
         missing = _MISSING
         out: list[Any] = []
         append = out.append
@@ -421,8 +463,7 @@ class KeyedAggregateOperator(_RunningValueOperator):
         # value, can a snapshot hold it) and the first result (is it a value).
         unchecked = True
         try:
-            for value in values:
-                key = key_of(value)
+            for value, key in zip(values, keys, strict=True):
                 accumulator = table.get(key, missing)
                 if accumulator is missing:
                     accumulator = create()
