@@ -335,7 +335,8 @@ class _RunningValueOperator(UserFunctionOperator):
     async def open(self) -> None:
         await super().open()
         assert self.keyed_backend is not None
-        self._state = self.keyed_backend.get_state(self._STATE)
+        self._backend = self.keyed_backend
+        self._table = self.keyed_backend.get_state(self._STATE)._values
 
     def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
         return self.key_selector
@@ -354,35 +355,26 @@ class _RunningValueOperator(UserFunctionOperator):
     ) -> None:
         """Run the buffer with the records' keys: ``keys`` when the partitioner carried them,
         else computed here."""
-        key_of, table, backend = self._start_buffer(values)
+        key_of = self._start_buffer(values)
         if keys is None:
             try:
                 keys = [key_of(value) for value in values]
             except Exception as exc:
                 raise self.user_error(exc, values) from exc
-        await self._run_buffer(values, timestamps, keys, table, backend)
+        await self._run_buffer(values, timestamps, keys)
 
-    async def _run_buffer(
-        self,
-        values: list[Any],
-        timestamps: list[int] | None,
-        keys: list[Any],
-        table: dict[Any, Any],
-        backend: KeyedStateBackend,
-    ) -> None:
+    async def _run_buffer(self, values: list[Any], ts: list[int] | None, keys: list[Any]) -> None:
+        """Update the state (``self._table``) with the buffer's records and emit the results."""
         raise NotImplementedError
 
-    def _start_buffer(
-        self, values: list[Any]
-    ) -> tuple[Callable[[Any], Any], dict[Any, Any], KeyedStateBackend]:
-        """The key selector, the state's dict and the backend, once the first key of the run
-        was checked against the restored state."""
+    def _start_buffer(self, values: list[Any]) -> Callable[[Any], Any]:
+        """The key selector, once the first key of the run was checked against the restored
+        state."""
         key_of = self.key_selector
-        backend = self.keyed_backend
-        assert key_of is not None and backend is not None
+        assert key_of is not None
         if self._check_first_key and values:
             self._verify_first_key(key_of, values[0])
-        return key_of, self._state._values, backend
+        return key_of
 
 
 class KeyedReduceOperator(_RunningValueOperator):
@@ -390,15 +382,9 @@ class KeyedReduceOperator(_RunningValueOperator):
 
     _STATE = ValueStateDescriptor[Any]("reduce")
 
-    async def _run_buffer(
-        self,
-        values: list[Any],
-        timestamps: list[int] | None,
-        keys: list[Any],
-        table: dict[Any, Any],
-        backend: KeyedStateBackend,
-    ) -> None:
+    async def _run_buffer(self, values: list[Any], ts: list[int] | None, keys: list[Any]) -> None:
         fn = self.function
+        table, backend = self._table, self._backend
         missing = _MISSING
         out: list[Any] = []
         append = out.append
@@ -426,7 +412,7 @@ class KeyedReduceOperator(_RunningValueOperator):
             raise
         except Exception as exc:
             raise self.user_error(exc, values) from exc
-        await self.output.emit(out, timestamps)
+        await self.output.emit(out, ts)
 
     def _check_result(self, value: Any) -> None:
         if is_async_result(value):
@@ -445,15 +431,9 @@ class KeyedAggregateOperator(_RunningValueOperator):
 
     _STATE = ValueStateDescriptor[Any]("accumulator")
 
-    async def _run_buffer(
-        self,
-        values: list[Any],
-        timestamps: list[int] | None,
-        keys: list[Any],
-        table: dict[Any, Any],
-        backend: KeyedStateBackend,
-    ) -> None:
+    async def _run_buffer(self, values: list[Any], ts: list[int] | None, keys: list[Any]) -> None:
         fn = self.function
+        table, backend = self._table, self._backend
         create, add, get_result = fn.create_accumulator, fn.add, fn.get_result
         missing = _MISSING
         out: list[Any] = []
@@ -481,7 +461,7 @@ class KeyedAggregateOperator(_RunningValueOperator):
             raise
         except Exception as exc:
             raise self.user_error(exc, values) from exc
-        await self.output.emit(out, timestamps)
+        await self.output.emit(out, ts)
 
     def _check(self, accumulator: Any, result: Any, record: Any) -> None:
         for role, produced in (("add()", accumulator), ("get_result()", result)):
@@ -627,7 +607,9 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
             self._verify_first_key(key_of, values[0])
         check_rule = backend.has_cleanup_rule
         try:
-            if keys is not None and timestamps is None:
+            if keys is None:
+                keys = [key_of(value) for value in values]
+            if timestamps is None:
                 ctx.timestamp = None
                 out._default_ts = None
                 for value, key in zip(values, keys, strict=True):
@@ -638,33 +620,8 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
                         raise self._returned_awaitable(process, result, value)
                     if check_rule:
                         backend.check_cleanup_rule(key)
-            elif keys is not None:
-                assert timestamps is not None
-                for value, key, ts in zip(values, keys, timestamps, strict=True):
-                    backend.current_key = key
-                    ctx.current_key = key
-                    ctx.timestamp = ts
-                    out._default_ts = ts
-                    result = process(value, ctx, out)
-                    if result is not None and is_async_result(result):
-                        raise self._returned_awaitable(process, result, value)
-                    if check_rule:
-                        backend.check_cleanup_rule(key)
-            elif timestamps is None:
-                ctx.timestamp = None
-                out._default_ts = None
-                for value in values:
-                    key = key_of(value)
-                    backend.current_key = key
-                    ctx.current_key = key
-                    result = process(value, ctx, out)
-                    if result is not None and is_async_result(result):
-                        raise self._returned_awaitable(process, result, value)
-                    if check_rule:
-                        backend.check_cleanup_rule(key)
             else:
-                for value, ts in zip(values, timestamps, strict=True):
-                    key = key_of(value)
+                for value, key, ts in zip(values, keys, timestamps, strict=True):
                     backend.current_key = key
                     ctx.current_key = key
                     ctx.timestamp = ts
