@@ -55,13 +55,22 @@ class Buffer:
     Buffers are read-only once emitted: a broadcast hands the same buffer to every channel.
     ``encoded`` is the buffer's wire form, made once by the first channel to another process that
     sends it (see :mod:`actors.remote`); ``None`` while only local channels had it.
+    ``keys``: on a key-partitioned edge, each record's key as the partitioner computed it, so
+    that the keyed operator receiving it need not call the key selector again; never on the
+    wire (a buffer from another process has none, and the receiver computes them).
     """
 
-    __slots__ = ("encoded", "timestamps", "values")
+    __slots__ = ("encoded", "keys", "timestamps", "values")
 
-    def __init__(self, values: list[Any], timestamps: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        values: list[Any],
+        timestamps: list[int] | None = None,
+        keys: list[Any] | None = None,
+    ) -> None:
         self.values = values
         self.timestamps = timestamps
+        self.keys = keys
         self.encoded: bytes | None = None
 
     def __len__(self) -> int:

@@ -24,6 +24,7 @@ its :class:`Output` (also in ``finish()``), never after ``close()``.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -164,6 +165,7 @@ def failing_record(exc: BaseException, values: list[Any]) -> tuple[int, Any] | N
             "_process_unkeyed",
             "_map_values",
             "_flat_map_values",
+            "_run_buffer",
         }:
             for name in ("value", "v", "record"):
                 if name in frame.f_locals:
@@ -227,6 +229,19 @@ class StreamOperator:
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
         raise NotImplementedError
+
+    def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
+        """The key selector of input ``input_index`` whose keys this operator takes with a buffer
+        (:meth:`process_keyed_batch`) instead of computing them; None when it takes none. The task
+        hands it keys only from an edge partitioned by this very selector."""
+        return None
+
+    async def process_keyed_batch(
+        self, values: list[Any], timestamps: list[int] | None, keys: list[Any], input_index: int
+    ) -> None:
+        """:meth:`process_batch` with each record's key, computed by the partitioner with the
+        operator's :meth:`carried_key_selector` (and the records unchanged since)."""
+        await self.process_batch(values, timestamps, input_index)
 
     async def process_watermark(self, watermark: Watermark) -> None:
         await self.output.emit_watermark(watermark)

@@ -216,6 +216,9 @@ class StreamTask:
         self._runner: asyncio.Task[Any] | None = None
         self._closed = False
         self.is_source = isinstance(self.head, SourceOperatorBase)
+        self.carried_key_inputs: frozenset[int] = frozenset()
+        """Inputs whose buffers' keys the head operator takes (``process_keyed_batch``): set by
+        whoever builds the task, for inputs partitioned by the head's own key selector."""
         self.source_ended = False
         if gate is not None:
             n = len(gate.channels)
@@ -406,7 +409,13 @@ class StreamTask:
             channel, item = polled
             if type(item) is Buffer:
                 head.metrics.records_in += len(item.values)
-                await head.process_batch(item.values, item.timestamps, channel.input_index)
+                keys = item.keys
+                if keys is not None and channel.input_index in self.carried_key_inputs:
+                    await head.process_keyed_batch(
+                        item.values, item.timestamps, keys, channel.input_index
+                    )
+                else:
+                    await head.process_batch(item.values, item.timestamps, channel.input_index)
                 channel.recycle()
                 await self._flush_if_timed_out()
                 await asyncio.sleep(0)

@@ -37,16 +37,19 @@ class RecordWriter:
         n = len(self._targets)
         self._values: list[list[Any]] = [[] for _ in range(n)]
         self._timestamps: list[list[int] | None] = [None] * n
+        # The keys of the pending records, on an edge whose partitioner computes them (one
+        # partitioner per writer: every record of such an edge has its key, or none has).
+        self._keys: list[list[Any]] = [[] for _ in range(n)]
         self.has_pending = False
 
     async def emit(self, values: list[Any], timestamps: list[int] | None) -> None:
         size = self.buffer_size
         routed = (
-            [(0, values, timestamps)]
+            [(0, values, timestamps, None)]
             if self._broadcast
-            else self.partitioner.route(values, timestamps, len(self.subpartitions))
+            else self.partitioner.route_with_keys(values, timestamps, len(self.subpartitions))
         )
-        for channel, vals, stamps in routed:
+        for channel, vals, stamps, keys in routed:
             pending = self._values[channel]
             pending_ts = self._timestamps[channel]
             if not pending and len(vals) >= size and pending_ts is None:
@@ -55,11 +58,16 @@ class RecordWriter:
                 targets = self._targets[channel]
                 for start in range(0, full, size):
                     end = start + size
-                    buffer = Buffer(vals[start:end], None if stamps is None else stamps[start:end])
+                    buffer = Buffer(
+                        vals[start:end],
+                        None if stamps is None else stamps[start:end],
+                        None if keys is None else keys[start:end],
+                    )
                     for sub in targets:
                         await sub.add_buffer(buffer)
                 vals = vals[full:]
                 stamps = None if stamps is None else stamps[full:]
+                keys = None if keys is None else keys[full:]
                 if not vals:
                     continue
             if stamps is not None or pending_ts is not None:
@@ -68,6 +76,8 @@ class RecordWriter:
                     self._timestamps[channel] = pending_ts
                 pending_ts.extend(stamps if stamps is not None else [MIN_TIMESTAMP] * len(vals))
             pending.extend(vals)
+            if keys is not None:
+                self._keys[channel].extend(keys)
             self.has_pending = True
             if len(pending) >= size:
                 await self._send_full(channel)
@@ -75,18 +85,22 @@ class RecordWriter:
     async def _send_full(self, channel: int) -> None:
         pending = self._values[channel]
         pending_ts = self._timestamps[channel]
+        pending_keys = self._keys[channel]
         size = self.buffer_size
         targets = self._targets[channel]
         full = len(pending) - len(pending) % size
         for start in range(0, full, size):
             end = start + size
             buffer = Buffer(
-                pending[start:end], None if pending_ts is None else pending_ts[start:end]
+                pending[start:end],
+                None if pending_ts is None else pending_ts[start:end],
+                pending_keys[start:end] if pending_keys else None,
             )
             for sub in targets:
                 await sub.add_buffer(buffer)
         self._values[channel] = pending[full:]
         self._timestamps[channel] = None if pending_ts is None else pending_ts[full:]
+        self._keys[channel] = pending_keys[full:]
         self._refresh_pending()
 
     def _refresh_pending(self) -> None:
@@ -99,9 +113,11 @@ class RecordWriter:
         for channel, pending in enumerate(self._values):
             if pending:
                 stamps = self._timestamps[channel]
+                keys = self._keys[channel]
                 self._values[channel] = []
                 self._timestamps[channel] = None
-                buffer = Buffer(pending, stamps)
+                self._keys[channel] = []
+                buffer = Buffer(pending, stamps, keys or None)
                 for sub in self._targets[channel]:
                     await sub.add_buffer(buffer)
         self.has_pending = False

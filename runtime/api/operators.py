@@ -277,6 +277,54 @@ class FlatMapOperator(UserFunctionOperator):
         await self.output.emit(out, out_ts)
 
 
+class MapBatchesOperator(UserFunctionOperator):
+    """``map_batches(fn)``: one call of ``fn`` per buffer, with a list of the buffer's records;
+    it returns a list of as many results, in order, each keeping its input's timestamp."""
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        out = self._call_batch_function("map_batches function", values)
+        if len(out) != len(values):
+            msg = (
+                f"the map_batches function returned {len(out)} records for a batch of "
+                f"{len(values)}: it must return one result per record, in order (each keeps "
+                "its record's timestamp); use flat_map_batches for any other number"
+            )
+            raise self.user_error(ValueError(msg))
+        await self.output.emit(out, timestamps)
+
+    def _call_batch_function(self, role: str, values: list[Any]) -> list[Any]:
+        """``fn`` called with a copy of the buffer's records (a buffer may be shared, a user's
+        function may change its argument), checked to return a list of values."""
+        try:
+            out = self.function(list(values))
+        except Exception as exc:
+            raise self.user_error(exc) from exc
+        if is_async_result(out):
+            raise _async_result_error(self, role, [out])
+        if type(out) is not list:
+            msg = f"the {role} returned a {type(out).__name__}; it must return a list"
+            raise self.user_error(TypeError(msg))
+        if out and is_async_result(out[0]):
+            raise _async_result_error(self, role, out, verb="returned a list holding")
+        return out
+
+
+class FlatMapBatchesOperator(MapBatchesOperator):
+    """``flat_map_batches(fn)``: one call of ``fn`` per buffer; it returns a list of any number
+    of results, which all get the buffer's latest timestamp (none without event time)."""
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        out = self._call_batch_function("flat_map_batches function", values)
+        if timestamps is None or not out:
+            await self.output.emit(out, None)
+            return
+        await self.output.emit(out, [max(timestamps)] * len(out))
+
+
 class _RunningValueOperator(UserFunctionOperator):
     """A keyed operator with one running value per key in the value state ``_STATE``, whose
     dict it uses directly: one lookup and one store per record."""
@@ -287,19 +335,46 @@ class _RunningValueOperator(UserFunctionOperator):
     async def open(self) -> None:
         await super().open()
         assert self.keyed_backend is not None
-        self._state = self.keyed_backend.get_state(self._STATE)
+        self._backend = self.keyed_backend
+        self._table = self.keyed_backend.get_state(self._STATE)._values
 
-    def _start_buffer(
-        self, values: list[Any]
-    ) -> tuple[Callable[[Any], Any], dict[Any, Any], KeyedStateBackend]:
-        """The key selector, the state's dict and the backend, once the first key of the run
-        was checked against the restored state."""
+    def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
+        return self.key_selector
+
+    async def process_batch(
+        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    ) -> None:
+        await self.process_keyed_batch(values, timestamps, None, input_index)
+
+    async def process_keyed_batch(
+        self,
+        values: list[Any],
+        timestamps: list[int] | None,
+        keys: list[Any] | None,
+        input_index: int = 0,
+    ) -> None:
+        """Run the buffer with the records' keys: ``keys`` when the partitioner carried them,
+        else computed here."""
+        key_of = self._start_buffer(values)
+        if keys is None:
+            try:
+                keys = [key_of(value) for value in values]
+            except Exception as exc:
+                raise self.user_error(exc, values) from exc
+        await self._run_buffer(values, timestamps, keys)
+
+    async def _run_buffer(self, values: list[Any], ts: list[int] | None, keys: list[Any]) -> None:
+        """Update the state (``self._table``) with the buffer's records and emit the results."""
+        raise NotImplementedError
+
+    def _start_buffer(self, values: list[Any]) -> Callable[[Any], Any]:
+        """The key selector, once the first key of the run was checked against the restored
+        state."""
         key_of = self.key_selector
-        backend = self.keyed_backend
-        assert key_of is not None and backend is not None
+        assert key_of is not None
         if self._check_first_key and values:
             self._verify_first_key(key_of, values[0])
-        return key_of, self._state._values, backend
+        return key_of
 
 
 class KeyedReduceOperator(_RunningValueOperator):
@@ -307,11 +382,9 @@ class KeyedReduceOperator(_RunningValueOperator):
 
     _STATE = ValueStateDescriptor[Any]("reduce")
 
-    async def process_batch(
-        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
-    ) -> None:
+    async def _run_buffer(self, values: list[Any], ts: list[int] | None, keys: list[Any]) -> None:
         fn = self.function
-        key_of, table, backend = self._start_buffer(values)
+        table, backend = self._table, self._backend
         missing = _MISSING
         out: list[Any] = []
         append = out.append
@@ -321,8 +394,7 @@ class KeyedReduceOperator(_RunningValueOperator):
         unchecked = True
         check_rule = backend.has_cleanup_rule
         try:
-            for value in values:
-                key = key_of(value)
+            for value, key in zip(values, keys, strict=True):
                 current = table.get(key, missing)
                 if current is not missing:
                     value = fn(current, value)
@@ -340,7 +412,7 @@ class KeyedReduceOperator(_RunningValueOperator):
             raise
         except Exception as exc:
             raise self.user_error(exc, values) from exc
-        await self.output.emit(out, timestamps)
+        await self.output.emit(out, ts)
 
     def _check_result(self, value: Any) -> None:
         if is_async_result(value):
@@ -359,12 +431,10 @@ class KeyedAggregateOperator(_RunningValueOperator):
 
     _STATE = ValueStateDescriptor[Any]("accumulator")
 
-    async def process_batch(
-        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
-    ) -> None:
+    async def _run_buffer(self, values: list[Any], ts: list[int] | None, keys: list[Any]) -> None:
         fn = self.function
+        table, backend = self._table, self._backend
         create, add, get_result = fn.create_accumulator, fn.add, fn.get_result
-        key_of, table, backend = self._start_buffer(values)
         missing = _MISSING
         out: list[Any] = []
         append = out.append
@@ -373,8 +443,7 @@ class KeyedAggregateOperator(_RunningValueOperator):
         # value, can a snapshot hold it) and the first result (is it a value).
         unchecked = True
         try:
-            for value in values:
-                key = key_of(value)
+            for value, key in zip(values, keys, strict=True):
                 accumulator = table.get(key, missing)
                 if accumulator is missing:
                     accumulator = create()
@@ -392,7 +461,7 @@ class KeyedAggregateOperator(_RunningValueOperator):
             raise
         except Exception as exc:
             raise self.user_error(exc, values) from exc
-        await self.output.emit(out, timestamps)
+        await self.output.emit(out, ts)
 
     def _check(self, accumulator: Any, result: Any, record: Any) -> None:
         for role, produced in (("add()", accumulator), ("get_result()", result)):
@@ -508,14 +577,28 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
             values, timestamps, self.key_selector, self.function.process_element
         )
 
+    def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
+        # Input 0 is the keyed one (input 1 of a keyed broadcast operator is the broadcast side).
+        return self.key_selector if input_index == 0 else None
+
+    async def process_keyed_batch(
+        self, values: list[Any], timestamps: list[int] | None, keys: list[Any], input_index: int
+    ) -> None:
+        assert self.key_selector is not None
+        await self._process_elements(
+            values, timestamps, self.key_selector, self.function.process_element, keys
+        )
+
     async def _process_elements(
         self,
         values: list[Any],
         timestamps: list[int] | None,
         key_of: Callable[[Any], Any],
         process: Callable[[Any, Any, Any], Any],
+        keys: list[Any] | None = None,
     ) -> None:
-        """Call ``process`` per record with its key set on the state backend and the context."""
+        """Call ``process`` per record with its key set on the state backend and the context;
+        ``keys``: the records' keys when the partitioner computed them with ``key_of``."""
         assert self.keyed_backend is not None
         backend = self.keyed_backend
         ctx = self._ctx
@@ -524,11 +607,12 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
             self._verify_first_key(key_of, values[0])
         check_rule = backend.has_cleanup_rule
         try:
+            if keys is None:
+                keys = [key_of(value) for value in values]
             if timestamps is None:
                 ctx.timestamp = None
                 out._default_ts = None
-                for value in values:
-                    key = key_of(value)
+                for value, key in zip(values, keys, strict=True):
                     backend.current_key = key
                     ctx.current_key = key
                     result = process(value, ctx, out)
@@ -537,8 +621,7 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
                     if check_rule:
                         backend.check_cleanup_rule(key)
             else:
-                for value, ts in zip(values, timestamps, strict=True):
-                    key = key_of(value)
+                for value, key, ts in zip(values, keys, timestamps, strict=True):
                     backend.current_key = key
                     ctx.current_key = key
                     ctx.timestamp = ts
@@ -618,6 +701,18 @@ class KeyedCoProcessOperator(KeyedProcessOperator):
         assert key_of is not None
         process = fn.process_element1 if input_index == 0 else fn.process_element2
         await self._process_elements(values, timestamps, key_of, process)
+
+    def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
+        return self._selectors[input_index]
+
+    async def process_keyed_batch(
+        self, values: list[Any], timestamps: list[int] | None, keys: list[Any], input_index: int
+    ) -> None:
+        fn = self.function
+        key_of = self._selectors[input_index]
+        assert key_of is not None
+        process = fn.process_element1 if input_index == 0 else fn.process_element2
+        await self._process_elements(values, timestamps, key_of, process, keys)
 
     async def end_input(self, input_index: int) -> None:
         end_input = self.function.end_input

@@ -371,6 +371,31 @@ class DataStream:
         _require_sync("flat_map()", fn)
         return self._operator(FlatMapOperator, "FlatMap", fn, name, self._key_selector())
 
+    def map_batches(
+        self, fn: Callable[[list[Any]], list[Any]], name: str | None = None
+    ) -> DataStream:
+        """The fast path for vectorised code: ``fn(records)`` once per buffer (up to
+        ``--buffer-size`` records, fewer when a buffer is flushed early), returning a list of
+        exactly as many results, in order; each result keeps its record's timestamp. Another
+        number of results fails the task, naming the operator (use :meth:`flat_map_batches`).
+        ``fn`` gets a list of its own; on a keyed stream a batch holds records of many keys
+        and ``fn`` has no keyed state. Async functions are refused (use :meth:`map_async`)."""
+        from runtime.api.operators import MapBatchesOperator
+
+        _require_sync("map_batches()", fn)
+        return self._operator(MapBatchesOperator, "MapBatches", fn, name)
+
+    def flat_map_batches(
+        self, fn: Callable[[list[Any]], list[Any]], name: str | None = None
+    ) -> DataStream:
+        """:meth:`map_batches` whose ``fn`` returns a list of any number of results (an
+        aggregate of the batch, say). With event time every result gets the latest timestamp
+        of the batch's records: no result is earlier than the input it was made from."""
+        from runtime.api.operators import FlatMapBatchesOperator
+
+        _require_sync("flat_map_batches()", fn)
+        return self._operator(FlatMapBatchesOperator, "FlatMapBatches", fn, name)
+
     def assign_timestamps_and_watermarks(
         self,
         strategy: WatermarkStrategy | Callable[[Any], int],

@@ -25,6 +25,7 @@ from actors.operator import (
     StreamOperator,
     WriterOutput,
 )
+from actors.partitioner import KeyGroupPartitioner
 from actors.protocol import TaskId
 from actors.task import StreamTask, TaskListener
 from actors.writer import RecordWriter
@@ -184,6 +185,7 @@ def build_subtask(
         attempt=attempt,
         clock=config.clock,
     )
+    task.carried_key_inputs = carried_key_inputs(graph.inputs_of(vertex), task.head)
     for node in vertex.operators:
         tid = node.transformation.id
         op = operators[tid]
@@ -219,6 +221,24 @@ def build_subtask(
             side_outputs,
         )
     return task
+
+
+def carried_key_inputs(edges: list[JobEdge], head: StreamOperator) -> frozenset[int]:
+    """The inputs of ``head`` whose every edge is partitioned by the key selector ``head`` takes
+    the keys of (:meth:`~actors.operator.StreamOperator.carried_key_selector`): the keys the
+    partitioner computed are the ones the operator would compute, nothing changed the records
+    in between (a key-partitioned edge ends at its keyed operator)."""
+    carried: set[int] = set()
+    for input_index in {edge.input_index for edge in edges}:
+        selector = head.carried_key_selector(input_index)
+        if selector is None:
+            continue
+        partitioners = [e.partitioner_factory() for e in edges if e.input_index == input_index]
+        if all(
+            isinstance(p, KeyGroupPartitioner) and p.key_selector is selector for p in partitioners
+        ):
+            carried.add(input_index)
+    return frozenset(carried)
 
 
 def _combined(owner: StreamOperator, outputs: list[Output]) -> Output:
