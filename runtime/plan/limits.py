@@ -154,15 +154,36 @@ class RecordLimitedSink(StreamOperator):
     async def process_batch(
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
+        granted = self._grant(values)
+        if granted < len(values):
+            values = values[:granted]
+            timestamps = timestamps[:granted] if timestamps is not None else None
+        if values:
+            await self.sink.process_batch(values, timestamps, input_index)
+
+    def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
+        return self.sink.carried_key_selector(input_index)
+
+    async def process_keyed_batch(
+        self, values: list[Any], timestamps: list[int] | None, keys: list[Any], input_index: int
+    ) -> None:
+        granted = self._grant(values)
+        if granted:
+            await self.sink.process_keyed_batch(
+                values[:granted],
+                timestamps[:granted] if timestamps is not None else None,
+                keys[:granted],
+                input_index,
+            )
+
+    def _grant(self, values: list[Any]) -> int:
+        """How many of ``values`` the limit lets through (the rest are not counted as in)."""
         wanted = len(values)
         granted = self.limit.take((self.uid, self.context.subtask_index), wanted)
         if granted < wanted:
             # Counted on arrival by whoever handed them over: the sink never received these.
             self.metrics.records_in -= wanted - granted
-            values = values[:granted]
-            timestamps = timestamps[:granted] if timestamps is not None else None
-        if values:
-            await self.sink.process_batch(values, timestamps, input_index)
+        return granted
 
     async def initialize_state(self, restored: RestoredState | None) -> None:
         await self.sink.initialize_state(restored)
