@@ -26,7 +26,9 @@ release it). Observed in about a third of the runs at 300k+ events; the check th
 tells it apart from lost records with a read_uncommitted count.
 
 Prints records/s (input events per second of wall time, start to last acknowledgement) for each,
-the ratio runtime / hand (target >= 0.6 for at-least-once at parallelism 1), and checks that every
+the ratio runtime / hand (target >= 0.6 for at-least-once at parallelism 1), the same ratio of the
+spans from the first to the last output write (the output records' timestamps: job startup and
+the final acknowledgement left out), and checks that every
 output topic holds one record per purchase with the same final total per user. ``--profile`` adds
 a cProfile of one runtime run (at-least-once), by own time and by cumulative time.
 """
@@ -355,7 +357,8 @@ def verify(
     isolation_level: str,
     purchases: int,
     expected: dict[str, tuple[int, float]],
-) -> str:
+) -> tuple[str, Output]:
+    """What the output check says, and what the topic holds."""
     output = run_coroutine(read_output(bootstrap, topic, isolation_level))
     count, last = output.count, output.last
     if isolation_level == "read_committed" and count != purchases:
@@ -368,7 +371,7 @@ def verify(
                 f"written ok ({written:,} records), but read_committed sees only {count:,}: the "
                 f"broker's last stable offset is stuck at an acknowledged commit in partitions "
                 f"{stuck} (a Tansu 0.6 bug under load, see the bench's docstring)"
-            )
+            ), output
     problems = []
     if count != purchases:
         problems.append(f"{count:,} records, expected {purchases:,}")
@@ -376,8 +379,8 @@ def verify(
         wrong = [u for u in expected if last.get(u) != expected[u]]
         problems.append(f"{len(wrong)} users with a wrong final (n, total), e.g. {wrong[:3]}")
     if problems:
-        return "MISMATCH: " + "; ".join(problems)
-    return f"ok ({count:,} records, final totals of {len(last):,} users match)"
+        return "MISMATCH: " + "; ".join(problems), output
+    return f"ok ({count:,} records, final totals of {len(last):,} users match)", output
 
 
 # ----------------------------------------------------------------------------- main
@@ -425,6 +428,8 @@ def main() -> None:
         failed = False
         alo_ratios: list[float] = []
         eos_ratios: list[float] = []
+        alo_write_ratios: list[float] = []
+        eos_write_ratios: list[float] = []
         for repeat in range(args.repeat):
             outputs = {k: f"bench-out-{k}-{repeat}" for k in ("alo", "eos", "hand")}
             run_coroutine(create_topics(bootstrap, list(outputs.values()), PARTITIONS))
@@ -457,10 +462,20 @@ def main() -> None:
                 ("runtime at-least-once", outputs["alo"], "read_uncommitted"),
                 ("runtime exactly-once", outputs["eos"], "read_committed"),
             ]
+            spans = []
             for name, topic, isolation in checks:
-                outcome = verify(bootstrap, topic, isolation, purchases, expected)
+                outcome, output = verify(bootstrap, topic, isolation, purchases, expected)
                 failed |= outcome.startswith("MISMATCH")
                 print(f"  {name:<24}{outcome}")
+                spans.append(max(output.last_timestamp_ms - output.first_timestamp_ms, 1) / 1000)
+            hand_span, alo_span, eos_span = spans
+            alo_write_ratios.append(hand_span / alo_span)
+            eos_write_ratios.append(hand_span / eos_span)
+            print(
+                f"  first to last output write (record timestamps): hand {hand_span:.2f}s, "
+                f"at-least-once {alo_span:.2f}s ({hand_span / alo_span:.2f} of hand), "
+                f"exactly-once {eos_span:.2f}s ({hand_span / eos_span:.2f})"
+            )
             print()
 
         ratio = statistics.median(alo_ratios)
@@ -470,6 +485,12 @@ def main() -> None:
             f"the target of {TARGET_RATIO} (exactly-once: {statistics.median(eos_ratios):.2f}); "
             f"at-least-once {', '.join(f'{r:.2f}' for r in alo_ratios)}, "
             f"exactly-once {', '.join(f'{r:.2f}' for r in eos_ratios)}"
+        )
+        print(
+            f"median hand/runtime of the first-to-last output write spans: at-least-once "
+            f"{statistics.median(alo_write_ratios):.2f}, exactly-once "
+            f"{statistics.median(eos_write_ratios):.2f} (startup and the last acknowledgement "
+            "left out)"
         )
 
         if args.profile:
