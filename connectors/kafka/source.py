@@ -372,19 +372,26 @@ async def confirmed_end_offsets(
         return {}
     reported = await consumer.end_offsets(partitions)
     result = dict(reported)
-    probe = None
-    try:
-        for tp in partitions:
-            if reported[tp] == 0:
-                continue
-            if probe is None:
-                probe = source.consumer("end offset probe")
-                await start_client(probe)
-            result[tp] = await _read_to_end(probe, tp, reported[tp], source)
-    finally:
-        if probe is not None:
-            await stop_client(probe)
+    # Confirming ends with an empty fetch (up to 500 ms): the partitions are confirmed at once,
+    # each by its own probe, not one after another.
+    to_confirm = [tp for tp in partitions if reported[tp] > 0]
+    outcomes = await asyncio.gather(
+        *(_confirm_end(tp, reported[tp], source) for tp in to_confirm), return_exceptions=True
+    )
+    for tp, outcome in zip(to_confirm, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        result[tp] = outcome
     return result
+
+
+async def _confirm_end(tp: TopicPartition, reported: int, source: KafkaSource) -> int:
+    probe = source.consumer("end offset probe")
+    await start_client(probe)
+    try:
+        return await _read_to_end(probe, tp, reported, source)
+    finally:
+        await stop_client(probe)
 
 
 async def _read_to_end(
