@@ -35,6 +35,7 @@ from kafka_fixtures import (
 from connectors import CollectionSource
 from connectors.kafka import KafkaSink, KafkaSource
 from connectors.kafka.exactly_once import TransactionCommitError
+from connectors.kafka.partitioner import default_partition
 from runtime import CheckpointConfig, ExecutionConfig, JobFailedError, RuntimeContext, run_job_async
 from runtime.master.jobmaster import JobMaster
 from runtime.master.restart import FixedDelayRestart
@@ -459,6 +460,51 @@ def eos_build(bootstrap: str, output: str, **sink_options: Any) -> Callable[[Any
         )
 
     return build
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+async def test_records_go_to_the_partition_a_java_producer_would_choose(
+    kafka_bootstrap: str, guarantee: str
+) -> None:
+    """Keyed records land where Kafka's default partitioner puts their key; records without a
+    key are spread over every partition (a sticky partition per batch); nothing is lost or
+    written twice."""
+    keyed, keyless = unique_name("partitioned-keyed"), unique_name("partitioned-keyless")
+    await create_topics(kafka_bootstrap, keyed, keyless, partitions=4)
+    rows = [{"user": f"user-{i % 97}", "i": i} for i in range(3000)]
+    prefix = unique_name("partitioned") if guarantee == "exactly-once" else None
+
+    def build(job: Any) -> None:
+        stream = job.from_source(CollectionSource(rows))
+        stream.sink_to(
+            KafkaSink(
+                kafka_bootstrap,
+                keyed,
+                key=lambda r: r["user"],
+                guarantee=guarantee,
+                transactional_id_prefix=prefix and f"{prefix}-keyed",
+            )
+        )
+        stream.sink_to(
+            KafkaSink(
+                kafka_bootstrap,
+                keyless,
+                guarantee=guarantee,
+                transactional_id_prefix=prefix and f"{prefix}-keyless",
+            )
+        )
+
+    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=0.1))
+    await asyncio.wait_for(run_job_async(build, config=config), RUN_TIMEOUT_S)
+    written = await kafka_fixtures.read_topic(kafka_bootstrap, keyed, 4, at_least=len(rows))
+    assert sorted(orjson.loads(r.value)["i"] for r in written) == list(range(len(rows)))
+    for record in written:
+        assert record.key is not None
+        assert record.partition == default_partition(record.key, 4), record
+    spread = await kafka_fixtures.read_topic(kafka_bootstrap, keyless, 4, at_least=len(rows))
+    assert sorted(orjson.loads(r.value)["i"] for r in spread) == list(range(len(rows)))
+    assert {r.partition for r in spread} == {0, 1, 2, 3}
 
 
 @pytest.mark.asyncio

@@ -18,9 +18,11 @@ import contextlib
 import gc
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import kafka_fixtures
+import msgpack
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -155,6 +157,69 @@ async def test_bounded_read_of_four_partitions_gets_every_record_once(
         seen = [v["i"] for v in values if v["p"] == p]
         assert seen == list(range(p, count, 4)), f"partition {p} out of order"
     assert result.attempts == 1
+
+
+@pytest.mark.asyncio
+async def test_the_ends_of_a_bounded_reads_partitions_are_confirmed_together(
+    kafka_bootstrap: str,
+) -> None:
+    """Each end is confirmed by an empty fetch of up to 500 ms: eight partitions confirmed one
+    after another take 4 s or more before a bounded job reads anything; together, one wait."""
+    topic = unique_name("src-confirm-ends")
+    await create_topics(kafka_bootstrap, topic, partitions=8)
+    await produce(kafka_bootstrap, topic, json_records(80, 8))
+    source = KafkaSource(kafka_bootstrap, topic, bounded=True)
+    began = time.monotonic()
+    splits = await source.discover_splits(1)
+    took = time.monotonic() - began
+    assert {(s["partition"], s["stop"]) for s in splits} == {(p, 10) for p in range(8)}
+    assert took < 2.0, f"confirming 8 partition ends took {took:.1f}s"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("deserializer", "encode"),
+    [
+        ("text", lambda i: f"record {i}".encode()),
+        ("bytes", lambda i: f"record {i}".encode()),
+        ("msgpack", lambda i: msgpack.packb({"i": i})),
+        (lambda b: int(b) * 2, lambda i: str(i).encode()),
+    ],
+)
+async def test_bounded_read_stops_inside_a_fetched_batch_with_every_deserialiser(
+    kafka_bootstrap: str, deserializer: Any, encode: Callable[[int], bytes]
+) -> None:
+    """A stop offset in the middle of what one fetch brings: the values before it, deserialised
+    as asked, each once and in order; none after it."""
+    topic = unique_name("src-stop-inside")
+    await create_topics(kafka_bootstrap, topic, partitions=2)
+    await produce(
+        kafka_bootstrap, topic, [{"value": encode(i), "partition": i % 2} for i in range(600)]
+    )
+    stops = {(topic, 0): 123, (topic, 1): 250}
+    sink = CollectSink()
+
+    def build(job: Any) -> None:
+        source = KafkaSource(
+            kafka_bootstrap, topic, bounded=True, stop_offsets=stops, deserializer=deserializer
+        )
+        job.from_source(source).sink_to(sink)
+
+    await asyncio.wait_for(run_job_async(build), WAIT_S)
+    decode: Callable[[bytes], Any] = (
+        (lambda b: b.decode())
+        if deserializer == "text"
+        else (lambda b: b)
+        if deserializer == "bytes"
+        else (lambda b: msgpack.unpackb(b))
+        if deserializer == "msgpack"
+        else deserializer
+    )
+    expected = [
+        decode(encode(i)) for p in range(2) for i in range(p, 600, 2) if i // 2 < stops[(topic, p)]
+    ]
+    assert sorted(map(repr, sink.committed)) == sorted(map(repr, expected))
+    assert len(sink.committed) == 123 + 250
 
 
 @pytest.mark.asyncio

@@ -60,6 +60,7 @@ from actors.faults import crash_point
 from actors.infrastructure import InfrastructureError
 from actors.operator import NewerOutputPolicy
 from connectors.kafka.clients import start_client, stop_client
+from connectors.kafka.sink import send_batches
 from runtime.api.functions import RuntimeContext
 from runtime.api.sinks import SinkWriter
 from state.refusal import RestoreRefusedError
@@ -357,9 +358,8 @@ class ExactlyOnceWriter(SinkWriter):
             await start_client(producer)
             await producer.begin_transaction()
             self.current, self.current_id = producer, tid
-        send = self.current.send
-        for topic, key, value in self.sink.records(values):
-            self.inflight.append(await send(topic, value, key=key))
+        records = self.sink.records(values)
+        self.inflight += await send_batches(self.current, self.sink.partitioner, records)
 
     async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
         if self.current is not None:

@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 
 from actors.infrastructure import InfrastructureError
 from connectors.kafka.clients import KafkaClients, start_client, stop_client
+from connectors.kafka.partitioner import KeyPartitioner
 from runtime.api.functions import RuntimeContext
 from runtime.api.sinks import Sink, SinkWriter
 
@@ -47,8 +48,10 @@ class KafkaSink(Sink):
     """Writes records to Kafka.
 
     - ``topic``: a topic name, or a function of the record giving its topic.
-    - ``key``: a function of the record giving its key (records with equal keys go to the same
-      partition), or None.
+    - ``key``: a function of the record giving its key, or None. A keyed record goes to the
+      partition Kafka's default partitioner gives its serialised key (murmur2, the partition a
+      Java producer chooses); records without a key fill one batch at a time of a sticky
+      partition, which moves round robin from batch to batch (as Java's sticky partitioner).
     - ``serializer`` / ``key_serializer``: ``"json"``, ``"text"``, ``"bytes"``, ``"msgpack"`` or a
       function returning bytes.
     - ``guarantee``: ``"none"`` (fire and forget), ``"at-least-once"`` (every send is acknowledged
@@ -93,6 +96,8 @@ class KafkaSink(Sink):
         """The broker's transaction.max.timeout.ms if known (Kafka's default, 15 min, otherwise)."""
         self.clients = KafkaClients(bootstrap_servers, client_options, owner=self.name())
         """Creates every client of this sink (see :mod:`connectors.kafka.clients`)."""
+        self.partitioner = KeyPartitioner()
+        """Kafka's default partitioning, each key's hash memoised (shared by the subtasks)."""
         self.initialised_ids: set[str] = set()
         """Transactional ids this process has initialised (exactly-once): their earlier epochs
         are its own attempts', not another run's."""
@@ -125,6 +130,56 @@ class KafkaSink(Sink):
         ]
 
 
+async def send_batches(
+    producer: AIOKafkaProducer,
+    partitioner: KeyPartitioner,
+    records: list[tuple[str, bytes | None, bytes | None]],
+) -> list[asyncio.Future[Any]]:
+    """Hands ``records`` (topic, key, value) to ``producer`` as record batches, one per partition
+    (more where one fills up), and returns one future per batch: its acknowledgement covers every
+    record in it. Partitions are Kafka's default ones (:mod:`connectors.kafka.partitioner`);
+    records without a key share one sticky partition per topic, which moves on round robin with
+    each batch of them. A transactional producer adds every partition to its transaction as it
+    queues the partition's first batch."""
+    futures: list[asyncio.Future[Any]] = []
+    builders: dict[tuple[str, int], Any] = {}
+    partition_counts: dict[str, int] = {}
+    partition_of = partitioner.partition
+    keyless: set[str] = set()
+    for topic, key, value in records:
+        count = partition_counts.get(topic)
+        if count is None:
+            count = partition_counts[topic] = len(await producer.partitions_for(topic))
+        if key is not None:
+            partition = partition_of(key, count)
+        elif value is None:
+            msg = f"a record for topic {topic} has neither key nor value: Kafka needs one of them"
+            raise ValueError(msg)
+        else:
+            partition = partitioner.sticky(topic, count)
+            keyless.add(topic)
+        builder = builders.get((topic, partition))
+        if builder is None:
+            builder = builders[(topic, partition)] = producer.create_batch()
+        if builder.append(key=key, value=value, timestamp=None) is None:
+            # Full: queue it, and go on in a new batch (keyless records: on the next partition).
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
+            del builders[(topic, partition)]
+            if key is None:
+                partitioner.next_sticky(topic, count)
+                partition = partitioner.sticky(topic, count)
+            builder = builders.get((topic, partition))
+            if builder is None:
+                builder = builders[(topic, partition)] = producer.create_batch()
+            # An empty batch takes any record (one larger than a batch goes alone).
+            builder.append(key=key, value=value, timestamp=None)
+    for (topic, partition), builder in builders.items():
+        futures.append(await producer.send_batch(builder, topic, partition=partition))
+    for topic in keyless:
+        partitioner.next_sticky(topic, partition_counts[topic])
+    return futures
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -139,6 +194,11 @@ def _abandon(futures: list[asyncio.Future[Any]]) -> None:
             _retrieve(future)
         else:
             future.add_done_callback(_retrieve)
+
+
+MAX_UNACKNOWLEDGED_BATCHES = 256
+"""Batches a writer sends before it awaits their acknowledgements (bounds memory and the
+records a failure can leave unacknowledged)."""
 
 
 class _KafkaWriter(SinkWriter):
@@ -177,11 +237,10 @@ class _KafkaWriter(SinkWriter):
 
     async def write(self, values: list[Any]) -> None:
         assert self.producer is not None
-        send = self.producer.send
+        records = self.sink.records(values)
         with self._broker_errors():
-            for topic, key, value in self.sink.records(values):
-                self._inflight.append(await send(topic, value, key=key))
-        if len(self._inflight) > 10_000:
+            self._inflight += await send_batches(self.producer, self.sink.partitioner, records)
+        if len(self._inflight) > MAX_UNACKNOWLEDGED_BATCHES:
             await self._await_acks()
 
     async def _flush_and_await_acks(self) -> None:

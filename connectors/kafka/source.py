@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import operator
 import re
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +80,25 @@ def _deserializer(kind: str | Callable[[bytes], Any]) -> Callable[[bytes | None]
         return lambda b: None if b is None else msgpack.unpackb(b, raw=False)
     msg = f"unknown deserializer {kind!r}: use json, text, bytes, msgpack or a function"
     raise ValueError(msg)
+
+
+def _value_deserializer(kind: str | Callable[[bytes], Any]) -> Callable[[bytes], Any] | None:
+    """The deserialiser of values known to be present, without the check for a missing one
+    (None: the bytes are the values)."""
+    if callable(kind):
+        return kind
+    if kind == "json":
+        return orjson.loads
+    if kind == "text":
+        return bytes.decode  # UTF-8
+    if kind == "bytes":
+        return None
+    if kind == "msgpack":
+        return functools.partial(msgpack.unpackb, raw=False)
+    return _deserializer(kind)  # refuses the unknown kind
+
+
+_offset = operator.attrgetter("offset")
 
 
 class KafkaSource(Source[Any]):
@@ -350,19 +372,26 @@ async def confirmed_end_offsets(
         return {}
     reported = await consumer.end_offsets(partitions)
     result = dict(reported)
-    probe = None
-    try:
-        for tp in partitions:
-            if reported[tp] == 0:
-                continue
-            if probe is None:
-                probe = source.consumer("end offset probe")
-                await start_client(probe)
-            result[tp] = await _read_to_end(probe, tp, reported[tp], source)
-    finally:
-        if probe is not None:
-            await stop_client(probe)
+    # Confirming ends with an empty fetch (up to 500 ms): the partitions are confirmed at once,
+    # each by its own probe, not one after another.
+    to_confirm = [tp for tp in partitions if reported[tp] > 0]
+    outcomes = await asyncio.gather(
+        *(_confirm_end(tp, reported[tp], source) for tp in to_confirm), return_exceptions=True
+    )
+    for tp, outcome in zip(to_confirm, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        result[tp] = outcome
     return result
+
+
+async def _confirm_end(tp: TopicPartition, reported: int, source: KafkaSource) -> int:
+    probe = source.consumer("end offset probe")
+    await start_client(probe)
+    try:
+        return await _read_to_end(probe, tp, reported, source)
+    finally:
+        await stop_client(probe)
 
 
 async def _read_to_end(
@@ -431,6 +460,7 @@ class KafkaSourceReader(SourceReader[Any]):
         self._fetch_error: BaseException | None = None
         self._assignment_changed = asyncio.Event()
         self._value = _deserializer(source.deserializer)
+        self._batch_value = _value_deserializer(source.deserializer)
         self._key = _deserializer(source.key_deserializer)
         self._last_split: tuple[str, int] | None = None
         self._position = ""
@@ -587,12 +617,57 @@ class KafkaSourceReader(SourceReader[Any]):
     def _convert(
         self, split: dict[str, Any], records: list[Any]
     ) -> tuple[list[Any], list[int]] | None:
+        converted = self._convert_batch(split, records)
+        if converted is None:
+            converted = self._convert_each(split, records)
+        if split["stop"] is not None and split["offset"] >= split["stop"]:
+            self._assign()
+        if not converted[0]:
+            return None
+        self._last_split = (split["topic"], split["partition"])
+        self._position = f"{split['topic']}[{split['partition']}] offsets {records[0].offset}-{split['offset'] - 1}"
+        return converted
+
+    def _convert_batch(
+        self, split: dict[str, Any], records: list[Any]
+    ) -> tuple[list[Any], list[int]] | None:
+        """The common case in one pass per batch, no per-record bookkeeping: bare values, no
+        start timestamp to reach, no tombstone and nothing that fails to deserialise in the
+        batch (the offsets of a fetched batch ascend, so its part to emit is one slice). None
+        when the batch needs :meth:`_convert_each`, which has not changed the split then."""
+        if self.source.record_format != "value" or split.get("from_timestamp") is not None:
+            return None
+        start, stop = split["offset"], split["stop"]
+        begin = 0 if records[0].offset >= start else bisect_left(records, start, key=_offset)
+        end = (
+            len(records)
+            if stop is None or records[-1].offset < stop
+            else bisect_left(records, stop, key=_offset)
+        )
+        if begin >= end:
+            return None
+        batch = records if begin == 0 and end == len(records) else records[begin:end]
+        raw = [record.value for record in batch]
+        if None in raw:
+            return None
+        value_of = self._batch_value
+        try:
+            values = raw if value_of is None else list(map(value_of, raw))
+        except Exception:
+            return None  # found and reported at its offset by the per-record path
+        split["offset"] = batch[-1].offset + 1
+        return values, [record.timestamp for record in batch]
+
+    def _convert_each(
+        self, split: dict[str, Any], records: list[Any]
+    ) -> tuple[list[Any], list[int]]:
+        """Record by record: skips what the source drops (before the start timestamp,
+        tombstones, undeserialisable records), builds :class:`KafkaRecord` when asked for."""
         stop = split["stop"]
         values: list[Any] = []
         stamps: list[int] = []
         value_of = self._value
         as_record = self.source.record_format == "record"
-        key = (split["topic"], split["partition"])
         for record in records:
             if record.offset < split["offset"]:
                 continue  # re-delivered after a seek: already emitted
@@ -625,12 +700,6 @@ class KafkaSourceReader(SourceReader[Any]):
             values.append(value)
             stamps.append(record.timestamp)
             split["offset"] = record.offset + 1
-        if stop is not None and split["offset"] >= stop:
-            self._assign()
-        if not values:
-            return None
-        self._last_split = key
-        self._position = f"{split['topic']}[{split['partition']}] offsets {records[0].offset}-{split['offset'] - 1}"
         return values, stamps
 
     def _tombstone(self, record: Any) -> bool:
