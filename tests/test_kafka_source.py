@@ -160,20 +160,17 @@ async def test_bounded_read_of_four_partitions_gets_every_record_once(
 
 
 @pytest.mark.asyncio
-async def test_the_ends_of_a_bounded_reads_partitions_are_confirmed_together(
+async def test_the_ends_of_every_partition_of_a_bounded_read_are_confirmed(
     kafka_bootstrap: str,
 ) -> None:
-    """Each end is confirmed by an empty fetch of up to 500 ms: eight partitions confirmed one
-    after another take 4 s or more before a bounded job reads anything; together, one wait."""
+    """The partitions' ends are confirmed together, each by its own probe (how much that saves is
+    a figure for the benchmark, not a timed test): each split stops at its partition's end."""
     topic = unique_name("src-confirm-ends")
     await create_topics(kafka_bootstrap, topic, partitions=8)
     await produce(kafka_bootstrap, topic, json_records(80, 8))
     source = KafkaSource(kafka_bootstrap, topic, bounded=True)
-    began = time.monotonic()
     splits = await source.discover_splits(1)
-    took = time.monotonic() - began
     assert {(s["partition"], s["stop"]) for s in splits} == {(p, 10) for p in range(8)}
-    assert took < 2.0, f"confirming 8 partition ends took {took:.1f}s"
 
 
 @pytest.mark.asyncio
