@@ -357,6 +357,8 @@ class KafkaSource(Source[Any]):
 
 END_OFFSET_CONFIRM_TIMEOUT_S = 30.0
 """How long confirming a partition's end by reading may take before the source gives up."""
+MAX_END_OFFSET_PROBES = 8
+"""How many partitions' ends are confirmed at once (each by a probe consumer of its own)."""
 
 
 async def confirmed_end_offsets(
@@ -372,12 +374,17 @@ async def confirmed_end_offsets(
         return {}
     reported = await consumer.end_offsets(partitions)
     result = dict(reported)
-    # Confirming ends with an empty fetch (up to 500 ms): the partitions are confirmed at once,
-    # each by its own probe, not one after another.
+    # Confirming ends with an empty fetch (up to 500 ms): the partitions are confirmed together,
+    # each by its own probe, not one after another; a bounded number of probes at a time, so a
+    # topic of many partitions does not open a client per partition at once.
     to_confirm = [tp for tp in partitions if reported[tp] > 0]
-    outcomes = await asyncio.gather(
-        *(_confirm_end(tp, reported[tp], source) for tp in to_confirm), return_exceptions=True
-    )
+    probes = asyncio.Semaphore(MAX_END_OFFSET_PROBES)
+
+    async def confirm(tp: TopicPartition) -> int:
+        async with probes:
+            return await _confirm_end(tp, reported[tp], source)
+
+    outcomes = await asyncio.gather(*(confirm(tp) for tp in to_confirm), return_exceptions=True)
     for tp, outcome in zip(to_confirm, outcomes, strict=True):
         if isinstance(outcome, BaseException):
             raise outcome
