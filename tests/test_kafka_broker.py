@@ -216,3 +216,12 @@ def test_local_broker_refuses_a_port_in_use() -> None:
         assert broker.running
     assert not broker.running
     assert not log_path.exists()
+
+
+def test_local_broker_names_its_process_while_it_runs() -> None:
+    with LocalKafkaBroker() as broker:
+        pid = broker.pid
+        assert pid is not None
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            assert b"tansu" in cmdline.read()
+    assert broker.pid is None

@@ -267,6 +267,11 @@ class LocalKafkaBroker:
         return None if self._workdir is None else self._workdir / "tansu.log"
 
     @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (benchmarks read its CPU time), else None."""
+        return self._process.pid if self.running and self._process is not None else None
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
