@@ -1,11 +1,15 @@
 """Checkpointing cost: throughput with checkpoints every second versus none, checkpoint duration and
 alignment time with 100,000 keys, and restore time from a checkpoint of that size.
 
-    python bench/checkpoints.py [--records 1000000] [--keys 100000] [--parallelism 2]
+    python bench/checkpoints.py [--records 3000000] [--keys 100000] [--parallelism 2] [--repeat 3]
 
 The pipeline: pre-generated JSON events → parse → keep purchases → key by user → running total and
 count per user in keyed state → a counting sink. Parallelism 2 so that the keyed operator has
-several input channels and barriers are really aligned.
+several input channels and barriers are really aligned. The default size runs about 6 s per run, so
+that each checkpointed run takes several checkpoints (a 2 s run took two, too few to measure their
+cost). Runs alternate between the two settings; the loss is printed from the best run of each (other
+load only ever adds time) and per pair of runs, with the median of the pairs, to show the noise.
+Target: checkpoints every second cost less than 5% of throughput.
 """
 
 from __future__ import annotations
@@ -122,9 +126,21 @@ def run(
     return time.perf_counter() - started, master, sink.count
 
 
+TARGET_LOSS_PERCENT = 5.0
+
+
+def _periodic(master: JobMaster) -> list[Any]:
+    """The periodic checkpoints of a run that completed (the final one of the bounded job too)."""
+    return [
+        s
+        for s in master.coordinator.history
+        if s.status is CheckpointStatus.COMPLETED and s.kind == "checkpoint"
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--records", type=int, default=3_000_000)
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--parallelism", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="runs per setting; the best counts")
@@ -135,20 +151,20 @@ def main() -> None:
     # Runs alternate between the two settings and the best of each counts: other load on the
     # machine only ever adds time.
     plain_s = chk_s = float("inf")
+    pair_losses: list[float] = []
+    timed_checkpoints: list[int] = []
     for _ in range(args.repeat):
-        seconds, _, plain_out = run(events, p, None, None)
-        plain_s = min(plain_s, seconds)
+        plain_run_s, _, plain_out = run(events, p, None, None)
+        plain_s = min(plain_s, plain_run_s)
         with tempfile.TemporaryDirectory() as scratch:
-            seconds, _, chk_out = run(events, p, 1.0, scratch)
+            chk_run_s, timed_master, chk_out = run(events, p, 1.0, scratch)
             assert chk_out == plain_out, (chk_out, plain_out)
-            chk_s = min(chk_s, seconds)
+            chk_s = min(chk_s, chk_run_s)
+        pair_losses.append(1 - plain_run_s / chk_run_s)
+        timed_checkpoints.append(len(_periodic(timed_master)))
     with tempfile.TemporaryDirectory() as directory:
         _, master, _ = run(events, p, 1.0, directory)
-        periodic = [
-            s
-            for s in master.coordinator.history
-            if s.status is CheckpointStatus.COMPLETED and s.kind == "checkpoint"
-        ]
+        periodic = _periodic(master)
         durations = [s.duration_ms or 0.0 for s in periodic]
         alignments = [max(s.alignment_ms.values(), default=0.0) for s in periodic]
         sizes = [s.state_size for s in periodic]
@@ -176,7 +192,18 @@ def main() -> None:
     )
     print(f"{'no checkpoints':<34}{rate_plain:>14,.0f} records/s")
     print(f"{'checkpoint every 1s':<34}{rate_chk:>14,.0f} records/s")
-    print(f"{'throughput lost to checkpoints':<34}{(1 - rate_chk / rate_plain) * 100:>13.1f} %")
+    loss = (1 - rate_chk / rate_plain) * 100
+    verdict = "meets" if loss < TARGET_LOSS_PERCENT else "ABOVE"
+    print(
+        f"{'throughput lost to checkpoints':<34}{loss:>13.1f} %   best / best; {verdict} the "
+        f"target of < {TARGET_LOSS_PERCENT:.0f} %"
+    )
+    print(
+        f"{'  per pair of runs':<34}{'':>4}"
+        f"{', '.join(f'{100 * x:.1f}' for x in pair_losses)} %; "
+        f"median {100 * statistics.median(pair_losses):.1f} %"
+    )
+    print(f"{'  checkpoints in the timed runs':<34}{'':>4}{', '.join(map(str, timed_checkpoints))}")
     if periodic:
         print(f"{'checkpoints completed':<34}{len(periodic):>14}")
         print(
