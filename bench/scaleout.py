@@ -437,9 +437,11 @@ def report(runs: list[Run], inputs: dict[str, int], ceiling: float) -> bool:
     for run in runs:
         rate = inputs[run.pipeline] / run.processing_s
         broker = f"{run.span.broker_cpu_s:.2f}" if run.pipeline == "Kafka ETL" else ""
+        # The hand loop's process is this one, which also held the generated input.
+        peak = "-" if run.taskmanagers == HAND else f"{run.peak_rss_bytes / 1e6:.0f}"
         print(
             f"{_label(run):<22}{run.processing_s:>14.2f}{rate:>12,.0f}{run.duration_s:>8.2f}"
-            f"{run.wall_s:>8.2f}{run.cpu_s:>8.2f}{run.peak_rss_bytes / 1e6:>9.0f}"
+            f"{run.wall_s:>8.2f}{run.cpu_s:>8.2f}{peak:>9}"
             f"{run.span.cpu_s:>13.2f}{run.span.runqueue_wait_s:>11.2f}{broker:>14}"
         )
     met = True
