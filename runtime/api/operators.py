@@ -509,12 +509,13 @@ class _ProcessFunctionOperator(UserFunctionOperator):
         try:
             if timestamps is None:
                 ctx.timestamp = None
-                out._default_ts = None
+                out._set_default_timestamp(None)
                 for value in values:
                     result = process(value, ctx, out)
                     if result is not None and is_async_result(result):
                         raise self._returned_awaitable(process, result, value)
-            else:
+            elif values:
+                out._set_default_timestamp(timestamps[0])
                 for value, ts in zip(values, timestamps, strict=True):
                     ctx.timestamp = ts
                     out._default_ts = ts
@@ -611,19 +612,18 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
                 keys = [key_of(value) for value in values]
             if timestamps is None:
                 ctx.timestamp = None
-                out._default_ts = None
+                out._set_default_timestamp(None)
                 for value, key in zip(values, keys, strict=True):
                     backend.current_key = key
-                    ctx.current_key = key
                     result = process(value, ctx, out)
                     if result is not None and is_async_result(result):
                         raise self._returned_awaitable(process, result, value)
                     if check_rule:
                         backend.check_cleanup_rule(key)
-            else:
+            elif values:
+                out._set_default_timestamp(timestamps[0])
                 for value, key, ts in zip(values, keys, timestamps, strict=True):
                     backend.current_key = key
-                    ctx.current_key = key
                     ctx.timestamp = ts
                     out._default_ts = ts
                     result = process(value, ctx, out)
@@ -650,9 +650,8 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
         try:
             for timestamp, key in due:
                 backend.current_key = key
-                ctx.current_key = key
                 ctx.timestamp = timestamp if event_time else None
-                out._default_ts = timestamp if event_time else None
+                out._set_default_timestamp(ctx.timestamp)
                 result = on_timer(timestamp, ctx, out)
                 if result is not None and is_async_result(result):
                     raise self._returned_awaitable(on_timer, result)
