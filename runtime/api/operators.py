@@ -398,18 +398,11 @@ class FlatMapBatchesOperator(MapBatchesOperator):
         await self.output.emit(out, [max(timestamps)] * len(out))
 
 
-class _RunningValueOperator(UserFunctionOperator):
-    """A keyed operator with one running value per key in the value state ``_STATE``, whose
-    dict it uses directly: one lookup and one store per record."""
+class KeyedInputOperator(UserFunctionOperator):
+    """A keyed operator of one input that takes the keys the partitioner carried; a buffer
+    without them (``process_batch``) comes to :meth:`process_keyed_batch` with ``keys`` None."""
 
     keyed = True
-    _STATE: ValueStateDescriptor[Any]
-
-    async def open(self) -> None:
-        await super().open()
-        assert self.keyed_backend is not None
-        self._backend = self.keyed_backend
-        self._table = self.keyed_backend.get_state(self._STATE)._values
 
     def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
         return self.key_selector
@@ -418,6 +411,28 @@ class _RunningValueOperator(UserFunctionOperator):
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
         await self.process_keyed_batch(values, timestamps, None, input_index)
+
+    async def process_keyed_batch(
+        self,
+        values: list[Any],
+        timestamps: list[int] | None,
+        keys: list[Any] | None,
+        input_index: int = 0,
+    ) -> None:
+        raise NotImplementedError
+
+
+class _RunningValueOperator(KeyedInputOperator):
+    """A keyed operator with one running value per key in the value state ``_STATE``, whose
+    dict it uses directly: one lookup and one store per record."""
+
+    _STATE: ValueStateDescriptor[Any]
+
+    async def open(self) -> None:
+        await super().open()
+        assert self.keyed_backend is not None
+        self._backend = self.keyed_backend
+        self._table = self.keyed_backend.get_state(self._STATE)._values
 
     async def process_keyed_batch(
         self,

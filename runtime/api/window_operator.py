@@ -39,7 +39,7 @@ from actors.events import MAX_TIMESTAMP, MIN_TIMESTAMP, Watermark
 from actors.operator import UserFunctionError
 from actors.timers import timers_snapshot
 from runtime.api.functions import Collector, OutputTag, RichFunction, is_async_result
-from runtime.api.operators import UserFunctionOperator, _async_result_error
+from runtime.api.operators import KeyedInputOperator, _async_result_error
 from runtime.api.windows import (
     EventTimeTrigger,
     ProcessWindowFunction,
@@ -275,11 +275,9 @@ class _WindowContext(WindowContext[Any]):
         return self._operator.runtime_context
 
 
-class WindowOperator(UserFunctionOperator):
+class WindowOperator(KeyedInputOperator):
     """Assigns each record of a keyed stream to windows and evaluates them when their trigger
     fires (see the module docstring for where its state lives)."""
-
-    keyed = True
 
     def __init__(
         self, name: str, uid: str, spec: WindowSpec, key_selector: Callable[[Any], Any] | None
@@ -330,14 +328,6 @@ class WindowOperator(UserFunctionOperator):
             raise self.user_error(ValueError(msg))
 
     # ------------------------------------------------------------------------------ records
-
-    def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
-        return self.key_selector
-
-    async def process_batch(
-        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
-    ) -> None:
-        await self.process_keyed_batch(values, timestamps, None, input_index)
 
     async def process_keyed_batch(
         self,
