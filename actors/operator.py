@@ -164,6 +164,7 @@ def failing_record(exc: BaseException, values: list[Any]) -> tuple[int, Any] | N
             "_process_elements",
             "_process_unkeyed",
             "_map_values",
+            "_map_and_filter",
             "_flat_map_values",
             "_run_buffer",
         }:
@@ -272,13 +273,20 @@ class StreamOperator:
     async def notify_checkpoint_aborted(self, checkpoint_id: int) -> None:
         """Checkpoint ``checkpoint_id`` was aborted."""
 
-    def user_error(self, exc: BaseException, values: list[Any] | None = None) -> UserFunctionError:
-        """Wrap an exception from user code with the operator, subtask and record it failed on."""
+    def user_error(
+        self,
+        exc: BaseException,
+        values: list[Any] | None = None,
+        failed_at: tuple[int, Any] | None = None,
+    ) -> UserFunctionError:
+        """Wrap an exception from user code with the operator, subtask and record it failed on:
+        ``failed_at`` (index in its buffer, record) when the caller knows it, else the record of
+        ``values`` found by :func:`failing_record`."""
         ctx = self.context
         where = f"operator {ctx.subtask_label}"
         detail = ""
-        if values is not None:
-            found = failing_record(exc, values)
+        if failed_at is not None or values is not None:
+            found = failed_at if failed_at is not None else failing_record(exc, values or [])
             if found is not None:
                 index, record = found
                 detail = f" on record {_short_repr(record)} (record {index + 1} of its buffer"
@@ -301,6 +309,10 @@ class ChainedOutput:
     def __init__(self, owner: StreamOperator, next_operator: StreamOperator) -> None:
         self._owner = owner
         self._next = next_operator
+
+    @property
+    def next_operator(self) -> StreamOperator:
+        return self._next
 
     async def emit(self, values: list[Any], timestamps: list[int] | None) -> None:
         if values:

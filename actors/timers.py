@@ -204,6 +204,10 @@ class TimerService:
     def current_processing_time(self) -> int:
         return self.clock.now_ms()
 
+    def current_key(self) -> Any:
+        """The key the operator is processing, which timers are registered for."""
+        return self._current_key()
+
     def register_event_time_timer(self, timestamp: int, namespace: Any = None) -> None:
         self._event.add(int(timestamp), self._current_key(), namespace)
 

@@ -209,10 +209,15 @@ class _KeyedState:
 class ValueState(_KeyedState, Generic[T]):
     """One value per key."""
 
-    __slots__ = ()
+    __slots__ = ("_default",)
+
+    def __init__(self, backend: KeyedStateBackend, descriptor: StateDescriptor) -> None:
+        super().__init__(backend, descriptor)
+        # Kept here, not read through the (frozen) descriptor: value() is the hottest state call.
+        self._default: T | None = descriptor.default  # type: ignore[union-attr]
 
     def value(self) -> T | None:
-        return self._values.get(self._backend.current_key, self._descriptor.default)  # type: ignore[union-attr]
+        return self._values.get(self._backend.current_key, self._default)
 
     def update(self, value: T | None) -> None:
         if value is None:
@@ -419,7 +424,7 @@ class _TtlValueState(_TtlState, ValueState[T]):
             del self._stamps[key]
             if self._return_expired:
                 return expired
-        return self._descriptor.default  # type: ignore[union-attr]
+        return self._default
 
     def update(self, value: T | None) -> None:
         key = self._backend.current_key

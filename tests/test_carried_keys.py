@@ -13,11 +13,15 @@ from connectors import CollectionSource, CollectSink
 from runtime import (
     AggregateFunction,
     Collector,
+    EventTimeSessionWindows,
     Job,
     JobFailedError,
     KeyedCoProcessFunction,
     KeyedProcessContext,
     KeyedProcessFunction,
+    SlidingEventTimeWindows,
+    TumblingEventTimeWindows,
+    WatermarkStrategy,
     run_job,
 )
 from state import ValueStateDescriptor
@@ -147,3 +151,42 @@ def test_a_failing_reduce_function_names_its_record() -> None:
     assert "'picky' (subtask 1/1)" in message
     assert "on record ('k0', 42)" in message
     assert "ValueError: no 42" in message
+
+
+WINDOWS: dict[str, Any] = {
+    "tumbling": TumblingEventTimeWindows.of(100),  # the tumbling fast path
+    "sliding": SlidingEventTimeWindows.of(100, 50),  # the fast path of other assigners
+    "session": EventTimeSessionWindows.with_gap(5),  # the trigger-driven path
+}
+
+
+@pytest.mark.parametrize("parallelism", [1, 2])
+@pytest.mark.parametrize("assigner", sorted(WINDOWS))
+def test_a_window_operator_gets_the_partitioner_s_keys(assigner: str, parallelism: int) -> None:
+    selector = CountingSelector()
+    sink = CollectSink()
+    strategy = WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(
+        lambda record, _: record[1]
+    )
+
+    def build(job: Job) -> None:
+        (
+            job.from_source(CollectionSource(RECORDS))
+            .assign_timestamps_and_watermarks(strategy)
+            .key_by(selector)
+            .window(WINDOWS[assigner])
+            .reduce(lambda a, b: (a[0], a[1] + b[1]))
+            .sink_to(sink)
+        )
+
+    run_job(build, parallelism=parallelism)
+    assert selector.calls == len(RECORDS)
+    # Every record is in some window of its key: the sums per key add up (sliding: twice).
+    times = 2 if assigner == "sliding" else 1
+    totals = Counter[str]()
+    for key, value in RECORDS:
+        totals[key] += value * times
+    results = Counter[str]()
+    for key, value in sink.results:
+        results[key] += value
+    assert results == totals

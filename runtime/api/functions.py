@@ -174,22 +174,38 @@ class Collector(Generic[OUT]):
 
     __slots__ = ("_default_ts", "timestamps", "values")
 
+    # Invariant: ``timestamps`` is None only while no collected record has a timestamp and the
+    # default is none, so that collecting on a stream without event time is one append.
+
     def __init__(self) -> None:
         self.values: list[Any] = []
         self.timestamps: list[int] | None = None
-        self._default_ts: int | None = None
+        self._default_ts = _NO_TS
 
     def collect(self, value: OUT, timestamp: int | None = None) -> None:
-        ts = timestamp if timestamp is not None else self._default_ts
-        if ts is not None or self.timestamps is not None:
-            if self.timestamps is None:
-                self.timestamps = [_NO_TS] * len(self.values)
-            self.timestamps.append(ts if ts is not None else _NO_TS)
+        timestamps = self.timestamps
+        if timestamps is None:
+            if timestamp is None:
+                self.values.append(value)
+                return
+            timestamps = self.timestamps = [_NO_TS] * len(self.values)
+        timestamps.append(timestamp if timestamp is not None else self._default_ts)
         self.values.append(value)
+
+    def _set_default_timestamp(self, timestamp: int | None) -> None:
+        """Records collected from now on without a timestamp get ``timestamp`` (None: none)."""
+        if timestamp is None:
+            self._default_ts = _NO_TS
+            return
+        if self.timestamps is None:
+            self.timestamps = [_NO_TS] * len(self.values)
+        self._default_ts = timestamp
 
     def _take(self) -> tuple[list[Any], list[int] | None]:
         values, timestamps = self.values, self.timestamps
-        self.values, self.timestamps = [], None
+        self.values = []
+        # The default timestamp stays (what is collected next, e.g. in end_input, still gets it).
+        self.timestamps = None if self._default_ts == _NO_TS else []
         return values, timestamps
 
 
@@ -216,8 +232,7 @@ class _SideOutputContext:
         side = self._sides.get(tag.name)
         if side is None:
             side = self._sides[tag.name] = Collector()
-        side._default_ts = self.timestamp
-        side.collect(value)
+        side.collect(value, self.timestamp)
 
     def _take_side_outputs(self) -> list[tuple[str, list[Any], list[int] | None]]:
         """What was emitted to each tag since the last call: (tag name, values, timestamps)."""
@@ -230,12 +245,16 @@ class KeyedProcessContext(_SideOutputContext, Generic[KEY]):
     """Passed to ``process_element`` and ``on_timer``: the current key, timestamp and timers,
     and ``output(tag, value)`` for side outputs."""
 
-    __slots__ = ("_timers", "current_key")
+    __slots__ = ("_timers",)
 
     def __init__(self, timers: TimerService) -> None:
         super().__init__()
         self._timers = timers
-        self.current_key: Any = None
+
+    @property
+    def current_key(self) -> Any:
+        """The key of the record being processed (or of the timer firing)."""
+        return self._timers.current_key()
 
     def timer_service(self) -> TimerService:
         return self._timers

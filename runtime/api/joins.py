@@ -179,7 +179,7 @@ class IntervalJoinOperator(_ProcessFunctionOperator):
                         continue
                     result_ts = ts if ts > other_ts else other_ts
                     ctx.timestamp = result_ts
-                    out._default_ts = result_ts
+                    out._set_default_timestamp(result_ts)
                     if is_left:
                         ctx.left_timestamp, ctx.right_timestamp = ts, other_ts
                         for other_value in others:

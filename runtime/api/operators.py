@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from actors.events import MAX_TIMESTAMP, Watermark, WatermarkStatus
-from actors.operator import StreamOperator, UserFunctionError
+from actors.operator import ChainedOutput, StreamOperator, UserFunctionError
 from actors.timers import TimerService
 from runtime.api.functions import (
     ASYNC_ALTERNATIVE,
@@ -58,6 +58,13 @@ def _async_result_error(
         f"what user functions return: {ASYNC_ALTERNATIVE}"
     )
     return operator.user_error(TypeError(msg))
+
+
+def _at(values: list[Any], value: Any, result: Any) -> tuple[int, Any]:
+    """Where ``result``, computed from ``value`` of ``values`` by a one-to-one operator, is in
+    that operator's output buffer: (index, result)."""
+    index = next(i for i, v in enumerate(values) if v is value)
+    return index, result
 
 
 def _method_role(method: Callable[..., Any]) -> str:
@@ -190,10 +197,76 @@ class UserFunctionOperator(StreamOperator):
 
 
 class MapOperator(UserFunctionOperator):
+    """``map(fn)``. Chained into a filter in the same task, the two run as one loop over the
+    buffer, so that the records the filter drops are freed at once; each keeps its metrics, its
+    errors (naming the operator and the record) and its check for awaitables."""
+
+    _fused_filter: FilterOperator | None = None
+
+    async def open(self) -> None:
+        await super().open()
+        output = self.output
+        if type(output) is ChainedOutput and type(output.next_operator) is FilterOperator:
+            self._fused_filter = output.next_operator
+
     async def process_batch(
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
+        fused = self._fused_filter
+        if fused is not None and values:
+            await self._map_and_filter(values, timestamps, fused)
+            return
         await self._map_values(self.function, "map function", values, timestamps)
+
+    async def _map_and_filter(
+        self, values: list[Any], timestamps: list[int] | None, after: FilterOperator
+    ) -> None:
+        """``process_batch`` of this map and then of the filter ``after``, in one loop."""
+        fn, keep = self.function, after.function
+        # The first record alone, so that an awaitable is caught before the filter gets it.
+        value = values[0]
+        try:
+            mapped = fn(value)
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+        if is_async_result(mapped):
+            raise _async_result_error(self, "map function", [mapped], value)
+        try:
+            kept = keep(mapped)
+        except Exception as exc:
+            raise after.user_error(exc, failed_at=(0, mapped)) from exc
+        if is_async_result(kept):
+            raise _async_result_error(after, "filter function", [kept], mapped)
+        out = [mapped] if kept else []
+        append = out.append
+        out_ts: list[int] | None = None
+        # One try around the loop (per-call ones cost more): ``mapped`` is reset before each
+        # map call, so an exception with ``mapped`` still reset came from the map function.
+        pending = mapped = _NO_RECORD
+        try:
+            if timestamps is None:
+                for value in values[1:]:
+                    mapped = pending
+                    mapped = fn(value)
+                    if keep(mapped):
+                        append(mapped)
+            else:
+                out_ts = [timestamps[0]] if kept else []
+                append_ts = out_ts.append
+                for value, ts in zip(values[1:], timestamps[1:], strict=True):
+                    mapped = pending
+                    mapped = fn(value)
+                    if keep(mapped):
+                        append(mapped)
+                        append_ts(ts)
+        except Exception as exc:
+            if mapped is pending:
+                raise self.user_error(exc, values) from exc
+            raise after.user_error(exc, failed_at=_at(values, value, mapped)) from exc
+        n = len(values)
+        self.metrics.records_out += n
+        after.metrics.records_in += n
+        await after.output.emit(out, out_ts)
 
     async def _map_values(
         self, fn: Callable[[Any], Any], role: str, values: list[Any], timestamps: list[int] | None
@@ -325,18 +398,11 @@ class FlatMapBatchesOperator(MapBatchesOperator):
         await self.output.emit(out, [max(timestamps)] * len(out))
 
 
-class _RunningValueOperator(UserFunctionOperator):
-    """A keyed operator with one running value per key in the value state ``_STATE``, whose
-    dict it uses directly: one lookup and one store per record."""
+class KeyedInputOperator(UserFunctionOperator):
+    """A keyed operator of one input that takes the keys the partitioner carried; a buffer
+    without them (``process_batch``) comes to :meth:`process_keyed_batch` with ``keys`` None."""
 
     keyed = True
-    _STATE: ValueStateDescriptor[Any]
-
-    async def open(self) -> None:
-        await super().open()
-        assert self.keyed_backend is not None
-        self._backend = self.keyed_backend
-        self._table = self.keyed_backend.get_state(self._STATE)._values
 
     def carried_key_selector(self, input_index: int) -> Callable[[Any], Any] | None:
         return self.key_selector
@@ -345,6 +411,28 @@ class _RunningValueOperator(UserFunctionOperator):
         self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
     ) -> None:
         await self.process_keyed_batch(values, timestamps, None, input_index)
+
+    async def process_keyed_batch(
+        self,
+        values: list[Any],
+        timestamps: list[int] | None,
+        keys: list[Any] | None,
+        input_index: int = 0,
+    ) -> None:
+        raise NotImplementedError
+
+
+class _RunningValueOperator(KeyedInputOperator):
+    """A keyed operator with one running value per key in the value state ``_STATE``, whose
+    dict it uses directly: one lookup and one store per record."""
+
+    _STATE: ValueStateDescriptor[Any]
+
+    async def open(self) -> None:
+        await super().open()
+        assert self.keyed_backend is not None
+        self._backend = self.keyed_backend
+        self._table = self.keyed_backend.get_state(self._STATE)._values
 
     async def process_keyed_batch(
         self,
@@ -509,12 +597,13 @@ class _ProcessFunctionOperator(UserFunctionOperator):
         try:
             if timestamps is None:
                 ctx.timestamp = None
-                out._default_ts = None
+                out._set_default_timestamp(None)
                 for value in values:
                     result = process(value, ctx, out)
                     if result is not None and is_async_result(result):
                         raise self._returned_awaitable(process, result, value)
-            else:
+            elif values:
+                out._set_default_timestamp(timestamps[0])
                 for value, ts in zip(values, timestamps, strict=True):
                     ctx.timestamp = ts
                     out._default_ts = ts
@@ -611,19 +700,18 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
                 keys = [key_of(value) for value in values]
             if timestamps is None:
                 ctx.timestamp = None
-                out._default_ts = None
+                out._set_default_timestamp(None)
                 for value, key in zip(values, keys, strict=True):
                     backend.current_key = key
-                    ctx.current_key = key
                     result = process(value, ctx, out)
                     if result is not None and is_async_result(result):
                         raise self._returned_awaitable(process, result, value)
                     if check_rule:
                         backend.check_cleanup_rule(key)
-            else:
+            elif values:
+                out._set_default_timestamp(timestamps[0])
                 for value, key, ts in zip(values, keys, timestamps, strict=True):
                     backend.current_key = key
-                    ctx.current_key = key
                     ctx.timestamp = ts
                     out._default_ts = ts
                     result = process(value, ctx, out)
@@ -650,9 +738,8 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
         try:
             for timestamp, key in due:
                 backend.current_key = key
-                ctx.current_key = key
                 ctx.timestamp = timestamp if event_time else None
-                out._default_ts = timestamp if event_time else None
+                out._set_default_timestamp(ctx.timestamp)
                 result = on_timer(timestamp, ctx, out)
                 if result is not None and is_async_result(result):
                     raise self._returned_awaitable(on_timer, result)

@@ -39,7 +39,7 @@ from actors.events import MAX_TIMESTAMP, MIN_TIMESTAMP, Watermark
 from actors.operator import UserFunctionError
 from actors.timers import timers_snapshot
 from runtime.api.functions import Collector, OutputTag, RichFunction, is_async_result
-from runtime.api.operators import UserFunctionOperator, _async_result_error
+from runtime.api.operators import KeyedInputOperator, _async_result_error
 from runtime.api.windows import (
     EventTimeTrigger,
     ProcessWindowFunction,
@@ -275,11 +275,9 @@ class _WindowContext(WindowContext[Any]):
         return self._operator.runtime_context
 
 
-class WindowOperator(UserFunctionOperator):
+class WindowOperator(KeyedInputOperator):
     """Assigns each record of a keyed stream to windows and evaluates them when their trigger
     fires (see the module docstring for where its state lives)."""
-
-    keyed = True
 
     def __init__(
         self, name: str, uid: str, spec: WindowSpec, key_selector: Callable[[Any], Any] | None
@@ -331,9 +329,15 @@ class WindowOperator(UserFunctionOperator):
 
     # ------------------------------------------------------------------------------ records
 
-    async def process_batch(
-        self, values: list[Any], timestamps: list[int] | None, input_index: int = 0
+    async def process_keyed_batch(
+        self,
+        values: list[Any],
+        timestamps: list[int] | None,
+        keys: list[Any] | None,
+        input_index: int = 0,
     ) -> None:
+        """Add the buffer to its windows with the records' keys: ``keys`` when the partitioner
+        carried them, else computed here."""
         if not values:
             return
         key_of = self.key_selector
@@ -349,14 +353,16 @@ class WindowOperator(UserFunctionOperator):
         if self._check_first_key:
             self._verify_first_key(key_of, values[0])
         try:
+            if keys is None:
+                keys = [key_of(value) for value in values]
             if self._tumbling:
                 assert timestamps is not None
-                self._panes.add_tumbling(values, timestamps, key_of)
+                self._panes.add_tumbling(values, timestamps, keys)
             elif self._fast:
                 assert timestamps is not None
-                self._panes.add(values, timestamps, key_of)
+                self._panes.add(values, timestamps, keys)
             else:
-                self._add_with_trigger(values, timestamps, key_of)
+                self._add_with_trigger(values, timestamps, keys)
         except UserFunctionError:
             raise
         except Exception as exc:
@@ -406,7 +412,7 @@ class WindowOperator(UserFunctionOperator):
             self._panes.clear()  # --allow-non-restored-state dropped the restored state
 
     def _add_with_trigger(
-        self, values: list[Any], timestamps: list[int] | None, key_of: Callable[[Any], Any]
+        self, values: list[Any], timestamps: list[int] | None, keys: list[Any]
     ) -> None:
         """Any assigner and trigger (Flink's ``WindowOperator.processElement``)."""
         backend = self.keyed_backend
@@ -424,9 +430,8 @@ class WindowOperator(UserFunctionOperator):
         processing_time = self.context.clock.now_ms()
         merging = spec.assigner.is_merging
         unchecked = True
-        for index, value in enumerate(values):
+        for index, (value, key) in enumerate(zip(values, keys, strict=True)):
             timestamp = timestamps[index] if timestamps is not None else processing_time
-            key = key_of(value)
             backend.current_key = key
             watermark = timers.current_watermark
             skipped = True
@@ -661,7 +666,7 @@ class WindowOperator(UserFunctionOperator):
         ctx = self._window_ctx
         ctx.window = window_of(window)
         self._scope.window = window
-        out._default_ts = max_timestamp
+        out._set_default_timestamp(max_timestamp)
         returned = window_function.process(  # type: ignore[func-returns-value]
             key, ctx, list(result) if kind == "process" else [result], out
         )
@@ -772,9 +777,7 @@ class _Panes:
             self._operator._check_contents(contents)
         return contents
 
-    def add_tumbling(
-        self, values: list[Any], timestamps: list[int], key_of: Callable[[Any], Any]
-    ) -> None:
+    def add_tumbling(self, values: list[Any], timestamps: list[int], keys: list[Any]) -> None:
         """Tumbling windows: one per record, computed here (consecutive records mostly share
         it, so its bounds and pane are reused)."""
         operator, backend, watermark, new_contents, add_to = self._batch()
@@ -795,7 +798,7 @@ class _Panes:
         pane: dict[Any, Any] = {}
         fired_before: set[Any] | None = None
         live = on_time = False
-        for value, timestamp in zip(values, timestamps, strict=True):
+        for value, timestamp, key in zip(values, timestamps, keys, strict=True):
             if not start <= timestamp < end:
                 start = timestamp - (timestamp - offset) % size
                 end = start + size
@@ -810,7 +813,6 @@ class _Panes:
                     late_values.append(value)
                     late_timestamps.append(timestamp)
                 continue
-            key = key_of(value)
             contents = pane.get(key, missing)
             if contents is missing:
                 contents = pane[key] = self._first(new_contents(value))
@@ -826,21 +828,20 @@ class _Panes:
             backend.current_key = key
             operator._fire(key, window, contents)
 
-    def add(self, values: list[Any], timestamps: list[int], key_of: Callable[[Any], Any]) -> None:
+    def add(self, values: list[Any], timestamps: list[int], keys: list[Any]) -> None:
         """Sliding (or any other non-merging) windows: the assigner's windows per record."""
         operator, backend, watermark, new_contents, add_to = self._batch()
         assign = operator.spec.assigner.assign_windows
         lateness = operator._lateness
         late_values, late_timestamps = operator._late_values, operator._late_timestamps
         panes, fired, missing = self._panes, self._fired, _MISSING
-        for value, timestamp in zip(values, timestamps, strict=True):
-            key = missing
+        for value, timestamp, key in zip(values, timestamps, keys, strict=True):
+            late = True
             for window in assign(timestamp, 0):
                 max_timestamp = window[1] - 1
                 if max_timestamp + lateness <= watermark:
                     continue
-                if key is missing:
-                    key = key_of(value)
+                late = False
                 pane = panes.get(window) or self._new_pane(window, watermark)
                 contents = pane.get(key, missing)
                 if contents is missing:
@@ -854,7 +855,7 @@ class _Panes:
                 # Within the allowed lateness: the window fires again with this record.
                 backend.current_key = key
                 operator._fire(key, window, contents)
-            if key is missing and timestamp + lateness <= watermark:
+            if late and timestamp + lateness <= watermark:
                 late_values.append(value)
                 late_timestamps.append(timestamp)
 

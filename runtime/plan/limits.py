@@ -223,5 +223,10 @@ class RecordLimitedSink(StreamOperator):
     async def notify_checkpoint_aborted(self, checkpoint_id: int) -> None:
         await self.sink.notify_checkpoint_aborted(checkpoint_id)
 
-    def user_error(self, exc: BaseException, values: list[Any] | None = None) -> Any:
-        return self.sink.user_error(exc, values)
+    def user_error(
+        self,
+        exc: BaseException,
+        values: list[Any] | None = None,
+        failed_at: tuple[int, Any] | None = None,
+    ) -> Any:
+        return self.sink.user_error(exc, values, failed_at)
