@@ -63,3 +63,16 @@ def test_keyless_records_stick_to_one_partition_until_moved_on_round_robin() -> 
         partitioner.next_sticky("t", 3)
     assert seen == [0, 1, 2, 0, 1, 2]
     assert partitioner.sticky("other", 3) == 0
+
+
+def test_partitions_of_a_batch_are_each_keys_partition_and_minus_one_without_a_key() -> None:
+    rng = random.Random(7)
+    partitioner = KeyPartitioner(max_keys=16)  # the cache starts over within one batch
+    keys: list[bytes | None] = [
+        None if rng.random() < 0.1 else f"user-{rng.randrange(50)}".encode() for _ in range(500)
+    ]
+    for count in (1, 4, 13):
+        assert partitioner.partitions(keys, count) == [
+            -1 if key is None else default_partition(key, count) for key in keys
+        ]
+        assert len(partitioner._hashes) <= 16

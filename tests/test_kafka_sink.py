@@ -508,6 +508,38 @@ async def test_records_go_to_the_partition_a_java_producer_would_choose(
 
 
 @pytest.mark.asyncio
+async def test_a_topic_chosen_per_record_gets_its_records_in_order_at_their_keys_partitions(
+    kafka_bootstrap: str,
+) -> None:
+    """A sink whose topic is a function of the record writes each record to its topic, at its
+    key's partition, and a key's records in the order they came."""
+    odd, even = unique_name("per-record-odd"), unique_name("per-record-even")
+    await create_topics(kafka_bootstrap, odd, even, partitions=3)
+    rows = [{"user": f"user-{i % 31}", "i": i} for i in range(2000)]
+
+    def build(job: Any) -> None:
+        job.from_source(CollectionSource(rows)).sink_to(
+            KafkaSink(
+                kafka_bootstrap,
+                lambda r: odd if r["i"] % 2 else even,
+                key=lambda r: r["user"],
+            )
+        )
+
+    config = ExecutionConfig(checkpoint=CheckpointConfig(interval_s=0.1))
+    await asyncio.wait_for(run_job_async(build, config=config), RUN_TIMEOUT_S)
+    for topic, parity in ((odd, 1), (even, 0)):
+        written = await kafka_fixtures.read_topic(kafka_bootstrap, topic, 3, at_least=1000)
+        assert sorted(orjson.loads(r.value)["i"] for r in written) == list(range(parity, 2000, 2))
+        seen: dict[bytes, list[int]] = {}
+        for record in sorted(written, key=lambda r: (r.partition, r.offset)):
+            assert record.key is not None
+            assert record.partition == default_partition(record.key, 3), record
+            seen.setdefault(record.key, []).append(orjson.loads(record.value)["i"])
+        assert all(numbers == sorted(numbers) for numbers in seen.values())
+
+
+@pytest.mark.asyncio
 async def test_transaction_timeout_shorter_than_interval_plus_restart_fails_at_start(
     kafka_bootstrap: str,
 ) -> None:

@@ -60,7 +60,6 @@ from actors.faults import crash_point
 from actors.infrastructure import InfrastructureError
 from actors.operator import NewerOutputPolicy
 from connectors.kafka.clients import start_client, stop_client
-from connectors.kafka.sink import send_batches
 from runtime.api.functions import RuntimeContext
 from runtime.api.sinks import SinkWriter
 from state.refusal import RestoreRefusedError
@@ -358,8 +357,7 @@ class ExactlyOnceWriter(SinkWriter):
             await start_client(producer)
             await producer.begin_transaction()
             self.current, self.current_id = producer, tid
-        records = self.sink.records(values)
-        self.inflight += await send_batches(self.current, self.sink.partitioner, records)
+        self.inflight += await self.sink.send(self.current, values)
 
     async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
         if self.current is not None:

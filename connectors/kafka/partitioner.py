@@ -71,10 +71,26 @@ class KeyPartitioner:
         """The partition of a keyed record in a topic of ``partitions`` partitions."""
         hashed = self._hashes.get(key)
         if hashed is None:
-            if len(self._hashes) >= self.max_keys:
-                self._hashes.clear()
-            hashed = self._hashes[key] = to_positive(murmur2(key))
+            hashed = self._remember(key)
         return hashed % partitions
+
+    def partitions(self, keys: list[bytes | None], partitions: int) -> list[int]:
+        """:meth:`partition` of each key, in one pass over the batch (-1 for a record without
+        a key: it goes to the :meth:`sticky` partition)."""
+        known = self._hashes.get
+        remember = self._remember
+        return [
+            -1
+            if key is None
+            else ((hashed if (hashed := known(key)) is not None else remember(key)) % partitions)
+            for key in keys
+        ]
+
+    def _remember(self, key: bytes) -> int:
+        if len(self._hashes) >= self.max_keys:
+            self._hashes.clear()
+        hashed = self._hashes[key] = to_positive(murmur2(key))
+        return hashed
 
     def sticky(self, topic: str, partitions: int) -> int:
         """The partition of records without a key: one partition per batch, as Java's sticky
