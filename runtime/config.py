@@ -24,6 +24,10 @@ from state.keygroups import DEFAULT_MAX_PARALLELISM as DEFAULT_MAX_PARALLELISM
 DEFAULT_PARALLELISM = 1
 """Subtasks of each operator that sets no parallelism of its own."""
 
+DEFAULT_MALLOC_TRIM_THRESHOLD_BYTES = 32 << 20
+"""Freed heap that glibc keeps for reuse before handing it back to the kernel, in every process of
+the runtime (``runtime/process.py`` says why; ``$PYFLOW_MALLOC_TRIM_THRESHOLD`` overrides it)."""
+
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 """On SIGTERM, how long the stop with savepoint or the cancel may take before the exit is forced."""
 

@@ -1,7 +1,8 @@
 """The runtime's layers import only downwards: api ← plan ← master ← cluster ← shell.
 
-``runtime/config.py`` (every layer reads its defaults) and ``runtime/testing.py`` (users' test
-utilities) sit outside the layers. A module that imports a layer above its own would tie the job
+``runtime/config.py`` (every layer reads its defaults), ``runtime/process.py`` (what every process
+of the runtime sets up before its event loop: the shell's runner and a Ray TaskManager actor use it)
+and ``runtime/testing.py`` (users' test utilities) sit outside the layers. A module that imports a layer above its own would tie the job
 API to the job master or the CLI, which is what the sub-packages exist to prevent.
 """
 
@@ -43,6 +44,13 @@ def test_a_layer_imports_no_layer_above_it(layer: str) -> None:
 
 def test_every_runtime_module_is_in_a_layer_or_named_outside_them() -> None:
     top_level = {p.name for p in (ROOT / "runtime").glob("*.py")}
-    assert top_level == {"__init__.py", "__main__.py", "config.py", "testing.py", "version.py"}
+    assert top_level == {
+        "__init__.py",
+        "__main__.py",
+        "config.py",
+        "process.py",
+        "testing.py",
+        "version.py",
+    }
     packages = {p.name for p in (ROOT / "runtime").iterdir() if (p / "__init__.py").exists()}
     assert packages <= set(LAYERS)

@@ -53,6 +53,7 @@ from runtime.cluster.placement import (
     end_all,
     runtime_import_path,
 )
+from runtime.process import run_on_new_loop
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ class TaskManagerActor:
 
         def serve() -> None:
             try:
-                ended = _run_on_own_loop(
+                ended = run_on_new_loop(
                     run_taskmanager(
                         jobmanager_host,
                         jobmanager_port,
@@ -269,14 +270,6 @@ class TaskManagerActor:
         """Returns never: the call fails once Ray has the actor for dead, which is how the
         placement learns that it ended."""
         threading.Event().wait()
-
-
-def _run_on_own_loop(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 class RayTaskManagerProcess(TaskManagerProcess):

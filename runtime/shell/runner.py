@@ -19,6 +19,7 @@ from runtime.plan.jobfile import JobFileError as JobFileError
 from runtime.plan.jobfile import build_graph as build_graph
 from runtime.plan.jobfile import load_job_file as load_job_file
 from runtime.plan.limits import RunLimits
+from runtime.process import run_on_new_loop
 from state.keygroups import DEFAULT_MAX_PARALLELISM
 
 
@@ -99,16 +100,8 @@ def run_coroutine(coro: Any) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return _run_on_new_loop(coro)
+        return run_on_new_loop(coro)
     return _run_in_worker_thread(coro)
-
-
-def _run_on_new_loop(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def _run_in_worker_thread(coro: Any) -> Any:
@@ -125,7 +118,7 @@ def _run_in_worker_thread(coro: Any) -> Any:
 
     def work() -> None:
         try:
-            outcome.set_result(_run_on_new_loop(main()))
+            outcome.set_result(run_on_new_loop(main()))
         except BaseException as exc:
             # Everything, cancellation included, is the caller's to see, in its own thread.
             outcome.set_exception(exc)

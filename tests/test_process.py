@@ -1,0 +1,106 @@
+"""The runtime's process setup (``runtime/process.py``): glibc keeps the heap a buffer of records
+freed, so that the next buffer does not fault it back in page by page.
+
+Each case runs in a fresh interpreter: the threshold is process-wide and set once."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc", reason="the trim threshold is glibc's"
+)
+
+# Runs a coroutine the way every runtime process does (run_job, the CLI, a TaskManager), then
+# frees a buffer's worth of records (4,096 values of 1,000 bytes: malloc's heap, not pymalloc's)
+# and reports how far the top of the heap moved.
+PROBE = """
+import asyncio, ctypes, json
+from runtime.process import keep_freed_heap
+from runtime.shell.runner import run_coroutine
+
+async def job():
+    await asyncio.sleep(0)
+
+run_coroutine(job())
+libc = ctypes.CDLL(None)
+libc.sbrk.restype = ctypes.c_void_p
+libc.sbrk.argtypes = [ctypes.c_long]
+start = libc.sbrk(0)
+records = [bytes(1000) for _ in range(4096)]
+grown = libc.sbrk(0) - start
+del records
+kept = libc.sbrk(0) - start
+print(json.dumps({"threshold": keep_freed_heap(), "grown": grown, "kept": kept}))
+"""
+
+
+def probe(**env: str) -> dict[str, int | None]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    environment.pop("PYFLOW_MALLOC_TRIM_THRESHOLD", None)
+    environment.update(env)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result: dict[str, int | None] = json.loads(done.stdout.splitlines()[-1])
+    assert result["grown"], "the probe's records did not come from the heap"
+    return result
+
+
+def test_a_freed_buffer_of_records_stays_in_the_heap_for_the_next_one() -> None:
+    result = probe()
+    assert result["threshold"] == 32 << 20
+    assert result["kept"] == result["grown"]
+
+
+def test_a_threshold_of_zero_leaves_glibc_trimming_the_heap() -> None:
+    result = probe(PYFLOW_MALLOC_TRIM_THRESHOLD="0")
+    assert result["threshold"] is None
+    assert result["kept"] < result["grown"]  # handed back: glibc's default trimming
+
+
+def test_glibc_s_own_setting_wins() -> None:
+    result = probe(MALLOC_TRIM_THRESHOLD_="4096")
+    assert result["threshold"] is None
+    assert result["kept"] < result["grown"]
+
+
+def test_a_threshold_of_the_user_s_choice_is_used() -> None:
+    result = probe(PYFLOW_MALLOC_TRIM_THRESHOLD=str(64 << 20))
+    assert result["threshold"] == 64 << 20
+    assert result["kept"] == result["grown"]
+
+
+def test_a_threshold_that_is_not_a_byte_count_is_named_and_the_default_used() -> None:
+    environment = dict(os.environ, PYFLOW_MALLOC_TRIM_THRESHOLD="lots")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import logging; logging.basicConfig();"
+            "from runtime.process import keep_freed_heap; print(keep_freed_heap())",
+        ],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == str(32 << 20)
+    assert "$PYFLOW_MALLOC_TRIM_THRESHOLD='lots' is not a number of bytes" in done.stderr
