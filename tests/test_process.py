@@ -44,12 +44,13 @@ print(json.dumps({"threshold": keep_freed_heap(), "grown": grown, "kept": kept})
 """
 
 
-def probe(**env: str) -> dict[str, int | None]:
+def run_python(script: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter, with no allocator setting but ``env``'s."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     environment.pop("PYFLOW_MALLOC_TRIM_THRESHOLD", None)
     environment.update(env)
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE],
+    return subprocess.run(
+        [sys.executable, "-c", script],
         cwd=ROOT,
         env=environment,
         capture_output=True,
@@ -57,7 +58,10 @@ def probe(**env: str) -> dict[str, int | None]:
         timeout=60,
         check=True,
     )
-    result: dict[str, int | None] = json.loads(done.stdout.splitlines()[-1])
+
+
+def probe(**env: str) -> dict[str, int | None]:
+    result: dict[str, int | None] = json.loads(run_python(PROBE, **env).stdout.splitlines()[-1])
     assert result["grown"], "the probe's records did not come from the heap"
     return result
 
@@ -87,20 +91,10 @@ def test_a_threshold_of_the_user_s_choice_is_used() -> None:
 
 
 def test_a_threshold_that_is_not_a_byte_count_is_named_and_the_default_used() -> None:
-    environment = dict(os.environ, PYFLOW_MALLOC_TRIM_THRESHOLD="lots")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import logging; logging.basicConfig();"
-            "from runtime.process import keep_freed_heap; print(keep_freed_heap())",
-        ],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+    done = run_python(
+        "import logging; logging.basicConfig();"
+        "from runtime.process import keep_freed_heap; print(keep_freed_heap())",
+        PYFLOW_MALLOC_TRIM_THRESHOLD="lots",
     )
     assert done.stdout.strip() == str(32 << 20)
     assert "$PYFLOW_MALLOC_TRIM_THRESHOLD='lots' is not a number of bytes" in done.stderr
