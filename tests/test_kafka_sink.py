@@ -468,11 +468,11 @@ async def test_records_go_to_the_partition_a_java_producer_would_choose(
     kafka_bootstrap: str, guarantee: str
 ) -> None:
     """Keyed records land where Kafka's default partitioner puts their key; records without a
-    key are spread over every partition (a sticky partition per batch); nothing is lost or
-    written twice."""
+    key are spread over every partition (a sticky partition per buffer of the sink's input: five
+    buffers here); nothing is lost or written twice."""
     keyed, keyless = unique_name("partitioned-keyed"), unique_name("partitioned-keyless")
     await create_topics(kafka_bootstrap, keyed, keyless, partitions=4)
-    rows = [{"user": f"user-{i % 97}", "i": i} for i in range(3000)]
+    rows = [{"user": f"user-{i % 97}", "i": i} for i in range(5000)]
     prefix = unique_name("partitioned") if guarantee == "exactly-once" else None
 
     def build(job: Any) -> None:
@@ -537,6 +537,35 @@ async def test_a_topic_chosen_per_record_gets_its_records_in_order_at_their_keys
             assert record.partition == default_partition(record.key, 3), record
             seen.setdefault(record.key, []).append(orjson.loads(record.value)["i"])
         assert all(numbers == sorted(numbers) for numbers in seen.values())
+
+
+@pytest.mark.asyncio
+async def test_records_filling_behind_an_unacknowledged_batch_go_out_when_it_is_acknowledged(
+    kafka_bootstrap: str,
+) -> None:
+    """A partition's records that came while its last batch was on its way fill one next batch,
+    which goes out once that one is acknowledged: no flush, barrier or further record needed,
+    every record once and in order."""
+    topic = unique_name("filling")
+    await create_topics(kafka_bootstrap, topic, partitions=1)
+    sink = KafkaSink(kafka_bootstrap, topic, key=lambda r: "one key")
+    producer = sink.clients.producer("test", acks="all")
+    await producer.start()
+    try:
+        batches = sink.partition_batches(producer)
+        await batches.add([{"i": 0}])  # sent at once: nothing on its way yet
+        for i in range(1, 200):
+            await batches.add([{"i": i}])  # all while the first batch awaits its acknowledgement
+        written = await kafka_fixtures.read_topic(
+            kafka_bootstrap, topic, 1, isolation_level="read_uncommitted", at_least=200
+        )
+        assert [orjson.loads(r.value)["i"] for r in written] == list(range(200))
+        # The first record alone, then the rest behind it: far fewer batches than records.
+        assert 2 <= batches.unacknowledged < 20
+        for ack in await batches.flush():
+            await ack
+    finally:
+        await producer.stop()
 
 
 @pytest.mark.asyncio

@@ -222,14 +222,20 @@ class KafkaClients:
         return self._create(AIOKafkaProducer, AIOKafkaProducer, purpose, defaults or {}, required)
 
     def transactional_producer(
-        self, purpose: str, transactional_id: str, transaction_timeout_ms: int
+        self,
+        purpose: str,
+        transactional_id: str,
+        transaction_timeout_ms: int,
+        defaults: Mapping[str, Any] | None = None,
     ) -> TransactionalProducer:
         """See :func:`connectors.kafka.transactions.create_transactional_producer`."""
         required = {
             "transactional_id": transactional_id,
             "transaction_timeout_ms": transaction_timeout_ms,
         }
-        return self._create(AIOKafkaProducer, TransactionalProducer, purpose, {}, required)
+        return self._create(
+            AIOKafkaProducer, TransactionalProducer, purpose, defaults or {}, required
+        )
 
     def client(self, purpose: str) -> AIOKafkaClient:
         """A low-level client, for requests the high-level clients do not offer (EndTxn)."""

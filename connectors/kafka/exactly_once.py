@@ -60,6 +60,7 @@ from actors.faults import crash_point
 from actors.infrastructure import InfrastructureError
 from actors.operator import NewerOutputPolicy
 from connectors.kafka.clients import start_client, stop_client
+from connectors.kafka.sink import SINK_MAX_BATCH_BYTES, PartitionBatches
 from runtime.api.functions import RuntimeContext
 from runtime.api.sinks import SinkWriter
 from state.refusal import RestoreRefusedError
@@ -112,7 +113,8 @@ class ExactlyOnceWriter(SinkWriter):
         )
         self.current: AIOKafkaProducer | None = None
         self.current_id: str | None = None
-        self.inflight: list[asyncio.Future[Any]] = []
+        self.batches: PartitionBatches | None = None
+        """The current transaction's batches."""
         self.precommitted: list[dict[str, Any]] = []
         self.producers: dict[str, AIOKafkaProducer] = {}
         self._old_parallelism = context.parallelism
@@ -338,7 +340,10 @@ class ExactlyOnceWriter(SinkWriter):
 
     def _new_producer(self, transactional_id: str) -> AIOKafkaProducer:
         producer: AIOKafkaProducer = self.sink.clients.transactional_producer(
-            "exactly-once sink", transactional_id, self.sink.transaction_timeout_ms
+            "exactly-once sink",
+            transactional_id,
+            self.sink.transaction_timeout_ms,
+            {"max_batch_size": SINK_MAX_BATCH_BYTES},
         )
         return producer
 
@@ -357,14 +362,18 @@ class ExactlyOnceWriter(SinkWriter):
             await start_client(producer)
             await producer.begin_transaction()
             self.current, self.current_id = producer, tid
-        self.inflight += await self.sink.send(self.current, values)
+            self.batches = self.sink.partition_batches(producer)
+        assert self.batches is not None
+        await self.batches.add(values)
 
     async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
         if self.current is not None:
+            assert self.batches is not None
+            acks = await self.batches.flush()
             await self.current.flush()
-            inflight, self.inflight = self.inflight, []
-            for future in inflight:
+            for future in acks:
                 await future
+            self.batches = None
             txn = self.current._txn_manager
             assert self.current_id is not None
             self.precommitted.append(
@@ -413,6 +422,9 @@ class ExactlyOnceWriter(SinkWriter):
     async def close(self) -> None:
         # Open or pre-committed transactions stay as they are: a restore commits the
         # pre-committed ones and fences the rest.
+        if self.batches is not None:
+            self.batches.close()
+            self.batches = None
         for producer in [self.current, *self.producers.values()]:
             if producer is not None:
                 with contextlib.suppress(Exception):

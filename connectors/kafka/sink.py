@@ -50,8 +50,9 @@ class KafkaSink(Sink):
     - ``topic``: a topic name, or a function of the record giving its topic.
     - ``key``: a function of the record giving its key, or None. A keyed record goes to the
       partition Kafka's default partitioner gives its serialised key (murmur2, the partition a
-      Java producer chooses); records without a key fill one batch at a time of a sticky
-      partition, which moves round robin from batch to batch (as Java's sticky partitioner).
+      Java producer chooses); records without a key go to a sticky partition, which moves round
+      robin after each buffer of them and each full batch (as Java's sticky partitioner moves
+      with its batches).
     - ``serializer`` / ``key_serializer``: ``"json"``, ``"text"``, ``"bytes"``, ``"msgpack"`` or a
       function returning bytes.
     - ``guarantee``: ``"none"`` (fire and forget), ``"at-least-once"`` (every send is acknowledged
@@ -114,19 +115,62 @@ class KafkaSink(Sink):
             return writer
         return _KafkaWriter(self, context)
 
-    async def send(
-        self, producer: AIOKafkaProducer, values: list[Any]
-    ) -> list[asyncio.Future[Any]]:
-        """Hands ``values`` to ``producer`` as record batches, one per topic and partition (more
-        where one fills up), and returns one future per batch: its acknowledgement covers every
-        record in it. Partitions are Kafka's default ones (:mod:`connectors.kafka.partitioner`);
-        records without a key share one sticky partition per topic, which moves on round robin
-        with each batch of them. Records keep their order within each partition. A
-        transactional producer adds every partition to its transaction as it queues the
-        partition's first batch."""
-        topic = self.topic
+    def partition_batches(self, producer: AIOKafkaProducer) -> PartitionBatches:
+        """The batches of one writer's ``producer`` (of one transaction, exactly-once)."""
+        return PartitionBatches(self, producer)
+
+
+SINK_MAX_BATCH_BYTES = 512 * 1024
+"""Largest record batch the sink's producers build (aiokafka's ``max_batch_size``; a
+``client_options`` value wins). aiokafka's default, 16 KiB, caps what a partition's batch carries
+while the previous one is on its way; Kafka brokers take batches up to 1 MiB by default."""
+
+
+class PartitionBatches:
+    """A writer's records on their way to Kafka, as record batches, one per topic and partition
+    at a time.
+
+    aiokafka sends one request per broker at a time, and a request carries one batch per
+    partition. So a partition's records go out in a batch as soon as its previous batch is
+    acknowledged, and while it is not they fill the partition's next batch, up to the producer's
+    ``max_batch_size``: a slow round trip then carries more records per request, instead of the
+    writer waiting once per buffer for room in the producer. A full batch waits for its
+    predecessor's acknowledgement (backpressure). Records keep their order within each partition.
+
+    Partitions are Kafka's default ones (:mod:`connectors.kafka.partitioner`); records without a
+    key share one sticky partition per topic, which moves on round robin after each buffer and
+    each full batch of them. A transactional producer adds every partition to its transaction as
+    it queues the partition's first batch. :meth:`flush` sends what is filling and hands over
+    every acknowledgement to await: the writer awaits them before a barrier passes."""
+
+    def __init__(self, sink: KafkaSink, producer: AIOKafkaProducer) -> None:
+        self.sink = sink
+        self.producer = producer
+        self._filling: dict[tuple[str, int], Any] = {}
+        """(topic, partition) → the batch filling while the partition's last batch is on its way."""
+        self._last: dict[tuple[str, int], asyncio.Future[Any]] = {}
+        """(topic, partition) → the acknowledgement of its last batch sent."""
+        self._watched: set[tuple[str, int]] = set()
+        """Partitions whose last batch sends the filling one when it is acknowledged."""
+        self._sending: set[asyncio.Task[None]] = set()
+        self._acks: list[asyncio.Future[Any]] = []
+        self._failure: BaseException | None = None
+        self._closed = False
+
+    @property
+    def unacknowledged(self) -> int:
+        """Batches handed over and not yet taken by :meth:`take_acks`."""
+        return len(self._acks)
+
+    async def add(self, values: list[Any]) -> None:
+        """Queue ``values``: each goes into its partition's batch; the batches of partitions with
+        nothing on its way start at once."""
+        if self._failure is not None:
+            raise self._failure
+        topic = self.sink.topic
         if isinstance(topic, str):
-            return await self._send_to_topic(producer, topic, values)
+            await self._add_to_topic(topic, values)
+            return
         by_topic: dict[str, list[Any]] = {}
         for value in values:
             name = topic(value)
@@ -135,15 +179,11 @@ class KafkaSink(Sink):
                 by_topic[name] = [value]
             else:
                 group.append(value)
-        futures: list[asyncio.Future[Any]] = []
         for name, group in by_topic.items():
-            futures += await self._send_to_topic(producer, name, group)
-        return futures
+            await self._add_to_topic(name, group)
 
-    async def _send_to_topic(
-        self, producer: AIOKafkaProducer, topic: str, values: list[Any]
-    ) -> list[asyncio.Future[Any]]:
-        """:meth:`send` for records of one topic: keys serialised and partitioned a batch at a
+    async def _add_to_topic(self, topic: str, values: list[Any]) -> None:
+        """:meth:`add` for records of one topic: keys serialised and partitioned a batch at a
         time, then one pass serialising each value and appending it to its partition's batch.
 
         A value is serialised right where the batch copies it in, not into a list of the whole
@@ -151,17 +191,19 @@ class KafkaSink(Sink):
         holding hundreds of those at once can make glibc's malloc hand the top of its heap back
         to the system and fault it in again, about a page fault per record (measured in a small
         process: 20 times the cost of the serialisation)."""
+        producer = self.producer
         count = len(await producer.partitions_for(topic))
-        partitioner = self.partitioner
-        serialize = self.serialize
-        if self.key is None:
+        sink = self.sink
+        partitioner = sink.partitioner
+        serialize = sink.serialize
+        if sink.key is None:
             keys: list[bytes | None] = [None] * len(values)
         else:
-            key_of, serialize_key = self.key, self.serialize_key
+            key_of, serialize_key = sink.key, sink.serialize_key
             keys = [serialize_key(key_of(v)) for v in values]
         partitions = partitioner.partitions(keys, count)
-        builders: list[Any] = [None] * count
-        futures: list[asyncio.Future[Any]] = []
+        filling = self._filling
+        touched: set[int] = set()
         sticky = partitioner.sticky(topic, count)
         keyless = False
         for partition, key, record in zip(partitions, keys, values, strict=True):
@@ -175,27 +217,118 @@ class KafkaSink(Sink):
                     raise ValueError(msg)
                 partition = sticky
                 keyless = True
-            builder = builders[partition]
+            builder = filling.get((topic, partition))
             if builder is None:
-                builder = builders[partition] = producer.create_batch()
+                builder = filling[(topic, partition)] = producer.create_batch()
             if builder.append(key=key, value=value, timestamp=None) is None:
-                # Full: queue it, and go on in a new batch (keyless records: on the next partition).
-                futures.append(await producer.send_batch(builder, topic, partition=partition))
-                builders[partition] = None
+                # Full: it goes once its predecessor is acknowledged, and the record starts a new
+                # batch (keyless records: on the next partition).
+                await self._send_full((topic, partition), builder)
                 if key is None:
                     partitioner.next_sticky(topic, count)
                     partition = sticky = partitioner.sticky(topic, count)
-                builder = builders[partition]
+                builder = filling.get((topic, partition))
                 if builder is None:
-                    builder = builders[partition] = producer.create_batch()
+                    builder = filling[(topic, partition)] = producer.create_batch()
                 # An empty batch takes any record (one larger than a batch goes alone).
                 builder.append(key=key, value=value, timestamp=None)
-        for partition, builder in enumerate(builders):
-            if builder is not None:
-                futures.append(await producer.send_batch(builder, topic, partition=partition))
+            touched.add(partition)
         if keyless:
             partitioner.next_sticky(topic, count)
-        return futures
+        for partition in touched:
+            self._send_when_free((topic, partition))
+
+    async def _send_full(self, tp: tuple[str, int], builder: Any) -> None:
+        last = self._last.get(tp)
+        if last is not None and not last.done():
+            # Its acknowledgement may send this very batch (see _send_when_free).
+            await asyncio.wait([last])
+        if self._filling.get(tp) is builder:
+            self._start_sending(tp)
+        if self._failure is not None:
+            raise self._failure
+
+    def _send_when_free(self, tp: tuple[str, int]) -> None:
+        """Send ``tp``'s filling batch now if its last one is acknowledged, else when it is."""
+        if self._closed or tp not in self._filling:
+            return
+        last = self._last.get(tp)
+        if last is None or last.done():
+            self._start_sending(tp)
+        elif tp not in self._watched:
+            self._watched.add(tp)
+            last.add_done_callback(lambda _: self._on_acknowledged(tp))
+
+    def _on_acknowledged(self, tp: tuple[str, int]) -> None:
+        self._watched.discard(tp)
+        self._send_when_free(tp)
+
+    def _start_sending(self, tp: tuple[str, int]) -> None:
+        """Hand ``tp``'s filling batch to the producer; its acknowledgement becomes the
+        partition's last at once, so that no later batch of the partition overtakes it."""
+        builder = self._filling.pop(tp)
+        acknowledged: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        acknowledged.add_done_callback(self._note_failure)
+        self._last[tp] = acknowledged
+        self._acks.append(acknowledged)
+        task = asyncio.get_running_loop().create_task(self._send(tp, builder, acknowledged))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(
+        self, tp: tuple[str, int], builder: Any, acknowledged: asyncio.Future[Any]
+    ) -> None:
+        try:
+            delivery = await self.producer.send_batch(builder, tp[0], partition=tp[1])
+        except asyncio.CancelledError:
+            acknowledged.cancel()
+            raise
+        except Exception as exc:
+            if not acknowledged.done():
+                acknowledged.set_exception(exc)
+            return
+        delivery.add_done_callback(lambda done: _pass_on(done, acknowledged))
+
+    def _note_failure(self, acknowledged: asyncio.Future[Any]) -> None:
+        if not acknowledged.cancelled() and acknowledged.exception() is not None:
+            self._failure = self._failure or acknowledged.exception()
+
+    async def flush(self) -> list[asyncio.Future[Any]]:
+        """Send every batch filling now, and take the acknowledgements of every batch sent since
+        the last :meth:`take_acks` (awaiting them raises the broker's error, if any)."""
+        while self._sending or self._filling:
+            if self._sending:
+                await asyncio.wait(set(self._sending))
+                continue
+            # Nothing is being handed over: sending each filling batch now keeps every
+            # partition's order (the producer queues it behind the partition's last one).
+            for tp in list(self._filling):
+                self._start_sending(tp)
+        return self.take_acks()
+
+    def take_acks(self) -> list[asyncio.Future[Any]]:
+        acks, self._acks = self._acks, []
+        return acks
+
+    def close(self) -> None:
+        """No more sends: what is filling is dropped (a writer closes after a failure or once
+        everything was flushed) and every outcome retrieved."""
+        self._closed = True
+        self._filling.clear()
+        for task in self._sending:
+            task.cancel()
+        _abandon(self.take_acks())
+
+
+def _pass_on(done: asyncio.Future[Any], acknowledged: asyncio.Future[Any]) -> None:
+    if acknowledged.done():
+        return
+    if done.cancelled():
+        acknowledged.cancel()
+    elif done.exception() is not None:
+        acknowledged.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        acknowledged.set_result(done.result())
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -226,15 +359,18 @@ class _KafkaWriter(SinkWriter):
         self.sink = sink
         self.context = context
         self.producer: AIOKafkaProducer | None = None
-        self._inflight: list[asyncio.Future[Any]] = []
+        self.batches: PartitionBatches | None = None
 
     async def open(self) -> None:
         # Duplicates are allowed at least once; the idempotent producer is not needed (and
         # some Kafka-protocol brokers reject its InitProducerId v0).
         self.producer = self.sink.clients.producer(
-            "sink", acks="all" if self.sink.guarantee != DeliveryGuarantee.NONE else 1
+            "sink",
+            {"max_batch_size": SINK_MAX_BATCH_BYTES},
+            acks="all" if self.sink.guarantee != DeliveryGuarantee.NONE else 1,
         )
         await start_client(self.producer)
+        self.batches = self.sink.partition_batches(self.producer)
 
     @contextlib.contextmanager
     def _broker_errors(self) -> Iterator[None]:
@@ -254,26 +390,26 @@ class _KafkaWriter(SinkWriter):
             raise InfrastructureError(msg) from exc
 
     async def write(self, values: list[Any]) -> None:
-        assert self.producer is not None
+        assert self.batches is not None
         with self._broker_errors():
-            self._inflight += await self.sink.send(self.producer, values)
-        if len(self._inflight) > MAX_UNACKNOWLEDGED_BATCHES:
-            await self._await_acks()
+            await self.batches.add(values)
+        if self.batches.unacknowledged > MAX_UNACKNOWLEDGED_BATCHES:
+            await self._await_acks(self.batches.take_acks())
 
     async def _flush_and_await_acks(self) -> None:
-        assert self.producer is not None
+        assert self.producer is not None and self.batches is not None
         with self._broker_errors():
+            acks = await self.batches.flush()
             await self.producer.flush()
-        await self._await_acks()
+        await self._await_acks(acks)
 
-    async def _await_acks(self) -> None:
-        inflight, self._inflight = self._inflight, []
+    async def _await_acks(self, acks: list[asyncio.Future[Any]]) -> None:
         try:
             with self._broker_errors():
-                for future in inflight:
+                for future in acks:
                     await future  # raises the broker's error: nothing acknowledged is lost silently
         except BaseException:
-            _abandon(inflight)
+            _abandon(acks)
             raise
 
     async def snapshot_state(self, checkpoint_id: int) -> list[Any]:
@@ -285,8 +421,9 @@ class _KafkaWriter(SinkWriter):
         await self._flush_and_await_acks()
 
     async def close(self) -> None:
-        _abandon(self._inflight)
-        self._inflight = []
+        if self.batches is not None:
+            self.batches.close()
+            self.batches = None
         if self.producer is not None:
             with contextlib.suppress(Exception):
                 await stop_client(self.producer)
