@@ -32,6 +32,7 @@ from kafka_fixtures import (
     unique_name,
 )
 
+import connectors.kafka.sink
 from connectors import CollectionSource
 from connectors.kafka import KafkaSink, KafkaSource
 from connectors.kafka.exactly_once import TransactionCommitError
@@ -564,6 +565,36 @@ async def test_records_filling_behind_an_unacknowledged_batch_go_out_when_it_is_
         assert 2 <= batches.unacknowledged < 20
         for ack in await batches.flush():
             await ack
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.asyncio
+async def test_batches_filling_past_the_memory_bound_are_sent_at_once(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``SINK_FILLING_BYTES`` over every partition, the writer hands every filling batch
+    to the producer before it takes more records, so memory stays bounded whatever the number
+    of partitions."""
+    topic = unique_name("filling-bound")
+    await create_topics(kafka_bootstrap, topic, partitions=4)
+    sink = KafkaSink(kafka_bootstrap, topic, key=lambda r: r["i"])
+    producer = sink.clients.producer("test", acks="all")
+    await producer.start()
+    try:
+        batches = sink.partition_batches(producer)
+        await batches.add([{"i": 0}])
+        await batches.add([{"i": i} for i in range(1, 50)])  # behind the first: filling
+        assert batches.filling_bytes > 0
+        monkeypatch.setattr(connectors.kafka.sink, "SINK_FILLING_BYTES", 1)
+        await batches.add([{"i": i} for i in range(50, 100)])
+        assert batches.filling_bytes == 0
+        for ack in await batches.flush():
+            await ack
+        written = await kafka_fixtures.read_topic(
+            kafka_bootstrap, topic, 4, isolation_level="read_uncommitted", at_least=100
+        )
+        assert sorted(orjson.loads(r.value)["i"] for r in written) == list(range(100))
     finally:
         await producer.stop()
 

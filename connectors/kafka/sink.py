@@ -126,6 +126,11 @@ SINK_MAX_BATCH_BYTES = 512 * 1024
 while the previous one is on its way; Kafka brokers take batches up to 1 MiB by default."""
 
 
+SINK_FILLING_BYTES = 32 << 20
+"""At most this many bytes fill batches at once, over every partition of a writer (as the Java
+producer's ``buffer.memory``): past it, the writer sends them all and waits for room."""
+
+
 class PartitionBatches:
     """A writer's records on their way to Kafka, as record batches, one per topic and partition
     at a time.
@@ -161,6 +166,11 @@ class PartitionBatches:
     def unacknowledged(self) -> int:
         """Batches handed over and not yet taken by :meth:`take_acks`."""
         return len(self._acks)
+
+    @property
+    def filling_bytes(self) -> int:
+        """Bytes in the batches filling, over every partition."""
+        return sum(builder.size() for builder in self._filling.values())
 
     async def add(self, values: list[Any]) -> None:
         """Queue ``values``: each goes into its partition's batch; the batches of partitions with
@@ -237,6 +247,8 @@ class PartitionBatches:
             partitioner.next_sticky(topic, count)
         for partition in touched:
             self._send_when_free((topic, partition))
+        if self.filling_bytes > SINK_FILLING_BYTES:
+            await self._send_filling()
 
     async def _send_full(self, tp: tuple[str, int], builder: Any) -> None:
         last = self._last.get(tp)
@@ -296,6 +308,11 @@ class PartitionBatches:
     async def flush(self) -> list[asyncio.Future[Any]]:
         """Send every batch filling now, and take the acknowledgements of every batch sent since
         the last :meth:`take_acks` (awaiting them raises the broker's error, if any)."""
+        await self._send_filling()
+        return self.take_acks()
+
+    async def _send_filling(self) -> None:
+        """Hand every filling batch to the producer, and wait until it took them."""
         while self._sending or self._filling:
             if self._sending:
                 await asyncio.wait(set(self._sending))
@@ -304,7 +321,6 @@ class PartitionBatches:
             # partition's order (the producer queues it behind the partition's last one).
             for tp in list(self._filling):
                 self._start_sending(tp)
-        return self.take_acks()
 
     def take_acks(self) -> list[asyncio.Future[Any]]:
         acks, self._acks = self._acks, []
