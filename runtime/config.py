@@ -28,6 +28,11 @@ DEFAULT_MALLOC_TRIM_THRESHOLD_BYTES = 32 << 20
 """Freed heap that glibc keeps for reuse before handing it back to the kernel, in every process of
 the runtime (``runtime/process.py`` says why; ``$PYFLOW_MALLOC_TRIM_THRESHOLD`` overrides it)."""
 
+DEFAULT_THREAD_SWITCH_INTERVAL_S = 0.0005
+"""How soon a thread that serves the event loop (the checkpoint writer, a TaskManager's control
+link) gets the GIL from the busy loop thread, in every process of the runtime; Python's default is
+5 ms (``runtime/process.py`` says why)."""
+
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 """On SIGTERM, how long the stop with savepoint or the cancel may take before the exit is forced."""
 

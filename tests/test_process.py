@@ -98,3 +98,29 @@ def test_a_threshold_that_is_not_a_byte_count_is_named_and_the_default_used() ->
     )
     assert done.stdout.strip() == str(32 << 20)
     assert "$PYFLOW_MALLOC_TRIM_THRESHOLD='lots' is not a number of bytes" in done.stderr
+
+
+SWITCH_PROBE = """
+import asyncio, sys
+from runtime.shell.runner import run_coroutine
+{before}
+async def job():
+    await asyncio.sleep(0)
+
+run_coroutine(job())
+print(sys.getswitchinterval())
+"""
+
+
+@pytest.mark.parametrize(
+    ("before", "expected"),
+    [("", 0.0005), ("sys.setswitchinterval(0.002)", 0.002)],
+    ids=["python-default", "set-by-the-process"],
+)
+def test_threads_serving_the_loop_get_the_gil_within_half_a_millisecond(
+    before: str, expected: float
+) -> None:
+    """The runtime shortens Python's 5 ms switch interval (the checkpoint writer's thread waited
+    seconds for the GIL under load), unless the process chose its own."""
+    done = run_python(SWITCH_PROBE.format(before=before))
+    assert float(done.stdout.split()[-1]) == expected
