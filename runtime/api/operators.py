@@ -421,6 +421,21 @@ class KeyedInputOperator(UserFunctionOperator):
     ) -> None:
         raise NotImplementedError
 
+    def _buffer_keys(self, values: list[Any], keys: list[Any] | None) -> list[Any]:
+        """The records' keys: ``keys`` when the partitioner carried them, else computed here
+        (an error names the record); the run's first key is checked against the restored
+        state first."""
+        key_of = self.key_selector
+        assert key_of is not None
+        if self._check_first_key and values:
+            self._verify_first_key(key_of, values[0])
+        if keys is not None:
+            return keys
+        try:
+            return [key_of(value) for value in values]
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+
 
 class _RunningValueOperator(KeyedInputOperator):
     """A keyed operator with one running value per key in the value state ``_STATE``, whose
@@ -441,28 +456,12 @@ class _RunningValueOperator(KeyedInputOperator):
         keys: list[Any] | None,
         input_index: int = 0,
     ) -> None:
-        """Run the buffer with the records' keys: ``keys`` when the partitioner carried them,
-        else computed here."""
-        key_of = self._start_buffer(values)
-        if keys is None:
-            try:
-                keys = [key_of(value) for value in values]
-            except Exception as exc:
-                raise self.user_error(exc, values) from exc
-        await self._run_buffer(values, timestamps, keys)
+        """Run the buffer with the records' keys (see :meth:`_buffer_keys`)."""
+        await self._run_buffer(values, timestamps, self._buffer_keys(values, keys))
 
     async def _run_buffer(self, values: list[Any], ts: list[int] | None, keys: list[Any]) -> None:
         """Update the state (``self._table``) with the buffer's records and emit the results."""
         raise NotImplementedError
-
-    def _start_buffer(self, values: list[Any]) -> Callable[[Any], Any]:
-        """The key selector, once the first key of the run was checked against the restored
-        state."""
-        key_of = self.key_selector
-        assert key_of is not None
-        if self._check_first_key and values:
-            self._verify_first_key(key_of, values[0])
-        return key_of
 
 
 class KeyedReduceOperator(_RunningValueOperator):

@@ -336,12 +336,9 @@ class WindowOperator(KeyedInputOperator):
         keys: list[Any] | None,
         input_index: int = 0,
     ) -> None:
-        """Add the buffer to its windows with the records' keys: ``keys`` when the partitioner
-        carried them, else computed here."""
+        """Add the buffer to its windows with the records' keys (see :meth:`_buffer_keys`)."""
         if not values:
             return
-        key_of = self.key_selector
-        assert key_of is not None
         if timestamps is None and self._event_time:
             msg = (
                 f"operator {self.context.subtask_label}: event-time windows "
@@ -350,11 +347,8 @@ class WindowOperator(KeyedInputOperator):
                 "windows"
             )
             raise RuntimeError(msg)
-        if self._check_first_key:
-            self._verify_first_key(key_of, values[0])
+        keys = self._buffer_keys(values, keys)
         try:
-            if keys is None:
-                keys = [key_of(value) for value in values]
             if self._tumbling:
                 assert timestamps is not None
                 self._panes.add_tumbling(values, timestamps, keys)
