@@ -60,11 +60,23 @@ def run_cli(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedP
 
 
 def run_command(
-    command: list[str], timeout: float = RUN_TIMEOUT_S
+    command: list[str], timeout: float = RUN_TIMEOUT_S, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` to its end from the checkout's root (``env``: its whole environment, this
+    one's by default); text output captured."""
     return subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def run_python(
+    script: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c SCRIPT`` in a fresh interpreter (see :func:`run_command`); fails the test
+    with its stderr unless it exits 0."""
+    proc = run_command([sys.executable, "-c", script], timeout, env)
+    assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 def run_cli_in(

@@ -5,12 +5,11 @@ from __future__ import annotations
 import enum
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import run_python
 
 from actors.partitioner import KeyGroupPartitioner
 from connectors import CollectionSource, CollectSink
@@ -57,17 +56,7 @@ json.dump(result, sys.stdout)
 
 
 def run_with_hash_seed(seed: str) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-c", ROUTING_SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_python(ROUTING_SCRIPT, dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(ROOT)))
     result: dict[str, Any] = json.loads(proc.stdout)
     return result
 

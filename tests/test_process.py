@@ -9,12 +9,9 @@ import json
 import os
 import platform
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from cli_helpers import run_python
 
 pytestmark = pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc", reason="the trim threshold is glibc's"
@@ -44,24 +41,16 @@ print(json.dumps({"threshold": keep_freed_heap(), "grown": grown, "kept": kept})
 """
 
 
-def run_python(script: str, **env: str) -> subprocess.CompletedProcess[str]:
+def fresh_python(script: str, **env: str) -> subprocess.CompletedProcess[str]:
     """``script`` in a fresh interpreter, with no allocator setting but ``env``'s."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     environment.pop("PYFLOW_MALLOC_TRIM_THRESHOLD", None)
     environment.update(env)
-    return subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    return run_python(script, environment)
 
 
 def probe(**env: str) -> dict[str, int | None]:
-    result: dict[str, int | None] = json.loads(run_python(PROBE, **env).stdout.splitlines()[-1])
+    result: dict[str, int | None] = json.loads(fresh_python(PROBE, **env).stdout.splitlines()[-1])
     assert result["grown"], "the probe's records did not come from the heap"
     return result
 
@@ -91,7 +80,7 @@ def test_a_threshold_of_the_user_s_choice_is_used() -> None:
 
 
 def test_a_threshold_that_is_not_a_byte_count_is_named_and_the_default_used() -> None:
-    done = run_python(
+    done = fresh_python(
         "import logging; logging.basicConfig();"
         "from runtime.process import keep_freed_heap; print(keep_freed_heap())",
         PYFLOW_MALLOC_TRIM_THRESHOLD="lots",
@@ -122,5 +111,5 @@ def test_threads_serving_the_loop_get_the_gil_within_half_a_millisecond(
 ) -> None:
     """The runtime shortens Python's 5 ms switch interval (the checkpoint writer's thread waited
     seconds for the GIL under load), unless the process chose its own."""
-    done = run_python(SWITCH_PROBE.format(before=before))
+    done = fresh_python(SWITCH_PROBE.format(before=before))
     assert float(done.stdout.split()[-1]) == expected

@@ -10,8 +10,6 @@ import datetime as dt
 import decimal
 import json
 import os
-import subprocess
-import sys
 import uuid
 import zoneinfo
 from collections.abc import Callable
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import run_python
 from test_checkpointing import GATE, GatedSource
 
 from connectors import CollectionSource, CollectSink
@@ -407,12 +406,7 @@ def test_new_key_types_keep_their_key_group_through_a_snapshot_and_across_proces
         env = dict(
             os.environ, PYTHONHASHSEED=seed, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
         )
-        proc = subprocess.run(
-            [sys.executable, "-c", KEY_GROUP_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-            text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout) == groups
+        assert json.loads(run_python(KEY_GROUP_SCRIPT, env).stdout) == groups
 
 
 @pytest.mark.parametrize(
