@@ -69,14 +69,11 @@ class KeyPartitioner:
 
     def partition(self, key: bytes, partitions: int) -> int:
         """The partition of a keyed record in a topic of ``partitions`` partitions."""
-        hashed = self._hashes.get(key)
-        if hashed is None:
-            hashed = self._remember(key)
-        return hashed % partitions
+        return self.partitions([key], partitions)[0]
 
     def partitions(self, keys: list[bytes | None], partitions: int) -> list[int]:
-        """:meth:`partition` of each key, in one pass over the batch (-1 for a record without
-        a key: it goes to the :meth:`sticky` partition)."""
+        """The partition of each key, in one pass over the batch (-1 for a record without a
+        key: it goes to the :meth:`sticky` partition)."""
         known = self._hashes.get
         remember = self._remember
         return [
