@@ -64,6 +64,7 @@ from connectors.kafka.broker import LocalKafkaBroker  # noqa: E402
 from connectors.kafka.source import (  # noqa: E402
     FETCH_MAX_BYTES,
     PARTITION_FETCH_MAX_BYTES,
+    confirmed_beginning_offsets,
     confirmed_end_offsets,
 )
 from runtime import (  # noqa: E402
@@ -306,7 +307,11 @@ async def read_output(bootstrap: str, topic: str, isolation_level: str) -> Outpu
             ends = {tp: max(ends[tp], end) for tp, end in (await _log_ends(source, tps)).items()}
         remaining = {tp: end for tp, end in ends.items() if end > 0}
         consumer.assign(list(remaining))
-        await consumer.seek_to_beginning(*remaining)
+        # Not seek_to_beginning: Tansu can answer "earliest" with a partition's second batch when
+        # two sink subtasks wrote its first two at once.
+        beginnings = await confirmed_beginning_offsets(consumer, list(remaining), source)
+        for tp in remaining:
+            consumer.seek(tp, beginnings[tp])
         loop = asyncio.get_running_loop()
         stalled_at = loop.time() + OUTPUT_STALL_S
         while remaining:

@@ -22,13 +22,14 @@ import operator
 import re
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
 
 from actors.infrastructure import InfrastructureError
 from connectors.kafka.clients import (
@@ -309,9 +310,8 @@ class KafkaSource(Source[Any]):
     ) -> dict[TopicPartition, int]:
         if not partitions:
             return {}
-        beginning = await consumer.beginning_offsets(partitions)
         if self.start == "earliest":
-            return dict(beginning)
+            return await confirmed_beginning_offsets(consumer, partitions, self)
         if self.start == "latest":
             return await confirmed_end_offsets(consumer, partitions, self)
         if isinstance(self.start, tuple) and self.start[0] == "timestamp":
@@ -329,7 +329,7 @@ class KafkaSource(Source[Any]):
                 await start_client(grouped)
                 result = {}
                 fallback = (
-                    beginning
+                    await confirmed_beginning_offsets(consumer, partitions, self)
                     if self.reset == "earliest"
                     else await confirmed_end_offsets(consumer, partitions, self)
                 )
@@ -355,10 +355,12 @@ class KafkaSource(Source[Any]):
         return KafkaSourceReader(self, context)
 
 
-END_OFFSET_CONFIRM_TIMEOUT_S = 30.0
-"""How long confirming a partition's end by reading may take before the source gives up."""
-MAX_END_OFFSET_PROBES = 8
-"""How many partitions' ends are confirmed at once (each by a probe consumer of its own)."""
+OFFSET_CONFIRM_TIMEOUT_S = 30.0
+"""How long confirming a partition's end or beginning by reading may take before the source gives
+up."""
+MAX_OFFSET_PROBES = 8
+"""How many partitions' ends or beginnings are confirmed at once (each by a probe consumer of its
+own)."""
 
 
 async def confirmed_end_offsets(
@@ -368,28 +370,87 @@ async def confirmed_end_offsets(
     record batch + 1, which is short of the real log end. Read from there until nothing more comes.
 
     Raises :class:`InfrastructureError` when the broker delivers nothing from the last reported
-    batch within :data:`END_OFFSET_CONFIRM_TIMEOUT_S`: a bounded source must not stop short of
+    batch within :data:`OFFSET_CONFIRM_TIMEOUT_S`: a bounded source must not stop short of
     the end on a guess."""
     if not partitions:
         return {}
     reported = await consumer.end_offsets(partitions)
+    return await _confirmed(reported, lambda tp: _confirm_end(tp, reported[tp], source))
+
+
+async def confirmed_beginning_offsets(
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], source: KafkaSource
+) -> dict[TopicPartition, int]:
+    """Beginning offsets, confirmed by reading below them: some brokers answer "earliest" with a
+    later batch than the partition's first. Tansu 0.6 answers with the batch it stored first,
+    and batches of concurrent producers are stored out of offset order, so a read from its
+    answer would skip the first batch without a word. A reported beginning above 0 is what a
+    read from offset 0 finds: the broker refuses offset 0 when retention deleted the records
+    before the reported one, which confirms it.
+
+    Raises :class:`InfrastructureError` when the broker neither refuses nor delivers within
+    :data:`OFFSET_CONFIRM_TIMEOUT_S`."""
+    if not partitions:
+        return {}
+    reported = await consumer.beginning_offsets(partitions)
+    return await _confirmed(reported, lambda tp: _confirm_beginning(tp, reported[tp], source))
+
+
+async def _confirmed(
+    reported: dict[TopicPartition, int], confirm: Callable[[TopicPartition], Awaitable[int]]
+) -> dict[TopicPartition, int]:
+    """``reported``, with each offset above 0 replaced by what ``confirm`` finds for it."""
     result = dict(reported)
-    # Confirming ends with an empty fetch (up to 500 ms): the partitions are confirmed together,
-    # each by its own probe, not one after another; a bounded number of probes at a time, so a
-    # topic of many partitions does not open a client per partition at once.
-    to_confirm = [tp for tp in partitions if reported[tp] > 0]
-    probes = asyncio.Semaphore(MAX_END_OFFSET_PROBES)
+    # A probe's empty fetch takes up to 500 ms: the partitions are confirmed together, each by
+    # its own probe, not one after another; a bounded number of probes at a time, so a topic of
+    # many partitions does not open a client per partition at once.
+    to_confirm = [tp for tp, offset in reported.items() if offset > 0]
+    probes = asyncio.Semaphore(MAX_OFFSET_PROBES)
 
-    async def confirm(tp: TopicPartition) -> int:
+    async def confirm_one(tp: TopicPartition) -> int:
         async with probes:
-            return await _confirm_end(tp, reported[tp], source)
+            return await confirm(tp)
 
-    outcomes = await asyncio.gather(*(confirm(tp) for tp in to_confirm), return_exceptions=True)
+    outcomes = await asyncio.gather(*(confirm_one(tp) for tp in to_confirm), return_exceptions=True)
     for tp, outcome in zip(to_confirm, outcomes, strict=True):
         if isinstance(outcome, BaseException):
             raise outcome
         result[tp] = outcome
     return result
+
+
+async def _confirm_beginning(tp: TopicPartition, reported: int, source: KafkaSource) -> int:
+    """The first offset of ``tp`` at or below the ``reported`` beginning that the broker serves:
+    a probe that does not reset out-of-range offsets reads from offset 0."""
+    probe = source.consumer("beginning offset probe", auto_offset_reset="none")
+    await start_client(probe)
+    try:
+        probe.assign([tp])
+        probe.seek(tp, 0)
+        deadline = asyncio.get_running_loop().time() + OFFSET_CONFIRM_TIMEOUT_S
+        while True:
+            try:
+                batch = await probe.getmany(tp, timeout_ms=500, max_records=1)
+            except OffsetOutOfRangeError:
+                return reported
+            records = batch.get(tp)
+            if records:
+                first: int = records[0].offset
+                return min(first, reported)
+            position: int = await probe.position(tp)
+            if position > 0:
+                # Offset 0 was served without records (a transaction marker, aborted records).
+                return min(position, reported)
+            if asyncio.get_running_loop().time() > deadline:
+                msg = (
+                    f"Kafka source {source.name()!r}: cannot confirm where {tp.topic}"
+                    f"[{tp.partition}] begins: the broker {source.bootstrap_servers} reported "
+                    f"offset {reported} but neither refused nor delivered offset 0 within "
+                    f"{OFFSET_CONFIRM_TIMEOUT_S:.0f}s (is the broker overloaded?)"
+                )
+                raise InfrastructureError(msg)
+    finally:
+        await stop_client(probe)
 
 
 async def _confirm_end(tp: TopicPartition, reported: int, source: KafkaSource) -> int:
@@ -415,7 +476,7 @@ async def _read_to_end(
     probe.seek(tp, start)
     end = reported
     reached = False
-    deadline = asyncio.get_running_loop().time() + END_OFFSET_CONFIRM_TIMEOUT_S
+    deadline = asyncio.get_running_loop().time() + OFFSET_CONFIRM_TIMEOUT_S
     while True:
         batch = await probe.getmany(tp, timeout_ms=500)
         records = batch.get(tp, [])
@@ -436,7 +497,7 @@ async def _read_to_end(
                 f"Kafka source {source.name()!r}: cannot confirm where {tp.topic}[{tp.partition}] "
                 f"ends: the broker {source.bootstrap_servers} reported offset {reported} but "
                 f"delivered nothing from offset {start} within "
-                f"{END_OFFSET_CONFIRM_TIMEOUT_S:.0f}s; a bounded source stops only at a "
+                f"{OFFSET_CONFIRM_TIMEOUT_S:.0f}s; a bounded source stops only at a "
                 "confirmed end (is the broker overloaded or the record deleted by retention?)"
             )
             raise InfrastructureError(msg)
