@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from kafka_fixtures import (
     CONSUMER_FETCH_LIMITS,
     KAFKA_BOOTSTRAP_ENV,
+    assign_from_offset_zero,
     create_topics,
     load_sample_events,
     unique_name,
@@ -105,7 +106,7 @@ async def topic_consumer(
     )
     await consumer.start()
     try:
-        consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+        assign_from_offset_zero(consumer, topic, partitions)
         yield consumer
     finally:
         await consumer.stop()
