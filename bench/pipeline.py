@@ -12,6 +12,12 @@ The runtime runs it as ``CollectionSource → map → filter → key_by → proc
 with a ValueState) → map → counting sink``; the hand loop does the same with a dict of totals. The
 sink's writer only adds ``len(values)`` to a counter, the hand loop ``count += 1``: equally cheap.
 
+A third way, the *API floor*, calls the job's own functions (``is_purchase``, ``user_of``,
+``RunningTotal`` with the runtime's keyed value state and collector) per record in a plain loop:
+what a job of per-record functions costs before any dataflow (tasks, buffers, partitioner,
+channels). Its ratio to the hand loop is the most any runtime can reach with per-record functions;
+runtime / floor is the dataflow's own share.
+
 Targets: runtime / hand >= 0.8 (issue 13; 0.5 before), and peak memory that does not grow with the number of records.
 """
 
@@ -49,6 +55,8 @@ from runtime import (
     run_job,
 )
 from state import ValueStateDescriptor
+from state.keyed import KeyedStateBackend
+from state.keygroups import KeyGroupRange
 
 TARGET_RATIO = 0.8
 FLAT_TOLERANCE = 1.25
@@ -204,6 +212,61 @@ def run_hand(events: list[bytes]) -> tuple[float, int]:
     return time.perf_counter() - started, count
 
 
+# ----------------------------------------------------------------------------- the API floor
+
+
+class _StateOnlyContext:
+    """What ``RunningTotal.open`` asks of its runtime context: its keyed state."""
+
+    def __init__(self, backend: KeyedStateBackend) -> None:
+        self.backend = backend
+
+    def get_state(self, descriptor: ValueStateDescriptor[float]) -> Any:
+        return self.backend.get_state(descriptor)
+
+
+def api_floor_loop(events: list[bytes]) -> tuple[int, Callable[[str], float | None]]:
+    """The job's functions called per record as the runtime calls them (key set on the state
+    backend, ``process_element(value, ctx, out)``), in one loop, what they collect serialised.
+    Returns the output count and a reader of the total per user (for the untimed check)."""
+    backend = KeyedStateBackend("api floor", KeyGroupRange(0, 127), 128)
+    running_total = RunningTotal()
+    running_total.open(_StateOnlyContext(backend))  # type: ignore[arg-type]
+    process, out = running_total.process_element, Collector[Any]()
+    ctx: Any = None  # RunningTotal does not use its context
+    loads, dumps = orjson.loads, orjson.dumps
+    collected = out.values
+    count = 0
+    for raw in events:
+        event = loads(raw)
+        if is_purchase(event):
+            backend.current_key = user_of(event)
+            process(event, ctx, out)
+            # Serialised a thousand at a time: cheaper than a loop over each record's output.
+            if len(collected) >= 1024:
+                for value in collected:
+                    dumps(value)
+                count += len(collected)
+                collected.clear()
+    for value in collected:
+        dumps(value)
+    count += len(collected)
+
+    def total_of(user: str) -> float | None:
+        backend.current_key = user
+        total: float | None = running_total.total.value()
+        return total
+
+    return count, total_of
+
+
+def run_api_floor(events: list[bytes]) -> tuple[float, int]:
+    gc.collect()
+    started = time.perf_counter()
+    count, _ = api_floor_loop(events)
+    return time.perf_counter() - started, count
+
+
 # ----------------------------------------------------------------------------- memory
 
 # Peak memory is measured with tracemalloc, started *after* the input was generated and the source
@@ -312,21 +375,29 @@ def main() -> None:
     run_job(make_build(small_source, check_sink), parallelism=1, name="bench-check")
     assert check_sink.totals == small_totals, "runtime totals differ from the hand loop's"
     print(f"final total per user: runtime == hand loop ({len(small_totals):,} users, N/4 input)")
+    floor_count, floor_total_of = api_floor_loop(small_events)
+    assert floor_count == small_count, f"API floor output {floor_count:,} != hand {small_count:,}"
+    assert all(floor_total_of(u) == t for u, t in small_totals.items()), "API floor totals differ"
 
     # Throughput: untraced runs, the two ways alternating (ABBA order), --repeat runs of each. Each
     # way's throughput is from its best run: other load on the machine only ever adds time, so the
     # fastest run is the closest to the true cost, and the ratio is that of the two bests. The
     # per-pair ratios (a hand run and the runtime run next to it) are printed to show the noise.
     hand_times: list[float] = []
+    floor_times: list[float] = []
     runtime_times: list[float] = []
     result: JobResult | None = None
     sink_count = 0
     for i in range(args.repeat):
-        for way in ("hand", "runtime") if i % 2 == 0 else ("runtime", "hand"):
+        for way in ("hand", "floor", "runtime") if i % 2 == 0 else ("runtime", "floor", "hand"):
             if way == "hand":
                 seconds, count = run_hand(events)
                 assert count == expected_count
                 hand_times.append(seconds)
+            elif way == "floor":
+                seconds, count = run_api_floor(events)
+                assert count == expected_count
+                floor_times.append(seconds)
             else:
                 seconds, sink_count, result = run_runtime(source)
                 assert sink_count == expected_count, (
@@ -340,7 +411,10 @@ def main() -> None:
     ratio = runtime_rate / hand_rate
     pair_ratios = [h / r for h, r in zip(hand_times, runtime_times, strict=True)]
     noisy = (
-        max(statistics.median(times) / min(times) for times in (hand_times, runtime_times))
+        max(
+            statistics.median(times) / min(times)
+            for times in (hand_times, floor_times, runtime_times)
+        )
         > NOISY_SPREAD
     )
 
@@ -373,6 +447,16 @@ def main() -> None:
     print(
         f"{'  per pair (hand s / runtime s)':<{w}}{'':>16}  "
         f"{', '.join(f'{r:.2f}' for r in pair_ratios)}; median {statistics.median(pair_ratios):.2f}"
+    )
+    floor = min(hand_times) / min(floor_times)
+    print(
+        f"{'API floor / hand':<{w}}{'':>16}{floor:>16.2f}   the job's functions in a plain loop "
+        f"({min(floor_times):.3f}s best, {statistics.median(floor_times):.3f}s median): the most "
+        "per-record functions allow"
+    )
+    print(
+        f"{'runtime / API floor':<{w}}{'':>16}{min(floor_times) / min(runtime_times):>16.2f}   "
+        "best / best: the dataflow's own cost (tasks, buffers, partitioner, channels)"
     )
     if noisy:
         print(
