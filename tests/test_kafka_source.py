@@ -56,6 +56,7 @@ from connectors import CollectSink
 from connectors.kafka import KafkaRecord, KafkaSource
 from connectors.kafka.clients import stop_client
 from connectors.kafka.source import (
+    FETCH_MAX_WAIT_MS,
     MAX_QUEUED_BATCHES,
     _confirm_beginning,
     confirmed_beginning_offsets,
@@ -373,6 +374,24 @@ async def test_a_beginning_after_deleted_records_is_confirmed_by_the_refused_off
         assert await confirmed_beginning_offsets(consumer, [tp], source) == {tp: 3}
     finally:
         await stop_client(consumer)
+
+
+@pytest.mark.asyncio
+async def test_the_source_s_fetches_wait_at_most_100_ms_for_data_unless_client_options_say_so(
+    kafka_bootstrap: str,
+) -> None:
+    """Tansu 0.6 makes every fetch wait (half the wait, data or not): the source's consumers ask
+    for 100 ms, not Kafka's 500 ms; a user's ``fetch_max_wait_ms`` wins."""
+    default = KafkaSource(kafka_bootstrap, "topic").consumer("test")
+    chosen = KafkaSource(
+        kafka_bootstrap, "topic", client_options={"fetch_max_wait_ms": 500}
+    ).consumer("test")
+    try:
+        assert default._fetch_max_wait_ms == FETCH_MAX_WAIT_MS == 100
+        assert chosen._fetch_max_wait_ms == 500
+    finally:
+        await stop_client(default)
+        await stop_client(chosen)
 
 
 @pytest.mark.asyncio
