@@ -27,9 +27,10 @@ tells it apart from lost records with a read_uncommitted count.
 
 Prints records/s (input events per second of wall time, start to last acknowledgement) for each,
 the ratio runtime / hand (target >= 1.3 for at-least-once at parallelism 1; exactly-once within
-15% of at-least-once), the same ratio of the
-spans from the first to the last output write (the output records' timestamps: job startup and
-the final acknowledgement left out), and checks that every
+15% of at-least-once), the same ratio of the spans from the first to the last output write (the
+output records' timestamps: job startup and shutdown left out; the issue's measure, "from the
+first record read to the last acknowledged write", within a buffer and a round trip; judged
+against 1.3 too), and checks that every
 output topic holds one record per purchase with the same final total per user. ``--profile`` adds
 a cProfile of one runtime run (at-least-once), by own time and by cumulative time.
 """
@@ -501,11 +502,14 @@ def main() -> None:
             f"exactly-once / at-least-once, median of the runs: {eos_share:.2f}: {eos_verdict} "
             f"the target of {EXACTLY_ONCE_TARGET} (within 15%)"
         )
+        span_ratio = statistics.median(alo_write_ratios)
+        span_verdict = "meets" if span_ratio >= TARGET_RATIO else "BELOW"
         print(
             f"median hand/runtime of the first-to-last output write spans: at-least-once "
-            f"{statistics.median(alo_write_ratios):.2f}, exactly-once "
-            f"{statistics.median(eos_write_ratios):.2f} (startup and the last acknowledgement "
-            "left out)"
+            f"{span_ratio:.2f}: {span_verdict} the target of {TARGET_RATIO}, exactly-once "
+            f"{statistics.median(eos_write_ratios):.2f} (the issue's measure, first record read "
+            "to last acknowledged write, within a buffer's processing and a round trip: job "
+            "startup and shutdown left out)"
         )
 
         if args.profile:
