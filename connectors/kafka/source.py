@@ -476,8 +476,10 @@ async def _read_to_end(
 
     That record exists, so the first fetches must reach it: either they return records, or the
     consumer's position moves past it (a transaction marker, which fetches do not return). Until
-    then an empty fetch only means a busy broker, and the probe waits; once reached, an empty
-    fetch confirms that nothing follows."""
+    then an empty fetch only means a busy broker, and the probe waits. Once reached, the end is
+    confirmed by the high watermark of the fetch that delivered it (the log's end when the
+    broker answered), or else by an empty fetch: a read_committed probe stops at the last stable
+    offset, below the high watermark while a transaction is open."""
     start = reported - 1
     probe.assign([tp])
     probe.seek(tp, start)
@@ -488,14 +490,17 @@ async def _read_to_end(
         batch = await probe.getmany(tp, timeout_ms=500)
         records = batch.get(tp, [])
         if records:
-            end = max(end, records[-1].offset + 1)
+            last: int = records[-1].offset
+            end = max(end, last + 1)
+            if _at_high_watermark(probe, tp, end):
+                return end
             probe.seek(tp, end)
             reached = True
             continue
         position: int = await probe.position(tp)
         if position > start:
             end = max(end, position)
-            if reached:
+            if reached or _at_high_watermark(probe, tp, end):
                 return end
             reached = True
             continue
@@ -508,6 +513,12 @@ async def _read_to_end(
                 "confirmed end (is the broker overloaded or the record deleted by retention?)"
             )
             raise InfrastructureError(msg)
+
+
+def _at_high_watermark(probe: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> bool:
+    """True when the last fetch of ``tp`` said the log ends at or before ``offset``."""
+    high: int | None = probe.highwater(tp)
+    return high is not None and offset >= high
 
 
 class KafkaSourceReader(SourceReader[Any]):
