@@ -58,6 +58,7 @@ from connectors.kafka.clients import stop_client
 from connectors.kafka.source import (
     FETCH_MAX_WAIT_MS,
     MAX_QUEUED_BATCHES,
+    _answer_if_nothing_before,
     _confirm_beginning,
     confirmed_beginning_offsets,
 )
@@ -519,6 +520,27 @@ async def test_start_timestamp_begins_at_the_first_record_at_or_after_it(
     await asyncio.wait_for(run_job_async(build, parallelism=2), WAIT_S)
     got = sorted((v["p"], v["t"]) for v in sink.written)
     assert got == [(p, t) for p in range(3) for t in range(21, 50)]
+
+
+@pytest.mark.asyncio
+async def test_a_timestamp_start_answered_late_is_caught_by_the_record_before_it(
+    kafka_bootstrap: str,
+) -> None:
+    """Tansu 0.6 answers a time with the batch it stored first among those stored after it, which
+    can be a later batch than the first record at or after the time (so the report is given
+    here): the record before the answer, if as new as the time, shows the answer late."""
+    topic = unique_name("src-timestamp-late")
+    await create_topics(kafka_bootstrap, topic, partitions=1)
+    base = 1_700_000_000_000
+    records = [
+        {"value": orjson.dumps({"t": t}), "partition": 0, "timestamp_ms": base + t * 1000}
+        for t in range(6)
+    ]
+    await produce(kafka_bootstrap, topic, records)
+    tp = TopicPartition(topic, 0)
+    source = KafkaSource(kafka_bootstrap, topic, bounded=True, start=("timestamp", base + 2000))
+    assert await _answer_if_nothing_before(tp, 2, base + 2000, source) == 2
+    assert await _answer_if_nothing_before(tp, 4, base + 2000, source) == -1
 
 
 # --------------------------------------------------------------------------- split discovery

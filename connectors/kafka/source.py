@@ -322,11 +322,21 @@ class KafkaSource(Source[Any]):
         if self.start == "latest":
             return await confirmed_end_offsets(consumer, partitions, self)
         if isinstance(self.start, tuple) and self.start[0] == "timestamp":
-            # The broker's answer is a hint (some brokers answer the log start for any time);
-            # the reader also skips records before the timestamp (see "from_timestamp").
-            found = await consumer.offsets_for_times({tp: int(self.start[1]) for tp in partitions})
+            # The broker's answer is a hint: some brokers answer the log start for any time (the
+            # reader skips records before the timestamp, see "from_timestamp"), and Tansu 0.6
+            # can answer a batch after the first one at or after it (confirmed below).
+            at = int(self.start[1])
+            found = await consumer.offsets_for_times(dict.fromkeys(partitions, at))
             ends = await confirmed_end_offsets(consumer, partitions, self)
-            return {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in partitions}
+            answers = {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in partitions}
+            late = await _confirmed(
+                answers, lambda tp: _answer_if_nothing_before(tp, answers[tp], at, self)
+            )
+            too_late = [tp for tp in partitions if late[tp] < 0]
+            if too_late:
+                beginnings = await confirmed_beginning_offsets(consumer, too_late, self)
+                answers.update(beginnings)
+            return answers
         if self.start == "committed":
             if not self.group_id:
                 msg = "KafkaSource start='committed' needs a group_id"
@@ -465,6 +475,43 @@ async def _confirm_end(tp: TopicPartition, reported: int, source: KafkaSource) -
     await start_client(probe)
     try:
         return await _read_to_end(probe, tp, reported, source)
+    finally:
+        await stop_client(probe)
+
+
+async def _answer_if_nothing_before(
+    tp: TopicPartition, answer: int, timestamp: int, source: KafkaSource
+) -> int:
+    """``answer`` if the record before it is older than ``timestamp`` (or there is none); -1 if
+    the broker answered late, which a read from the partition's beginning then makes up for."""
+    probe = source.consumer("timestamp start probe", auto_offset_reset="none")
+    await start_client(probe)
+    try:
+        probe.assign([tp])
+        probe.seek(tp, answer - 1)
+        deadline = asyncio.get_running_loop().time() + OFFSET_CONFIRM_TIMEOUT_S
+        while True:
+            try:
+                batch = await probe.getmany(tp, timeout_ms=500, max_records=1)
+            except OffsetOutOfRangeError:
+                return answer  # retention deleted what came before
+            records = batch.get(tp)
+            if records:
+                before = records[0]
+                late = before.offset < answer and before.timestamp >= timestamp
+                return -1 if late else answer
+            position: int = await probe.position(tp)
+            if position >= answer:
+                return answer  # a transaction marker before it
+            if asyncio.get_running_loop().time() > deadline:
+                msg = (
+                    f"Kafka source {source.name()!r}: cannot confirm where {tp.topic}"
+                    f"[{tp.partition}] reaches timestamp {timestamp}: the broker "
+                    f"{source.bootstrap_servers} answered offset {answer} but delivered nothing "
+                    f"from offset {answer - 1} within {OFFSET_CONFIRM_TIMEOUT_S:.0f}s (is the "
+                    "broker overloaded?)"
+                )
+                raise InfrastructureError(msg)
     finally:
         await stop_client(probe)
 
