@@ -437,33 +437,45 @@ async def _confirmed(
 
 
 async def _confirm_beginning(tp: TopicPartition, reported: int, source: KafkaSource) -> int:
-    """The first offset of ``tp`` at or below the ``reported`` beginning that the broker serves:
-    a probe that does not reset out-of-range offsets reads from offset 0."""
-    probe = source.consumer("beginning offset probe", auto_offset_reset="none")
+    """The first offset of ``tp`` at or below the ``reported`` beginning that the broker serves."""
+    record, position = await _first_from(tp, 0, source, f"where it begins (reported: {reported})")
+    if record is not None:
+        first: int = record.offset
+        return min(first, reported)
+    return reported if position is None else min(position, reported)
+
+
+async def _first_from(
+    tp: TopicPartition, offset: int, source: KafkaSource, what: str
+) -> tuple[Any | None, int | None]:
+    """What a probe that does not reset out-of-range offsets reads first from ``offset``: the
+    record; or the position past ``offset`` when the broker served it without records (a
+    transaction marker, aborted records); or (None, None) when the broker refused it (deleted
+    by retention). Raises :class:`InfrastructureError` naming ``what`` was to be confirmed when
+    the broker does neither within :data:`OFFSET_CONFIRM_TIMEOUT_S`."""
+    probe = source.consumer("offset probe", auto_offset_reset="none")
     await start_client(probe)
     try:
         probe.assign([tp])
-        probe.seek(tp, 0)
+        probe.seek(tp, offset)
         deadline = asyncio.get_running_loop().time() + OFFSET_CONFIRM_TIMEOUT_S
         while True:
             try:
                 batch = await probe.getmany(tp, timeout_ms=500, max_records=1)
             except OffsetOutOfRangeError:
-                return reported
+                return None, None
             records = batch.get(tp)
             if records:
-                first: int = records[0].offset
-                return min(first, reported)
+                return records[0], None
             position: int = await probe.position(tp)
-            if position > 0:
-                # Offset 0 was served without records (a transaction marker, aborted records).
-                return min(position, reported)
+            if position > offset:
+                return None, position
             if asyncio.get_running_loop().time() > deadline:
                 msg = (
-                    f"Kafka source {source.name()!r}: cannot confirm where {tp.topic}"
-                    f"[{tp.partition}] begins: the broker {source.bootstrap_servers} reported "
-                    f"offset {reported} but neither refused nor delivered offset 0 within "
-                    f"{OFFSET_CONFIRM_TIMEOUT_S:.0f}s (is the broker overloaded?)"
+                    f"Kafka source {source.name()!r}: cannot confirm {what} of {tp.topic}"
+                    f"[{tp.partition}]: the broker {source.bootstrap_servers} neither refused nor "
+                    f"delivered offset {offset} within {OFFSET_CONFIRM_TIMEOUT_S:.0f}s (is the "
+                    "broker overloaded?)"
                 )
                 raise InfrastructureError(msg)
     finally:
@@ -484,36 +496,11 @@ async def _answer_if_nothing_before(
 ) -> int:
     """``answer`` if the record before it is older than ``timestamp`` (or there is none); -1 if
     the broker answered late, which a read from the partition's beginning then makes up for."""
-    probe = source.consumer("timestamp start probe", auto_offset_reset="none")
-    await start_client(probe)
-    try:
-        probe.assign([tp])
-        probe.seek(tp, answer - 1)
-        deadline = asyncio.get_running_loop().time() + OFFSET_CONFIRM_TIMEOUT_S
-        while True:
-            try:
-                batch = await probe.getmany(tp, timeout_ms=500, max_records=1)
-            except OffsetOutOfRangeError:
-                return answer  # retention deleted what came before
-            records = batch.get(tp)
-            if records:
-                before = records[0]
-                late = before.offset < answer and before.timestamp >= timestamp
-                return -1 if late else answer
-            position: int = await probe.position(tp)
-            if position >= answer:
-                return answer  # a transaction marker before it
-            if asyncio.get_running_loop().time() > deadline:
-                msg = (
-                    f"Kafka source {source.name()!r}: cannot confirm where {tp.topic}"
-                    f"[{tp.partition}] reaches timestamp {timestamp}: the broker "
-                    f"{source.bootstrap_servers} answered offset {answer} but delivered nothing "
-                    f"from offset {answer - 1} within {OFFSET_CONFIRM_TIMEOUT_S:.0f}s (is the "
-                    "broker overloaded?)"
-                )
-                raise InfrastructureError(msg)
-    finally:
-        await stop_client(probe)
+    what = f"where it reaches timestamp {timestamp} (answered: {answer})"
+    before, _ = await _first_from(tp, answer - 1, source, what)
+    if before is not None and before.offset < answer and before.timestamp >= timestamp:
+        return -1
+    return answer
 
 
 async def _read_to_end(
