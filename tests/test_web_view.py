@@ -245,7 +245,9 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
     )
     master, job = await start_job_on_master(
         word_count_job(source, sink),
-        ExecutionConfig(checkpoint=alerting),
+        # Few buffers in flight, so that a few thousand lines fill the channels behind the held
+        # sink and the source turns red too.
+        ExecutionConfig(checkpoint=alerting, exclusive_credits=2, floating_buffers=8),
         name="web-view",
         storage=CheckpointStorage(tmp_path / "chk", "web-view"),
     )
