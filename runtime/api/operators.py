@@ -135,6 +135,21 @@ class UserFunctionOperator(StreamOperator):
             ctx.restore,
         )
 
+    def _buffer_keys(
+        self, values: list[Any], keys: list[Any] | None, key_of: Callable[[Any], Any]
+    ) -> list[Any]:
+        """The records' keys: ``keys`` when the partitioner carried them (computed with
+        ``key_of``), else computed here (an error names the record); the run's first key is
+        checked against the restored state first."""
+        if self._check_first_key and values:
+            self._verify_first_key(key_of, values[0])
+        if keys is not None:
+            return keys
+        try:
+            return [key_of(value) for value in values]
+        except Exception as exc:
+            raise self.user_error(exc, values) from exc
+
     def _verify_first_key(self, key_of: Callable[[Any], Any], value: Any) -> None:
         """Once per subtask, at the first keyed record: does its key's type match the restored
         state's (a changed key selector would orphan all of it)? Drops timers with the state."""
@@ -421,21 +436,6 @@ class KeyedInputOperator(UserFunctionOperator):
     ) -> None:
         raise NotImplementedError
 
-    def _buffer_keys(self, values: list[Any], keys: list[Any] | None) -> list[Any]:
-        """The records' keys: ``keys`` when the partitioner carried them, else computed here
-        (an error names the record); the run's first key is checked against the restored
-        state first."""
-        key_of = self.key_selector
-        assert key_of is not None
-        if self._check_first_key and values:
-            self._verify_first_key(key_of, values[0])
-        if keys is not None:
-            return keys
-        try:
-            return [key_of(value) for value in values]
-        except Exception as exc:
-            raise self.user_error(exc, values) from exc
-
 
 class _RunningValueOperator(KeyedInputOperator):
     """A keyed operator with one running value per key in the value state ``_STATE``, whose
@@ -457,7 +457,9 @@ class _RunningValueOperator(KeyedInputOperator):
         input_index: int = 0,
     ) -> None:
         """Run the buffer with the records' keys (see :meth:`_buffer_keys`)."""
-        await self._run_buffer(values, timestamps, self._buffer_keys(values, keys))
+        assert self.key_selector is not None
+        keys = self._buffer_keys(values, keys, self.key_selector)
+        await self._run_buffer(values, timestamps, keys)
 
     async def _run_buffer(self, values: list[Any], ts: list[int] | None, keys: list[Any]) -> None:
         """Update the state (``self._table``) with the buffer's records and emit the results."""
@@ -691,12 +693,9 @@ class KeyedProcessOperator(_ProcessFunctionOperator):
         backend = self.keyed_backend
         ctx = self._ctx
         out = self._out
-        if self._check_first_key and values:
-            self._verify_first_key(key_of, values[0])
+        keys = self._buffer_keys(values, keys, key_of)
         check_rule = backend.has_cleanup_rule
         try:
-            if keys is None:
-                keys = [key_of(value) for value in values]
             if timestamps is None:
                 ctx.timestamp = None
                 out._set_default_timestamp(None)

@@ -347,7 +347,8 @@ class WindowOperator(KeyedInputOperator):
                 "windows"
             )
             raise RuntimeError(msg)
-        keys = self._buffer_keys(values, keys)
+        assert self.key_selector is not None
+        keys = self._buffer_keys(values, keys, self.key_selector)
         try:
             if self._tumbling:
                 assert timestamps is not None
