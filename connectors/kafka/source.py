@@ -287,6 +287,7 @@ class KafkaSource(Source[Any]):
         self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
     ) -> list[Any]:
         stops: dict[TopicPartition, int | None] = dict.fromkeys(partitions)
+        ends: dict[TopicPartition, int] | None = None
         if self.bounded:
             if self.stop_offsets is not None:
                 for tp in partitions:
@@ -294,7 +295,7 @@ class KafkaSource(Source[Any]):
             else:
                 ends = await confirmed_end_offsets(consumer, partitions, self)
                 stops.update(ends)
-        starts = await self._start_offsets(consumer, partitions)
+        starts = await self._start_offsets(consumer, partitions, ends)
         from_timestamp = (
             int(self.start[1])
             if isinstance(self.start, tuple) and self.start[0] == "timestamp"
@@ -313,26 +314,39 @@ class KafkaSource(Source[Any]):
         ]
 
     async def _start_offsets(
-        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
+        self,
+        consumer: AIOKafkaConsumer,
+        partitions: list[TopicPartition],
+        ends: dict[TopicPartition, int] | None = None,
     ) -> dict[TopicPartition, int]:
+        """Where each partition's read starts; ``ends``: the partitions' confirmed ends, when
+        the caller has them already (a bounded source's stops)."""
         if not partitions:
             return {}
+
+        async def confirmed_ends() -> dict[TopicPartition, int]:
+            nonlocal ends
+            if ends is None:
+                ends = await confirmed_end_offsets(consumer, partitions, self)
+            return ends
+
         if self.start == "earliest":
             return await confirmed_beginning_offsets(consumer, partitions, self)
         if self.start == "latest":
-            return await confirmed_end_offsets(consumer, partitions, self)
+            return await confirmed_ends()
         if isinstance(self.start, tuple) and self.start[0] == "timestamp":
             # The broker's answer is a hint: some brokers answer the log start for any time (the
             # reader skips records before the timestamp, see "from_timestamp"), and Tansu 0.6
             # can answer a batch after the first one at or after it (confirmed below).
             at = int(self.start[1])
             found = await consumer.offsets_for_times(dict.fromkeys(partitions, at))
-            ends = await confirmed_end_offsets(consumer, partitions, self)
-            answers = {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in partitions}
-            late = await _confirmed(
+            # A partition with no record at or after the time starts at its end.
+            last = {} if all(found.get(tp) for tp in partitions) else await confirmed_ends()
+            answers = {tp: (found[tp].offset if found.get(tp) else last[tp]) for tp in partitions}
+            checked = await _confirmed(
                 answers, lambda tp: _answer_if_nothing_before(tp, answers[tp], at, self)
             )
-            too_late = [tp for tp in partitions if late[tp] < 0]
+            too_late = [tp for tp in partitions if checked[tp] < 0]
             if too_late:
                 beginnings = await confirmed_beginning_offsets(consumer, too_late, self)
                 answers.update(beginnings)
@@ -348,7 +362,7 @@ class KafkaSource(Source[Any]):
                 fallback = (
                     await confirmed_beginning_offsets(consumer, partitions, self)
                     if self.reset == "earliest"
-                    else await confirmed_end_offsets(consumer, partitions, self)
+                    else await confirmed_ends()
                 )
                 for tp in partitions:
                     committed = await grouped.committed(tp)
