@@ -205,10 +205,13 @@ def hand_loop(events: list[bytes]) -> tuple[int, dict[str, float]]:
     return count, totals
 
 
-def run_hand(events: list[bytes]) -> tuple[float, int]:
+def timed_loop(
+    loop: Callable[[list[bytes]], tuple[int, Any]], events: list[bytes]
+) -> tuple[float, int]:
+    """One run of a plain loop (the hand loop, the API floor): wall seconds, output count."""
     gc.collect()
     started = time.perf_counter()
-    count, _ = hand_loop(events)
+    count, _ = loop(events)
     return time.perf_counter() - started, count
 
 
@@ -258,13 +261,6 @@ def api_floor_loop(events: list[bytes]) -> tuple[int, Callable[[str], float | No
         return total
 
     return count, total_of
-
-
-def run_api_floor(events: list[bytes]) -> tuple[float, int]:
-    gc.collect()
-    started = time.perf_counter()
-    count, _ = api_floor_loop(events)
-    return time.perf_counter() - started, count
 
 
 # ----------------------------------------------------------------------------- memory
@@ -391,11 +387,11 @@ def main() -> None:
     for i in range(args.repeat):
         for way in ("hand", "floor", "runtime") if i % 2 == 0 else ("runtime", "floor", "hand"):
             if way == "hand":
-                seconds, count = run_hand(events)
+                seconds, count = timed_loop(hand_loop, events)
                 assert count == expected_count
                 hand_times.append(seconds)
             elif way == "floor":
-                seconds, count = run_api_floor(events)
+                seconds, count = timed_loop(api_floor_loop, events)
                 assert count == expected_count
                 floor_times.append(seconds)
             else:
