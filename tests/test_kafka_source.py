@@ -340,10 +340,15 @@ async def test_a_beginning_reported_past_the_first_batch_is_confirmed_by_reading
     tp = TopicPartition(topic, 0)
     source = KafkaSource(kafka_bootstrap, topic, bounded=True, start="earliest")
     assert await _confirm_beginning(tp, second[0][1], source) == 0
+    assert await confirmed_beginnings(source, tp) == {tp: 0}
+
+
+async def confirmed_beginnings(source: KafkaSource, *tps: TopicPartition) -> dict[Any, int]:
+    """:func:`confirmed_beginning_offsets` of ``tps`` through a consumer of ``source``."""
     consumer = source.consumer("test")
     await consumer.start()
     try:
-        assert await confirmed_beginning_offsets(consumer, [tp], source) == {tp: 0}
+        return await confirmed_beginning_offsets(consumer, list(tps), source)
     finally:
         await stop_client(consumer)
 
@@ -369,12 +374,7 @@ async def test_a_beginning_after_deleted_records_is_confirmed_by_the_refused_off
     finally:
         await admin.close()
     source = KafkaSource(kafka_bootstrap, topic, bounded=True, start="earliest")
-    consumer = source.consumer("test")
-    await consumer.start()
-    try:
-        assert await confirmed_beginning_offsets(consumer, [tp], source) == {tp: 3}
-    finally:
-        await stop_client(consumer)
+    assert await confirmed_beginnings(source, tp) == {tp: 3}
 
 
 @pytest.mark.asyncio
