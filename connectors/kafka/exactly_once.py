@@ -370,7 +370,7 @@ class ExactlyOnceWriter(SinkWriter):
         if self.current is not None:
             assert self.batches is not None
             acks = await self.batches.flush()
-            await self.current.flush()
+            # Every batch of the transaction is among them: awaiting them is the producer's flush.
             for future in acks:
                 await future
             self.batches = None

@@ -413,10 +413,10 @@ class _KafkaWriter(SinkWriter):
             await self._await_acks(self.batches.take_acks())
 
     async def _flush_and_await_acks(self) -> None:
-        assert self.producer is not None and self.batches is not None
+        assert self.batches is not None
         with self._broker_errors():
             acks = await self.batches.flush()
-            await self.producer.flush()
+        # Every batch of the producer is among them: awaiting them is the producer's flush.
         await self._await_acks(acks)
 
     async def _await_acks(self, acks: list[asyncio.Future[Any]]) -> None:
