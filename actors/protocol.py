@@ -243,6 +243,9 @@ class AcknowledgeCheckpoint:
     finished: bool
     """Every operator of the task had finished (FLIP-147) when it took the snapshot."""
     alignment_ms: float
+    snapshot_ms: float
+    """How long the task took and encoded its operators' snapshots (Flink's synchronous part):
+    it processed no record meanwhile."""
 
 
 @wire_message("control.decline-checkpoint")
@@ -302,6 +305,8 @@ class TaskMetrics:
     """Every live input is idle."""
     last_alignment_ms: float | None = None
     """Barrier alignment of the last checkpoint it took (None before the first)."""
+    last_snapshot_ms: float | None = None
+    """How long it took the snapshot of its last checkpoint (None before the first)."""
 
 
 # ------------------------------------------------------------------------------------ commands

@@ -213,6 +213,7 @@ class StreamTask:
         """Time spent in waits that ended for input, data or the final checkpoint."""
         self._idle_since: float | None = None
         self._last_alignment_ms: float | None = None
+        self._last_snapshot_ms: float | None = None
         self._runner: asyncio.Task[Any] | None = None
         self._closed = False
         self.is_source = isinstance(self.head, SourceOperatorBase)
@@ -634,6 +635,7 @@ class StreamTask:
             input_watermark=input_watermark,
             input_idle=self.gate is not None and self._inputs_idle,
             last_alignment_ms=self._last_alignment_ms,
+            last_snapshot_ms=self._last_snapshot_ms,
         )
 
     async def _drain_mail(self) -> None:
@@ -703,6 +705,7 @@ class StreamTask:
         checkpoint_id = barrier.checkpoint_id
         crash_point("before-snapshot", f"{self.name}, checkpoint {checkpoint_id}")
         snapshots: dict[str, bytes] = {}
+        started_s = time.monotonic()
         try:
             for op in self.operators:
                 snapshot = await op.snapshot_state(checkpoint_id)
@@ -716,13 +719,20 @@ class StreamTask:
             await self._broadcast(CancelCheckpointMarker(checkpoint_id))
             self.listener.report(DeclineCheckpoint(self.task_id, checkpoint_id, reason))
             return
+        snapshot_ms = (time.monotonic() - started_s) * 1000.0
         await self._broadcast(barrier)
         self._last_alignment_ms = alignment_ms
+        self._last_snapshot_ms = snapshot_ms
         if self.state is TaskState.FINISHING:
             self._finishing_snapshots.append(checkpoint_id)
         self.listener.report(
             AcknowledgeCheckpoint(
-                self.task_id, checkpoint_id, snapshots, self._operators_finished, alignment_ms
+                self.task_id,
+                checkpoint_id,
+                snapshots,
+                self._operators_finished,
+                alignment_ms,
+                snapshot_ms,
             )
         )
 

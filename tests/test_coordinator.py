@@ -180,7 +180,7 @@ class Harness:
         elif isinstance(item, Ack):
             task = self.tasks[item.task].task_id
             await coordinator.handle(
-                AcknowledgeCheckpoint(task, item.checkpoint_id, {}, item.finished, 1.5)
+                AcknowledgeCheckpoint(task, item.checkpoint_id, {}, item.finished, 1.5, 0.25)
             )
         elif isinstance(item, Decline):
             task = self.tasks[item.task].task_id
@@ -421,6 +421,7 @@ async def test_an_acknowledged_checkpoint_records_who_finished_and_notifies_the_
     assert not completed.operators["sink"].fully_finished
     [stats] = harness.coordinator.history
     assert stats.alignment_ms == {"src/0": 1.5, "sink/0": 1.5}
+    assert stats.snapshot_ms == {"src/0": 0.25, "sink/0": 0.25}
 
 
 @pytest.mark.asyncio

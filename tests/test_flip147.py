@@ -714,7 +714,9 @@ async def test_trigger_refused_by_a_finishing_task_aborts_and_next_checkpoint_co
         second_id = triggered["sink"][0].checkpoint_id
         assert second_id > stats.checkpoint_id
         for task in (sink, other):
-            coordinator.on_report(AcknowledgeCheckpoint(task.task_id, second_id, {}, False, 0.0))
+            coordinator.on_report(
+                AcknowledgeCheckpoint(task.task_id, second_id, {}, False, 0.0, 0.0)
+            )
         completed = await asyncio.wait_for(second, 5)
         assert completed.checkpoint_id == second_id
         assert completed.operators["source"].fully_finished

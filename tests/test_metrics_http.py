@@ -39,6 +39,7 @@ SUBTASK_FAMILIES = {
     "pyflow_output_queue_length": "gauge",
     "pyflow_output_available_credit": "gauge",
     "pyflow_checkpoint_alignment_time_ms": "gauge",
+    "pyflow_checkpoint_snapshot_time_ms": "gauge",
     "pyflow_kafka_consumer_lag": "gauge",
 }
 JOB_FAMILIES = {
@@ -99,6 +100,7 @@ async def test_metrics_show_records_backpressure_and_checkpoints_of_a_running_jo
         assert value(families, "pyflow_job_uptime_seconds") > 0
         assert value(families, "pyflow_checkpoint_failure_alert", job="job") == 0
         assert value(families, "pyflow_checkpoint_alignment_time_ms", operator_uid="held") >= 0
+        assert value(families, "pyflow_checkpoint_snapshot_time_ms", operator_uid="held") > 0
         # No event time in this job: no watermark sample yet.
         assert metric_samples(families, "pyflow_current_watermark_ms") == []
 

@@ -58,7 +58,7 @@ SAMPLES: dict[type, Any] = {
         TaskFailureInfo(FailureCategory.TASK_FAILURE, "task x failed: OSError: disk", "x"),
     ),
     AcknowledgeCheckpoint: AcknowledgeCheckpoint(
-        TASK, 7, {"map-uid": b"\x81\xa1k\x01", "sink-uid": b""}, True, 12.5
+        TASK, 7, {"map-uid": b"\x81\xa1k\x01", "sink-uid": b""}, True, 12.5, 3.75
     ),
     DeclineCheckpoint: DeclineCheckpoint(TASK, 7, "snapshot failed: disk full", task_ended=True),
     OperatorRecords: OperatorRecords(10, 9, 1_700_000_000_000, idle=True),
@@ -78,6 +78,7 @@ SAMPLES: dict[type, Any] = {
         input_watermark=1_700_000_000_000,
         input_idle=True,
         last_alignment_ms=1.5,
+        last_snapshot_ms=0.5,
     ),
     StopRequest: StopRequest(drain=True),
     TriggerCheckpoint: TriggerCheckpoint(

@@ -465,6 +465,7 @@ def test_status_checkpoints_endpoints_and_cancel(tmp_path: Path) -> None:
             "duration_ms",
             "state_size",
             "alignment_ms",
+            "snapshot_ms",
             "failure",
             "path",
         }
@@ -476,6 +477,7 @@ def test_status_checkpoints_endpoints_and_cancel(tmp_path: Path) -> None:
             assert row["kind"] == "checkpoint"
             assert row["duration_ms"] >= 0 and row["failure"] is None
             assert isinstance(row["alignment_ms"], dict)
+            assert row["snapshot_ms"].keys() == row["alignment_ms"].keys()
         ids = [row["id"] for row in history]
         assert ids == sorted(ids)
 

@@ -300,6 +300,8 @@ async def test_the_page_renders_the_running_job_live_in_a_real_browser(tmp_path:
             assert size is not None and size.endswith("B") and size != "0 B", size
             alignment = await history_row.locator("td.alignment").text_content()
             assert re.fullmatch(DURATION, alignment or ""), alignment
+            snapshot = await history_row.locator("td.snapshot").text_content()
+            assert re.fullmatch(DURATION, snapshot or ""), snapshot
 
             # A failed checkpoint raises the alert: a banner, and a failed row saying why; the
             # next completed checkpoint clears it.

@@ -141,6 +141,8 @@ class CheckpointStats:
     duration_ms: float | None = None
     state_size: int = 0
     alignment_ms: dict[str, float] = field(default_factory=dict)
+    snapshot_ms: dict[str, float] = field(default_factory=dict)
+    """Per task, how long it took its snapshot (processing no record meanwhile)."""
     failure: str | None = None
     path: str | None = None
 
@@ -153,6 +155,7 @@ class CheckpointStats:
             "duration_ms": self.duration_ms,
             "state_size": self.state_size,
             "alignment_ms": self.alignment_ms,
+            "snapshot_ms": self.snapshot_ms,
             "failure": self.failure,
             "path": self.path,
         }
@@ -525,6 +528,7 @@ class CheckpointCoordinator:
         stats.state_size = checkpoint.state_size
         stats.path = checkpoint.path
         stats.alignment_ms = {task.key: ack.alignment_ms for task, ack in pending.acks.items()}
+        stats.snapshot_ms = {task.key: ack.snapshot_ms for task, ack in pending.acks.items()}
         self.ended_counts[CheckpointStatus.COMPLETED] += 1
         self.last_completed_stats = stats
         if pending.kind is CheckpointKind.CHECKPOINT:

@@ -98,6 +98,8 @@ class SubtaskMetrics:
     buffers_out_per_s: float | None
     last_alignment_ms: float | None
     """Barrier alignment of the task's last checkpoint."""
+    last_snapshot_ms: float | None
+    """How long the task took the snapshot of its last checkpoint."""
     late_records_dropped: int
     source_lag: dict[str, int] | None
     """For the head of a source task whose reader can tell: records behind the end of each split
@@ -433,6 +435,7 @@ class MetricsTracker:
                         old.buffers_out if old else 0, report.buffers_out
                     ),
                     last_alignment_ms=report.last_alignment_ms,
+                    last_snapshot_ms=report.last_snapshot_ms,
                     late_records_dropped=records.late_records_dropped,
                     source_lag=report.source_lag if position == 0 else None,
                 )

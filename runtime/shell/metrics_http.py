@@ -9,7 +9,7 @@ one process never mix). Every name starts with ``pyflow_``; labels:
   index): records and buffers in and out (counters over the job's attempts; buffers over the
   current one) and their rates, busy / idle / backpressured milliseconds per second, the output
   and input watermark (ms), the input and output queue lengths and the output credit, the last
-  checkpoint alignment, late records dropped; and ``topic``, ``partition`` for the Kafka lag;
+  checkpoint's alignment and snapshot time, late records dropped; and ``topic``, ``partition`` for the Kafka lag;
 - per job (``job``): checkpoints by ``status`` (completed, failed, in_progress; gauges, as Flink's
   numberOf*Checkpoints), the last completed checkpoint's duration and size, restarts, uptime, and
   the checkpoint failure alert (1 while raised).
@@ -103,6 +103,11 @@ _SUBTASK_GAUGES: list[tuple[str, str, SubtaskValue]] = [
         "checkpoint_alignment_time_ms",
         "Barrier alignment of the task's last checkpoint",
         lambda s: s.last_alignment_ms,
+    ),
+    (
+        "checkpoint_snapshot_time_ms",
+        "How long the task took the snapshot of its last checkpoint, processing no record",
+        lambda s: s.last_snapshot_ms,
     ),
 ]
 

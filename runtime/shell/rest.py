@@ -13,7 +13,7 @@ Routes:
   per second, input watermarks, queues and credit.
 - ``GET /metrics``: the same figures in the Prometheus text format (``runtime.shell.metrics_http``).
 - ``GET /checkpoints``: counts, the latest completed checkpoint, and the history (id, kind,
-  status, trigger time, duration, alignment per task, state size, failure).
+  status, trigger time, duration, alignment and snapshot time per task, state size, failure).
 - ``POST /savepoints`` with ``{"dir": DIR}``: take a savepoint into DIR; answers with its path.
 - ``POST /stop`` with ``{"dir": DIR, "drain": bool}``: stop with a savepoint; answers with its path.
 - ``POST /cancel``: cancel the job (``close()`` runs, ``finish()`` does not).

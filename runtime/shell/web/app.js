@@ -382,17 +382,23 @@ function renderCheckpoints(checkpoints, status) {
     cell(row, clockTime(entry.trigger_time_ms));
     cell(row, duration(entry.duration_ms), "duration");
     cell(row, bytes(entry.state_size), "size");
-    const alignments = Object.entries(entry.alignment_ms || {});
-    const alignment = element(
-      "td",
-      "alignment",
-      alignments.length ? duration(Math.max(...alignments.map(([, ms]) => ms))) : "–",
-    );
-    alignment.title = alignments.map(([task, ms]) => `${task}: ${duration(ms)}`).join("\n");
-    row.appendChild(alignment);
+    row.appendChild(perTaskMaximum(entry.alignment_ms, "alignment"));
+    row.appendChild(perTaskMaximum(entry.snapshot_ms, "snapshot"));
     cell(row, entry.failure || "", "failure");
     body.appendChild(row);
   }
+}
+
+/** A cell with the largest of a checkpoint's per-task times, each task's in its tooltip. */
+function perTaskMaximum(perTask, className) {
+  const times = Object.entries(perTask || {});
+  const td = element(
+    "td",
+    className,
+    times.length ? duration(Math.max(...times.map(([, ms]) => ms))) : "–",
+  );
+  td.title = times.map(([task, ms]) => `${task}: ${duration(ms)}`).join("\n");
+  return td;
 }
 
 // ---------------------------------------------------------------- polling
