@@ -9,7 +9,8 @@ one process never mix). Every name starts with ``pyflow_``; labels:
   index): records and buffers in and out (counters over the job's attempts; buffers over the
   current one) and their rates, busy / idle / backpressured milliseconds per second, the output
   and input watermark (ms), the input and output queue lengths and the output credit, the last
-  checkpoint's alignment and snapshot time, late records dropped; and ``topic``, ``partition`` for the Kafka lag;
+  checkpoint's alignment and snapshot time, late records dropped; and ``topic``, ``partition``
+  for the Kafka lag;
 - per job (``job``): checkpoints by ``status`` (completed, failed, in_progress; gauges, as Flink's
   numberOf*Checkpoints), the last completed checkpoint's duration and size, restarts, uptime, and
   the checkpoint failure alert (1 while raised).
