@@ -49,6 +49,7 @@ from runtime.master.coordinator import CheckpointStatus
 from runtime.master.jobmaster import JobMaster
 from runtime.shell.runner import build_graph, run_coroutine
 from state import ValueStateDescriptor
+from state.keyed import with_shared_keys
 from state.storage import CheckpointStorage, load_checkpoint, load_latest_valid
 
 
@@ -186,7 +187,7 @@ def main() -> None:
         load_checkpoint(latest.path or "")
         load_s = time.perf_counter() - started
         keys_in_state = sum(
-            len((snapshot.keyed or {})["count"]["keys"])
+            len(with_shared_keys(snapshot.keyed or {})["count"]["keys"])
             for _, snapshot in latest.operators["totals"].subtask_states.snapshots()
         )
         # Restore into a job with no new input: the time it takes is the restore.

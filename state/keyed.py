@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,36 @@ log = logging.getLogger(__name__)
 
 _UNKNOWN_KIND = "restored"
 """The kind that snapshots before state kinds were recorded gave carried-along state."""
+
+
+def _same_keys(keys: list[Any], earlier: list[Any]) -> bool:
+    """Whether two key columns hold the same key objects in the same order. ``==`` alone is cheap
+    (it compares identical objects without reading them) but not enough: keys of two types can be
+    equal (``1``, ``1.0``, ``True``), and each state must keep its own."""
+    return bool(keys) and keys == earlier and all(map(operator.is_, keys, earlier))
+
+
+def with_shared_keys(part: dict[str, Any]) -> dict[str, Any]:
+    """A keyed snapshot part (:meth:`KeyedStateBackend.snapshot`) with every entry's ``"keys"``:
+    an entry that names another's (``"keys_of"``) gets that entry's key column. Snapshots written
+    before keys were shared come back unchanged."""
+    if not any("keys_of" in entry for entry in part.values()):
+        return part
+    expanded: dict[str, Any] = {}
+    for name, entry in part.items():
+        owner = entry.get("keys_of")
+        if owner is None:
+            expanded[name] = entry
+            continue
+        owner_entry = part.get(owner)
+        if owner_entry is None or "keys" not in owner_entry:
+            msg = (
+                f"keyed state {name!r} shares the keys of state {owner!r}, which the snapshot "
+                "does not hold with keys of its own: the snapshot is damaged"
+            )
+            raise ValueError(msg)
+        expanded[name] = {**entry, "keys": owner_entry["keys"]}
+    return expanded
 
 
 class IncompatibleStateError(RestoreRefusedError):
@@ -803,8 +834,16 @@ class KeyedStateBackend:
         (``stable_hash`` is the same in every process) and keeps the entries of the key groups it
         owns, at any parallelism. ``kind`` and ``key_types`` (sorted type names) let a restore
         refuse state that the job would not find again.
+
+        A state whose keys are those of a state before it (the same key objects in the same
+        order: the states of an operator are usually written together) has ``"keys_of": that
+        state's name`` instead of its own ``"keys"``, so that every key is scanned and encoded
+        once instead of once per state. :func:`with_shared_keys` gives each entry its ``"keys"``
+        back.
         """
         result: dict[str, Any] = {}
+        key_columns: list[tuple[str, list[Any]]] = []
+        """(state name, keys) of the entries written with keys of their own."""
         now = self.now_ms() if self._ttl_states else 0
         for name in sorted(set(self._states) | set(self._restored)):
             state = self._states.get(name)
@@ -827,12 +866,16 @@ class KeyedStateBackend:
             column = list(values.values())
             if serializer is not None:
                 column = [serializer.to_data(v) for v in column]
-            result[name] = {
-                "kind": kind,
-                "key_types": sorted({_key_type_name(t) for t in set(map(type, values))}),
-                "keys": list(values),
-                "values": column,
-            }
+            keys = list(values)
+            owner = next((n for n, earlier in key_columns if _same_keys(keys, earlier)), None)
+            if owner is None:
+                key_columns.append((name, keys))
+                key_types = sorted({_key_type_name(t) for t in set(map(type, keys))})
+                result[name] = {"kind": kind, "key_types": key_types, "keys": keys}
+            else:
+                key_types = result[owner]["key_types"]
+                result[name] = {"kind": kind, "key_types": key_types, "keys_of": owner}
+            result[name]["values"] = column
             if stamps is not None:
                 # Each entry's TTL timestamps, parallel to "values", so expiry survives restores.
                 result[name]["ttl_stamps"] = [stamps[key] for key in values]
@@ -845,7 +888,7 @@ class KeyedStateBackend:
         owned: dict[Any, bool] = {}
         key_types: set[str] = set(self.restored_key_types)
         for snapshot in snapshots:
-            for name, entry in snapshot.items():
+            for name, entry in with_shared_keys(snapshot).items():
                 target = self._restored.setdefault(name, {})
                 kind = entry.get("kind", _UNKNOWN_KIND)
                 if kind != _UNKNOWN_KIND:

@@ -54,7 +54,11 @@ log = logging.getLogger(__name__)
 
 METADATA = "_metadata"
 ABANDONED = "_abandoned"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The format this code writes. 2: a keyed state may name another state's key column instead of
+holding its own (``KeyedStateBackend.snapshot``); code that only knows 1 must not read it."""
+READABLE_FORMAT_VERSIONS = (1, 2)
+"""Formats a restore reads: 1's keyed states all hold their own keys."""
 _CHECKPOINT_DIR = re.compile(r"^chk-(\d+)$")
 _SNAPSHOT_DIR = re.compile(r"^(savepoint-\d+-.+|chk-\d+)$")
 
@@ -477,8 +481,9 @@ def validate_metadata(metadata: Any) -> dict[str, Any]:
     """
     top = _as_object(metadata, "the metadata")
     version = _field(top, "format", "")
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        raise _MetadataSchemaError("format", f"format version {FORMAT_VERSION}", version)
+    if version not in READABLE_FORMAT_VERSIONS or isinstance(version, bool):
+        readable = " or ".join(map(str, READABLE_FORMAT_VERSIONS))
+        raise _MetadataSchemaError("format", f"format version {readable}", version)
     _as_int(_field(top, "checkpoint_id", ""), "checkpoint_id")
     kind = _field(top, "kind", "")
     if kind not in {k.value for k in CheckpointKind}:

@@ -30,6 +30,7 @@ from runtime.config import ExecutionConfig
 from runtime.shell.cli import main
 from runtime.shell.queryable import StateQueryError, load_queried_checkpoint, query_state
 from runtime.shell.rest import ControlServer
+from state import KeyedStateBackend, KeyGroupRange, ValueStateDescriptor
 from state.keygroups import DEFAULT_MAX_PARALLELISM, key_group_for_key, subtask_for_key_group
 from state.storage import CheckpointKind, CheckpointStorage, load_checkpoint
 
@@ -215,6 +216,30 @@ def _cli_state(path: Path, uid: str, key: str) -> tuple[int, Any, str]:
     done = run_cli("state", str(path), "--uid", uid, "--key", key)
     answer = json.loads(done.stdout) if done.returncode == 0 else None
     return done.returncode, answer, done.stderr
+
+
+def test_states_sharing_one_key_column_are_each_found_by_key(tmp_path: Path) -> None:
+    """Two states written together are stored with one key column (format 2): a query finds
+    the key in both."""
+    backend = KeyedStateBackend(
+        "totals", KeyGroupRange(0, DEFAULT_MAX_PARALLELISM - 1), DEFAULT_MAX_PARALLELISM
+    )
+    total = backend.get_state(ValueStateDescriptor("total"))
+    count = backend.get_state(ValueStateDescriptor("count"))
+    for user, amount in (("ann", 2.5), ("bob", 4.0), ("ann", 1.0)):
+        backend.current_key = user
+        total.update((total.value() or 0.0) + amount)
+        count.update((count.value() or 0) + 1)
+    keyed = backend.snapshot()
+    assert "keys_of" in keyed["total"]  # the layout this test is about
+    savepoint = write_savepoint(
+        tmp_path / "savepoints", 3, {"totals": ("totals", {0: {"keyed": keyed}})}
+    )
+    answer = query_state(load_checkpoint(savepoint), "totals", "ann")
+    assert answer["state"] == {
+        "count": {"kind": "value", "value": 2},
+        "total": {"kind": "value", "value": 3.5},
+    }
 
 
 def test_keys_are_read_as_the_key_type_the_state_records(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from state import (
     key_group_for_key,
     key_group_range_for_subtask,
 )
+from state.keyed import with_shared_keys
 from state.operator import has_union_state, list_state_items, redistribute_operator_state
 from state.serde import check_encodable, packb, unpackb
 
@@ -247,6 +248,62 @@ def test_restored_state_not_yet_used_is_carried_into_the_next_snapshot() -> None
     reference = read_backend(filled_backend(KEYS, all_groups), KEYS)
     restored = read_backend(last, KEYS)
     assert restored == {k: v for k, v in reference.items() if key_group_for_key(k, MAXP) < 64}
+
+
+def test_states_written_together_share_one_key_column() -> None:
+    """Every key is stored once however many states it has: a snapshot's later states name the
+    first one's key column, which makes the encoded snapshot smaller, and reading them gives
+    each state its keys."""
+    backend = filled_backend(KEYS, KeyGroupRange(0, MAXP - 1))
+    snapshot = backend.snapshot()
+    (owner,) = [name for name, entry in snapshot.items() if "keys" in entry]
+    shared = {name: entry.get("keys_of") for name, entry in snapshot.items()}
+    assert shared == {name: None if name == owner else owner for name in snapshot}
+    expanded = with_shared_keys(round_trip(snapshot))
+    for name in ("value", "list", "map", "sum"):
+        assert expanded[name]["keys"] == list(backend.keys(name)) == KEYS
+        assert expanded[name]["key_types"] == ["bytes", "int", "str", "tuple"]
+    assert len(packb(snapshot)) < len(packb(with_shared_keys(snapshot)))
+
+
+def test_equal_keys_of_other_types_keep_their_own_columns() -> None:
+    """1, 1.0 and True are equal keys but of three types: a state written under one of them does
+    not take the key column of a state written under another, so each comes back as written."""
+    backend = KeyedStateBackend("test", KeyGroupRange(0, MAXP - 1), MAXP)
+    for name, key in (("ints", 1), ("floats", 1.0), ("bools", True)):
+        backend.current_key = key
+        backend.get_state(ValueStateDescriptor(name)).update(name)
+    snapshot = round_trip(backend.snapshot())
+    assert all("keys" in entry and "keys_of" not in entry for entry in snapshot.values())
+    restored = KeyedStateBackend("restored", KeyGroupRange(0, MAXP - 1), MAXP)
+    restored.restore([snapshot])
+    for name, key in (("ints", 1), ("floats", 1.0), ("bools", True)):
+        restored.get_state(ValueStateDescriptor(name))
+        (back,) = restored.keys(name)
+        assert type(back) is type(key), (name, back)
+
+
+def test_states_with_other_keys_or_another_order_keep_their_own_columns() -> None:
+    backend = KeyedStateBackend("test", KeyGroupRange(0, MAXP - 1), MAXP)
+    first, second, third = (backend.get_state(ValueStateDescriptor(n)) for n in "abc")
+    for key in ("k1", "k2"):
+        backend.current_key = key
+        first.update(1)
+        third.update(3)
+    for key in ("k2", "k1"):  # the same keys, in another order
+        backend.current_key = key
+        second.update(2)
+    backend.current_key = "k3"
+    third.update(3)  # one key more
+    snapshot = backend.snapshot()
+    assert all("keys" in entry for entry in snapshot.values())
+    assert [snapshot[n]["keys"] for n in "abc"] == [["k1", "k2"], ["k2", "k1"], ["k1", "k2", "k3"]]
+
+
+def test_a_state_naming_a_key_column_the_snapshot_lacks_is_refused() -> None:
+    damaged = {"total": {"kind": "value", "keys_of": "count", "values": [1.5]}}
+    with pytest.raises(ValueError, match=r"'total' shares the keys of state 'count'.*damaged"):
+        with_shared_keys(damaged)
 
 
 class Point:

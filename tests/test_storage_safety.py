@@ -33,6 +33,8 @@ from cli_helpers import (
 )
 from etl_expectations import assert_exact_output
 
+from state import KeyedStateBackend, KeyGroupRange, ValueStateDescriptor
+from state.snapshot import OperatorSnapshot
 from state.storage import (
     CheckpointKind,
     CheckpointStorage,
@@ -93,6 +95,39 @@ def rewrite_metadata(folder: Path, change: Callable[[Any], Any]) -> None:
     (folder / "_metadata").write_bytes(orjson.dumps(metadata))
 
 
+def test_a_checkpoint_of_format_1_restores_its_keyed_states(tmp_path: Path) -> None:
+    """Format 1 wrote every keyed state with its own key column; this code writes format 2 (a
+    state may name another's key column) and still restores format 1."""
+    own_keys = {
+        "count": {"kind": "value", "key_types": ["str"], "keys": ["a", "b"], "values": [1, 2]},
+        "total": {"kind": "value", "key_types": ["str"], "keys": ["a", "b"], "values": [0.5, 7.0]},
+    }
+    states = SnapshotMap()
+    states[0] = OperatorSnapshot(keyed=own_keys).to_data()
+    operators = {"totals": OperatorCheckpoint("totals", "Totals", 1, 128, states)}
+    checkpoint = CompletedCheckpoint(1, CheckpointKind.CHECKPOINT, 1_700_000_000_000, operators)
+    asyncio.run(CheckpointStorage(tmp_path, "format-1").write(checkpoint, None))
+    assert checkpoint.path is not None
+    folder = Path(checkpoint.path)
+    assert metadata_of(folder)["format"] == 2
+    rewrite_metadata(folder, _set("format", value=1))
+
+    loaded = load_checkpoint(folder)
+    backend = KeyedStateBackend("restored", KeyGroupRange(0, 127), 128)
+    backend.restore(
+        [
+            snapshot.keyed or {}
+            for _, snapshot in loaded.operators["totals"].subtask_states.snapshots()
+        ]
+    )
+    count, total = (backend.get_state(ValueStateDescriptor(name)) for name in ("count", "total"))
+    values = {}
+    for key in ("a", "b"):
+        backend.current_key = key
+        values[key] = (count.value(), total.value())
+    assert values == {"a": (1, 0.5), "b": (2, 7.0)}
+
+
 # --------------------------------------------------------------------------- item 11: shapes
 
 
@@ -134,7 +169,7 @@ BAD_SHAPES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("only-format", lambda _: {"format": 1}, "checkpoint_id: expected a value"),
     ("a-list", lambda _: [], "the metadata: expected an object"),
     ("a-string", lambda _: "chk", "the metadata: expected an object"),
-    ("format-2", _set("format", value=2), "format: expected format version 1"),
+    ("format-3", _set("format", value=3), "format: expected format version 1 or 2"),
     ("operators-null", _set("operators", value=None), "operators: expected an object"),
     ("operators-list", _set("operators", value=[]), "operators: expected an object"),
     ("unknown-kind", _set("kind", value="snapshot"), "kind: expected 'checkpoint' or 'savepoint'"),

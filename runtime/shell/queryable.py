@@ -40,6 +40,7 @@ from typing import Any
 from aiohttp import web
 
 from runtime.api.window_operator import WINDOW_MAP
+from state.keyed import with_shared_keys
 from state.keygroups import (
     UnhashableKeyError,
     key_group_for_key,
@@ -216,9 +217,12 @@ class _OperatorSnapshots:
             if subtask in states:
                 label = f"{self._where}, operator {self._operator.uid!r}, subtask {subtask}"
                 try:
-                    keyed = OperatorSnapshot.decode(states.encoded(subtask), label).keyed or {}
+                    snapshot = OperatorSnapshot.decode(states.encoded(subtask), label)
+                    keyed = with_shared_keys(snapshot.keyed or {})
                 except SnapshotLayoutError as exc:
                     raise StateQueryError(500, str(exc)) from None
+                except ValueError as exc:
+                    raise StateQueryError(500, f"{label}: {exc}") from None
             self._keyed[subtask] = keyed
         return self._keyed[subtask]
 
