@@ -160,8 +160,8 @@ def main() -> None:
     plain_s = chk_s = float("inf")
     pair_losses: list[float] = []
     timed_checkpoints: list[int] = []
+    # Per checkpointed run: the tasks' snapshot time over the run's time.
     snapshot_shares: list[float] = []
-    """Per checkpointed run: the tasks' snapshot time over the run's time."""
     for _ in range(args.repeat):
         plain_run_s, _, plain_out = run(events, p, None, None)
         plain_s = min(plain_s, plain_run_s)
@@ -170,8 +170,9 @@ def main() -> None:
             assert chk_out == plain_out, (chk_out, plain_out)
             chk_s = min(chk_s, chk_run_s)
         pair_losses.append(1 - plain_run_s / chk_run_s)
-        timed_checkpoints.append(len(_periodic(timed_master)))
-        snapshot_ms = sum(sum(s.snapshot_ms.values()) for s in _periodic(timed_master))
+        timed = _periodic(timed_master)
+        timed_checkpoints.append(len(timed))
+        snapshot_ms = sum(sum(s.snapshot_ms.values()) for s in timed)
         snapshot_shares.append(snapshot_ms / (chk_run_s * 1000.0))
     with tempfile.TemporaryDirectory() as directory:
         _, master, _ = run(events, p, 1.0, directory)

@@ -425,22 +425,19 @@ def main() -> None:
     run_job(make_build(small_source, check_sink), parallelism=1, name="bench-check")
     assert check_sink.totals == small_totals, "runtime totals differ from the hand loop's"
     print(f"final total per user: runtime == hand loop ({len(small_totals):,} users, N/4 input)")
-    for label, floor_loop in (("API floor", api_floor_loop), ("call floor", call_floor_loop)):
+    floors = {"call floor": call_floor_loop, "API floor": api_floor_loop}
+    for label, floor_loop in floors.items():
         floor_count, floor_total_of = floor_loop(small_events)
         assert floor_count == small_count, f"{label} output {floor_count:,} != hand {small_count:,}"
         assert all(floor_total_of(u) == t for u, t in small_totals.items()), (
             f"{label} totals differ"
         )
 
-    # Throughput: untraced runs, the two ways alternating (ABBA order), --repeat runs of each. Each
-    # way's throughput is from its best run: other load on the machine only ever adds time, so the
-    # fastest run is the closest to the true cost, and the ratio is that of the two bests. The
-    # per-pair ratios (a hand run and the runtime run next to it) are printed to show the noise.
-    plain_loops: dict[str, Callable[[list[bytes]], tuple[int, Any]]] = {
-        "hand": hand_loop,
-        "call floor": call_floor_loop,
-        "API floor": api_floor_loop,
-    }
+    # Throughput: untraced runs, the four ways alternating (ABCD, then DCBA), --repeat runs of
+    # each. Each way's throughput is from its best run: other load on the machine only ever adds
+    # time, so the fastest run is the closest to the true cost, and a ratio is that of two bests.
+    # The per-pair ratios (a hand run and the runtime run of the same round) show the noise.
+    plain_loops: dict[str, Callable[[list[bytes]], tuple[int, Any]]] = {"hand": hand_loop, **floors}
     times: dict[str, list[float]] = {way: [] for way in (*plain_loops, "runtime")}
     result: JobResult | None = None
     sink_count = 0

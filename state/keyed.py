@@ -842,8 +842,8 @@ class KeyedStateBackend:
         back.
         """
         result: dict[str, Any] = {}
+        # (state name, keys) of the entries written with keys of their own.
         key_columns: list[tuple[str, list[Any]]] = []
-        """(state name, keys) of the entries written with keys of their own."""
         now = self.now_ms() if self._ttl_states else 0
         for name in sorted(set(self._states) | set(self._restored)):
             state = self._states.get(name)
