@@ -15,7 +15,9 @@ The machine's speed can change from one run to the next by more than the cost me
 script also prints a share measured within each checkpointed run: the time its tasks spent taking
 snapshots (each checkpoint's per-task snapshot time, summed: the tasks share one event loop) over
 the run's time. Taking a snapshot stops a task's processing, so this is the direct cost; the
-files are written off the event loop.
+files are written off the event loop. It needs no second run to compare with, but it is not free
+of the machine's speed either: checkpoints come every second of wall time, so a slower machine
+spends more of each second taking them.
 """
 
 from __future__ import annotations
@@ -218,8 +220,8 @@ def main() -> None:
     print(
         f"{'time spent taking snapshots':<34}{100 * statistics.median(snapshot_shares):>13.1f} %   "
         "median of the checkpointed runs (each: its tasks' snapshot time over its time; "
-        f"{', '.join(f'{100 * x:.1f}' for x in snapshot_shares)} %): a same-run share, which "
-        "the machine's speed does not sway"
+        f"{', '.join(f'{100 * x:.1f}' for x in snapshot_shares)} %): a same-run share; a "
+        "slower machine spends more of each second on snapshots"
     )
     print(f"{'  checkpoints in the timed runs':<34}{'':>4}{', '.join(map(str, timed_checkpoints))}")
     if periodic:
