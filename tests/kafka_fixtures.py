@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -28,6 +29,7 @@ from cli_helpers import ROOT, run_command
 
 from connectors.kafka.broker import LocalKafkaBroker
 from connectors.kafka.source import KafkaSourceReader
+from connectors.kafka.transactions import TransactionalProducer
 from runtime.api.sources import SourceOperator
 from runtime.master.jobmaster import JobMaster
 
@@ -42,6 +44,15 @@ CONSUMER_FETCH_LIMITS: dict[str, int] = {
     "fetch_max_bytes": 64 * 1024 * 1024,
     "max_partition_fetch_bytes": 16 * 1024 * 1024,
 }
+
+
+def real_kafka_only(why: str) -> pytest.MarkDecorator:
+    """Skips a test unless ``KAFKA_BOOTSTRAP_SERVERS`` names a real cluster; ``why`` says what
+    Tansu 0.6 does differently."""
+    return pytest.mark.skipif(
+        not os.environ.get(KAFKA_BOOTSTRAP_ENV, "").strip(),
+        reason=f"needs a real Apache Kafka ({KAFKA_BOOTSTRAP_ENV}): Tansu 0.6 {why}",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -209,6 +220,30 @@ async def produce(
     finally:
         await producer.stop()
     return [(m.partition, m.offset) for m in metadata]
+
+
+async def write_transactions(
+    bootstrap: str, topic: str, transactions: list[tuple[range, bool]], partitions: int = 1
+) -> None:
+    """One transaction per ``(numbers, commit)``: ``{"i": i}`` for each ``i`` of ``numbers``, to
+    partition ``i % partitions``, then committed (``commit``) or aborted."""
+    producer = TransactionalProducer(
+        bootstrap_servers=bootstrap,
+        transactional_id=unique_name(f"{topic}-writer"),
+        transaction_timeout_ms=60_000,
+    )
+    await producer.start()
+    try:
+        for numbers, commit in transactions:
+            await producer.begin_transaction()
+            for i in numbers:
+                await producer.send(topic, orjson.dumps({"i": i}), partition=i % partitions)
+            if commit:
+                await producer.commit_transaction()
+            else:
+                await producer.abort_transaction()
+    finally:
+        await producer.stop()
 
 
 async def wait_until(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import os
 import subprocess
 import sys
 import time
@@ -26,10 +25,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from kafka_fixtures import (
     CONSUMER_FETCH_LIMITS,
-    KAFKA_BOOTSTRAP_ENV,
     assign_from_offset_zero,
     create_topics,
     load_sample_events,
+    real_kafka_only,
     unique_name,
 )
 
@@ -670,11 +669,7 @@ _crashed: set[str] = set()
 
 
 @pytest.mark.asyncio
-@pytest.mark.skipif(
-    not os.environ.get(KAFKA_BOOTSTRAP_ENV, "").strip(),
-    reason="needs a real Apache Kafka (KAFKA_BOOTSTRAP_SERVERS): Tansu 0.6 delivers records of "
-    "aborted transactions to read_committed consumers",
-)
+@real_kafka_only("delivers records of aborted transactions to read_committed consumers")
 async def test_aborted_transactions_are_invisible_on_real_kafka(kafka_bootstrap: str) -> None:
     """Only on real Kafka: a failed attempt leaves an open transaction with records; the next
     attempt fences (aborts) it, so a read_committed consumer sees every record exactly once even

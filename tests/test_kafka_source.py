@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -31,15 +30,16 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from cli_helpers import metric_samples
 from kafka_fixtures import (
     CONSUMER_FETCH_LIMITS,
-    KAFKA_BOOTSTRAP_ENV,
     WAIT_S,
     create_topics,
     produce,
     readers_started,
+    real_kafka_only,
     source_operators,
     source_readers,
     unique_name,
     wait_until,
+    write_transactions,
 )
 from loop_helpers import (
     EventTimeTimers,
@@ -55,14 +55,15 @@ from actors.network import DEFAULT_EXCLUSIVE_CREDITS, DEFAULT_FLOATING_BUFFERS, 
 from connectors import CollectSink
 from connectors.kafka import KafkaRecord, KafkaSource
 from connectors.kafka.clients import stop_client
+from connectors.kafka.record_batches import CHUNK_RECORDS
 from connectors.kafka.source import (
+    FETCH_CHUNKS,
     FETCH_MAX_WAIT_MS,
     MAX_QUEUED_BATCHES,
     _answer_if_nothing_before,
     _confirm_beginning,
     confirmed_beginning_offsets,
 )
-from connectors.kafka.transactions import TransactionalProducer
 from runtime import (
     BoundedOutOfOrdernessWatermarks,
     CheckpointConfig,
@@ -80,8 +81,8 @@ from state.storage import CheckpointKind
 
 kafka_bootstrap = kafka_fixtures.kafka_bootstrap
 
-# KafkaSourceReader's fetch loop asks aiokafka for at most this many records per getmany().
-FETCH_MAX_RECORDS = 2048
+# KafkaSourceReader's fetch loop takes at most this many records per getmany().
+FETCH_MAX_RECORDS = FETCH_CHUNKS * CHUNK_RECORDS
 
 
 # --------------------------------------------------------------------------- helpers
@@ -236,20 +237,9 @@ async def test_bounded_read_of_a_topic_that_ends_with_transaction_markers_gets_e
     is confirmed by the consumer's position moving past it, not by records."""
     topic = unique_name("src-txn-end")
     await create_topics(kafka_bootstrap, topic, partitions=2)
-    producer = TransactionalProducer(
-        bootstrap_servers=kafka_bootstrap,
-        transactional_id=unique_name("src-txn-end"),
-        transaction_timeout_ms=60_000,
+    await write_transactions(
+        kafka_bootstrap, topic, [(range(0, 10), True), (range(10, 20), True)], partitions=2
     )
-    await producer.start()
-    try:
-        for first in (0, 10):
-            await producer.begin_transaction()
-            for i in range(first, first + 10):
-                await producer.send(topic, orjson.dumps({"i": i}), partition=i % 2)
-            await producer.commit_transaction()
-    finally:
-        await producer.stop()
     sink = CollectSink()
 
     def build(job: Any) -> None:
@@ -354,10 +344,7 @@ async def confirmed_beginnings(source: KafkaSource, *tps: TopicPartition) -> dic
 
 
 @pytest.mark.asyncio
-@pytest.mark.skipif(
-    not os.environ.get(KAFKA_BOOTSTRAP_ENV, "").strip(),
-    reason="needs a real Apache Kafka (KAFKA_BOOTSTRAP_SERVERS): Tansu 0.6 cannot delete records",
-)
+@real_kafka_only("cannot delete records")
 async def test_a_beginning_after_deleted_records_is_confirmed_by_the_refused_offset_zero(
     kafka_bootstrap: str,
 ) -> None:

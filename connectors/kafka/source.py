@@ -7,7 +7,9 @@ restore seeks every partition to exactly where the checkpoint was taken, at any 
 are also committed to the consumer group after a checkpoint completes, for lag tools only.
 
 Reading: one consumer per subtask, with manually assigned partitions. A background fetch loop fills
-a small bounded queue of fetched batches; the task polls it. When the task cannot emit (no credit
+a small bounded queue of fetched batches; the task polls it. The consumer hands out the record
+objects of each fetched record batch, not a ``ConsumerRecord`` per record
+(:mod:`connectors.kafka.record_batches`). When the task cannot emit (no credit
 downstream) it stops polling, the queue fills and the fetch loop stops fetching: memory stays bounded
 whatever the lag.
 """
@@ -32,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 
 from actors.infrastructure import InfrastructureError
+from connectors.kafka import record_batches
 from connectors.kafka.clients import (
     KafkaClients,
     finish_then_cancel,
@@ -55,6 +58,9 @@ after every read, data or not (half the wait, then the rest if it found nothing)
 fetch took 250-500 ms, and a job's source stood idle about a seventh of a Kafka ETL benchmark run
 waiting for it (1.0-1.5 s of 7-10 s; 0.2-0.35 s with 100 ms). ``client_options`` overrides it."""
 MAX_QUEUED_BATCHES = 4
+FETCH_CHUNKS = 4
+"""Items one ``getmany`` of the fetch loop takes: chunks of at most ``record_batches.CHUNK_RECORDS``
+(512) records, so a queued batch holds at most 2,048 records."""
 
 
 class DeserializationError(ValueError):
@@ -652,7 +658,12 @@ class KafkaSourceReader(SourceReader[Any]):
     async def start(self) -> None:
         if not self.splits and self.source.bounded:
             return
-        self._consumer = self.source.consumer("reader", isolation_level="read_committed")
+        record_batches.install()
+        self._consumer = self.source.consumer(
+            "reader",
+            isolation_level="read_committed",
+            value_deserializer=record_batches.whole_batches,
+        )
         await start_client(self._consumer)
         if self.source.group_id:
             self._committer = self.source.consumer("offset commits", group_id=self.source.group_id)
@@ -682,9 +693,10 @@ class KafkaSourceReader(SourceReader[Any]):
                 while len(self._queue) >= MAX_QUEUED_BATCHES:
                     self._room.clear()
                     await self._room.wait()
-                fetched = await consumer.getmany(timeout_ms=200, max_records=2048)
+                fetched = await consumer.getmany(timeout_ms=200, max_records=FETCH_CHUNKS)
                 moved = False
-                for tp, records in fetched.items():
+                for tp, items in fetched.items():
+                    records = record_batches.records_of(items)
                     if records:
                         self._queue.append((tp, records))
                         self._fetched_to[tp] = records[-1].offset + 1
@@ -812,7 +824,7 @@ class KafkaSourceReader(SourceReader[Any]):
                     split["offset"] = record.offset + 1
                     continue
                 split["from_timestamp"] = None
-            if record.value is None and self._tombstone(record):
+            if record.value is None and self._tombstone(split, record):
                 split["offset"] = record.offset + 1
                 continue
             try:
@@ -823,8 +835,8 @@ class KafkaSourceReader(SourceReader[Any]):
                 continue
             if as_record:
                 value = KafkaRecord(
-                    record.topic,
-                    record.partition,
+                    split["topic"],
+                    split["partition"],
                     record.offset,
                     record.timestamp,
                     self._key(record.key) if record.key is not None else None,
@@ -836,12 +848,12 @@ class KafkaSourceReader(SourceReader[Any]):
             split["offset"] = record.offset + 1
         return values, stamps
 
-    def _tombstone(self, record: Any) -> bool:
+    def _tombstone(self, split: dict[str, Any], record: Any) -> bool:
         """Applies ``tombstones`` to a record without a value; True if it is not emitted."""
         mode = self.source.tombstones
         if mode == "emit":
             return False
-        where = f"topic {record.topic} partition {record.partition} offset {record.offset}"
+        where = f"topic {split['topic']} partition {split['partition']} offset {record.offset}"
         if mode == "fail":
             msg = (
                 f"a tombstone (key {record.key!r}, no value) at {where}; KafkaSource(tombstones="
@@ -860,7 +872,7 @@ class KafkaSourceReader(SourceReader[Any]):
         return True
 
     def _bad_record(self, split: dict[str, Any], record: Any, exc: Exception) -> None:
-        where = f"topic {record.topic} partition {record.partition} offset {record.offset}"
+        where = f"topic {split['topic']} partition {split['partition']} offset {record.offset}"
         mode = self.source.on_error
         if mode == "fail":
             msg = f"cannot deserialise the record at {where}: {type(exc).__name__}: {exc}"
@@ -870,8 +882,8 @@ class KafkaSourceReader(SourceReader[Any]):
         if mode == "dead-letter":
             assert self._dead_letters is not None and self.source.dead_letter_topic
             headers = [
-                ("source.topic", record.topic.encode()),
-                ("source.partition", str(record.partition).encode()),
+                ("source.topic", split["topic"].encode()),
+                ("source.partition", str(split["partition"]).encode()),
                 ("source.offset", str(record.offset).encode()),
                 ("error", f"{type(exc).__name__}: {exc}".encode()[:1000]),
             ]
