@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from cli_helpers import run_python
 from test_checkpointing import GATE, GatedSource
@@ -46,6 +47,7 @@ from state import (
     StateSerializer,
     ValueStateDescriptor,
     key_group_for_key,
+    serde,
 )
 from state.keygroups import stable_hash
 from state.serde import packb, unpackb
@@ -114,6 +116,31 @@ def test_supported_types_round_trip_as_dict_keys_and_inside_containers() -> None
         assert _same(back["by_type"][key], entry)
     assert _same(back["sets"], value["sets"])
     assert back["nan"].is_nan()
+
+
+def test_decoding_gives_what_msgpack_s_own_decoder_gives() -> None:
+    """``unpackb`` decodes with msgspec (faster); msgpack's decoder with the same extension
+    types is the reference, so bytes written before decode as they did. Broken bytes are a
+    ValueError with either, which is what readers of checkpoint files and frames catch."""
+    value = {
+        "all": SUPPORTED,
+        "keys": {v: i for i, v in enumerate(SUPPORTED) if not isinstance(v, set)},
+        "ints": [0, -1, 2**63 - 1, -(2**63), 2**64 - 1],
+        "floats": [0.1, -0.0, float("inf")],
+        "text": ["", "é" * 40, "x" * 70_000],
+        "bytes": [b"", b"\x00" * 300, bytearray(b"ab")],
+        "maps": [{}, {1: None, 2.5: True, b"k": [[], {}]}],
+    }
+    data = packb(value)
+
+    def reference_hook(code: int, payload: bytes) -> Any:
+        return serde._ext_hook(code, memoryview(payload))
+
+    reference = msgpack.unpackb(data, ext_hook=reference_hook, raw=False, strict_map_key=False)
+    assert _same(unpackb(data), reference)
+    for broken in (data[:-1], data + b"\x00", b"\xc1"):
+        with pytest.raises(ValueError, match=r"truncated|malformed"):
+            unpackb(broken)
 
 
 class _OtherZone(dt.tzinfo):
