@@ -54,12 +54,7 @@ def records_of(items: list[Any]) -> list[Any]:
 
 
 _ORIGINAL = aiokafka_fetcher.PartitionRecords
-_RELIED_ON = (
-    "_unpack_records",
-    "_consume_aborted_up_to",
-    "_contains_abort_marker",
-    "_consumer_record",
-)
+_RELIED_ON = ("_consume_aborted_up_to", "_contains_abort_marker")
 _RELIED_ON_ATTRIBUTES = (
     "_tp",
     "_records",
@@ -84,7 +79,7 @@ class _PartitionRecords(_ORIGINAL):  # type: ignore[misc, valid-type]
     def _unpack_chunks(self) -> Iterator[list[Any]]:
         """What aiokafka's per-record iteration skips, skipped per batch: batches that fail their
         CRC (raised, refetched), aborted transactions under read_committed, control batches, and
-        the records before the fetch offset (a compressed batch fetched from its middle)."""
+        the records before the fetch offset (a fetch from inside a batch returns all of it)."""
         tp, records = self._tp, self._records
         while records.has_next():
             batch = records.next_batch()
@@ -109,12 +104,15 @@ class _PartitionRecords(_ORIGINAL):  # type: ignore[misc, valid-type]
             # The position moves before the chunk is handed out, as aiokafka moves it before each
             # record: a caller that stops after this chunk has consumed it. The last chunk moves it
             # to the batch's end, past records that compaction removed.
-            for start in range(0, len(found), CHUNK_RECORDS):
+            start, last_start = 0, len(found) - CHUNK_RECORDS
+            while start < last_start:
                 chunk = found[start : start + CHUNK_RECORDS]
-                last = start + CHUNK_RECORDS >= len(found)
-                self.next_fetch_offset = batch.next_offset if last else chunk[-1].offset + 1
+                self.next_fetch_offset = chunk[-1].offset + 1
                 yield chunk
+                start += CHUNK_RECORDS
             self.next_fetch_offset = batch.next_offset
+            if start < len(found):
+                yield found[start:] if start else found
 
 
 def install() -> bool:
