@@ -32,7 +32,9 @@ from state.durations import duration_ms
 from state.keygroups import KeyGroupRange, key_group_for_key
 from state.refusal import RestoreRefusedError
 from state.serde import (
+    PLAIN_TYPES,
     SNAPSHOT_SCALAR_TYPES,
+    PlainColumn,
     StateSerializer,
     check_state_value,
     encoded_type,
@@ -45,6 +47,9 @@ V = TypeVar("V")
 _ABSENT: Any = object()
 # State writes test the exact type against this first, so scalars cost one set lookup.
 _SCALARS = SNAPSHOT_SCALAR_TYPES
+# Value state tests against this one instead: the same one lookup for str, int, float, bool,
+# bytes and None, and it also learns that its snapshot column is plain (see ValueState._plain).
+_PLAIN = PLAIN_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +245,16 @@ class _KeyedState:
 class ValueState(_KeyedState, Generic[T]):
     """One value per key."""
 
-    __slots__ = ("_default",)
+    __slots__ = ("_default", "_plain")
 
     def __init__(self, backend: KeyedStateBackend, descriptor: StateDescriptor) -> None:
         super().__init__(backend, descriptor)
         # Kept here, not read through the (frozen) descriptor: value() is the hottest state call.
         self._default: T | None = descriptor.default  # type: ignore[union-attr]
+        # True while every value written was of PLAIN_TYPES: the snapshot's value column is then
+        # a PlainColumn, which encodes faster. Once False, it stays False. Only this class keeps
+        # it: the TTL subclass writes through its own update().
+        self._plain = True
 
     def value(self) -> T | None:
         return self._values.get(self._backend.current_key, self._default)
@@ -254,9 +263,14 @@ class ValueState(_KeyedState, Generic[T]):
         if value is None:
             self._values.pop(self._backend.current_key, None)
         else:
-            if type(value) not in _SCALARS:
-                self._check_value(value)
+            if type(value) not in _PLAIN:
+                self._not_plain(value)
             self._values[self._backend.current_key] = value
+
+    def _not_plain(self, value: Any) -> None:
+        self._plain = False
+        if type(value) not in _SCALARS:
+            self._check_value(value)
 
 
 class ListState(_KeyedState, Generic[T]):
@@ -757,6 +771,8 @@ class KeyedStateBackend:
             serializer = descriptor.serializer
             if serializer is None:
                 state._values = restored
+                if type(state) is ValueState:
+                    state._plain = set(map(type, restored.values())) <= PLAIN_TYPES
             else:
                 state._values = {k: serializer.from_data(v) for k, v in restored.items()}
         if isinstance(state, _TtlState):
@@ -863,15 +879,24 @@ class KeyedStateBackend:
                     # Expired entries stay out of the checkpoint (and out of memory).
                     state._purge_all(now)
                     stamps = state._stamps
-            column = list(values.values())
+            column: list[Any]
             if serializer is not None:
-                column = [serializer.to_data(v) for v in column]
+                column = [serializer.to_data(v) for v in values.values()]
+            elif type(state) is ValueState and state._plain:
+                column = PlainColumn(values.values())
+            else:
+                column = list(values.values())
             keys = list(values)
             owner = next((n for n, earlier in key_columns if _same_keys(keys, earlier)), None)
             if owner is None:
                 key_columns.append((name, keys))
-                key_types = sorted({_key_type_name(t) for t in set(map(type, keys))})
-                result[name] = {"kind": kind, "key_types": key_types, "keys": keys}
+                types = set(map(type, keys))
+                key_types = sorted({_key_type_name(t) for t in types})
+                result[name] = {
+                    "kind": kind,
+                    "key_types": key_types,
+                    "keys": PlainColumn(keys) if types <= PLAIN_TYPES else keys,
+                }
             else:
                 key_types = result[owner]["key_types"]
                 result[name] = {"kind": kind, "key_types": key_types, "keys_of": owner}

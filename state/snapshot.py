@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from state.serde import packb, unpackb
+from state.serde import packb_parts, unpackb
 
 # The order today's operators wrote them in, so the encoded bytes stay the same too.
 _PARTS = ("operator", "keyed", "timers")
@@ -64,7 +64,7 @@ class OperatorSnapshot:
 
     def encode(self) -> bytes:
         """The bytes of the state file."""
-        return packb(self.to_data())
+        return packb_parts(self.to_data())
 
     @classmethod
     def decode(cls, data: bytes, where: str = "operator snapshot") -> OperatorSnapshot:

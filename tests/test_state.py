@@ -4,6 +4,7 @@ operator state redistribution."""
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import enum
 from typing import Any, NamedTuple
 
@@ -21,13 +22,15 @@ from state import (
     ReducingStateDescriptor,
     StateSerializationError,
     StateSerializer,
+    StateTtlConfig,
     ValueStateDescriptor,
     key_group_for_key,
     key_group_range_for_subtask,
 )
 from state.keyed import with_shared_keys
 from state.operator import has_union_state, list_state_items, redistribute_operator_state
-from state.serde import check_encodable, packb, unpackb
+from state.serde import PlainColumn, check_encodable, packb, unpackb
+from state.snapshot import OperatorSnapshot
 
 FAR = 10**12
 
@@ -304,6 +307,80 @@ def test_a_state_naming_a_key_column_the_snapshot_lacks_is_refused() -> None:
     damaged = {"total": {"kind": "value", "keys_of": "count", "values": [1.5]}}
     with pytest.raises(ValueError, match=r"'total' shares the keys of state 'count'.*damaged"):
         with_shared_keys(damaged)
+
+
+def _snapshot_of_every_kind() -> KeyedStateBackend:
+    """A backend with plain and other values, keys of plain and other types, TTL state, a
+    serializer, and states that share a key column."""
+    backend = KeyedStateBackend("test", KeyGroupRange(0, MAXP - 1), MAXP, now_ms=lambda: 1_000)
+    plain = backend.get_state(ValueStateDescriptor("plain", default=0.0))
+    count = backend.get_state(ValueStateDescriptor("count", default=0))
+    mixed = backend.get_state(ValueStateDescriptor("mixed"))
+    expiring = backend.get_state(ValueStateDescriptor("expiring", ttl=StateTtlConfig(60_000)))
+    as_pairs = StateSerializer(lambda p: [p.x, p.y], lambda d: Point(*d))
+    points = backend.get_state(ValueStateDescriptor("points", serializer=as_pairs))
+    items = backend.get_state(ListStateDescriptor("items"))
+    by_name = backend.get_state(MapStateDescriptor("by_name"))
+    for i, key in enumerate(["a", "b", b"c", 7, -1.5, True, None]):
+        backend.current_key = key
+        plain.update(i * 1.5)
+        count.update(i)
+        expiring.update(i)
+        items.add(i)
+    for i, key in enumerate([("t", 1), "d", dt.date(2024, 1, 1)]):
+        backend.current_key = key
+        mixed.update((i, "x") if i else "just a string")
+        points.update(Point(i, i))
+        by_name.put("n", [i, {"deep": (i,)}])
+    return backend
+
+
+def test_a_snapshot_encodes_to_the_bytes_msgpack_alone_writes() -> None:
+    """Columns of plain values (str, int, float, bool, bytes, None) go through msgspec's encoder,
+    the rest through msgpack's; the bytes are those of msgpack for the whole snapshot, so older
+    checkpoints and newer ones read the same."""
+    backend = _snapshot_of_every_kind()
+    snapshot = backend.snapshot()
+    plain_columns = {
+        name: [field for field, value in entry.items() if type(value) is PlainColumn]
+        for name, entry in snapshot.items()
+    }
+    # What takes the fast path: plain key columns ("count" holds the column that "expiring",
+    # "items" and "plain" share), and the values of value state that only ever held plain values
+    # (no TTL, no serializer).
+    assert plain_columns == {
+        "by_name": [],
+        "count": ["keys", "values"],
+        "expiring": [],
+        "items": [],
+        "mixed": [],
+        "plain": ["values"],
+        "points": [],
+    }
+    encoded = OperatorSnapshot(keyed=snapshot, operator={"o": [1, (2,)]}, timers={1: [2]}).encode()
+    assert encoded == packb({"operator": {"o": [1, (2,)]}, "keyed": snapshot, "timers": {1: [2]}})
+    assert unpackb(encoded)["keyed"] == snapshot
+
+
+def test_value_state_stops_taking_the_fast_path_once_it_held_another_value() -> None:
+    backend = KeyedStateBackend("test", KeyGroupRange(0, MAXP - 1), MAXP)
+    state = backend.get_state(ValueStateDescriptor("v"))
+    backend.current_key = "k"
+    state.update(1)
+    assert type(backend.snapshot()["v"]["values"]) is PlainColumn
+    state.update(dt.date(2024, 1, 1))  # always encodable, but not as msgspec writes it
+    state.update(2)
+    column = backend.snapshot()["v"]["values"]
+    assert type(column) is list and column == [2]
+    # A restore looks at what it restored.
+    for restored_value, fast in ((3, True), ((3, 4), False)):
+        source = KeyedStateBackend("source", KeyGroupRange(0, MAXP - 1), MAXP)
+        source.current_key = "k"
+        source.get_state(ValueStateDescriptor("v")).update(restored_value)
+        restored = KeyedStateBackend("restored", KeyGroupRange(0, MAXP - 1), MAXP)
+        restored.restore([round_trip(source.snapshot())])
+        restored.get_state(ValueStateDescriptor("v"))
+        assert (type(restored.snapshot()["v"]["values"]) is PlainColumn) is fast
 
 
 class Point:
