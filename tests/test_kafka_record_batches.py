@@ -9,6 +9,7 @@ same partition from the same offset.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import kafka_fixtures
@@ -17,6 +18,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from kafka_fixtures import (
     CONSUMER_FETCH_LIMITS,
+    WAIT_S,
     create_topics,
     produce,
     real_kafka_only,
@@ -70,14 +72,15 @@ async def read_partition(
     try:
         consumer.assign([tp])
         consumer.seek(tp, start)
-        for _ in range(10_000):
-            got = (await consumer.getmany(timeout_ms=500, max_records=1)).get(tp, [])
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            got = (await consumer.getmany(timeout_ms=200, max_records=1)).get(tp, [])
             if got:
                 items.extend(got)
                 positions.append(await consumer.position(tp))
             elif await consumer.position(tp) >= end:
                 return items, positions
-        raise AssertionError(f"{tp}: position stayed below {end}")
+        raise AssertionError(f"{tp}: position still below {end} after {WAIT_S}s")
     finally:
         await consumer.stop()
 
