@@ -264,6 +264,14 @@ def test_an_unknown_client_option_is_refused() -> None:
         KafkaSink("127.0.0.1:9", "out", client_options={"sasl_pasword": "x"})
 
 
+def test_a_client_side_deserializer_is_refused_for_the_source_s_own() -> None:
+    """The source deserialises each record itself (a bad one fails, is skipped or dead-lettered
+    at its offset); a deserializer in client_options would be silently left out."""
+    for option in ("value_deserializer", "key_deserializer"):
+        with pytest.raises(ValueError, match=rf"cannot set {option}; give deserializer="):
+            KafkaSource("127.0.0.1:9", "in", client_options={option: bytes.decode})
+
+
 # --------------------------------------------------------------------------- item 15
 
 

@@ -188,6 +188,18 @@ class KafkaSource(Source[Any]):
                 "tombstone (its key, no value) from a record whose value deserialises to None"
             )
             raise ValueError(msg)
+        client_deserializers = sorted(
+            {"value_deserializer", "key_deserializer"} & set(client_options or {})
+        )
+        if client_deserializers:
+            # The reader's consumer hands out raw record batches (record_batches), and the source
+            # deserialises each record itself, so that a bad one is failed, skipped or
+            # dead-lettered at its offset: a client-side deserializer would be left out.
+            msg = (
+                f"KafkaSource: client_options cannot set {' or '.join(client_deserializers)}; "
+                "give deserializer= / key_deserializer= (a name or a function of the bytes)"
+            )
+            raise ValueError(msg)
         self.bootstrap_servers = bootstrap_servers
         self.topics = [topics] if isinstance(topics, str) else topics
         self.pattern = re.compile(pattern) if pattern else None
