@@ -223,8 +223,9 @@ def _plain_or_raw(value: Any) -> Any:
 
 # msgspec's decoder reads msgpack's bytes to the same values, in about 0.57 of the time msgpack's
 # takes for a buffer of small dicts (what a keyed shuffle between TaskManagers decodes). Its encoder
-# is not used: it writes tuples, sets and datetimes its own way, not as these extension types.
-# Its errors are ValueErrors (msgspec.DecodeError), as msgpack's are.
+# only writes PlainColumns and maps (packb_parts): it writes tuples, sets and datetimes its own
+# way, not as these extension types. Its errors are ValueErrors (msgspec.DecodeError), as
+# msgpack's are.
 _DECODER = msgspec.msgpack.Decoder(ext_hook=_ext_hook)
 
 
